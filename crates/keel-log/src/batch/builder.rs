@@ -1,0 +1,181 @@
+//! Building encoded batches (used by clients and tests; the log itself never re-encodes).
+
+use super::header::{CRC_START, HEADER_LEN, LENGTH_PREFIX, MAGIC_V1, NO_PRODUCER_ID};
+use super::record::{RecordRef, encode_record};
+use super::{Attributes, BatchError, BatchHeader, Compression, TimestampType, compression};
+
+/// Idempotent-producer fields of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerInfo {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+}
+
+impl Default for ProducerInfo {
+    fn default() -> Self {
+        Self {
+            producer_id: NO_PRODUCER_ID,
+            producer_epoch: -1,
+            base_sequence: -1,
+        }
+    }
+}
+
+/// Accumulates records and encodes them as one batch.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    compression: Compression,
+    timestamp_type: TimestampType,
+    producer: ProducerInfo,
+    /// Uncompressed batches are encoded in place after a reserved header, so `build` copies
+    /// nothing.
+    buf: Vec<u8>,
+    count: u32,
+    first_timestamp: Option<i64>,
+    max_timestamp: i64,
+}
+
+impl BatchBuilder {
+    pub fn new(compression: Compression) -> Self {
+        Self::with_capacity(compression, 0)
+    }
+
+    pub fn with_capacity(compression: Compression, bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(HEADER_LEN + bytes);
+        buf.resize(HEADER_LEN, 0);
+        Self {
+            compression,
+            timestamp_type: TimestampType::CreateTime,
+            producer: ProducerInfo::default(),
+            buf,
+            count: 0,
+            first_timestamp: None,
+            max_timestamp: i64::MIN,
+        }
+    }
+
+    pub fn producer(mut self, producer: ProducerInfo) -> Self {
+        self.producer = producer;
+        self
+    }
+
+    pub fn timestamp_type(mut self, t: TimestampType) -> Self {
+        self.timestamp_type = t;
+        self
+    }
+
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Uncompressed size so far, header included.
+    pub fn size_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Adds a record. Fails only when the batch already holds `i32::MAX` records.
+    pub fn push(&mut self, rec: &RecordRef<'_>) -> Result<(), BatchError> {
+        let delta = i32::try_from(self.count).map_err(|_| BatchError::TooLarge {
+            size: u64::from(self.count),
+            limit: i32::MAX as u64,
+        })?;
+        let first = *self.first_timestamp.get_or_insert(rec.timestamp);
+        let ts_delta = rec.timestamp.wrapping_sub(first);
+        encode_record(&mut self.buf, rec, ts_delta, delta);
+        self.max_timestamp = self.max_timestamp.max(rec.timestamp);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Encodes the batch with base offset, term and index 0 (the log stamps them on append).
+    pub fn build(self) -> Result<Vec<u8>, BatchError> {
+        if self.count == 0 {
+            return Err(BatchError::Empty);
+        }
+        let first = self.first_timestamp.unwrap_or(0);
+        let mut out = match self.compression {
+            Compression::None => self.buf,
+            codec => {
+                let mut out = Vec::with_capacity(HEADER_LEN + self.buf.len() / 2);
+                out.resize(HEADER_LEN, 0);
+                compression::compress(codec, &self.buf[HEADER_LEN..], &mut out)?;
+                out
+            }
+        };
+        let header = BatchHeader {
+            base_offset: 0,
+            batch_length: 0,
+            raft_term: 0,
+            raft_index: 0,
+            magic: MAGIC_V1,
+            crc: 0,
+            attributes: Attributes {
+                compression: self.compression,
+                timestamp_type: self.timestamp_type,
+                control: false,
+            },
+            last_offset_delta: self.count - 1,
+            first_timestamp: first,
+            max_timestamp: self.max_timestamp.max(first),
+            producer_id: self.producer.producer_id,
+            producer_epoch: self.producer.producer_epoch,
+            base_sequence: self.producer.base_sequence,
+            record_count: self.count,
+        };
+        finish(header, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Encodes a control batch: an opaque payload (e.g. a Raft membership change) that takes no
+/// offsets.
+pub fn control_batch(payload: &[u8], timestamp: i64) -> Result<Vec<u8>, BatchError> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.resize(HEADER_LEN, 0);
+    out.extend_from_slice(payload);
+    let header = BatchHeader {
+        base_offset: 0,
+        batch_length: 0,
+        raft_term: 0,
+        raft_index: 0,
+        magic: MAGIC_V1,
+        crc: 0,
+        attributes: Attributes {
+            compression: Compression::None,
+            timestamp_type: TimestampType::CreateTime,
+            control: true,
+        },
+        last_offset_delta: 0,
+        first_timestamp: timestamp,
+        max_timestamp: timestamp,
+        producer_id: NO_PRODUCER_ID,
+        producer_epoch: -1,
+        base_sequence: -1,
+        record_count: 0,
+    };
+    finish(header, &mut out)?;
+    Ok(out)
+}
+
+fn finish(mut header: BatchHeader, out: &mut [u8]) -> Result<(), BatchError> {
+    header.batch_length =
+        u32::try_from(out.len() - LENGTH_PREFIX).map_err(|_| BatchError::TooLarge {
+            size: out.len() as u64,
+            limit: u64::from(u32::MAX),
+        })?;
+    let (head, _) = out
+        .split_first_chunk_mut::<HEADER_LEN>()
+        .ok_or(BatchError::Truncated { what: "batch" })?;
+    header.write_to(head);
+    header.crc = crc32c::crc32c(&out[CRC_START..]);
+    let (head, _) = out
+        .split_first_chunk_mut::<HEADER_LEN>()
+        .ok_or(BatchError::Truncated { what: "batch" })?;
+    header.write_to(head);
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Record batch encoding and decoding: pure functions over byte slices, no IO.
+//!
+//! Every decoder here takes untrusted bytes (a client's request or a disk block) and either
+//! returns a value or a typed [`BatchError`]; none of them panics or allocates more than the
+//! caller's limit.
+
+mod builder;
+mod compression;
+mod header;
+mod record;
+mod varint;
+
+pub use builder::{BatchBuilder, ProducerInfo, control_batch};
+pub use compression::Compression;
+pub use header::{
+    Attributes, BatchHeader, HEADER_LEN, LENGTH_PREFIX, MAGIC_V1, NO_PRODUCER_ID, TimestampType,
+    stamp, verify_crc,
+};
+pub use record::{Record, RecordHeader, RecordRef};
+
+use bytes::Bytes;
+
+/// Default ceiling on the decompressed size of one batch's records.
+pub const DEFAULT_MAX_DECOMPRESSED: usize = 64 * 1024 * 1024;
+
+/// Why bytes are not a valid batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    #[error("truncated {what}")]
+    Truncated { what: &'static str },
+    #[error("unsupported batch format version (magic) {0}, expected 1")]
+    UnsupportedMagic(u8),
+    #[error("bad batch_length {length}: {reason}")]
+    BadLength { length: u32, reason: &'static str },
+    #[error("unknown attribute bits {0:#06x}")]
+    UnknownAttributes(u16),
+    #[error("unknown compression codec id {0}")]
+    UnknownCompression(u8),
+    #[error("unknown compression codec {0:?} (expected none, lz4 or zstd)")]
+    UnknownCompressionName(String),
+    #[error("inconsistent batch header: {0}")]
+    Inconsistent(&'static str),
+    #[error("CRC32C mismatch: header says {expected:#010x}, data has {actual:#010x}")]
+    CrcMismatch { expected: u32, actual: u32 },
+    #[error("malformed record: {0}")]
+    MalformedRecord(&'static str),
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    #[error("compression failed: {0}")]
+    Compress(String),
+    #[error("size {size} exceeds the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("batch holds no records")]
+    Empty,
+}
+
+/// Parses the header of the first batch in `buf`, checks that the whole batch is present and
+/// verifies its CRC. Returns the header and the batch's bytes.
+pub fn parse_verified(buf: &[u8]) -> Result<(BatchHeader, &[u8]), BatchError> {
+    let header = BatchHeader::parse(buf)?;
+    let batch = buf
+        .get(..header.total_len())
+        .ok_or(BatchError::Truncated { what: "batch body" })?;
+    verify_crc(&header, batch)?;
+    Ok((header, batch))
+}
+
+/// Decodes every record of one complete, CRC-checked batch. Keys and values of uncompressed
+/// batches are zero-copy slices of `batch`.
+pub fn decode_records(batch: &Bytes, max_decompressed: usize) -> Result<Vec<Record>, BatchError> {
+    let (header, exact) = parse_verified(batch)?;
+    if header.attributes.control {
+        return Ok(Vec::new());
+    }
+    let body_start = HEADER_LEN;
+    let body_end = exact.len();
+    let src = match header.attributes.compression {
+        Compression::None => batch.slice(body_start..body_end),
+        codec => Bytes::from(compression::decompress(
+            codec,
+            &batch[body_start..body_end],
+            max_decompressed,
+        )?),
+    };
+    let count = header.record_count as usize;
+    // Every record takes at least 7 bytes, so a claimed count cannot force a huge allocation.
+    if count > src.len() / 7 + 1 {
+        return Err(BatchError::Inconsistent(
+            "record_count larger than the records section can hold",
+        ));
+    }
+    let mut records = Vec::with_capacity(count);
+    let mut cur: &[u8] = &src;
+    let mut prev_delta: i64 = -1;
+    for _ in 0..count {
+        let (delta, rec) =
+            record::decode_record(&src, &mut cur, header.base_offset, header.first_timestamp)?;
+        if i64::from(delta) <= prev_delta || delta as u32 > header.last_offset_delta {
+            return Err(BatchError::MalformedRecord(
+                "offset deltas must increase and stay within last_offset_delta",
+            ));
+        }
+        prev_delta = i64::from(delta);
+        records.push(rec);
+    }
+    if !cur.is_empty() {
+        return Err(BatchError::MalformedRecord("bytes after the last record"));
+    }
+    Ok(records)
+}
+
+/// Iterates over consecutive batches in a buffer (a fetch response or a segment slice), checking
+/// each header and CRC. Stops at the first error, which it yields.
+#[derive(Debug, Clone)]
+pub struct BatchIter<'a> {
+    rest: &'a [u8],
+    failed: bool,
+}
+
+impl<'a> BatchIter<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self {
+            rest: buf,
+            failed: false,
+        }
+    }
+}
+
+impl<'a> Iterator for BatchIter<'a> {
+    type Item = Result<(BatchHeader, &'a [u8]), BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() || self.failed {
+            return None;
+        }
+        match parse_verified(self.rest) {
+            Ok((h, batch)) => {
+                self.rest = &self.rest[batch.len()..];
+                Some(Ok((h, batch)))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

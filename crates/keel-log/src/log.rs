@@ -1,0 +1,848 @@
+//! The partition log: an ordered set of segments with one writer and any number of readers.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use bytes::Bytes;
+
+use crate::batch::{
+    BatchError, BatchHeader, DEFAULT_MAX_DECOMPRESSED, decode_records, parse_verified,
+};
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::{FlushPolicy, LogConfig};
+use crate::error::{LogError, Result};
+use crate::fs::{Fs, RealFs};
+use crate::segment::{ActiveSegment, Key, Segment, Tail};
+use crate::segment_file::{SEGMENT_HEADER_LEN, SegmentHeader, paths};
+
+/// Source of wall-clock time in milliseconds since the epoch (injected so tests control it).
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// First offset of the batch (for a control batch: the next offset, which it does not take).
+    pub base_offset: u64,
+    /// The log end offset after the append.
+    pub next_offset: u64,
+    pub raft_index: u64,
+    pub raft_term: u64,
+    pub max_timestamp: i64,
+    /// Sequence number to pass to [`Log::flush_to`] to make exactly this append durable.
+    pub flush_seq: u64,
+}
+
+/// Batches returned by a read: zero-copy bytes of the segment mapping.
+#[derive(Debug, Clone)]
+pub struct ReadSlice {
+    /// Zero or more whole batches.
+    pub bytes: Bytes,
+    /// Header of the last batch returned, if any.
+    pub last: Option<BatchHeader>,
+}
+
+impl ReadSlice {
+    fn empty() -> Self {
+        Self {
+            bytes: Bytes::new(),
+            last: None,
+        }
+    }
+}
+
+/// Upper bounds for a read, e.g. the high watermark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadLimit {
+    /// Do not return batches at or above this offset.
+    pub max_offset: Option<u64>,
+    /// Do not return batches at or above this Raft index.
+    pub max_raft_index: Option<u64>,
+}
+
+/// What a retention pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub deleted_segments: usize,
+    pub deleted_bytes: u64,
+    pub log_start_offset: u64,
+}
+
+pub(crate) struct Writer {
+    pub config: LogConfig,
+    pub active: ActiveSegment,
+}
+
+/// A segmented, memory-mapped partition log. Appends are serialised; reads run concurrently
+/// with appends, flushes and retention.
+#[derive(Debug)]
+pub struct Log {
+    pub(crate) dir: PathBuf,
+    pub(crate) fs: Arc<dyn Fs>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) writer: Mutex<Writer>,
+    pub(crate) view: RwLock<Arc<Vec<Arc<Segment>>>>,
+    pub(crate) log_start: AtomicU64,
+    /// Bytes ever appended by this process: a sequence for group commit.
+    pub(crate) append_seq: AtomicU64,
+    pub(crate) flushed_seq: AtomicU64,
+    pub(crate) checkpoint_seq: AtomicU64,
+    pub(crate) last_flush_ms: AtomicU64,
+    sync_lock: Mutex<()>,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir` on the real filesystem.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Self> {
+        Self::open_with(dir, config, Arc::new(RealFs), Arc::new(SystemClock))
+    }
+
+    /// Opens the log with an explicit filesystem and clock, recovering after a crash.
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        config: LogConfig,
+        fs: Arc<dyn Fs>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let recovered = crate::recovery::recover(&*fs, &dir, &config, clock.now_ms())?;
+        let log = Self {
+            dir,
+            fs,
+            clock,
+            writer: Mutex::new(Writer {
+                config,
+                active: recovered.active,
+            }),
+            view: RwLock::new(Arc::new(recovered.segments)),
+            log_start: AtomicU64::new(recovered.log_start),
+            append_seq: AtomicU64::new(0),
+            flushed_seq: AtomicU64::new(0),
+            checkpoint_seq: AtomicU64::new(0),
+            last_flush_ms: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(None),
+        };
+        if recovered.needs_checkpoint {
+            let w = lock(&log.writer);
+            log.checkpoint_locked(&w)?;
+        }
+        Ok(log)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
+        Arc::clone(&self.view.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn set_segments(&self, segs: Vec<Arc<Segment>>) {
+        *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(segs);
+    }
+
+    fn active(&self) -> Option<Arc<Segment>> {
+        self.segments().last().cloned()
+    }
+
+    fn tail(&self) -> Tail {
+        self.active().map_or(
+            Tail {
+                data_len: SEGMENT_HEADER_LEN,
+                next_offset: 0,
+                next_raft_index: 0,
+                last_term: 0,
+                max_timestamp: i64::MIN,
+            },
+            |s| s.tail(),
+        )
+    }
+
+    /// First offset still readable.
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start.load(Ordering::Acquire)
+    }
+
+    /// The offset the next record will get.
+    pub fn log_end_offset(&self) -> u64 {
+        self.tail().next_offset
+    }
+
+    /// The Raft index of the first entry still in the log.
+    pub fn first_raft_index(&self) -> u64 {
+        self.segments().first().map_or(0, |s| s.base_raft_index)
+    }
+
+    /// The Raft index the next entry will get.
+    pub fn next_raft_index(&self) -> u64 {
+        self.tail().next_raft_index
+    }
+
+    /// Term of the last entry (0 for an empty log).
+    pub fn last_term(&self) -> u64 {
+        self.tail().last_term
+    }
+
+    /// Bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments().iter().map(|s| s.size_bytes()).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments().len()
+    }
+
+    /// Base offsets of the segments, oldest first.
+    pub fn segment_base_offsets(&self) -> Vec<u64> {
+        self.segments().iter().map(|s| s.base_offset).collect()
+    }
+
+    pub fn config(&self) -> LogConfig {
+        lock(&self.writer).config.clone()
+    }
+
+    /// Changes the configuration; segment size applies from the next roll.
+    pub fn set_config(&self, config: LogConfig) -> Result<()> {
+        config.validate()?;
+        lock(&self.writer).config = config;
+        Ok(())
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        if self.is_poisoned() {
+            let reason = lock(&self.poison_reason)
+                .clone()
+                .unwrap_or_else(|| "unknown".into());
+            return Err(LogError::Poisoned { reason });
+        }
+        Ok(())
+    }
+
+    fn poison(&self, err: &LogError) -> LogError {
+        let reason = err.to_string();
+        tracing::error!(dir = %self.dir.display(), error = %reason, "log poisoned: a flush failed, no further writes are acknowledged");
+        lock(&self.poison_reason).get_or_insert(reason.clone());
+        self.poisoned.store(true, Ordering::Release);
+        LogError::Poisoned { reason }
+    }
+
+    /// Appends one encoded batch, assigning its offsets and the next Raft index. The batch must
+    /// be exactly one valid batch (header checks and CRC are verified here).
+    pub fn append(&self, batch: &[u8], term: u64) -> Result<AppendInfo> {
+        self.append_inner(batch, term, None)
+    }
+
+    /// Appends a batch that must receive Raft index `index` (a follower replicating the leader).
+    pub fn append_at(&self, batch: &[u8], term: u64, index: u64) -> Result<AppendInfo> {
+        self.append_inner(batch, term, Some(index))
+    }
+
+    fn append_inner(&self, batch: &[u8], term: u64, index: Option<u64>) -> Result<AppendInfo> {
+        self.check_poisoned()?;
+        let len = batch.len() as u64;
+        let (header, exact) = parse_verified(batch)?;
+        if exact.len() != batch.len() {
+            return Err(LogError::InvalidBatch(BatchError::BadLength {
+                length: header.batch_length,
+                reason: "bytes follow the batch",
+            }));
+        }
+        let mut w = lock(&self.writer);
+        if len > w.config.max_batch_bytes {
+            return Err(LogError::BatchTooLarge {
+                size: len,
+                limit: w.config.max_batch_bytes,
+            });
+        }
+        let mut tail = w.active.seg.tail();
+        if let Some(i) = index
+            && i != tail.next_raft_index
+        {
+            return Err(LogError::NonContiguousIndex {
+                expected: tail.next_raft_index,
+                got: i,
+            });
+        }
+        if term < tail.last_term {
+            return Err(LogError::TermWentBackwards {
+                term,
+                last: tail.last_term,
+            });
+        }
+        let now = self.clock.now_ms();
+        if self.should_roll(&w, &header, len, now) {
+            self.roll(&mut w, now)?;
+            tail = w.active.seg.tail();
+        }
+        w.active.grow(tail.data_len + len)?;
+        w.active
+            .append(batch, &header, tail.next_offset, term, tail.next_raft_index)?;
+        let seq = self.append_seq.fetch_add(len, Ordering::AcqRel) + len;
+        let flush = w.config.flush;
+        drop(w);
+        let info = AppendInfo {
+            base_offset: tail.next_offset,
+            next_offset: tail.next_offset + header.offset_count(),
+            raft_index: tail.next_raft_index,
+            raft_term: term,
+            max_timestamp: header.max_timestamp,
+            flush_seq: seq,
+        };
+        match flush {
+            FlushPolicy::EveryBatch => self.flush_to(seq)?,
+            FlushPolicy::Interval(d) => {
+                let due = self.last_flush_ms.load(Ordering::Acquire) as i64
+                    + i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                if now >= due {
+                    self.flush_to(seq)?;
+                }
+            }
+            FlushPolicy::Os => {}
+        }
+        Ok(info)
+    }
+
+    fn should_roll(&self, w: &Writer, header: &BatchHeader, len: u64, now: i64) -> bool {
+        let seg = &w.active.seg;
+        let tail = seg.tail();
+        // A segment that took no offsets cannot roll: the next would have the same name.
+        if tail.next_offset == seg.base_offset {
+            return false;
+        }
+        let too_big = tail.data_len + len > w.config.segment_bytes;
+        let too_old = w.config.segment_ms.is_some_and(|d| {
+            now.saturating_sub(seg.created_at_ms)
+                >= i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        });
+        let rel_overflow = tail.next_offset + header.offset_count() - seg.base_offset
+            > u64::from(u32::MAX)
+            || tail.next_raft_index + 1 - seg.base_raft_index > u64::from(u32::MAX);
+        too_big || too_old || rel_overflow
+    }
+
+    /// Seals the active segment and starts a new one. The new segment is created first, so a
+    /// full disk leaves the log exactly as it was.
+    fn roll(&self, w: &mut Writer, now: i64) -> Result<()> {
+        let tail = w.active.seg.tail();
+        let header = SegmentHeader {
+            base_offset: tail.next_offset,
+            base_raft_index: tail.next_raft_index,
+            created_at_ms: now,
+        };
+        let next = ActiveSegment::create(
+            &*self.fs,
+            &self.dir,
+            header,
+            w.config.segment_bytes,
+            w.config.index_interval_bytes,
+        )?;
+        next.seg.set_loaded(
+            Tail {
+                data_len: SEGMENT_HEADER_LEN,
+                next_offset: tail.next_offset,
+                next_raft_index: tail.next_raft_index,
+                last_term: tail.last_term,
+                max_timestamp: i64::MIN,
+            },
+            0,
+            0,
+            SEGMENT_HEADER_LEN,
+        );
+        w.active.finish_time_index();
+        if let Err(e) = w.active.seg.seal() {
+            return Err(self.poison(&e));
+        }
+        let mut segs: Vec<Arc<Segment>> = self.segments().iter().cloned().collect();
+        segs.push(Arc::clone(&next.seg));
+        w.active = next;
+        self.set_segments(segs);
+        tracing::debug!(dir = %self.dir.display(), base_offset = header.base_offset, "rolled segment");
+        self.checkpoint_locked(w)
+    }
+
+    /// Makes every append that returned so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.flush_to(self.append_seq.load(Ordering::Acquire))
+    }
+
+    /// Makes appends up to `seq` ([`AppendInfo::flush_seq`]) durable. Concurrent callers share
+    /// one fsync (group commit). A failed fsync poisons the log.
+    pub fn flush_to(&self, seq: u64) -> Result<()> {
+        self.check_poisoned()?;
+        if self.flushed_seq.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        {
+            let _g = lock(&self.sync_lock);
+            if self.flushed_seq.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            self.check_poisoned()?;
+            // Read the sequence before choosing the segment: a roll seals (and syncs) the old
+            // segment before publishing the new one, so whatever the sequence covers is either
+            // in the segment synced here or already durable.
+            let current = self.append_seq.load(Ordering::Acquire);
+            if let Some(seg) = self.active()
+                && let Err(e) = seg.sync_log()
+            {
+                return Err(self.poison(&e));
+            }
+            self.flushed_seq.fetch_max(current, Ordering::AcqRel);
+            self.last_flush_ms
+                .store(self.clock.now_ms().max(0) as u64, Ordering::Release);
+        }
+        let interval = lock(&self.writer).config.checkpoint_interval_bytes;
+        if self.append_seq.load(Ordering::Acquire) - self.checkpoint_seq.load(Ordering::Acquire)
+            >= interval
+        {
+            let w = lock(&self.writer);
+            self.checkpoint_locked(&w)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes if the interval flush policy says one is due (for a periodic scheduler).
+    pub fn flush_if_due(&self) -> Result<bool> {
+        let policy = lock(&self.writer).config.flush;
+        let due = match policy {
+            FlushPolicy::Interval(d) => {
+                self.clock.now_ms()
+                    >= self.last_flush_ms.load(Ordering::Acquire) as i64
+                        + i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            }
+            _ => false,
+        };
+        let dirty =
+            self.append_seq.load(Ordering::Acquire) > self.flushed_seq.load(Ordering::Acquire);
+        if due && dirty {
+            self.flush()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Syncs the active segment with its indexes and records a recovery checkpoint there.
+    fn checkpoint_locked(&self, w: &Writer) -> Result<()> {
+        let seq = self.append_seq.load(Ordering::Acquire);
+        let seg = &w.active.seg;
+        if let Err(e) = seg.sync_all() {
+            return Err(self.poison(&e));
+        }
+        self.flushed_seq.fetch_max(seq, Ordering::AcqRel);
+        let tail = seg.tail();
+        let cp = Checkpoint {
+            log_start_offset: self.log_start_offset(),
+            active_base_offset: seg.base_offset,
+            active_data_len: tail.data_len,
+            next_offset: tail.next_offset,
+            next_raft_index: tail.next_raft_index,
+            last_term: tail.last_term,
+            max_timestamp: tail.max_timestamp,
+            index_entries: seg.offset_index_entries() as u32,
+            time_entries: seg.time_index_entries() as u32,
+        };
+        if let Err(e) = checkpoint::write(&*self.fs, &self.dir, &cp) {
+            return Err(self.poison(&e));
+        }
+        self.checkpoint_seq.store(seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// Flushes everything and writes a checkpoint so that the next open validates nothing.
+    pub fn close(self) -> Result<()> {
+        self.check_poisoned()?;
+        let w = lock(&self.writer);
+        self.checkpoint_locked(&w)
+    }
+
+    fn out_of_range(&self, offset: u64) -> LogError {
+        LogError::OffsetOutOfRange {
+            offset,
+            log_start: self.log_start_offset(),
+            log_end: self.log_end_offset(),
+        }
+    }
+
+    /// Reads whole batches from the one holding `offset`, up to `max_bytes` (at least one batch
+    /// when any is there). Reading at the log end returns nothing.
+    pub fn read(&self, offset: u64, max_bytes: u64) -> Result<ReadSlice> {
+        self.read_with(offset, max_bytes, ReadLimit::default())
+    }
+
+    /// Like [`Log::read`], stopping before batches at or above the given limits.
+    pub fn read_with(&self, offset: u64, max_bytes: u64, limit: ReadLimit) -> Result<ReadSlice> {
+        let start = self.log_start_offset();
+        let end = self.log_end_offset();
+        if offset < start || offset > end {
+            return Err(self.out_of_range(offset));
+        }
+        let segs = self.segments();
+        let first = segs
+            .partition_point(|s| s.base_offset <= offset)
+            .saturating_sub(1);
+        self.read_segments(&segs[first..], Key::Offset(offset), max_bytes, limit)
+    }
+
+    /// Reads whole batches starting at Raft index `index`.
+    pub fn read_raft(&self, index: u64, max_bytes: u64, limit: ReadLimit) -> Result<ReadSlice> {
+        let (first_idx, next_idx) = (self.first_raft_index(), self.next_raft_index());
+        if index < first_idx || index > next_idx {
+            return Err(LogError::IndexOutOfRange {
+                index,
+                first: first_idx,
+                next: next_idx,
+            });
+        }
+        let segs = self.segments();
+        let first = segs
+            .partition_point(|s| s.base_raft_index <= index)
+            .saturating_sub(1);
+        self.read_segments(&segs[first..], Key::RaftIndex(index), max_bytes, limit)
+    }
+
+    fn read_segments(
+        &self,
+        segs: &[Arc<Segment>],
+        key: Key,
+        max_bytes: u64,
+        limit: ReadLimit,
+    ) -> Result<ReadSlice> {
+        let stop = |h: &BatchHeader| {
+            limit
+                .max_offset
+                .is_some_and(|m| h.base_offset >= m && (h.offset_count() > 0 || h.base_offset > m))
+                || limit.max_raft_index.is_some_and(|m| h.raft_index >= m)
+        };
+        for seg in segs {
+            if let Some((pos, _)) = seg.locate(key)? {
+                let (bytes, last) = seg.read_from(pos, max_bytes.max(1), stop)?;
+                return Ok(ReadSlice { bytes, last });
+            }
+        }
+        Ok(ReadSlice::empty())
+    }
+
+    /// The header of the entry with Raft index `index`.
+    pub fn entry_header(&self, index: u64) -> Result<BatchHeader> {
+        let slice = self.read_raft(index, 1, ReadLimit::default())?;
+        match slice.last {
+            Some(h) if h.raft_index == index => Ok(h),
+            _ => Err(LogError::IndexOutOfRange {
+                index,
+                first: self.first_raft_index(),
+                next: self.next_raft_index(),
+            }),
+        }
+    }
+
+    /// The offset of the first record with a timestamp at or after `ts`, or `None` if every
+    /// record is older.
+    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
+        let start = self.log_start_offset();
+        for seg in self.segments().iter() {
+            let Some((pos, _)) = seg.locate_timestamp(ts)? else {
+                continue;
+            };
+            let (bytes, _) = seg.read_from(pos, 1, |_| false)?;
+            let records = decode_records(&bytes, DEFAULT_MAX_DECOMPRESSED).map_err(|e| {
+                LogError::Corrupt {
+                    path: seg.log_path.clone(),
+                    position: pos,
+                    reason: e.to_string(),
+                }
+            })?;
+            if let Some(r) = records
+                .iter()
+                .find(|r| r.timestamp >= ts && r.offset >= start)
+            {
+                return Ok(Some(r.offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes every batch that holds `offset` or lies after it. Returns the new log end.
+    pub fn truncate_to(&self, offset: u64) -> Result<u64> {
+        self.truncate(Key::Offset(offset))?;
+        Ok(self.log_end_offset())
+    }
+
+    /// Removes every entry with a Raft index above `last_kept` (all of them for `None`).
+    pub fn truncate_after_raft_index(&self, last_kept: Option<u64>) -> Result<()> {
+        let key = match last_kept {
+            Some(i) => Key::RaftIndex(i + 1),
+            None => Key::RaftIndex(0),
+        };
+        self.truncate(key)
+    }
+
+    fn truncate(&self, key: Key) -> Result<()> {
+        self.check_poisoned()?;
+        let mut w = lock(&self.writer);
+        let segs = self.segments();
+        let pick = |s: &Arc<Segment>| match key {
+            Key::Offset(o) => s.base_offset <= o,
+            Key::RaftIndex(i) => s.base_raft_index <= i,
+        };
+        let mut k = segs.partition_point(pick).saturating_sub(1);
+        let mut found = None;
+        while k < segs.len() {
+            if let Some((pos, _)) = segs[k].locate(key)? {
+                found = Some(pos);
+                break;
+            }
+            k += 1;
+        }
+        let Some(pos) = found else {
+            return Ok(());
+        };
+        let seg = Arc::clone(&segs[k]);
+        let prev_term = match k.checked_sub(1) {
+            Some(p) => segs[p].last_batch()?.map_or(0, |h| h.raft_term),
+            None => 0,
+        };
+        let tail = tail_before(&seg, pos, prev_term)?;
+        let removed: Vec<Arc<Segment>> = segs[k + 1..].to_vec();
+        if !Arc::ptr_eq(&w.active.seg, &seg) {
+            w.active = ActiveSegment::attach(
+                Arc::clone(&seg),
+                w.config.segment_bytes,
+                w.config.index_interval_bytes,
+            )?;
+        }
+        w.active.cut(pos, tail);
+        self.set_segments(segs[..=k].to_vec());
+        let end = tail.next_offset;
+        if self.log_start_offset() > end {
+            self.log_start.store(end, Ordering::Release);
+        }
+        tracing::info!(dir = %self.dir.display(), log_end = end, next_raft_index = tail.next_raft_index, removed_segments = removed.len(), "log truncated");
+        self.checkpoint_locked(&w)?;
+        drop(w);
+        self.delete_files(&removed)
+    }
+
+    /// Discards the whole log and restarts it empty at the given positions (e.g. after a
+    /// follower installs a snapshot beyond its log).
+    pub fn reset(&self, next_offset: u64, next_raft_index: u64, last_term: u64) -> Result<()> {
+        self.check_poisoned()?;
+        let mut w = lock(&self.writer);
+        let old = self.segments();
+        self.set_segments(Vec::new());
+        self.delete_files(&old)?;
+        let now = self.clock.now_ms();
+        let header = SegmentHeader {
+            base_offset: next_offset,
+            base_raft_index: next_raft_index,
+            created_at_ms: now,
+        };
+        let next = match ActiveSegment::create(
+            &*self.fs,
+            &self.dir,
+            header,
+            w.config.segment_bytes,
+            w.config.index_interval_bytes,
+        ) {
+            Ok(n) => n,
+            Err(e) => return Err(self.poison(&e)),
+        };
+        next.seg.set_loaded(
+            Tail {
+                data_len: SEGMENT_HEADER_LEN,
+                next_offset,
+                next_raft_index,
+                last_term,
+                max_timestamp: i64::MIN,
+            },
+            0,
+            0,
+            SEGMENT_HEADER_LEN,
+        );
+        self.set_segments(vec![Arc::clone(&next.seg)]);
+        w.active = next;
+        self.log_start.store(next_offset, Ordering::Release);
+        self.checkpoint_locked(&w)
+    }
+
+    /// Advances the log start to `offset` (clamped to the log end) and deletes the segments
+    /// wholly below it. Returns the new log start.
+    pub fn delete_before(&self, offset: u64) -> Result<u64> {
+        self.check_poisoned()?;
+        let w = lock(&self.writer);
+        let offset = offset.min(self.log_end_offset());
+        if offset <= self.log_start_offset() {
+            return Ok(self.log_start_offset());
+        }
+        self.log_start.store(offset, Ordering::Release);
+        let segs = self.segments();
+        let k = (0..segs.len().saturating_sub(1))
+            .take_while(|i| segs.get(i + 1).is_some_and(|n| n.base_offset <= offset))
+            .count();
+        let removed = segs[..k].to_vec();
+        self.set_segments(segs[k..].to_vec());
+        self.checkpoint_locked(&w)?;
+        drop(w);
+        self.delete_files(&removed)?;
+        Ok(offset)
+    }
+
+    /// Deletes closed segments past `retention.ms` or beyond `retention.bytes`, oldest first.
+    /// Readers still holding a deleted segment keep a valid mapping until they finish.
+    pub fn apply_retention(&self) -> Result<RetentionOutcome> {
+        self.check_poisoned()?;
+        let now = self.clock.now_ms();
+        let w = lock(&self.writer);
+        let segs = self.segments();
+        let mut total: u64 = segs.iter().map(|s| s.size_bytes()).sum();
+        let mut k = 0;
+        while k + 1 < segs.len() {
+            let s = &segs[k];
+            let expired = w.config.retention_ms.is_some_and(|r| {
+                let age = i64::try_from(r.as_millis()).unwrap_or(i64::MAX);
+                s.max_timestamp.load(Ordering::Acquire) < now.saturating_sub(age)
+            });
+            let oversize = w
+                .config
+                .retention_bytes
+                .is_some_and(|r| total.saturating_sub(s.size_bytes()) >= r);
+            if !(expired || oversize) {
+                break;
+            }
+            total -= s.size_bytes();
+            k += 1;
+        }
+        if k == 0 {
+            return Ok(RetentionOutcome {
+                log_start_offset: self.log_start_offset(),
+                ..Default::default()
+            });
+        }
+        let removed = segs[..k].to_vec();
+        let new_start = segs[k].base_offset.max(self.log_start_offset());
+        self.log_start.store(new_start, Ordering::Release);
+        self.set_segments(segs[k..].to_vec());
+        self.checkpoint_locked(&w)?;
+        drop(w);
+        let deleted_bytes = removed.iter().map(|s| s.size_bytes()).sum();
+        self.delete_files(&removed)?;
+        tracing::info!(dir = %self.dir.display(), deleted_segments = k, deleted_bytes, log_start = new_start, "retention deleted segments");
+        Ok(RetentionOutcome {
+            deleted_segments: k,
+            deleted_bytes,
+            log_start_offset: new_start,
+        })
+    }
+
+    fn delete_files(&self, segs: &[Arc<Segment>]) -> Result<()> {
+        if segs.is_empty() {
+            return Ok(());
+        }
+        for s in segs {
+            for p in paths(&self.dir, s.base_offset) {
+                if self.fs.exists(&p) {
+                    self.fs
+                        .remove(&p)
+                        .map_err(|e| LogError::io("removing", &p, e))?;
+                }
+            }
+        }
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| LogError::io("syncing directory", &self.dir, e))
+    }
+}
+
+/// The segment's tail if it ended just before the batch at `pos`.
+fn tail_before(seg: &Segment, pos: u64, prev_term: u64) -> Result<Tail> {
+    let mut tail = Tail {
+        data_len: SEGMENT_HEADER_LEN,
+        next_offset: seg.base_offset,
+        next_raft_index: seg.base_raft_index,
+        last_term: prev_term,
+        max_timestamp: seg.last_time_entry().map_or(i64::MIN, |e| e.timestamp),
+    };
+    if pos <= SEGMENT_HEADER_LEN {
+        tail.max_timestamp = i64::MIN;
+        return Ok(tail);
+    }
+    // Recompute from the last index entry before the cut and the batches after it.
+    let keep_limit = pos;
+    let mut max_ts = i64::MIN;
+    let mut cursor = SEGMENT_HEADER_LEN;
+    let n = seg.offset_index_entries();
+    let idx = seg.index_map();
+    for i in (0..n).rev() {
+        if let Some(e) = crate::index::offset_entry(&idx, i)
+            && u64::from(e.position) < keep_limit
+        {
+            cursor = u64::from(e.position);
+            break;
+        }
+    }
+    let (bytes, last) = seg.read_from(cursor, keep_limit - cursor, |_| false)?;
+    for item in crate::batch::BatchIter::new(&bytes) {
+        let (h, _) = item.map_err(|e| LogError::Corrupt {
+            path: seg.log_path.clone(),
+            position: cursor,
+            reason: e.to_string(),
+        })?;
+        if !h.attributes.control {
+            max_ts = max_ts.max(h.max_timestamp);
+        }
+    }
+    // Time entries at or before the cursor cover everything earlier.
+    let time_n = seg.time_index_entries();
+    let tmap = seg.time_map();
+    for i in (0..time_n).rev() {
+        if let Some(e) = crate::index::time_entry(&tmap, i) {
+            let off = seg.base_offset + u64::from(e.rel_offset);
+            if last.is_some_and(|l| off <= l.last_offset()) {
+                max_ts = max_ts.max(e.timestamp);
+                break;
+            }
+        }
+    }
+    if let Some(l) = last {
+        tail = Tail {
+            data_len: pos,
+            next_offset: l.next_offset(),
+            next_raft_index: l.raft_index + 1,
+            last_term: l.raft_term,
+            max_timestamp: max_ts,
+        };
+    }
+    Ok(tail)
+}

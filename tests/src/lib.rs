@@ -1,0 +1,3 @@
+//! Shared helpers for Keel's integration tests (the tests themselves live in `tests/tests/`).
+
+pub mod log_util;
