@@ -273,7 +273,7 @@ impl Log {
     fn append_inner(&self, batch: &[u8], term: u64, index: Option<u64>) -> Result<AppendInfo> {
         self.check_poisoned()?;
         let len = batch.len() as u64;
-        let (header, exact) = parse_verified(batch)?;
+        let (header, exact, payload_crc) = parse_verified(batch)?;
         if exact.len() != batch.len() {
             return Err(LogError::InvalidBatch(BatchError::BadLength {
                 length: header.batch_length,
@@ -308,8 +308,14 @@ impl Log {
             tail = w.active.seg.tail();
         }
         w.active.grow(tail.data_len + len)?;
-        w.active
-            .append(batch, &header, tail.next_offset, term, tail.next_raft_index)?;
+        w.active.append(
+            batch,
+            &header,
+            payload_crc,
+            tail.next_offset,
+            term,
+            tail.next_raft_index,
+        )?;
         let seq = self.append_seq.fetch_add(len, Ordering::AcqRel) + len;
         let flush = w.config.flush;
         drop(w);
@@ -511,7 +517,9 @@ impl Log {
         }
         let segs = self.segments();
         let first = segs
-            .partition_point(|s| s.base_offset <= offset)
+            // A control batch at the end of the previous segment can share the offset a
+            // segment starts at; start one segment early and let the lookup move on.
+            .partition_point(|s| s.base_offset < offset)
             .saturating_sub(1);
         self.read_segments(&segs[first..], Key::Offset(offset), max_bytes, limit)
     }
@@ -541,14 +549,20 @@ impl Log {
         limit: ReadLimit,
     ) -> Result<ReadSlice> {
         let stop = |h: &BatchHeader| {
-            limit
-                .max_offset
-                .is_some_and(|m| h.base_offset >= m && (h.offset_count() > 0 || h.base_offset > m))
+            limit.max_offset.is_some_and(|m| h.base_offset >= m)
                 || limit.max_raft_index.is_some_and(|m| h.raft_index >= m)
         };
-        for seg in segs {
+        let by_offset = matches!(key, Key::Offset(_));
+        for (i, seg) in segs.iter().enumerate() {
             if let Some((pos, _)) = seg.locate(key)? {
-                let (bytes, last) = seg.read_from(pos, max_bytes.max(1), stop)?;
+                let (bytes, last, advanced) =
+                    seg.read_batches(pos, max_bytes.max(1), by_offset, stop)?;
+                // Control batches at the end of a segment take no offsets: a reader by offset
+                // gets the next segment's data instead, so it always makes progress.
+                let stuck = by_offset && !advanced;
+                if stuck && i + 1 < segs.len() {
+                    continue;
+                }
                 return Ok(ReadSlice { bytes, last });
             }
         }
@@ -576,7 +590,7 @@ impl Log {
             let Some((pos, _)) = seg.locate_timestamp(ts)? else {
                 continue;
             };
-            let (bytes, _) = seg.read_from(pos, 1, |_| false)?;
+            let (bytes, _) = seg.read_from(pos, 1, false, |_| false)?;
             let records = decode_records(&bytes, DEFAULT_MAX_DECOMPRESSED).map_err(|e| {
                 LogError::Corrupt {
                     path: seg.log_path.clone(),
@@ -614,7 +628,7 @@ impl Log {
         let mut w = lock(&self.writer);
         let segs = self.segments();
         let pick = |s: &Arc<Segment>| match key {
-            Key::Offset(o) => s.base_offset <= o,
+            Key::Offset(o) => s.base_offset < o,
             Key::RaftIndex(i) => s.base_raft_index <= i,
         };
         let mut k = segs.partition_point(pick).saturating_sub(1);
@@ -812,7 +826,7 @@ fn tail_before(seg: &Segment, pos: u64, prev_term: u64) -> Result<Tail> {
             break;
         }
     }
-    let (bytes, last) = seg.read_from(cursor, keep_limit - cursor, |_| false)?;
+    let (bytes, last) = seg.read_from(cursor, keep_limit - cursor, false, |_| false)?;
     for item in crate::batch::BatchIter::new(&bytes) {
         let (h, _) = item.map_err(|e| LogError::Corrupt {
             path: seg.log_path.clone(),

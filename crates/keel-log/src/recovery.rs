@@ -113,6 +113,26 @@ pub(crate) fn recover(
         // From here on the segment is (partly) unverified: scan it with a writable handle.
         let start = match checkpointed {
             Some(c) => {
+                let file_len = seg.files[0]
+                    .len()
+                    .map_err(|e| LogError::io("reading size of", &seg.log_path, e))?;
+                if file_len < c.active_data_len {
+                    return Err(LogError::Corrupt {
+                        path: seg.log_path.clone(),
+                        position: file_len,
+                        reason: format!(
+                            "file holds {file_len} bytes but {} were checkpointed as durable",
+                            c.active_data_len
+                        ),
+                    });
+                }
+                let index_room =
+                    |i: usize| seg.files[i].len().map_or(0, |l| (l as usize) / ENTRY_LEN);
+                let c = Checkpoint {
+                    index_entries: (c.index_entries as usize).min(index_room(1)) as u32,
+                    time_entries: (c.time_entries as usize).min(index_room(2)) as u32,
+                    ..c
+                };
                 let tail = Tail {
                     data_len: c.active_data_len,
                     next_offset: c.next_offset,

@@ -134,8 +134,10 @@ impl Segment {
         let idx = self.map(1);
         let entry = match key {
             Key::Offset(o) => {
+                // Control batches share their base offset with the batch after them, so start
+                // from the last entry strictly below the target: nothing before it can match.
                 let rel = u32::try_from(o.checked_sub(self.base_offset)?).unwrap_or(u32::MAX);
-                index::offset_floor(&idx, n, |e| e.rel_offset, rel)?
+                index::offset_floor(&idx, n, |e| e.rel_offset, rel.checked_sub(1)?)?
             }
             Key::RaftIndex(i) => {
                 let rel = u32::try_from(i.checked_sub(self.base_raft_index)?).unwrap_or(u32::MAX);
@@ -173,18 +175,35 @@ impl Segment {
         Ok(None)
     }
 
-    /// Reads whole batches starting at `pos`, up to `max_bytes` (at least one batch), stopping
-    /// before the first batch for which `stop` holds. Returns zero-copy bytes of the mapping.
+    /// Reads whole batches starting at `pos`, up to `max_bytes`, stopping before the first batch
+    /// for which `stop` holds. At least one batch is returned when any is there; with
+    /// `progress`, control batches do not count toward that, so a reader by offset always gets a
+    /// batch that moves it forward. Returns zero-copy bytes of the mapping.
     pub fn read_from(
         &self,
         pos: u64,
         max_bytes: u64,
+        progress: bool,
         stop: impl Fn(&BatchHeader) -> bool,
     ) -> Result<(Bytes, Option<BatchHeader>)> {
+        let (bytes, last, _) = self.read_batches(pos, max_bytes, progress, stop)?;
+        Ok((bytes, last))
+    }
+
+    /// [`Segment::read_from`], also saying whether a batch holding records was returned.
+    pub fn read_batches(
+        &self,
+        pos: u64,
+        max_bytes: u64,
+        progress: bool,
+        stop: impl Fn(&BatchHeader) -> bool,
+    ) -> Result<(Bytes, Option<BatchHeader>, bool)> {
         let end = self.data_len();
         let map = self.map(0);
         let mut cur = pos;
         let mut last: Option<BatchHeader> = None;
+        let mut satisfied = false;
+        let mut advanced = false;
         while cur < end {
             let h = self.batch_at(&map, cur, end)?;
             if let Some(p) = last
@@ -196,12 +215,14 @@ impl Segment {
                 break;
             }
             let len = h.total_len() as u64;
-            if last.is_some() && cur - pos + len > max_bytes {
+            if satisfied && cur - pos + len > max_bytes {
                 break;
             }
             cur += len;
             last = Some(h);
-            if cur - pos >= max_bytes {
+            advanced |= h.offset_count() > 0;
+            satisfied |= !progress || advanced;
+            if satisfied && cur - pos >= max_bytes {
                 break;
             }
         }
@@ -210,7 +231,7 @@ impl Segment {
             self.verified_upto.fetch_max(cur, Ordering::AcqRel);
         }
         let bytes = Bytes::from_owner(MapOwner(map)).slice(pos as usize..cur as usize);
-        Ok((bytes, last))
+        Ok((bytes, last, advanced))
     }
 
     /// The first batch with a record at or after `ts`, found through the time index.
@@ -253,7 +274,8 @@ impl Segment {
         loop {
             let pos = tail.data_len;
             let rest = log.get(pos as usize..).unwrap_or(&[]);
-            if rest.len() < 12 || rest[..12].iter().all(|b| *b == 0) {
+            // The preallocated tail is zero: a zero length marks the end of the data.
+            if rest.len() < 4 || rest[..4].iter().all(|b| *b == 0) {
                 return (tail, found, None);
             }
             let header = match BatchHeader::parse(rest) {
@@ -312,7 +334,7 @@ impl Segment {
         if start >= end {
             return Ok(None);
         }
-        let (_, last) = self.read_from(start, end - start, |_| false)?;
+        let (_, last) = self.read_from(start, end - start, false, |_| false)?;
         Ok(last)
     }
 
@@ -647,6 +669,7 @@ impl ActiveSegment {
         &mut self,
         batch: &[u8],
         header: &BatchHeader,
+        payload_crc: u32,
         base_offset: u64,
         term: u64,
         raft_index: u64,
@@ -659,7 +682,7 @@ impl ActiveSegment {
             .get_mut(pos as usize..end as usize)
             .ok_or_else(|| self.seg.corrupt(pos, "append beyond the reserved segment"))?;
         dst.copy_from_slice(batch);
-        crate::batch::stamp(dst, base_offset, term, raft_index);
+        crate::batch::stamp(dst, base_offset, term, raft_index, payload_crc);
         let mut next = Tail {
             data_len: end,
             next_offset: base_offset + header.offset_count(),

@@ -2,12 +2,12 @@
 //!
 //! ```text
 //! off len field                 covered by CRC
-//!   0   8 base_offset           no  (stamped by the log on append)
-//!   8   4 batch_length          no  (bytes after this field; total = 12 + batch_length)
-//!  12   8 raft_term             no  (stamped by the log on append)
-//!  20   8 raft_index            no  (stamped by the log on append)
-//!  28   1 magic (format version) no
-//!  29   4 crc32c                -   (CRC32C of bytes 33..end)
+//!   0   4 batch_length          no  (bytes after this field; total = 4 + batch_length)
+//!   4   1 magic (format version) no
+//!   5   4 crc32c                -   (CRC32C of bytes 9..end)
+//!   9   8 base_offset           yes (stamped by the log on append)
+//!  17   8 raft_term             yes (stamped by the log on append)
+//!  25   8 raft_index            yes (stamped by the log on append)
 //!  33   2 attributes            yes
 //!  35   4 last_offset_delta     yes
 //!  39   8 first_timestamp       yes
@@ -19,24 +19,27 @@
 //!  73   … records (or a control payload), possibly compressed
 //! ```
 //!
-//! The fields the log assigns sit before the CRC, as in Kafka, so appending never recomputes a
-//! checksum over the payload. They are protected structurally instead: recovery and reads check that
-//! offsets and Raft indexes are contiguous and terms never decrease.
+//! Unlike Kafka, the fields the log assigns are inside the CRC, so a flipped bit anywhere in a
+//! stored batch is detected (the length and magic are checked structurally). Stamping them does
+//! not cost a second pass over the payload: the log keeps the payload's CRC from verification
+//! and combines it with the CRC of the 24 stamped bytes (`crc32c_combine`).
 
 use super::{BatchError, Compression};
 
 pub const HEADER_LEN: usize = 73;
 pub const MAGIC_V1: u8 = 1;
 /// Bytes before `batch_length`'s coverage starts (base_offset + batch_length).
-pub const LENGTH_PREFIX: usize = 12;
-pub(crate) const CRC_START: usize = 33;
+pub const LENGTH_PREFIX: usize = 4;
+pub(crate) const CRC_START: usize = 9;
+/// The stamped fields end here; the rest of the batch is the payload whose CRC is reused.
+pub(crate) const STAMP_END: usize = 33;
 
-pub(crate) const OFF_BASE_OFFSET: usize = 0;
-pub(crate) const OFF_LENGTH: usize = 8;
-pub(crate) const OFF_TERM: usize = 12;
-pub(crate) const OFF_INDEX: usize = 20;
-pub(crate) const OFF_MAGIC: usize = 28;
-pub(crate) const OFF_CRC: usize = 29;
+pub(crate) const OFF_LENGTH: usize = 0;
+pub(crate) const OFF_MAGIC: usize = 4;
+pub(crate) const OFF_CRC: usize = 5;
+pub(crate) const OFF_BASE_OFFSET: usize = 9;
+pub(crate) const OFF_TERM: usize = 17;
+pub(crate) const OFF_INDEX: usize = 25;
 const OFF_ATTRIBUTES: usize = 33;
 const OFF_LAST_DELTA: usize = 35;
 const OFF_FIRST_TS: usize = 39;
@@ -241,30 +244,47 @@ impl BatchHeader {
 }
 
 /// Checks the CRC32C of a complete batch (`batch.len()` must equal the header's total length).
-pub fn verify_crc(header: &BatchHeader, batch: &[u8]) -> Result<(), BatchError> {
-    let covered = batch
-        .get(CRC_START..header.total_len())
+/// Returns the CRC of the payload after the stamped fields, for [`stamp`].
+pub fn verify_crc(header: &BatchHeader, batch: &[u8]) -> Result<u32, BatchError> {
+    let stamped = batch
+        .get(CRC_START..STAMP_END)
+        .ok_or(BatchError::Truncated {
+            what: "batch header",
+        })?;
+    let payload = batch
+        .get(STAMP_END..header.total_len())
         .ok_or(BatchError::Truncated { what: "batch body" })?;
-    let actual = crc32c::crc32c(covered);
+    let payload_crc = crc32c::crc32c(payload);
+    let actual = crc32c::crc32c_combine(crc32c::crc32c(stamped), payload_crc, payload.len());
     if actual != header.crc {
         return Err(BatchError::CrcMismatch {
             expected: header.crc,
             actual,
         });
     }
-    Ok(())
+    Ok(payload_crc)
 }
 
-/// Overwrites the log-assigned fields of an encoded batch in place (outside the CRC).
-pub fn stamp(batch: &mut [u8], base_offset: u64, raft_term: u64, raft_index: u64) {
-    if let Some(b) = batch.get_mut(OFF_BASE_OFFSET..OFF_BASE_OFFSET + 8) {
-        b.copy_from_slice(&base_offset.to_le_bytes());
-    }
-    if let Some(b) = batch.get_mut(OFF_TERM..OFF_TERM + 8) {
-        b.copy_from_slice(&raft_term.to_le_bytes());
-    }
-    if let Some(b) = batch.get_mut(OFF_INDEX..OFF_INDEX + 8) {
-        b.copy_from_slice(&raft_index.to_le_bytes());
+/// Overwrites the log-assigned fields of a verified batch in place and updates its CRC, given
+/// the payload CRC returned by [`verify_crc`].
+pub fn stamp(
+    batch: &mut [u8],
+    base_offset: u64,
+    raft_term: u64,
+    raft_index: u64,
+    payload_crc: u32,
+) {
+    let Some(stamped) = batch.get_mut(CRC_START..STAMP_END) else {
+        return;
+    };
+    stamped[0..8].copy_from_slice(&base_offset.to_le_bytes());
+    stamped[8..16].copy_from_slice(&raft_term.to_le_bytes());
+    stamped[16..24].copy_from_slice(&raft_index.to_le_bytes());
+    let stamped_crc = crc32c::crc32c(stamped);
+    let payload_len = batch.len().saturating_sub(STAMP_END);
+    let crc = crc32c::crc32c_combine(stamped_crc, payload_crc, payload_len);
+    if let Some(c) = batch.get_mut(OFF_CRC..OFF_CRC + 4) {
+        c.copy_from_slice(&crc.to_le_bytes());
     }
 }
 

@@ -56,20 +56,20 @@ pub enum BatchError {
 }
 
 /// Parses the header of the first batch in `buf`, checks that the whole batch is present and
-/// verifies its CRC. Returns the header and the batch's bytes.
-pub fn parse_verified(buf: &[u8]) -> Result<(BatchHeader, &[u8]), BatchError> {
+/// verifies its CRC. Returns the header, the batch's bytes and its payload CRC (for [`stamp`]).
+pub fn parse_verified(buf: &[u8]) -> Result<(BatchHeader, &[u8], u32), BatchError> {
     let header = BatchHeader::parse(buf)?;
     let batch = buf
         .get(..header.total_len())
         .ok_or(BatchError::Truncated { what: "batch body" })?;
-    verify_crc(&header, batch)?;
-    Ok((header, batch))
+    let payload_crc = verify_crc(&header, batch)?;
+    Ok((header, batch, payload_crc))
 }
 
 /// Decodes every record of one complete, CRC-checked batch. Keys and values of uncompressed
 /// batches are zero-copy slices of `batch`.
 pub fn decode_records(batch: &Bytes, max_decompressed: usize) -> Result<Vec<Record>, BatchError> {
-    let (header, exact) = parse_verified(batch)?;
+    let (header, exact, _) = parse_verified(batch)?;
     if header.attributes.control {
         return Ok(Vec::new());
     }
@@ -135,7 +135,7 @@ impl<'a> Iterator for BatchIter<'a> {
             return None;
         }
         match parse_verified(self.rest) {
-            Ok((h, batch)) => {
+            Ok((h, batch, _)) => {
                 self.rest = &self.rest[batch.len()..];
                 Some(Ok((h, batch)))
             }

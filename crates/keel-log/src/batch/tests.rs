@@ -49,9 +49,10 @@ proptest! {
     #[test]
     fn encode_decode_roundtrip(codec in codec(), recs in proptest::collection::vec(record(), 1..40), base in 0u64..1_000_000) {
         let mut batch = build(codec, &recs);
-        stamp(&mut batch, base, 7, 9);
+        let (_, _, payload_crc) = parse_verified(&batch)?;
+        stamp(&mut batch, base, 7, 9, payload_crc);
         let batch = Bytes::from(batch);
-        let (h, _) = parse_verified(&batch)?;
+        let (h, _, _) = parse_verified(&batch)?;
         prop_assert_eq!(h.base_offset, base);
         prop_assert_eq!(h.raft_term, 7);
         prop_assert_eq!(h.raft_index, 9);
@@ -71,9 +72,12 @@ proptest! {
     }
 
     #[test]
-    fn any_single_bit_flip_after_crc_is_detected(recs in proptest::collection::vec(record(), 1..5), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+    fn any_single_bit_flip_is_detected(recs in proptest::collection::vec(record(), 1..5), pos in any::<prop::sample::Index>(), bit in 0u8..8, base in any::<u64>()) {
         let mut batch = build(Compression::None, &recs);
-        let i = 29 + pos.index(batch.len() - 29);
+        let (_, _, payload_crc) = parse_verified(&batch)?;
+        stamp(&mut batch, base >> 2, base % 1000, base % 7777, payload_crc);
+        prop_assert!(parse_verified(&batch).is_ok());
+        let i = pos.index(batch.len());
         batch[i] ^= 1 << bit;
         let b = Bytes::from(batch);
         prop_assert!(decode_records(&b, DEFAULT_MAX_DECOMPRESSED).is_err());
@@ -94,9 +98,9 @@ proptest! {
             let i = i.index(batch.len());
             batch[i] = v;
         }
-        if batch.len() > 33 {
-            let crc = crc32c::crc32c(&batch[33..]);
-            batch[29..33].copy_from_slice(&crc.to_le_bytes());
+        if batch.len() > 9 {
+            let crc = crc32c::crc32c(&batch[9..]);
+            batch[5..9].copy_from_slice(&crc.to_le_bytes());
         }
         let b = Bytes::from(batch);
         let _ = decode_records(&b, 1 << 20);
@@ -106,8 +110,9 @@ proptest! {
 #[test]
 fn control_batches_take_no_offsets() {
     let mut batch = control_batch(b"membership", 5).expect("control");
-    stamp(&mut batch, 42, 3, 10);
-    let (h, _) = parse_verified(&batch).expect("valid");
+    let (_, _, crc) = parse_verified(&batch).expect("valid");
+    stamp(&mut batch, 42, 3, 10, crc);
+    let (h, _, _) = parse_verified(&batch).expect("valid");
     assert!(h.attributes.control);
     assert_eq!(h.offset_count(), 0);
     assert_eq!(h.next_offset(), 42);
@@ -147,13 +152,13 @@ fn compression_bomb_is_refused() {
 fn header_rejects_bad_fields() {
     let batch = build(Compression::None, &[(1, None, Some(b"v".to_vec()), vec![])]);
     let mut bad = batch.clone();
-    bad[28] = 9;
+    bad[4] = 9;
     assert_eq!(
         BatchHeader::parse(&bad),
         Err(BatchError::UnsupportedMagic(9))
     );
     let mut bad = batch.clone();
-    bad[8..12].copy_from_slice(&3u32.to_le_bytes());
+    bad[0..4].copy_from_slice(&3u32.to_le_bytes());
     assert!(matches!(
         BatchHeader::parse(&bad),
         Err(BatchError::BadLength { .. })
