@@ -418,3 +418,19 @@ fn every_batch_flush_survives_power_loss_and_os_policy_keeps_a_prefix() {
         }
     }
 }
+
+#[test]
+fn segments_roll_by_age() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(10_000);
+    let mut cfg = small_config();
+    cfg.segment_bytes = 1 << 20;
+    cfg.segment_ms = Some(Duration::from_millis(1_000));
+    let log = Log::open_with(dir.path(), cfg, Arc::new(RealFs), clock.clone()).expect("open");
+    log.append(&batch_of("a", 1, 0), 1).expect("append");
+    log.append(&batch_of("a", 1, 0), 1).expect("append");
+    assert_eq!(log.segment_count(), 1);
+    clock.set(11_000);
+    log.append(&batch_of("b", 1, 0), 1).expect("append");
+    assert_eq!(log.segment_base_offsets(), [0, 2]);
+}
