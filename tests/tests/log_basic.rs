@@ -171,11 +171,34 @@ fn timestamps_are_found_through_the_time_index() {
         log.append(&batch_of("ts", 3, 1_000 + b * 10), 1)
             .expect("append");
     }
-    assert_eq!(log.offset_for_timestamp(0).expect("lookup"), Some(0));
-    assert_eq!(log.offset_for_timestamp(1_000).expect("lookup"), Some(0));
-    assert_eq!(log.offset_for_timestamp(1_001).expect("lookup"), Some(3));
-    assert_eq!(log.offset_for_timestamp(1_500).expect("lookup"), Some(150));
-    assert_eq!(log.offset_for_timestamp(1_990).expect("lookup"), Some(297));
+    assert_eq!(
+        log.offset_for_timestamp(0).expect("lookup").map(|(o, _)| o),
+        Some(0)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1_000)
+            .expect("lookup")
+            .map(|(o, _)| o),
+        Some(0)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1_001)
+            .expect("lookup")
+            .map(|(o, _)| o),
+        Some(3)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1_500)
+            .expect("lookup")
+            .map(|(o, _)| o),
+        Some(150)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1_990)
+            .expect("lookup")
+            .map(|(o, _)| o),
+        Some(297)
+    );
     assert_eq!(log.offset_for_timestamp(1_991).expect("lookup"), None);
 }
 

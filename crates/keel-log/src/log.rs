@@ -582,9 +582,9 @@ impl Log {
         }
     }
 
-    /// The offset of the first record with a timestamp at or after `ts`, or `None` if every
-    /// record is older.
-    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
+    /// The offset and timestamp of the first record with a timestamp at or after `ts`, or
+    /// `None` if every record is older.
+    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(u64, i64)>> {
         let start = self.log_start_offset();
         for seg in self.segments().iter() {
             let Some((pos, _)) = seg.locate_timestamp(ts)? else {
@@ -602,7 +602,7 @@ impl Log {
                 .iter()
                 .find(|r| r.timestamp >= ts && r.offset >= start)
             {
-                return Ok(Some(r.offset));
+                return Ok(Some((r.offset, r.timestamp)));
             }
         }
         Ok(None)

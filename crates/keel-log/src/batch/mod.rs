@@ -110,6 +110,41 @@ pub fn decode_records(batch: &Bytes, max_decompressed: usize) -> Result<Vec<Reco
     Ok(records)
 }
 
+/// Checks that a complete, CRC-checked batch's records are well formed (the checks of
+/// [`decode_records`]) without building them: what a broker runs on untrusted batches before
+/// storing them, so that consumers can always decode what was acknowledged. Compressed batches
+/// are decompressed (up to `max_decompressed` bytes) to check them.
+pub fn validate_records(batch: &[u8], max_decompressed: usize) -> Result<BatchHeader, BatchError> {
+    let (header, exact, _) = parse_verified(batch)?;
+    if header.attributes.control {
+        return Ok(header);
+    }
+    let body = &exact[HEADER_LEN..];
+    let owned;
+    let src: &[u8] = match header.attributes.compression {
+        Compression::None => body,
+        codec => {
+            owned = compression::decompress(codec, body, max_decompressed)?;
+            &owned
+        }
+    };
+    let mut cur = src;
+    let mut prev: i64 = -1;
+    for _ in 0..header.record_count {
+        let delta = record::check_record(&mut cur)?;
+        if i64::from(delta) <= prev || delta as u32 > header.last_offset_delta {
+            return Err(BatchError::MalformedRecord(
+                "offset deltas must increase and stay within last_offset_delta",
+            ));
+        }
+        prev = i64::from(delta);
+    }
+    if !cur.is_empty() {
+        return Err(BatchError::MalformedRecord("bytes after the last record"));
+    }
+    Ok(header)
+}
+
 /// Iterates over consecutive batches in a buffer (a fetch response or a segment slice), checking
 /// each header and CRC. Stops at the first error, which it yields.
 #[derive(Debug, Clone)]

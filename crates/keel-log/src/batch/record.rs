@@ -170,3 +170,59 @@ pub(crate) fn decode_record(
         },
     ))
 }
+
+/// Checks one record's structure at the front of `cur` without allocating, advancing `cur`.
+/// Returns its offset delta.
+pub(crate) fn check_record(cur: &mut &[u8]) -> Result<i32, BatchError> {
+    let len = get_varint(cur)?;
+    if len < 0 || len as usize > cur.len() {
+        return Err(BatchError::MalformedRecord("record length out of bounds"));
+    }
+    let (body, rest) = cur.split_at(len as usize);
+    let mut b: &[u8] = body
+        .split_first()
+        .ok_or(BatchError::Truncated { what: "record" })?
+        .1;
+    get_varlong(&mut b)?;
+    let offset_delta = get_varint(&mut b)?;
+    if offset_delta < 0 {
+        return Err(BatchError::MalformedRecord("negative offset delta"));
+    }
+    skip_bytes(&mut b)?;
+    skip_bytes(&mut b)?;
+    let header_count = get_varint(&mut b)?;
+    if header_count < 0 || header_count as usize > b.len() {
+        return Err(BatchError::MalformedRecord("header count out of bounds"));
+    }
+    for _ in 0..header_count {
+        let key = skip_bytes(&mut b)?.ok_or(BatchError::MalformedRecord("null header key"))?;
+        if std::str::from_utf8(key).is_err() {
+            return Err(BatchError::MalformedRecord("header key is not UTF-8"));
+        }
+        skip_bytes(&mut b)?;
+    }
+    if !b.is_empty() {
+        return Err(BatchError::MalformedRecord("trailing bytes in record"));
+    }
+    *cur = rest;
+    Ok(offset_delta)
+}
+
+fn skip_bytes<'a>(cur: &mut &'a [u8]) -> Result<Option<&'a [u8]>, BatchError> {
+    let len = get_varint(cur)?;
+    if len < 0 {
+        if len != -1 {
+            return Err(BatchError::MalformedRecord("negative length other than -1"));
+        }
+        return Ok(None);
+    }
+    let len = len as usize;
+    if len > cur.len() {
+        return Err(BatchError::Truncated {
+            what: "record field",
+        });
+    }
+    let (field, rest) = cur.split_at(len);
+    *cur = rest;
+    Ok(Some(field))
+}
