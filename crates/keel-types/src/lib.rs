@@ -1,0 +1,7 @@
+//! Pure rules shared by Keel's broker and client. No IO.
+
+mod names;
+mod partitioner;
+
+pub use names::{MAX_TOPIC_NAME_LEN, TopicNameError, validate_topic_name};
+pub use partitioner::{murmur2, partition_for_key};
