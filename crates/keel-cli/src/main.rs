@@ -1,4 +1,9 @@
-//! `keel`: the operator's command line.
+//! `keel`: run brokers and local clusters, manage topics, produce, consume, benchmark.
+//!
+//! Exit status: 0 success, 1 failure (one line on stderr), 2 usage error.
+
+mod broker_cmd;
+mod up_cmd;
 
 use std::process::ExitCode;
 
@@ -14,25 +19,55 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one broker in the foreground (SIGTERM/SIGINT stop it gracefully).
+    Broker(broker_cmd::BrokerArgs),
     /// Start a local cluster of brokers as child processes.
-    Up {
-        /// Number of brokers.
-        #[arg(long, default_value_t = 3)]
-        nodes: u16,
-        /// Data directory; each broker uses a subdirectory.
-        #[arg(long, default_value = "./.keel-data")]
-        data_dir: std::path::PathBuf,
-        /// gRPC port of broker 1; broker i listens on base+i-1 and serves metrics on base+100+i-1.
-        #[arg(long, default_value_t = 9292)]
-        base_port: u16,
-    },
+    Up(up_cmd::UpArgs),
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Up { .. } => {
-            eprintln!("keel up: not yet available: the broker lands with the [broker] issue");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keel: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Broker(args) => {
+                init_tracing(args.log_json);
+                broker_cmd::run(args).await
+            }
+            Command::Up(args) => {
+                init_tracing(false);
+                up_cmd::run(args).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
             ExitCode::from(1)
         }
     }

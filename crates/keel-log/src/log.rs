@@ -487,11 +487,17 @@ impl Log {
         Ok(())
     }
 
-    /// Flushes everything and writes a checkpoint so that the next open validates nothing.
-    pub fn close(self) -> Result<()> {
+    /// Flushes everything and writes a recovery checkpoint at the end of the log, so that an
+    /// open right after validates nothing. The log stays usable.
+    pub fn checkpoint(&self) -> Result<()> {
         self.check_poisoned()?;
         let w = lock(&self.writer);
         self.checkpoint_locked(&w)
+    }
+
+    /// Flushes everything and writes a checkpoint so that the next open validates nothing.
+    pub fn close(self) -> Result<()> {
+        self.checkpoint()
     }
 
     fn out_of_range(&self, offset: u64) -> LogError {

@@ -1,0 +1,167 @@
+//! One partition replica on this broker: its log plus a watch of its end, which long polls and
+//! subscriptions wait on.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use keel_log::{AppendInfo, Log, LogError, ReadLimit, ReadSlice};
+use tokio::sync::watch;
+
+use crate::error::{BrokerError, Result};
+use crate::topic_config::Resolved;
+
+#[derive(Debug)]
+pub struct Partition {
+    pub topic: Arc<str>,
+    pub id: u32,
+    log: Arc<Log>,
+    /// The high watermark. On a single node every appended batch is committed; the [cluster]
+    /// issue sets this from the Raft commit index instead.
+    hwm_tx: watch::Sender<u64>,
+    flush_every_batch: AtomicBool,
+}
+
+/// Acknowledgement level of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckLevel {
+    None,
+    Leader,
+    All,
+}
+
+impl Partition {
+    pub fn open(dir: &Path, topic: Arc<str>, id: u32, cfg: &Resolved) -> Result<Self> {
+        let log = Log::open(dir, cfg.log_config()).map_err(|e| BrokerError::Storage {
+            message: format!("opening {topic}/{id}: {e}"),
+            definite: true,
+        })?;
+        let (hwm_tx, _) = watch::channel(log.log_end_offset());
+        Ok(Self {
+            topic,
+            id,
+            log: Arc::new(log),
+            hwm_tx,
+            flush_every_batch: AtomicBool::new(cfg.flush_every_batch()),
+        })
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    pub fn high_watermark(&self) -> u64 {
+        *self.hwm_tx.borrow()
+    }
+
+    pub fn log_start_offset(&self) -> u64 {
+        self.log.log_start_offset()
+    }
+
+    pub fn watch_hwm(&self) -> watch::Receiver<u64> {
+        self.hwm_tx.subscribe()
+    }
+
+    pub fn apply_config(&self, cfg: &Resolved) -> Result<()> {
+        self.flush_every_batch
+            .store(cfg.flush_every_batch(), Ordering::Release);
+        self.log
+            .set_config(cfg.log_config())
+            .map_err(|e| BrokerError::Internal(e.to_string()))
+    }
+
+    /// Appends a validated batch and waits for the durability `acks` asks for.
+    pub async fn append(&self, batch: Bytes, acks: AckLevel, index: usize) -> Result<AppendInfo> {
+        let info = self.append_only(batch, index).await?;
+        self.make_durable(&info, acks, index).await?;
+        Ok(info)
+    }
+
+    /// Appends a validated batch; it is readable (single node: committed) on return.
+    pub async fn append_only(&self, batch: Bytes, index: usize) -> Result<AppendInfo> {
+        let log = Arc::clone(&self.log);
+        let info = tokio::task::spawn_blocking(move || log.append(&batch, 0))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))?
+            .map_err(|e| BrokerError::from_log(e, index))?;
+        self.hwm_tx.send_if_modified(|h| {
+            let grew = info.next_offset > *h;
+            *h = (*h).max(info.next_offset);
+            grew
+        });
+        Ok(info)
+    }
+
+    /// With acks=all on a topic that fsyncs every batch, waits for the fsync covering `info`;
+    /// concurrent callers share one (group commit in the log).
+    pub async fn make_durable(
+        &self,
+        info: &AppendInfo,
+        acks: AckLevel,
+        index: usize,
+    ) -> Result<()> {
+        if acks != AckLevel::All || !self.flush_every_batch.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let log = Arc::clone(&self.log);
+        let seq = info.flush_seq;
+        tokio::task::spawn_blocking(move || log.flush_to(seq))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))?
+            .map_err(|e| BrokerError::from_log(e, index))
+    }
+
+    /// Checks that `offset` can be read: between the log start and the high watermark.
+    pub fn check_offset(&self, offset: u64) -> Result<u64> {
+        let (start, hwm) = (self.log_start_offset(), self.high_watermark());
+        if offset < start || offset > hwm {
+            return Err(self.out_of_range(offset));
+        }
+        Ok(hwm)
+    }
+
+    pub fn out_of_range(&self, offset: u64) -> BrokerError {
+        BrokerError::OffsetOutOfRange {
+            topic: self.topic.to_string(),
+            partition: self.id,
+            offset,
+            log_start: self.log_start_offset(),
+            high_watermark: self.high_watermark(),
+        }
+    }
+
+    /// Reads committed batches from `offset`. Runs on the caller's thread: reads are served
+    /// from the mapping and do not block on IO except for page faults of cold data.
+    pub fn read(&self, offset: u64, max_bytes: u64) -> Result<ReadSlice> {
+        let hwm = self.check_offset(offset)?;
+        self.log
+            .read_with(
+                offset,
+                max_bytes,
+                ReadLimit {
+                    max_offset: Some(hwm),
+                    max_raft_index: None,
+                },
+            )
+            .map_err(|e| match e {
+                LogError::OffsetOutOfRange { offset, .. } => self.out_of_range(offset),
+                other => BrokerError::Storage {
+                    message: format!("reading {}/{}: {other}", self.topic, self.id),
+                    definite: true,
+                },
+            })
+    }
+
+    /// Finds the first offset with a timestamp at or after `ts` (`None`: none is).
+    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(u64, i64)>> {
+        let hwm = self.high_watermark();
+        self.log
+            .offset_for_timestamp(ts)
+            .map(|found| found.filter(|(o, _)| *o < hwm))
+            .map_err(|e| BrokerError::Storage {
+                message: e.to_string(),
+                definite: true,
+            })
+    }
+}

@@ -1,0 +1,327 @@
+//! Topics and their partitions on this broker, kept in step with the persisted metadata.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+
+use keel_types::validate_topic_name;
+use tokio::sync::Mutex;
+
+use crate::error::{BrokerError, Result};
+use crate::metadata::{self, ClusterMeta, TopicMeta};
+use crate::partition::Partition;
+use crate::topic_config::{Resolved, TopicConfig};
+
+/// Upper bound on partitions per topic.
+pub const MAX_PARTITIONS: u32 = 10_000;
+
+#[derive(Debug)]
+pub struct Topic {
+    pub meta: TopicMeta,
+    pub config: Resolved,
+    pub partitions: Vec<Arc<Partition>>,
+    /// The partition keyless records without an explicit partition go to.
+    sticky: AtomicU32,
+}
+
+impl Topic {
+    pub fn partition(&self, id: u32) -> Result<&Arc<Partition>> {
+        self.partitions
+            .get(id as usize)
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: self.meta.name.clone(),
+                partition: id,
+                count: self.partitions.len() as u32,
+            })
+    }
+
+    /// The sticky partition for keyless records; moves on after each request that used it.
+    pub fn next_sticky(&self) -> u32 {
+        let n = self.partitions.len().max(1) as u32;
+        self.sticky.fetch_add(1, Ordering::Relaxed) % n
+    }
+}
+
+/// The topics of this broker.
+#[derive(Debug)]
+pub struct Registry {
+    data_dir: PathBuf,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Serialises metadata changes and their persistence.
+    meta: Mutex<ClusterMeta>,
+}
+
+fn topics_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("topics")
+}
+
+fn open_partitions(
+    data_dir: &Path,
+    meta: &TopicMeta,
+    cfg: &Resolved,
+    from: u32,
+) -> Result<Vec<Arc<Partition>>> {
+    let dir = topics_dir(data_dir).join(meta.dir_name());
+    let name: Arc<str> = Arc::from(meta.name.as_str());
+    (from..meta.partitions)
+        .map(|p| Partition::open(&dir.join(p.to_string()), Arc::clone(&name), p, cfg).map(Arc::new))
+        .collect()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+}
+
+impl Registry {
+    /// Loads the metadata and opens (recovering) every partition.
+    pub fn open(data_dir: &Path, broker_id: u32) -> Result<Self> {
+        std::fs::create_dir_all(topics_dir(data_dir)).map_err(|e| BrokerError::Storage {
+            message: format!("creating {}: {e}", data_dir.display()),
+            definite: true,
+        })?;
+        let meta = metadata::load(data_dir, broker_id)?;
+        metadata::store(data_dir, &meta)?;
+        let mut topics = HashMap::new();
+        for tm in meta.topics.values() {
+            let config = tm.config.resolve()?;
+            let partitions = open_partitions(data_dir, tm, &config, 0)?;
+            topics.insert(
+                tm.name.clone(),
+                Arc::new(Topic {
+                    meta: tm.clone(),
+                    config,
+                    partitions,
+                    sticky: AtomicU32::new(0),
+                }),
+            );
+        }
+        tracing::info!(topics = topics.len(), "opened topics");
+        Ok(Self {
+            data_dir: data_dir.to_path_buf(),
+            topics: RwLock::new(topics),
+            meta: Mutex::new(meta),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Topic>> {
+        self.topics
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
+    }
+
+    /// Looks a topic up after checking the name's syntax (so bad names get INVALID_ARGUMENT).
+    pub fn lookup(&self, name: &str) -> Result<Arc<Topic>> {
+        validate_topic_name(name).map_err(|e| BrokerError::invalid("topic", e.to_string()))?;
+        self.get(name)
+    }
+
+    pub fn list(&self) -> Vec<Arc<Topic>> {
+        let mut v: Vec<Arc<Topic>> = self
+            .topics
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        v
+    }
+
+    fn install(&self, topic: Topic) -> Arc<Topic> {
+        let t = Arc::new(topic);
+        self.topics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(t.meta.name.clone(), Arc::clone(&t));
+        t
+    }
+
+    pub async fn create(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        config: &BTreeMap<String, String>,
+        live_brokers: u32,
+    ) -> Result<Arc<Topic>> {
+        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
+        let partitions = if partitions == 0 { 1 } else { partitions };
+        if partitions > MAX_PARTITIONS {
+            return Err(BrokerError::invalid(
+                "partitions",
+                format!("{partitions} exceeds the limit of {MAX_PARTITIONS}"),
+            ));
+        }
+        let rf = if replication_factor == 0 {
+            live_brokers.clamp(1, 3)
+        } else {
+            replication_factor
+        };
+        if rf > live_brokers {
+            return Err(BrokerError::invalid(
+                "replication_factor",
+                format!("{rf} exceeds the number of live brokers ({live_brokers})"),
+            ));
+        }
+        let topic_config = TopicConfig::new(config)?;
+        let resolved = topic_config.resolve()?;
+        let mut meta = self.meta.lock().await;
+        if meta.topics.contains_key(name) {
+            return Err(BrokerError::TopicExists(name.to_owned()));
+        }
+        let tm = TopicMeta {
+            name: name.to_owned(),
+            id: meta.next_topic_id,
+            partitions,
+            replication_factor: rf,
+            config: topic_config,
+        };
+        let mut next = meta.clone();
+        next.next_topic_id += 1;
+        next.topics.insert(name.to_owned(), tm.clone());
+        let data_dir = self.data_dir.clone();
+        let (parts, next) = blocking(move || {
+            let parts = open_partitions(&data_dir, &tm, &resolved, 0)?;
+            metadata::store(&data_dir, &next)?;
+            Ok((parts, next))
+        })
+        .await?;
+        *meta = next;
+        let tm = meta
+            .topics
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::Internal("topic vanished".into()))?;
+        tracing::info!(topic = name, partitions, "created topic");
+        Ok(self.install(Topic {
+            meta: tm,
+            config: resolved,
+            partitions: parts,
+            sticky: AtomicU32::new(0),
+        }))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
+        let mut meta = self.meta.lock().await;
+        let Some(tm) = meta.topics.get(name).cloned() else {
+            return Err(BrokerError::UnknownTopic(name.to_owned()));
+        };
+        let mut next = meta.clone();
+        next.topics.remove(name);
+        let data_dir = self.data_dir.clone();
+        let stored = next.clone();
+        blocking(move || metadata::store(&data_dir, &stored)).await?;
+        *meta = next;
+        self.topics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        // Readers still holding the partitions keep their mappings; the files go now.
+        let dir = topics_dir(&self.data_dir).join(tm.dir_name());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a deleted topic's files");
+            }
+        });
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    pub async fn alter_config(
+        &self,
+        name: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Arc<Topic>> {
+        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
+        let mut meta = self.meta.lock().await;
+        let Some(tm) = meta.topics.get(name).cloned() else {
+            return Err(BrokerError::UnknownTopic(name.to_owned()));
+        };
+        let config = tm.config.with_changes(set, remove)?;
+        let resolved = config.resolve()?;
+        let mut next = meta.clone();
+        let new_tm = TopicMeta { config, ..tm };
+        next.topics.insert(name.to_owned(), new_tm.clone());
+        let data_dir = self.data_dir.clone();
+        let stored = next.clone();
+        blocking(move || metadata::store(&data_dir, &stored)).await?;
+        *meta = next;
+        let old = self.get(name)?;
+        for p in &old.partitions {
+            p.apply_config(&resolved)?;
+        }
+        Ok(self.install(Topic {
+            meta: new_tm,
+            config: resolved,
+            partitions: old.partitions.clone(),
+            sticky: AtomicU32::new(0),
+        }))
+    }
+
+    pub async fn add_partitions(&self, name: &str, total: u32) -> Result<Arc<Topic>> {
+        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
+        let mut meta = self.meta.lock().await;
+        let Some(tm) = meta.topics.get(name).cloned() else {
+            return Err(BrokerError::UnknownTopic(name.to_owned()));
+        };
+        if total <= tm.partitions {
+            return Err(BrokerError::invalid(
+                "partitions",
+                format!(
+                    "the topic has {} partitions; the new count {total} must be larger",
+                    tm.partitions
+                ),
+            ));
+        }
+        if total > MAX_PARTITIONS {
+            return Err(BrokerError::invalid(
+                "partitions",
+                format!("{total} exceeds the limit of {MAX_PARTITIONS}"),
+            ));
+        }
+        let old = self.get(name)?;
+        let from = tm.partitions;
+        let new_tm = TopicMeta {
+            partitions: total,
+            ..tm
+        };
+        let mut next = meta.clone();
+        next.topics.insert(name.to_owned(), new_tm.clone());
+        let data_dir = self.data_dir.clone();
+        let resolved = old.config;
+        let (added, next) = {
+            let tm = new_tm.clone();
+            blocking(move || {
+                let added = open_partitions(&data_dir, &tm, &resolved, from)?;
+                metadata::store(&data_dir, &next)?;
+                Ok((added, next))
+            })
+            .await?
+        };
+        *meta = next;
+        let mut partitions = old.partitions.clone();
+        partitions.extend(added);
+        Ok(self.install(Topic {
+            meta: new_tm,
+            config: old.config,
+            partitions,
+            sticky: AtomicU32::new(0),
+        }))
+    }
+
+    /// Every partition of every topic.
+    pub fn all_partitions(&self) -> Vec<Arc<Partition>> {
+        self.list()
+            .iter()
+            .flat_map(|t| t.partitions.iter().cloned())
+            .collect()
+    }
+}

@@ -1,0 +1,277 @@
+//! Starting and stopping a broker: storage recovery, the gRPC port, the HTTP port and the
+//! background tasks (retention, interval flushes, gauges).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use keel_proto::v1::admin_service_server::AdminServiceServer;
+use keel_proto::v1::cluster_service_server::ClusterServiceServer;
+use keel_proto::v1::consume_service_server::ConsumeServiceServer;
+use keel_proto::v1::produce_service_server::ProduceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::{BrokerError, Result};
+use crate::registry::Registry;
+use crate::service::{admin::Admin, cluster::Cluster, consume::Consume, produce::Produce};
+use crate::state::{BrokerState, Limits, Shared};
+
+/// Everything a broker needs to start.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub id: u32,
+    pub data_dir: PathBuf,
+    /// gRPC address to bind (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Address clients are told to use; defaults to the bound gRPC address.
+    pub advertise: Option<String>,
+    pub metrics_listen: SocketAddr,
+    /// Peers of a multi-broker cluster (used from the [cluster] issue on).
+    pub initial_cluster: Vec<(u32, String)>,
+    pub join: Option<String>,
+    pub retention_check_interval: Duration,
+    pub limits: Limits,
+}
+
+impl BrokerConfig {
+    pub fn new(id: u32, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            id,
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9292)),
+            advertise: None,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9392)),
+            initial_cluster: Vec::new(),
+            join: None,
+            retention_check_interval: Duration::from_secs(300),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub advertise: String,
+    state: Shared,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    grpc: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+fn bind_err(what: &str, addr: SocketAddr, e: std::io::Error) -> BrokerError {
+    BrokerError::Internal(format!("cannot listen for {what} on {addr}: {e}"))
+}
+
+/// Starts a broker: recovers its partitions, then serves gRPC and HTTP until shut down.
+pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
+    if !config.initial_cluster.is_empty() || config.join.is_some() {
+        tracing::warn!(
+            "multi-broker clusters arrive with the [cluster] issue; running as a single-node cluster"
+        );
+    }
+    let grpc_listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| bind_err("gRPC", config.listen, e))?;
+    let http_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|e| bind_err("metrics", config.metrics_listen, e))?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let metrics_addr = http_listener
+        .local_addr()
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+    crate::http::prometheus();
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    {
+        let (ready, rx) = (Arc::clone(&ready), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(http_listener, ready, rx).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        }));
+    }
+
+    let data_dir = config.data_dir.clone();
+    let id = config.id;
+    let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir, id))
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+    let state: Shared = Arc::new(BrokerState {
+        id: config.id,
+        advertise: advertise.clone(),
+        registry,
+        limits: config.limits,
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let max = config.limits.max_request_bytes;
+    let encode_max = (config.limits.max_fetch_bytes as usize) * 2 + (16 << 20);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in [
+        "keel.v1.AdminService",
+        "keel.v1.ClusterService",
+        "keel.v1.ProduceService",
+        "keel.v1.ConsumeService",
+        "",
+    ] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .concurrency_limit_per_connection(1024)
+        .max_concurrent_streams(Some(1024))
+        .initial_connection_window_size(Some(8 << 20))
+        .initial_stream_window_size(Some(4 << 20))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            AdminServiceServer::new(Admin(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(encode_max),
+        )
+        .add_service(
+            ClusterServiceServer::new(Cluster(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(encode_max),
+        )
+        .add_service(
+            ProduceServiceServer::new(Produce(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(encode_max),
+        )
+        .add_service(
+            ConsumeServiceServer::new(Consume(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(encode_max),
+        );
+    let mut rx = shutdown_rx.clone();
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+        crate::conn::incoming(grpc_listener),
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
+
+    tasks.push(spawn_background(
+        Arc::clone(&state),
+        config.retention_check_interval,
+    ));
+    ready.store(true, Ordering::Release);
+    tracing::info!(broker = config.id, grpc = %grpc_addr, metrics = %metrics_addr, advertise = %advertise, "broker ready");
+    Ok(BrokerHandle {
+        grpc_addr,
+        metrics_addr,
+        advertise,
+        state,
+        shutdown_tx,
+        tasks,
+        grpc,
+    })
+}
+
+fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shutdown = state.shutdown.clone();
+        let mut flush_tick = tokio::time::interval(Duration::from_millis(100));
+        let mut retention_tick = tokio::time::interval(retention_every);
+        let mut gauge_tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = flush_tick.tick() => {
+                    let parts = state.registry.all_partitions();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for p in parts {
+                            if let Err(e) = p.log().flush_if_due() {
+                                tracing::error!(topic = %p.topic, partition = p.id, error = %e, "interval flush failed");
+                            }
+                        }
+                    }).await;
+                }
+                _ = retention_tick.tick() => {
+                    let parts = state.registry.all_partitions();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for p in parts {
+                            match p.log().apply_retention() {
+                                Ok(out) if out.deleted_segments > 0 => {
+                                    metrics::counter!("keel_retention_deleted_bytes_total").increment(out.deleted_bytes);
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::error!(topic = %p.topic, partition = p.id, error = %e, "retention failed"),
+                            }
+                        }
+                    }).await;
+                }
+                _ = gauge_tick.tick() => {
+                    for p in state.registry.all_partitions() {
+                        let labels = [("topic", p.topic.to_string()), ("partition", p.id.to_string())];
+                        metrics::gauge!("keel_partition_size_bytes", &labels).set(p.log().size_bytes() as f64);
+                        metrics::gauge!("keel_partition_log_end_offset", &labels).set(p.log().log_end_offset() as f64);
+                        metrics::gauge!("keel_partition_log_start_offset", &labels).set(p.log_start_offset() as f64);
+                    }
+                }
+            }
+        }
+    })
+}
+
+impl BrokerHandle {
+    /// Stops accepting requests, lets in-flight ones finish, flushes every partition and writes
+    /// its recovery checkpoint.
+    pub async fn shutdown(self) -> Result<()> {
+        tracing::info!("shutting down");
+        let _ = self.shutdown_tx.send(true);
+        match self.grpc.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let parts = self.state.registry.all_partitions();
+        tokio::task::spawn_blocking(move || {
+            let mut first_err = None;
+            for p in parts {
+                if let Err(e) = p.log().checkpoint() {
+                    tracing::error!(topic = %p.topic, partition = p.id, error = %e, "final flush failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+            first_err.map_or(Ok(()), |e| Err(BrokerError::Storage { message: e.to_string(), definite: false }))
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        tracing::info!("shut down cleanly");
+        Ok(())
+    }
+
+    /// The broker's shared state (for tests and embedding).
+    pub fn state(&self) -> &Shared {
+        &self.state
+    }
+}

@@ -1,0 +1,99 @@
+use std::collections::BTreeMap;
+
+use keel_proto::v1::admin_service_server::AdminService;
+use keel_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::state::Shared;
+
+#[derive(Debug, Clone)]
+pub struct Admin(pub Shared);
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    #[tracing::instrument(level = "debug", skip_all, fields(topic = %req.get_ref().name))]
+    async fn create_topic(
+        &self,
+        req: Request<CreateTopicRequest>,
+    ) -> Result<Response<CreateTopicResponse>, Status> {
+        let r = req.into_inner();
+        let config: BTreeMap<String, String> = r.config.into_iter().collect();
+        let topic = self
+            .0
+            .registry
+            .create(
+                &r.name,
+                r.partitions,
+                r.replication_factor,
+                &config,
+                self.0.live_brokers(),
+            )
+            .await?;
+        Ok(Response::new(CreateTopicResponse {
+            topic: Some(self.0.topic_info(&topic)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        req: Request<DeleteTopicRequest>,
+    ) -> Result<Response<DeleteTopicResponse>, Status> {
+        self.0.registry.delete(&req.into_inner().name).await?;
+        Ok(Response::new(DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _req: Request<ListTopicsRequest>,
+    ) -> Result<Response<ListTopicsResponse>, Status> {
+        let topics = self
+            .0
+            .registry
+            .list()
+            .iter()
+            .map(|t| self.0.topic_info(t))
+            .collect();
+        Ok(Response::new(ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        req: Request<DescribeTopicRequest>,
+    ) -> Result<Response<DescribeTopicResponse>, Status> {
+        let topic = self.0.registry.lookup(&req.into_inner().name)?;
+        Ok(Response::new(DescribeTopicResponse {
+            topic: Some(self.0.topic_info(&topic)),
+        }))
+    }
+
+    async fn alter_topic_config(
+        &self,
+        req: Request<AlterTopicConfigRequest>,
+    ) -> Result<Response<AlterTopicConfigResponse>, Status> {
+        let r = req.into_inner();
+        let set: BTreeMap<String, String> = r.set.into_iter().collect();
+        let topic = self
+            .0
+            .registry
+            .alter_config(&r.name, &set, &r.remove)
+            .await?;
+        Ok(Response::new(AlterTopicConfigResponse {
+            topic: Some(self.0.topic_info(&topic)),
+        }))
+    }
+
+    async fn add_partitions(
+        &self,
+        req: Request<AddPartitionsRequest>,
+    ) -> Result<Response<AddPartitionsResponse>, Status> {
+        let r = req.into_inner();
+        let topic = self
+            .0
+            .registry
+            .add_partitions(&r.name, r.partitions)
+            .await?;
+        Ok(Response::new(AddPartitionsResponse {
+            topic: Some(self.0.topic_info(&topic)),
+        }))
+    }
+}

@@ -1,0 +1,48 @@
+use keel_proto::v1::cluster_service_server::ClusterService;
+use keel_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::state::Shared;
+
+#[derive(Debug, Clone)]
+pub struct Cluster(pub Shared);
+
+#[tonic::async_trait]
+impl ClusterService for Cluster {
+    async fn describe_cluster(
+        &self,
+        _req: Request<DescribeClusterRequest>,
+    ) -> Result<Response<DescribeClusterResponse>, Status> {
+        Ok(Response::new(DescribeClusterResponse {
+            metadata_leader: self.0.id,
+            brokers: self.0.brokers(),
+            broker_id: self.0.id,
+        }))
+    }
+
+    async fn metadata(
+        &self,
+        req: Request<MetadataRequest>,
+    ) -> Result<Response<MetadataResponse>, Status> {
+        let r = req.into_inner();
+        let topics = if r.topics.is_empty() {
+            self.0
+                .registry
+                .list()
+                .iter()
+                .map(|t| self.0.topic_info(t))
+                .collect()
+        } else {
+            let mut out = Vec::with_capacity(r.topics.len().min(1024));
+            for name in &r.topics {
+                let topic = self.0.registry.lookup(name)?;
+                out.push(self.0.topic_info(&topic));
+            }
+            out
+        };
+        Ok(Response::new(MetadataResponse {
+            brokers: self.0.brokers(),
+            topics,
+        }))
+    }
+}

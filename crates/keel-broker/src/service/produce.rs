@@ -1,0 +1,454 @@
+//! Produce and ProduceStream.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use keel_log::AppendInfo;
+use keel_log::batch::{
+    BatchBuilder, Compression, DEFAULT_MAX_DECOMPRESSED, RecordRef, validate_records,
+};
+use keel_proto::v1::produce_batch::Data;
+use keel_proto::v1::produce_service_server::ProduceService;
+use keel_proto::v1::*;
+use keel_types::partition_for_key;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{BrokerError, Result};
+use crate::partition::{AckLevel, Partition};
+use crate::registry::Topic;
+use crate::state::Shared;
+
+#[derive(Debug, Clone)]
+pub struct Produce(pub Shared);
+
+/// One batch ready to append.
+struct Prepared {
+    partition: Arc<Partition>,
+    bytes: Bytes,
+    records: u32,
+    /// Index of the request batch it came from.
+    source: usize,
+    /// For plain records: the input positions of its records within the source batch.
+    positions: Option<Vec<usize>>,
+}
+
+struct Plan {
+    acks: AckLevel,
+    timeout: Duration,
+    batches: Vec<Prepared>,
+    /// Per request batch: its record count (plain records) or `None` (encoded batch).
+    sources: Vec<Option<usize>>,
+    topic: Arc<Topic>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Produce {
+    /// Validates a whole request and encodes plain records, before any side effect.
+    fn plan(&self, req: ProduceRequest) -> Result<Plan> {
+        let st = &self.0;
+        if st.is_shutting_down() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let topic = st.registry.lookup(&req.topic)?;
+        let acks = match Acks::try_from(req.acks) {
+            Ok(Acks::Unspecified | Acks::All) => AckLevel::All,
+            Ok(Acks::Leader) => AckLevel::Leader,
+            Ok(Acks::None) => AckLevel::None,
+            Err(_) => {
+                return Err(BrokerError::invalid(
+                    "acks",
+                    format!("unknown value {}", req.acks),
+                ));
+            }
+        };
+        let timeout_ms = match req.timeout_ms {
+            0 => 30_000,
+            t if t > st.limits.max_produce_timeout_ms => {
+                return Err(BrokerError::invalid(
+                    "timeout_ms",
+                    format!(
+                        "{t} exceeds the limit of {} ms",
+                        st.limits.max_produce_timeout_ms
+                    ),
+                ));
+            }
+            t => t,
+        };
+        if req.batches.is_empty() {
+            return Err(BrokerError::invalid(
+                "batches",
+                "at least one batch is required",
+            ));
+        }
+        if req.batches.len() > st.limits.max_batches_per_request {
+            return Err(BrokerError::invalid(
+                "batches",
+                format!(
+                    "{} batches exceed the limit of {} per request",
+                    req.batches.len(),
+                    st.limits.max_batches_per_request
+                ),
+            ));
+        }
+        let max_message = topic.config.max_message_bytes;
+        let mut batches = Vec::with_capacity(req.batches.len());
+        let mut sources = Vec::with_capacity(req.batches.len());
+        for (i, b) in req.batches.into_iter().enumerate() {
+            match b.data {
+                None => {
+                    return Err(BrokerError::invalid(
+                        "batches.data",
+                        format!("batches[{i}] sets neither record_batch nor records"),
+                    ));
+                }
+                Some(Data::RecordBatch(bytes)) => {
+                    let pid = b.partition.ok_or_else(|| {
+                        BrokerError::invalid(
+                            "batches.partition",
+                            format!("batches[{i}]: a record_batch needs an explicit partition"),
+                        )
+                    })?;
+                    let partition = Arc::clone(topic.partition(pid)?);
+                    if bytes.len() as u64 > max_message {
+                        return Err(BrokerError::TooLarge {
+                            what: "record batch",
+                            size: bytes.len() as u64,
+                            limit: max_message,
+                            setting: "max.message.bytes",
+                        });
+                    }
+                    let header =
+                        validate_records(&bytes, DEFAULT_MAX_DECOMPRESSED).map_err(|e| {
+                            BrokerError::CorruptBatch {
+                                index: i,
+                                reason: e.to_string(),
+                            }
+                        })?;
+                    if header.total_len() != bytes.len() {
+                        return Err(BrokerError::CorruptBatch {
+                            index: i,
+                            reason: "bytes follow the batch".into(),
+                        });
+                    }
+                    if header.attributes.control {
+                        return Err(BrokerError::CorruptBatch {
+                            index: i,
+                            reason: "control batches are reserved for the broker".into(),
+                        });
+                    }
+                    if header.record_count > st.limits.max_records_per_batch {
+                        return Err(BrokerError::invalid(
+                            "batches.record_batch",
+                            format!(
+                                "batches[{i}] holds {} records; the limit is {}",
+                                header.record_count, st.limits.max_records_per_batch
+                            ),
+                        ));
+                    }
+                    sources.push(None);
+                    batches.push(Prepared {
+                        partition,
+                        bytes,
+                        records: header.record_count,
+                        source: i,
+                        positions: None,
+                    });
+                }
+                Some(Data::Records(list)) => {
+                    if list.records.is_empty() {
+                        return Err(BrokerError::invalid(
+                            "batches.records",
+                            format!("batches[{i}] has no records"),
+                        ));
+                    }
+                    sources.push(Some(list.records.len()));
+                    encode_records(
+                        &topic,
+                        b.partition,
+                        i,
+                        list.records,
+                        max_message,
+                        &mut batches,
+                    )?;
+                }
+            }
+        }
+        Ok(Plan {
+            acks,
+            timeout: Duration::from_millis(u64::from(timeout_ms)),
+            batches,
+            sources,
+            topic,
+        })
+    }
+
+    /// Appends a plan's batches in order. Returns their append infos.
+    async fn append_all(plan: &Plan) -> Result<Vec<AppendInfo>> {
+        let mut infos = Vec::with_capacity(plan.batches.len());
+        for b in &plan.batches {
+            infos.push(b.partition.append_only(b.bytes.clone(), b.source).await?);
+        }
+        metrics::counter!("keel_produce_batches_total", "topic" => plan.topic.meta.name.clone())
+            .increment(plan.batches.len() as u64);
+        let records: u64 = plan.batches.iter().map(|b| u64::from(b.records)).sum();
+        let bytes: u64 = plan.batches.iter().map(|b| b.bytes.len() as u64).sum();
+        metrics::counter!("keel_produce_records_total", "topic" => plan.topic.meta.name.clone())
+            .increment(records);
+        metrics::counter!("keel_produce_bytes_total", "topic" => plan.topic.meta.name.clone())
+            .increment(bytes);
+        Ok(infos)
+    }
+
+    /// Waits for durability and builds the response.
+    async fn finish(
+        plan: Plan,
+        infos: Vec<AppendInfo>,
+        correlation_id: u64,
+    ) -> Result<ProduceResponse> {
+        let wait = async {
+            for (b, info) in plan.batches.iter().zip(&infos) {
+                b.partition.make_durable(info, plan.acks, b.source).await?;
+            }
+            Ok::<(), BrokerError>(())
+        };
+        match tokio::time::timeout(plan.timeout, wait).await {
+            Ok(r) => r?,
+            Err(_) => return Err(BrokerError::Timeout(plan.timeout.as_millis() as u64)),
+        }
+        Ok(build_response(&plan, &infos, correlation_id))
+    }
+}
+
+fn build_response(plan: &Plan, infos: &[AppendInfo], correlation_id: u64) -> ProduceResponse {
+    let mut acks: Vec<BatchAck> = plan
+        .sources
+        .iter()
+        .map(|s| BatchAck {
+            partition: 0,
+            base_offset: 0,
+            record_count: 0,
+            records: s.map_or_else(Vec::new, |n| vec![RecordPosition::default(); n]),
+        })
+        .collect();
+    let mut seen = vec![false; acks.len()];
+    for (b, info) in plan.batches.iter().zip(infos) {
+        let Some(ack) = acks.get_mut(b.source) else {
+            continue;
+        };
+        if !seen[b.source] {
+            seen[b.source] = true;
+            ack.partition = b.partition.id;
+            ack.base_offset = info.base_offset;
+        }
+        ack.record_count += b.records;
+        if let Some(positions) = &b.positions {
+            for (k, input) in positions.iter().enumerate() {
+                if let Some(slot) = ack.records.get_mut(*input) {
+                    *slot = RecordPosition {
+                        partition: b.partition.id,
+                        offset: info.base_offset + k as u64,
+                    };
+                }
+            }
+        }
+    }
+    ProduceResponse {
+        correlation_id,
+        batches: acks,
+        error: None,
+    }
+}
+
+/// Partitions plain records and encodes them as batches of at most `max_message` bytes.
+fn encode_records(
+    topic: &Arc<Topic>,
+    explicit: Option<u32>,
+    source: usize,
+    records: Vec<Record>,
+    max_message: u64,
+    out: &mut Vec<Prepared>,
+) -> Result<()> {
+    let count = topic.partitions.len() as u32;
+    let sticky = if explicit.is_none() {
+        topic.next_sticky()
+    } else {
+        0
+    };
+    let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        let pid = match (explicit, &r.key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => partition_for_key(k, count),
+            (None, None) => sticky,
+        };
+        by_partition.entry(pid).or_default().push(i);
+        for h in &r.headers {
+            if h.key.is_empty() {
+                return Err(BrokerError::invalid(
+                    "records.headers.key",
+                    format!("batches[{source}].records[{i}] has an empty header key"),
+                ));
+            }
+        }
+    }
+    let now = now_ms();
+    for (pid, idxs) in by_partition {
+        let partition = Arc::clone(topic.partition(pid)?);
+        let mut builder = BatchBuilder::new(Compression::None);
+        let mut members: Vec<usize> = Vec::new();
+        let flush =
+            |builder: BatchBuilder, members: Vec<usize>, out: &mut Vec<Prepared>| -> Result<()> {
+                let records = builder.len();
+                let bytes = builder
+                    .build()
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                if bytes.len() as u64 > max_message {
+                    return Err(BrokerError::TooLarge {
+                        what: "record",
+                        size: bytes.len() as u64,
+                        limit: max_message,
+                        setting: "max.message.bytes",
+                    });
+                }
+                out.push(Prepared {
+                    partition: Arc::clone(&partition),
+                    bytes: Bytes::from(bytes),
+                    records,
+                    source,
+                    positions: Some(members),
+                });
+                Ok(())
+            };
+        for i in idxs {
+            let r = &records[i];
+            let headers: Vec<(&str, Option<&[u8]>)> = r
+                .headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_deref()))
+                .collect();
+            let rec = RecordRef {
+                timestamp: if r.timestamp_ms == 0 {
+                    now
+                } else {
+                    r.timestamp_ms
+                },
+                key: r.key.as_deref(),
+                value: r.value.as_deref(),
+                headers: &headers,
+            };
+            let size =
+                r.key.as_ref().map_or(0, Bytes::len) + r.value.as_ref().map_or(0, Bytes::len) + 64;
+            if !builder.is_empty() && (builder.size_bytes() + size) as u64 > max_message {
+                let full = std::mem::replace(&mut builder, BatchBuilder::new(Compression::None));
+                flush(full, std::mem::take(&mut members), out)?;
+            }
+            builder
+                .push(&rec)
+                .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            members.push(i);
+        }
+        flush(builder, members, out)?;
+    }
+    Ok(())
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProduceResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProduceService for Produce {
+    #[tracing::instrument(level = "debug", skip_all, fields(topic = %req.get_ref().topic))]
+    async fn produce(
+        &self,
+        req: Request<ProduceRequest>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let correlation_id = req.correlation_id;
+        let plan = self.plan(req)?;
+        let infos = Self::append_all(&plan).await?;
+        let resp = Self::finish(plan, infos, correlation_id).await?;
+        metrics::histogram!("keel_request_duration_seconds", "rpc" => "Produce")
+            .record(started.elapsed().as_secs_f64());
+        Ok(Response::new(resp))
+    }
+
+    type ProduceStreamStream = ResponseStream;
+
+    async fn produce_stream(
+        &self,
+        req: Request<Streaming<ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (out_tx, out_rx) = mpsc::channel::<Result<ProduceResponse, Status>>(16);
+        // Responses leave in request order; bounded so a client that stops reading stops the
+        // broker from reading its requests.
+        let (pending_tx, mut pending_rx) = mpsc::channel::<oneshot::Receiver<ProduceResponse>>(
+            self.0.limits.max_in_flight_per_stream,
+        );
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "produce stream ended with an error");
+                        break;
+                    }
+                };
+                let started = Instant::now();
+                let correlation_id = req.correlation_id;
+                let (tx, rx) = oneshot::channel();
+                if pending_tx.send(rx).await.is_err() {
+                    break;
+                }
+                let failed = move |e: BrokerError| ProduceResponse {
+                    correlation_id,
+                    batches: Vec::new(),
+                    error: Some(e.to_proto()),
+                };
+                // Appends happen here, in stream order; waiting for fsync runs concurrently so
+                // later requests share the next group commit.
+                match this.plan(req) {
+                    Err(e) => {
+                        let _ = tx.send(failed(e));
+                    }
+                    Ok(plan) => match Self::append_all(&plan).await {
+                        Err(e) => {
+                            let _ = tx.send(failed(e));
+                        }
+                        Ok(infos) => {
+                            tokio::spawn(async move {
+                                let resp = Self::finish(plan, infos, correlation_id)
+                                    .await
+                                    .unwrap_or_else(failed);
+                                metrics::histogram!("keel_request_duration_seconds", "rpc" => "ProduceStream").record(started.elapsed().as_secs_f64());
+                                let _ = tx.send(resp);
+                            });
+                        }
+                    },
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(rx) = pending_rx.recv().await {
+                let Ok(resp) = rx.await else { continue };
+                if out_tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
