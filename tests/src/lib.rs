@@ -1,3 +1,4 @@
 //! Shared helpers for Keel's integration tests (the tests themselves live in `tests/tests/`).
 
+pub mod broker;
 pub mod log_util;

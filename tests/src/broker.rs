@@ -1,0 +1,218 @@
+//! Real broker processes for tests: the `keel` binary built by this same `cargo test` run,
+//! on loopback ports, with readiness awaited by polling `/readyz` (never a fixed sleep).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_proto::v1::admin_service_client::AdminServiceClient;
+use keel_proto::v1::cluster_service_client::ClusterServiceClient;
+use keel_proto::v1::consume_service_client::ConsumeServiceClient;
+use keel_proto::v1::produce_service_client::ProduceServiceClient;
+use tonic::transport::Channel;
+
+/// The `keel` executable next to this test's binary (`target/<profile>/keel`).
+pub fn keel_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("keel");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p keel-cli` (cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal HTTP/1.0 GET; returns (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    Some((code, body))
+}
+
+/// One `keel broker` process.
+pub struct BrokerProc {
+    pub id: u32,
+    pub data_dir: PathBuf,
+    pub grpc: String,
+    pub http: String,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl BrokerProc {
+    /// Starts broker `id` on fresh loopback ports with its data in `data_dir`.
+    pub fn start(data_dir: &Path, id: u32) -> Self {
+        Self::start_with(data_dir, id, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, id: u32, extra: &[&str]) -> Self {
+        let mut b = Self {
+            id,
+            data_dir: data_dir.to_path_buf(),
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            child: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(
+            self.data_dir
+                .with_extension(format!("broker-{}.log", self.id)),
+        )
+        .or_else(|_| std::fs::File::create("/dev/null"))
+        .expect("log file");
+        let child = Command::new(keel_bin())
+            .args([
+                "broker",
+                "--id",
+                &self.id.to_string(),
+                "--listen",
+                &self.grpc,
+                "--metrics-listen",
+                &self.http,
+            ])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keel broker");
+        self.child = Some(child);
+        let http = self.http.clone();
+        wait_until("the broker to be ready", Duration::from_secs(30), || {
+            http_get(&http, "/readyz").is_some_and(|(c, _)| c == 200)
+        });
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        let mut child = self.child.take().expect("running");
+        wait_exit(&mut child, Duration::from_secs(30))
+    }
+
+    /// SIGKILL (`kill -9`) and reap.
+    pub fn kill9(&mut self) {
+        self.signal("-KILL");
+        if let Some(mut child) = self.child.take() {
+            let _ = wait_exit(&mut child, Duration::from_secs(30));
+        }
+    }
+
+    /// Starts the broker again on the same ports and data.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the broker first");
+        self.spawn();
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel().await)
+    }
+
+    pub async fn cluster(&self) -> ClusterServiceClient<Channel> {
+        ClusterServiceClient::new(self.channel().await)
+    }
+
+    pub async fn producer(&self) -> ProduceServiceClient<Channel> {
+        ProduceServiceClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn consumer(&self) -> ConsumeServiceClient<Channel> {
+        ConsumeServiceClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
