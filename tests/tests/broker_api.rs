@@ -816,3 +816,100 @@ async fn acknowledged_records_survive_sigterm_and_kill9() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_stream_message_ends_the_stream_with_a_status() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
+    broker
+        .admin()
+        .await
+        .create_topic(topic_req("s", 1, &[]))
+        .await
+        .expect("create");
+    let mut prod = broker.producer().await;
+    let ok = batch_req("s", 0, encoded(&["a"]), Acks::All);
+    let huge = batch_req("s", 0, Bytes::from(vec![7u8; 20 << 20]), Acks::All);
+    let mut responses = prod
+        .produce_stream(futures::stream::iter(vec![ok, huge]))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = responses
+        .message()
+        .await
+        .expect("first answered")
+        .expect("response");
+    assert!(first.error.is_none());
+    let e = responses
+        .message()
+        .await
+        .expect_err("stream ends with the decode error");
+    assert!(
+        matches!(
+            e.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{e:?}"
+    );
+    // The broker keeps serving.
+    broker
+        .producer()
+        .await
+        .produce(batch_req("s", 0, encoded(&["b"]), Acks::All))
+        .await
+        .expect("produce");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_open_streams_exits_cleanly_and_ends_subscriptions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut broker = BrokerProc::start(&tmp.path().join("b1"), 1);
+    broker
+        .admin()
+        .await
+        .create_topic(topic_req("s", 1, &[]))
+        .await
+        .expect("create");
+    let mut cons = broker.consumer().await;
+    let mut sub = cons
+        .subscribe(SubscribeRequest {
+            topic: "s".into(),
+            partition: 0,
+            start: Some(subscribe_request::Start::Offset(0)),
+            max_bytes: 0,
+            format: 0,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // A produce stream the client never closes.
+    let (tx, rx) = tokio::sync::mpsc::channel::<ProduceRequest>(1);
+    let mut prod = broker.producer().await;
+    let _open = prod
+        .produce_stream(tokio_stream_from(rx))
+        .await
+        .expect("stream");
+    tx.send(batch_req("s", 0, encoded(&["x"]), Acks::All))
+        .await
+        .expect("send");
+    let first = tokio::time::timeout(Duration::from_secs(15), sub.message())
+        .await
+        .expect("record streamed");
+    assert!(first.expect("ok").is_some());
+    let status = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("join");
+    assert!(status.success(), "exit status {status}");
+    let end = tokio::time::timeout(Duration::from_secs(15), sub.message())
+        .await
+        .expect("subscription ended");
+    assert!(end.is_err() || end.is_ok_and(|m| m.is_none()));
+    drop(tx);
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<ProduceRequest>,
+) -> impl futures::Stream<Item = ProduceRequest> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

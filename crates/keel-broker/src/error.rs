@@ -63,6 +63,9 @@ pub enum BrokerError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    /// An error after part of the request took effect: same reason and code, never definite.
+    #[error("{0} (after earlier batches of this request were written)")]
+    AfterWrite(Box<BrokerError>),
 }
 
 impl BrokerError {
@@ -90,6 +93,7 @@ impl BrokerError {
             Self::Timeout(_) => "TIMEOUT",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::Internal(_) => "INTERNAL",
+            Self::AfterWrite(inner) => inner.reason(),
         }
     }
 
@@ -105,6 +109,7 @@ impl BrokerError {
             Self::TooLarge { .. } | Self::DiskFull(_) => Code::ResourceExhausted,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::Storage { .. } | Self::Internal(_) => Code::Internal,
+            Self::AfterWrite(inner) => inner.code(),
         }
     }
 
@@ -112,7 +117,7 @@ impl BrokerError {
     pub fn is_definite(&self) -> bool {
         match self {
             Self::Storage { definite, .. } => *definite,
-            Self::Timeout(_) | Self::Internal(_) => false,
+            Self::Timeout(_) | Self::Internal(_) | Self::AfterWrite(_) => false,
             _ => true,
         }
     }
@@ -140,6 +145,14 @@ impl BrokerError {
                 message: other.to_string(),
                 definite: false,
             },
+        }
+    }
+
+    /// Marks an error raised after some of the request was written.
+    pub fn after_write(self) -> Self {
+        match self {
+            Self::AfterWrite(_) => self,
+            other => Self::AfterWrite(Box::new(other)),
         }
     }
 
@@ -189,6 +202,7 @@ impl BrokerError {
             message: self.to_string(),
             leader_id,
             leader_address,
+            definite: self.is_definite(),
         }
     }
 }

@@ -17,8 +17,10 @@ pub struct Partition {
     pub topic: Arc<str>,
     pub id: u32,
     log: Arc<Log>,
-    /// The high watermark. On a single node every appended batch is committed; the [cluster]
-    /// issue sets this from the Raft commit index instead.
+    /// The high watermark: the end of what is committed. On a single node that is what is
+    /// durable under the topic's flush policy: fsynced when `flush.messages` is 1, appended
+    /// otherwise (flushing left to the OS or an interval, as in Kafka). The [cluster] issue
+    /// sets it from the Raft commit index instead.
     hwm_tx: watch::Sender<u64>,
     flush_every_batch: AtomicBool,
 }
@@ -72,29 +74,62 @@ impl Partition {
     }
 
     /// Appends a validated batch and waits for the durability `acks` asks for.
-    pub async fn append(&self, batch: Bytes, acks: AckLevel, index: usize) -> Result<AppendInfo> {
+    pub async fn append(
+        self: &Arc<Self>,
+        batch: Bytes,
+        acks: AckLevel,
+        index: usize,
+    ) -> Result<AppendInfo> {
         let info = self.append_only(batch, index).await?;
         self.make_durable(&info, acks, index).await?;
         Ok(info)
     }
 
-    /// Appends a validated batch; it is readable (single node: committed) on return.
-    pub async fn append_only(&self, batch: Bytes, index: usize) -> Result<AppendInfo> {
+    /// Appends a validated batch. It becomes visible to consumers once committed: at once
+    /// when the topic leaves flushing to the OS, after the fsync otherwise (started here in the
+    /// background, so acks=leader producers are not slowed and their records still show up).
+    pub async fn append_only(self: &Arc<Self>, batch: Bytes, index: usize) -> Result<AppendInfo> {
         let log = Arc::clone(&self.log);
         let info = tokio::task::spawn_blocking(move || log.append(&batch, 0))
             .await
             .map_err(|e| BrokerError::Internal(e.to_string()))?
             .map_err(|e| BrokerError::from_log(e, index))?;
-        self.hwm_tx.send_if_modified(|h| {
-            let grew = info.next_offset > *h;
-            *h = (*h).max(info.next_offset);
-            grew
-        });
+        if self.flush_every_batch.load(Ordering::Acquire) {
+            let me = Arc::clone(self);
+            let info2 = info;
+            tokio::spawn(async move {
+                if let Err(e) = me.flush(&info2, index).await {
+                    tracing::error!(topic = %me.topic, partition = me.id, error = %e, "flush failed");
+                }
+            });
+        } else {
+            self.advance_hwm(info.next_offset);
+        }
         Ok(info)
     }
 
-    /// With acks=all on a topic that fsyncs every batch, waits for the fsync covering `info`;
-    /// concurrent callers share one (group commit in the log).
+    fn advance_hwm(&self, to: u64) {
+        self.hwm_tx.send_if_modified(|h| {
+            let grew = to > *h;
+            *h = (*h).max(to);
+            grew
+        });
+    }
+
+    /// fsyncs up to `info` (shared with concurrent callers: group commit in the log) and
+    /// advances the high watermark.
+    async fn flush(&self, info: &AppendInfo, index: usize) -> Result<()> {
+        let log = Arc::clone(&self.log);
+        let seq = info.flush_seq;
+        tokio::task::spawn_blocking(move || log.flush_to(seq))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))?
+            .map_err(|e| BrokerError::from_log(e, index))?;
+        self.advance_hwm(info.next_offset);
+        Ok(())
+    }
+
+    /// With acks=all on a topic that fsyncs every batch, waits for the fsync covering `info`.
     pub async fn make_durable(
         &self,
         info: &AppendInfo,
@@ -104,12 +139,7 @@ impl Partition {
         if acks != AckLevel::All || !self.flush_every_batch.load(Ordering::Acquire) {
             return Ok(());
         }
-        let log = Arc::clone(&self.log);
-        let seq = info.flush_seq;
-        tokio::task::spawn_blocking(move || log.flush_to(seq))
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))?
-            .map_err(|e| BrokerError::from_log(e, index))
+        self.flush(info, index).await
     }
 
     /// Checks that `offset` can be read: between the log start and the high watermark.

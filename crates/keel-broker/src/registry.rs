@@ -36,7 +36,7 @@ impl Topic {
             })
     }
 
-    /// The sticky partition for keyless records; moves on after each request that used it.
+    /// The sticky partition for keyless records; moves on after each batch that used it.
     pub fn next_sticky(&self) -> u32 {
         let n = self.partitions.len().max(1) as u32;
         self.sticky.fetch_add(1, Ordering::Relaxed) % n
@@ -115,9 +115,10 @@ impl Registry {
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
     }
 
-    /// Looks a topic up after checking the name's syntax (so bad names get INVALID_ARGUMENT).
-    pub fn lookup(&self, name: &str) -> Result<Arc<Topic>> {
-        validate_topic_name(name).map_err(|e| BrokerError::invalid("topic", e.to_string()))?;
+    /// Looks a topic up after checking the name's syntax (so bad names get INVALID_ARGUMENT
+    /// naming the request `field`).
+    pub fn lookup(&self, field: &'static str, name: &str) -> Result<Arc<Topic>> {
+        validate_topic_name(name).map_err(|e| BrokerError::invalid(field, e.to_string()))?;
         self.get(name)
     }
 

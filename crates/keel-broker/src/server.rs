@@ -63,7 +63,21 @@ pub struct BrokerHandle {
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     grpc: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    ready: Arc<AtomicBool>,
+    health: tonic_health::server::HealthReporter,
 }
+
+/// Names the health service reports on ("" is the whole server).
+const HEALTH_NAMES: [&str; 5] = [
+    "keel.v1.AdminService",
+    "keel.v1.ClusterService",
+    "keel.v1.ProduceService",
+    "keel.v1.ConsumeService",
+    "",
+];
+
+/// How long a shutdown waits for clients to finish their calls and close their streams.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn bind_err(what: &str, addr: SocketAddr, e: std::io::Error) -> BrokerError {
     BrokerError::Internal(format!("cannot listen for {what} on {addr}: {e}"))
@@ -190,6 +204,8 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         shutdown_tx,
         tasks,
         grpc,
+        ready,
+        health: health_reporter,
     })
 }
 
@@ -242,13 +258,23 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
 impl BrokerHandle {
     /// Stops accepting requests, lets in-flight ones finish, flushes every partition and writes
     /// its recovery checkpoint.
-    pub async fn shutdown(self) -> Result<()> {
+    pub async fn shutdown(mut self) -> Result<()> {
         tracing::info!("shutting down");
+        self.ready.store(false, Ordering::Release);
+        for name in HEALTH_NAMES {
+            self.health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         let _ = self.shutdown_tx.send(true);
-        match self.grpc.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+        match tokio::time::timeout(DRAIN_TIMEOUT, &mut self.grpc).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Err(_) => {
+                tracing::warn!(timeout = ?DRAIN_TIMEOUT, "clients did not finish in time; closing their connections");
+                self.grpc.abort();
+            }
         }
         for t in self.tasks {
             let _ = t.await;

@@ -53,7 +53,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "1048576",
         "bytes between 1 and 8388608",
     ),
-    ("min.insync.replicas", "1", "an integer >= 1"),
+    ("min.insync.replicas", "1", "an integer between 1 and 1024"),
     (
         "flush.messages",
         "1",

@@ -60,7 +60,7 @@ impl AdminService for Admin {
         &self,
         req: Request<DescribeTopicRequest>,
     ) -> Result<Response<DescribeTopicResponse>, Status> {
-        let topic = self.0.registry.lookup(&req.into_inner().name)?;
+        let topic = self.0.registry.lookup("name", &req.into_inner().name)?;
         Ok(Response::new(DescribeTopicResponse {
             topic: Some(self.0.topic_info(&topic)),
         }))

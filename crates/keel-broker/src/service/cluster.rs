@@ -35,7 +35,7 @@ impl ClusterService for Cluster {
         } else {
             let mut out = Vec::with_capacity(r.topics.len().min(1024));
             for name in &r.topics {
-                let topic = self.0.registry.lookup(name)?;
+                let topic = self.0.registry.lookup("topics", name)?;
                 out.push(self.0.topic_info(&topic));
             }
             out

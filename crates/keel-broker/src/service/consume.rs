@@ -121,7 +121,11 @@ impl Consume {
         let mut parts: Vec<(Arc<Partition>, FetchPartition)> =
             Vec::with_capacity(r.partitions.len());
         for fp in r.partitions {
-            let p = Arc::clone(st.registry.lookup(&fp.topic)?.partition(fp.partition)?);
+            let p = Arc::clone(
+                st.registry
+                    .lookup("partitions.topic", &fp.topic)?
+                    .partition(fp.partition)?,
+            );
             p.check_offset(fp.offset)?;
             if fp.max_bytes > st.limits.max_fetch_bytes {
                 return Err(BrokerError::invalid(
@@ -182,9 +186,11 @@ impl Consume {
             }
             // Wait for any partition to grow, the deadline, or shutdown.
             let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+            let mut shutdown = st.shutdown.clone();
             tokio::select! {
                 _ = changed => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
             }
         }
     }
@@ -211,7 +217,7 @@ impl ConsumeService for Consume {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
         let st = Arc::clone(&self.0);
-        let topic = st.registry.lookup(&r.topic)?;
+        let topic = st.registry.lookup("topic", &r.topic)?;
         let p = Arc::clone(topic.partition(r.partition)?);
         let max_bytes = u64::from(self.clamp_bytes(r.max_bytes, "max_bytes")?);
         let want_decoded = decoded(r.format)?;
@@ -313,7 +319,12 @@ impl ConsumeService for Consume {
         req: Request<ListOffsetsRequest>,
     ) -> Result<Response<ListOffsetsResponse>, Status> {
         let r = req.into_inner();
-        let p = Arc::clone(self.0.registry.lookup(&r.topic)?.partition(r.partition)?);
+        let p = Arc::clone(
+            self.0
+                .registry
+                .lookup("topic", &r.topic)?
+                .partition(r.partition)?,
+        );
         let (offset, timestamp_ms) = match r.spec {
             Some(list_offsets_request::Spec::Position(pos)) => match StartPosition::try_from(pos) {
                 Ok(StartPosition::Earliest) => (p.log_start_offset(), 0),

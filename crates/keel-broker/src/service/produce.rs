@@ -60,7 +60,7 @@ impl Produce {
         if st.is_shutting_down() {
             return Err(BrokerError::ShuttingDown);
         }
-        let topic = st.registry.lookup(&req.topic)?;
+        let topic = st.registry.lookup("topic", &req.topic)?;
         let acks = match Acks::try_from(req.acks) {
             Ok(Acks::Unspecified | Acks::All) => AckLevel::All,
             Ok(Acks::Leader) => AckLevel::Leader,
@@ -197,7 +197,11 @@ impl Produce {
     async fn append_all(plan: &Plan) -> Result<Vec<AppendInfo>> {
         let mut infos = Vec::with_capacity(plan.batches.len());
         for b in &plan.batches {
-            infos.push(b.partition.append_only(b.bytes.clone(), b.source).await?);
+            match b.partition.append_only(b.bytes.clone(), b.source).await {
+                Ok(info) => infos.push(info),
+                Err(e) if infos.is_empty() => return Err(e),
+                Err(e) => return Err(e.after_write()),
+            }
         }
         metrics::counter!("keel_produce_batches_total", "topic" => plan.topic.meta.name.clone())
             .increment(plan.batches.len() as u64);
@@ -218,7 +222,10 @@ impl Produce {
     ) -> Result<ProduceResponse> {
         let wait = async {
             for (b, info) in plan.batches.iter().zip(&infos) {
-                b.partition.make_durable(info, plan.acks, b.source).await?;
+                b.partition
+                    .make_durable(info, plan.acks, b.source)
+                    .await
+                    .map_err(BrokerError::after_write)?;
             }
             Ok::<(), BrokerError>(())
         };
@@ -393,24 +400,31 @@ impl ProduceService for Produce {
         let (out_tx, out_rx) = mpsc::channel::<Result<ProduceResponse, Status>>(16);
         // Responses leave in request order; bounded so a client that stops reading stops the
         // broker from reading its requests.
-        let (pending_tx, mut pending_rx) = mpsc::channel::<oneshot::Receiver<ProduceResponse>>(
-            self.0.limits.max_in_flight_per_stream,
-        );
+        let (pending_tx, mut pending_rx) = mpsc::channel::<
+            Result<oneshot::Receiver<ProduceResponse>, Status>,
+        >(self.0.limits.max_in_flight_per_stream);
         let this = self.clone();
+        let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {
             loop {
-                let req = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = shutdown.wait_for(|s| *s) => Err(BrokerError::ShuttingDown.into()),
+                };
+                let req = match next {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "produce stream ended with an error");
+                    Err(status) => {
+                        // Undecodable or oversized message, or shutdown: end the stream with
+                        // that status after the responses already owed.
+                        let _ = pending_tx.send(Err(status)).await;
                         break;
                     }
                 };
                 let started = Instant::now();
                 let correlation_id = req.correlation_id;
                 let (tx, rx) = oneshot::channel();
-                if pending_tx.send(rx).await.is_err() {
+                if pending_tx.send(Ok(rx)).await.is_err() {
                     break;
                 }
                 let failed = move |e: BrokerError| ProduceResponse {
@@ -442,9 +456,16 @@ impl ProduceService for Produce {
             }
         });
         tokio::spawn(async move {
-            while let Some(rx) = pending_rx.recv().await {
-                let Ok(resp) = rx.await else { continue };
-                if out_tx.send(Ok(resp)).await.is_err() {
+            while let Some(next) = pending_rx.recv().await {
+                let item = match next {
+                    Ok(rx) => match rx.await {
+                        Ok(resp) => Ok(resp),
+                        Err(_) => continue,
+                    },
+                    Err(status) => Err(status),
+                };
+                let end = item.is_err();
+                if out_tx.send(item).await.is_err() || end {
                     break;
                 }
             }
