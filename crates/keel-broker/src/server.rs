@@ -222,8 +222,8 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
                     let parts = state.registry.all_partitions();
                     let _ = tokio::task::spawn_blocking(move || {
                         for p in parts {
-                            if let Err(e) = p.log().flush_if_due() {
-                                tracing::error!(topic = %p.topic, partition = p.id, error = %e, "interval flush failed");
+                            if let Err(e) = p.log().flush_if_due().and_then(|_| p.log().checkpoint_if_due()) {
+                                tracing::error!(topic = %p.topic, partition = p.id, error = %e, "background flush failed");
                             }
                         }
                     }).await;

@@ -46,6 +46,11 @@ pub trait FileHandle: Send + Sync + Debug {
     /// fdatasync: makes the data (written through `write_all_at` or a mapping) and the file size
     /// durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// Starts writing back `[offset, offset + len)` without waiting, so a later `sync_data`
+    /// finds little left to do. Promises nothing about durability.
+    fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The real filesystem.
@@ -172,5 +177,22 @@ impl FileHandle for RealFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Ok(());
+        };
+        // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
+        let rc = unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }

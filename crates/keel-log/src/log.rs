@@ -318,6 +318,9 @@ impl Log {
         )?;
         let seq = self.append_seq.fetch_add(len, Ordering::AcqRel) + len;
         let flush = w.config.flush;
+        if flush != FlushPolicy::EveryBatch {
+            w.active.kick_writeback();
+        }
         drop(w);
         let info = AppendInfo {
             base_offset: tail.next_offset,
@@ -458,6 +461,26 @@ impl Log {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Flushes and writes a recovery checkpoint when `checkpoint_interval_bytes` were appended
+    /// since the last one. Under policies that do not flush every batch, a periodic caller (the
+    /// broker) keeps crash recovery bounded by that interval rather than by the segment size.
+    pub fn checkpoint_if_due(&self) -> Result<bool> {
+        let interval = lock(&self.writer).config.checkpoint_interval_bytes;
+        let due = || {
+            self.append_seq.load(Ordering::Acquire) - self.checkpoint_seq.load(Ordering::Acquire)
+                >= interval
+        };
+        if !due() {
+            return Ok(false);
+        }
+        // Sync outside the writer lock first, so appends wait only for the small remainder.
+        self.flush()?;
+        if due() {
+            self.checkpoint()?;
+        }
+        Ok(true)
     }
 
     /// Syncs the active segment with its indexes and records a recovery checkpoint there.

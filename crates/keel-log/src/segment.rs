@@ -530,7 +530,12 @@ pub(crate) struct ActiveSegment {
     bytes_since_index: u64,
     last_time_ts: i64,
     index_interval: u64,
+    /// Start of the bytes whose writeback has not been started yet.
+    writeback_from: u64,
 }
+
+/// Appended bytes after which writeback of them is started early.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
 
 fn index_capacity_for(segment_bytes: u64, interval: u64) -> usize {
     (segment_bytes / interval.max(1) + 2) as usize
@@ -647,6 +652,7 @@ impl ActiveSegment {
             bytes_since_index,
             last_time_ts,
             index_interval,
+            writeback_from: data_len,
         })
     }
 
@@ -696,6 +702,21 @@ impl ActiveSegment {
         self.on_batch(pos, len, base_offset, raft_index, next.max_timestamp);
         self.seg.publish(next);
         Ok(pos)
+    }
+
+    /// Starts writeback of fully written bytes in large chunks, so that the fsync that seals the
+    /// segment (or a later flush) finds little dirty data, instead of stalling appenders while
+    /// a whole segment is written out.
+    pub fn kick_writeback(&mut self) {
+        let end = self.seg.data_len();
+        if end.saturating_sub(self.writeback_from) < WRITEBACK_CHUNK {
+            return;
+        }
+        let f = &self.seg.files[0];
+        if let Err(e) = f.start_writeback(self.writeback_from, end - self.writeback_from) {
+            tracing::debug!(path = %f.path().display(), error = %e, "could not start writeback");
+        }
+        self.writeback_from = end;
     }
 
     /// Adds sparse index entries, when due, for a batch of `len` bytes at `pos` (used by append
@@ -810,6 +831,7 @@ impl ActiveSegment {
         };
         self.seg.publish(tail);
         self.seg.trusted_from.fetch_min(pos, Ordering::AcqRel);
+        self.writeback_from = self.writeback_from.min(pos);
     }
 
     /// Marks everything from `pos` on as verified (appended or scanned by this process).

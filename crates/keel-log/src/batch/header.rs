@@ -22,7 +22,7 @@
 //! Unlike Kafka, the fields the log assigns are inside the CRC, so a flipped bit anywhere in a
 //! stored batch is detected (the length and magic are checked structurally). Stamping them does
 //! not cost a second pass over the payload: the log keeps the payload's CRC from verification
-//! and combines it with the CRC of the 24 stamped bytes (`crc32c_combine`).
+//! and combines it with the CRC of the 24 stamped bytes (`crc::combine`, O(log n)).
 
 use super::{BatchError, Compression};
 
@@ -255,7 +255,7 @@ pub fn verify_crc(header: &BatchHeader, batch: &[u8]) -> Result<u32, BatchError>
         .get(STAMP_END..header.total_len())
         .ok_or(BatchError::Truncated { what: "batch body" })?;
     let payload_crc = crc32c::crc32c(payload);
-    let actual = crc32c::crc32c_combine(crc32c::crc32c(stamped), payload_crc, payload.len());
+    let actual = super::crc::combine(crc32c::crc32c(stamped), payload_crc, payload.len());
     if actual != header.crc {
         return Err(BatchError::CrcMismatch {
             expected: header.crc,
@@ -282,7 +282,7 @@ pub fn stamp(
     stamped[16..24].copy_from_slice(&raft_index.to_le_bytes());
     let stamped_crc = crc32c::crc32c(stamped);
     let payload_len = batch.len().saturating_sub(STAMP_END);
-    let crc = crc32c::crc32c_combine(stamped_crc, payload_crc, payload_len);
+    let crc = super::crc::combine(stamped_crc, payload_crc, payload_len);
     if let Some(c) = batch.get_mut(OFF_CRC..OFF_CRC + 4) {
         c.copy_from_slice(&crc.to_le_bytes());
     }

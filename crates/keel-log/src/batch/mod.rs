@@ -6,6 +6,7 @@
 
 mod builder;
 mod compression;
+mod crc;
 mod header;
 mod record;
 mod varint;
