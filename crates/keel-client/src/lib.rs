@@ -1,0 +1,95 @@
+//! Keel's async Rust client.
+//!
+//! A [`Client`] holds one HTTP/2 connection per broker and a cache of partition leaders. From it
+//! come an [`Admin`] for topics, a batching [`Producer`], and [`Consumer`]s. Requests that any
+//! broker can answer go to any broker; produce and fetch requests go to the partition leader,
+//! following the leader hints brokers return and retrying retriable errors on their own.
+//!
+//! # Producing
+//!
+//! ```no_run
+//! use keel_client::{Client, ProducerConfig, ProducerRecord};
+//!
+//! # async fn run() -> Result<(), keel_client::ClientError> {
+//! let client = Client::connect(&["127.0.0.1:9292"]).await?;
+//! client.admin().create_topic("orders", 3, 0, Default::default()).await?;
+//!
+//! let producer = client.producer(ProducerConfig::default())?;
+//! // `send` queues the record and returns a future for its acknowledgement, so many records
+//! // can be in flight at once.
+//! let ack = producer
+//!     .send(ProducerRecord::new("orders", "order #1").key("customer-7"))
+//!     .await?;
+//! let meta = ack.await?;
+//! println!("written to partition {} at offset {:?}", meta.partition, meta.offset);
+//! producer.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Consuming
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use keel_client::{Client, ConsumerConfig, SeekTo};
+//!
+//! # async fn run() -> Result<(), keel_client::ClientError> {
+//! let client = Client::connect(&["127.0.0.1:9292"]).await?;
+//! let mut consumer = client.consumer(ConsumerConfig::default());
+//! consumer.assign(&[("orders", 0), ("orders", 1)]);
+//! consumer.seek("orders", 0, SeekTo::Beginning).await?;
+//! loop {
+//!     for record in consumer.poll(Duration::from_secs(1)).await? {
+//!         println!("{}/{} @{}: {:?}", record.topic, record.partition, record.offset, record.value);
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! Or follow one partition as a stream:
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use keel_client::{Client, ConsumerConfig, SeekTo};
+//!
+//! # async fn run() -> Result<(), keel_client::ClientError> {
+//! let client = Client::connect(&["127.0.0.1:9292"]).await?;
+//! let consumer = client.consumer(ConsumerConfig::default());
+//! let mut records = consumer.subscribe_stream("orders", 0, SeekTo::End);
+//! while let Some(record) = records.next().await {
+//!     let record = record?;
+//!     println!("{}: {:?}", record.offset, record.value);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Errors and retries
+//!
+//! Every failure is a [`ClientError`], mapped from the broker's `keel-error` reason.
+//! [`ClientError::is_retriable`] tells leader changes and unreachable brokers from real
+//! rejections, and [`ClientError::is_definite`] whether the failed request certainly had no
+//! effect.
+
+mod admin;
+mod client;
+mod consumer;
+mod error;
+mod metadata;
+mod partitioner;
+mod producer;
+mod util;
+
+pub use admin::Admin;
+pub use client::{Client, ClientConfig, OffsetSpec};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, RecordStream, SeekTo};
+pub use error::{ClientError, LeaderHint, Result};
+pub use keel_log::batch::Compression;
+pub use keel_proto::v1::{
+    BatchAck, BrokerInfo, DescribeClusterResponse, ListOffsetsResponse, PartitionInfo, TopicInfo,
+};
+pub use partitioner::{murmur2, partition_for_key};
+pub use producer::{
+    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+};
