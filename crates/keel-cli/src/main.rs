@@ -2,6 +2,7 @@
 //!
 //! Exit status: 0 success, 1 failure (one line on stderr), 2 usage error.
 
+mod bench_cmd;
 mod broker_cmd;
 mod up_cmd;
 
@@ -23,6 +24,9 @@ enum Command {
     Broker(broker_cmd::BrokerArgs),
     /// Start a local cluster of brokers as child processes.
     Up(up_cmd::UpArgs),
+    /// Benchmark producing, consuming, or both end to end.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
 }
 
 fn init_tracing(json: bool) {
@@ -61,6 +65,15 @@ fn main() -> ExitCode {
             Command::Up(args) => {
                 init_tracing(false);
                 up_cmd::run(args).await
+            }
+            Command::Bench(cmd) => {
+                let brokers: Vec<String> = std::env::var("KEEL_BROKERS")
+                    .unwrap_or_else(|_| "127.0.0.1:9292".into())
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect();
+                let client = keel_client::Client::connect(&brokers).await?;
+                bench_cmd::run(cmd, client).await
             }
         }
     });
