@@ -174,6 +174,15 @@ impl Partition {
                     max_raft_index: None,
                 },
             )
+            .map(|slice| {
+                // Control batches alone take no offsets; returning them would let a long poll
+                // answer at once without progress, over and over.
+                if slice.last.is_some_and(|h| h.next_offset() > offset) {
+                    slice
+                } else {
+                    ReadSlice { bytes: Bytes::new(), last: None }
+                }
+            })
             .map_err(|e| match e {
                 LogError::OffsetOutOfRange { offset, .. } => self.out_of_range(offset),
                 other => BrokerError::Storage {
