@@ -166,7 +166,9 @@ pub(crate) fn recover(
             config.index_interval_bytes,
         )?;
         let log = seg.log_map();
-        let (tail, found, stop) = seg.scan(&log, start);
+        // The writable mapping may extend past the file; scan only what the file holds.
+        let in_file = log.get(..writer.reserved() as usize).unwrap_or(&log[..]);
+        let (tail, found, stop) = seg.scan(in_file, start);
         drop(log);
         let mut max_ts = start.max_timestamp;
         for (pos, h) in &found {

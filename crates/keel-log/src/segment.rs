@@ -525,14 +525,26 @@ fn map_read(f: &dyn FileHandle) -> Result<Arc<Mmap>> {
 pub(crate) struct ActiveSegment {
     pub seg: Arc<Segment>,
     maps: [MmapMut; 3],
+    /// Length of the writable mapping.
     capacity: u64,
+    /// Length of the file: the space reserved on disk so far. Writes stay below it.
+    reserved: u64,
     index_capacity: usize,
     bytes_since_index: u64,
     last_time_ts: i64,
     index_interval: u64,
     /// Start of the bytes whose writeback has not been started yet.
     writeback_from: u64,
+    /// End of the region already faulted in for writing.
+    populated_to: u64,
 }
+
+/// How far ahead of the write position pages are faulted in, in one call.
+const POPULATE_CHUNK: u64 = 4 << 20;
+
+/// Disk space is reserved this much at a time rather than a whole segment at once, so that
+/// thousands of partitions do not each hold `segment.bytes` of disk for their active segment.
+const RESERVE_CHUNK: u64 = 16 << 20;
 
 /// Appended bytes after which writeback of them is started early.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
@@ -555,7 +567,7 @@ impl ActiveSegment {
         let mut files: Vec<Arc<dyn FileHandle>> = Vec::with_capacity(3);
         let index_capacity = index_capacity_for(segment_bytes, index_interval);
         let sizes = [
-            segment_bytes,
+            segment_bytes.min(RESERVE_CHUNK).max(SEGMENT_HEADER_LEN),
             (index_capacity * ENTRY_LEN) as u64,
             (index_capacity * ENTRY_LEN) as u64,
         ];
@@ -628,7 +640,8 @@ impl ActiveSegment {
             (index_capacity * ENTRY_LEN) as u64,
             (index_capacity * ENTRY_LEN) as u64,
         ];
-        for (f, size) in seg.files.iter().zip(sizes) {
+        // The log file is reserved on demand (see `reserve`); the small indexes at once.
+        for (f, size) in seg.files.iter().zip(sizes).skip(1) {
             let cur = f
                 .len()
                 .map_err(|e| LogError::io("reading size of", f.path(), e))?;
@@ -637,6 +650,8 @@ impl ActiveSegment {
                     .map_err(|e| LogError::io("reserving space for", f.path(), e))?;
             }
         }
+        // The writable mapping may extend past the end of the file: nothing touches those
+        // pages until `reserve` has extended the file over them.
         let maps = remap(&seg, sizes)?;
         let last_time_ts = seg.last_time_entry().map_or(i64::MIN, |e| e.timestamp);
         // Bytes since the last index entry decide when the next one is due.
@@ -648,26 +663,39 @@ impl ActiveSegment {
             seg,
             maps,
             capacity,
+            reserved: file_len,
             index_capacity,
             bytes_since_index,
             last_time_ts,
             index_interval,
             writeback_from: data_len,
+            populated_to: data_len,
         })
     }
 
-    /// Grows the segment so that `needed` bytes fit, reserving space before mapping.
+    /// Makes sure the first `needed` bytes of the segment are reserved on disk and mapped,
+    /// reserving ahead in chunks and growing the mapping for a batch larger than the segment.
+    /// A full disk is a `DiskFull` error here, before any byte is written.
     pub fn grow(&mut self, needed: u64) -> Result<()> {
-        if needed <= self.capacity {
-            return Ok(());
+        if needed > self.capacity {
+            let index_bytes = (self.index_capacity * ENTRY_LEN) as u64;
+            self.maps = remap(&self.seg, [needed, index_bytes, index_bytes])?;
+            self.capacity = needed;
+            self.populated_to = self.seg.data_len();
         }
-        let f = &self.seg.files[0];
-        f.allocate(needed)
-            .map_err(|e| LogError::io("reserving space for", f.path(), e))?;
-        self.capacity = needed;
-        let index_bytes = (self.index_capacity * ENTRY_LEN) as u64;
-        self.maps = remap(&self.seg, [needed, index_bytes, index_bytes])?;
+        if needed > self.reserved {
+            let target = needed.max(self.reserved + RESERVE_CHUNK).min(self.capacity);
+            let f = &self.seg.files[0];
+            f.allocate(target)
+                .map_err(|e| LogError::io("reserving space for", f.path(), e))?;
+            self.reserved = target;
+        }
         Ok(())
+    }
+
+    /// Length of the file: bytes that may be read or written through the mapping.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
     }
 
     /// Copies a verified batch to the end of the segment, stamping its offset, term and index.
@@ -684,6 +712,19 @@ impl ActiveSegment {
         let pos = tail.data_len;
         let len = batch.len() as u64;
         let end = pos + len;
+        if end > self.populated_to {
+            // One MADV_POPULATE_WRITE per 4 MiB instead of a page fault per 4 KiB; the region
+            // is reserved, so this cannot fail for lack of space (and a failure only means the
+            // copy below faults the pages in itself).
+            let to = (end + POPULATE_CHUNK).min(self.reserved);
+            let from = self.populated_to.max(pos);
+            let _ = self.maps[0].advise_range(
+                memmap2::Advice::PopulateWrite,
+                from as usize,
+                (to - from) as usize,
+            );
+            self.populated_to = to;
+        }
         let dst = self.maps[0]
             .get_mut(pos as usize..end as usize)
             .ok_or_else(|| self.seg.corrupt(pos, "append beyond the reserved segment"))?;
@@ -785,7 +826,7 @@ impl ActiveSegment {
         // Bytes past the old end can be a torn write from before a crash; clear them up to a
         // fully zero 4 KiB page, beyond which this log never wrote.
         const PAGE: u64 = 4096;
-        let cap = map.len() as u64;
+        let cap = self.reserved.min(map.len() as u64);
         loop {
             let page_end = ((zero_to / PAGE) + 1) * PAGE;
             let page_end = page_end.min(cap);
@@ -832,6 +873,7 @@ impl ActiveSegment {
         self.seg.publish(tail);
         self.seg.trusted_from.fetch_min(pos, Ordering::AcqRel);
         self.writeback_from = self.writeback_from.min(pos);
+        self.populated_to = self.populated_to.min(pos);
     }
 
     /// Marks everything from `pos` on as verified (appended or scanned by this process).
