@@ -180,7 +180,10 @@ impl Partition {
                 if slice.last.is_some_and(|h| h.next_offset() > offset) {
                     slice
                 } else {
-                    ReadSlice { bytes: Bytes::new(), last: None }
+                    ReadSlice {
+                        bytes: Bytes::new(),
+                        last: None,
+                    }
                 }
             })
             .map_err(|e| match e {

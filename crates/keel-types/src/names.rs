@@ -54,7 +54,10 @@ mod tests {
         );
         for bad in ["a/b", "../x", "a b", "naïve", "a\0b", "topic*", "é"] {
             assert!(
-                matches!(validate_topic_name(bad), Err(TopicNameError::IllegalChar(_))),
+                matches!(
+                    validate_topic_name(bad),
+                    Err(TopicNameError::IllegalChar(_))
+                ),
                 "{bad}"
             );
         }
