@@ -913,3 +913,102 @@ fn tokio_stream_from(
 ) -> impl futures::Stream<Item = ProduceRequest> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_runs_per_topic_config_and_consumers_are_told() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProc::start_with(
+        &tmp.path().join("b1"),
+        1,
+        &["--retention-check-interval-ms", "50"],
+    );
+    let cfg = [("segment.bytes", "4096"), ("retention.bytes", "8192")];
+    broker
+        .admin()
+        .await
+        .create_topic(topic_req("r", 1, &cfg))
+        .await
+        .expect("create");
+    let mut prod = broker.producer().await;
+    let value = "x".repeat(200);
+    for _ in 0..100 {
+        prod.produce(batch_req(
+            "r",
+            0,
+            encoded_with(&[&value, &value], Compression::None),
+            Acks::All,
+        ))
+        .await
+        .expect("produce");
+    }
+    let mut admin = broker.admin().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let start = loop {
+        let t = admin
+            .describe_topic(DescribeTopicRequest { name: "r".into() })
+            .await
+            .expect("describe")
+            .into_inner();
+        let p = &t.topic.expect("topic").partitions[0];
+        if p.log_start_offset > 0 {
+            break p.log_start_offset;
+        }
+        assert!(std::time::Instant::now() < deadline, "retention never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(start < 200);
+    let mut cons = broker.consumer().await;
+    let e = cons
+        .fetch(fetch_req("r", 0, 0, RecordFormat::Decoded))
+        .await
+        .expect_err("deleted by retention");
+    assert_eq!(e.code(), Code::OutOfRange);
+    assert_eq!(meta(&e, "keel-log-start-offset"), Some(start.to_string()));
+    let f = cons
+        .fetch(fetch_req("r", 0, start, RecordFormat::Decoded))
+        .await
+        .expect("fetch from the start")
+        .into_inner();
+    assert_eq!(
+        f.partitions[0].records.first().map(|r| r.offset),
+        Some(start)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
+    let mut client = ServerReflectionClient::new(broker.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let resp = stream.message().await.expect("ok").expect("response");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection response {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "keel.v1.AdminService",
+        "keel.v1.ProduceService",
+        "keel.v1.ConsumeService",
+        "keel.v1.ClusterService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
