@@ -63,8 +63,9 @@ pub enum BrokerError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
-    /// An error after part of the request took effect: same reason and code, never definite.
-    #[error("{0} (after earlier batches of this request were written)")]
+    /// An error after part of the request took effect (earlier batches, or this batch while
+    /// waiting for it to become durable): same reason and code, never definite.
+    #[error("{0} (after some of this request was written)")]
     AfterWrite(Box<BrokerError>),
 }
 

@@ -147,6 +147,16 @@ impl Produce {
                             reason: "control batches are reserved for the broker".into(),
                         });
                     }
+                    if u64::from(header.last_offset_delta) + 1 != u64::from(header.record_count) {
+                        return Err(BrokerError::CorruptBatch {
+                            index: i,
+                            reason: format!(
+                                "last_offset_delta {} must be record_count - 1 ({})",
+                                header.last_offset_delta,
+                                header.record_count.saturating_sub(1)
+                            ),
+                        });
+                    }
                     if header.record_count > st.limits.max_records_per_batch {
                         return Err(BrokerError::invalid(
                             "batches.record_batch",
@@ -170,6 +180,16 @@ impl Produce {
                         return Err(BrokerError::invalid(
                             "batches.records",
                             format!("batches[{i}] has no records"),
+                        ));
+                    }
+                    if list.records.len() as u64 > u64::from(st.limits.max_records_per_batch) {
+                        return Err(BrokerError::invalid(
+                            "batches.records",
+                            format!(
+                                "batches[{i}] holds {} records; the limit is {}",
+                                list.records.len(),
+                                st.limits.max_records_per_batch
+                            ),
                         ));
                     }
                     sources.push(Some(list.records.len()));
@@ -287,17 +307,14 @@ fn encode_records(
     out: &mut Vec<Prepared>,
 ) -> Result<()> {
     let count = topic.partitions.len() as u32;
-    let sticky = if explicit.is_none() {
-        topic.next_sticky()
-    } else {
-        0
-    };
+    // Picked only when a keyless record needs it, so keyed traffic does not move it.
+    let mut sticky = None;
     let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, r) in records.iter().enumerate() {
         let pid = match (explicit, &r.key) {
             (Some(p), _) => p,
             (None, Some(k)) => partition_for_key(k, count),
-            (None, None) => sticky,
+            (None, None) => *sticky.get_or_insert_with(|| topic.next_sticky()),
         };
         by_partition.entry(pid).or_default().push(i);
         for h in &r.headers {
