@@ -65,6 +65,7 @@ pub struct BrokerHandle {
     grpc: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     ready: Arc<AtomicBool>,
     health: tonic_health::server::HealthReporter,
+    http_stop: watch::Sender<bool>,
 }
 
 /// Names the health service reports on ("" is the whole server).
@@ -109,10 +110,12 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
     crate::http::prometheus();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (http_stop, http_stop_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     {
-        let (ready, rx) = (Arc::clone(&ready), shutdown_rx.clone());
+        // The HTTP port outlives the gRPC one, so probes see 503 for the whole drain.
+        let (ready, rx) = (Arc::clone(&ready), http_stop_rx);
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::http::serve(http_listener, ready, rx).await {
                 tracing::error!(error = %e, "metrics server failed");
@@ -206,6 +209,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         grpc,
         ready,
         health: health_reporter,
+        http_stop,
     })
 }
 
@@ -276,7 +280,10 @@ impl BrokerHandle {
                 self.grpc.abort();
             }
         }
-        for t in self.tasks {
+        // The first task is the HTTP server, stopped last.
+        let mut tasks = std::mem::take(&mut self.tasks);
+        let http = (!tasks.is_empty()).then(|| tasks.remove(0));
+        for t in tasks {
             let _ = t.await;
         }
         let parts = self.state.registry.all_partitions();
@@ -292,6 +299,10 @@ impl BrokerHandle {
         })
         .await
         .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        let _ = self.http_stop.send(true);
+        if let Some(h) = http {
+            let _ = h.await;
+        }
         tracing::info!("shut down cleanly");
         Ok(())
     }
