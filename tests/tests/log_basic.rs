@@ -461,12 +461,19 @@ fn segments_roll_by_age() {
 #[test]
 fn active_segments_reserve_disk_space_in_chunks() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = LogConfig { segment_bytes: 1 << 30, flush: FlushPolicy::Os, ..LogConfig::default() };
+    let cfg = LogConfig {
+        segment_bytes: 1 << 30,
+        flush: FlushPolicy::Os,
+        ..LogConfig::default()
+    };
     let log = Log::open(dir.path(), cfg.clone()).expect("open");
     log.append(&batch_of("a", 10, 0), 1).expect("append");
     let seg = dir.path().join("00000000000000000000.log");
     let len = std::fs::metadata(&seg).expect("segment").len();
-    assert!(len <= 16 << 20, "a 1 GiB segment reserved {len} bytes up front");
+    assert!(
+        len <= 16 << 20,
+        "a 1 GiB segment reserved {len} bytes up front"
+    );
     // Writing past the first chunk reserves more, transparently.
     let big = batch_of(&"v".repeat(1000), 1000, 0);
     for _ in 0..20 {

@@ -4,16 +4,33 @@
 
 mod bench_cmd;
 mod broker_cmd;
+mod cluster_cmd;
+mod common;
+mod consume_cmd;
+mod group_cmd;
+mod output;
+mod produce_cmd;
+mod record_format;
+mod topic_cmd;
 mod up_cmd;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+use common::{ClientOpts, UsageError};
 
 /// Keel: a distributed, partitioned, replicated commit log.
+///
+/// Client commands find the cluster through --brokers HOST:PORT[,HOST:PORT...], else the
+/// KEEL_BROKERS environment variable, else 127.0.0.1:9292. Exit status: 0 success, 1 failure
+/// (one line on stderr says what went wrong), 2 usage error.
 #[derive(Debug, Parser)]
-#[command(name = "keel", version, about, long_about = None)]
+#[command(name = "keel", version, about, long_about)]
 struct Cli {
+    /// Also accepted before the command: `keel --brokers H:P topic list`.
+    #[arg(long, hide = true, value_name = "HOST:PORT[,HOST:PORT...]", value_parser = common::parse_brokers)]
+    brokers: Option<common::Brokers>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,14 +41,32 @@ enum Command {
     Broker(broker_cmd::BrokerArgs),
     /// Start a local cluster of brokers as child processes.
     Up(up_cmd::UpArgs),
-    /// Benchmark producing, consuming, or both end to end.
+    /// Create, list, describe, alter and delete topics.
     #[command(subcommand)]
-    Bench(bench_cmd::BenchCommand),
+    Topic(topic_cmd::TopicCommand),
+    /// Show the cluster's brokers and metadata leader.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
+    Produce(produce_cmd::ProduceArgs),
+    Consume(consume_cmd::ConsumeArgs),
+    /// Inspect and manage consumer groups.
+    #[command(subcommand)]
+    Group(group_cmd::GroupCommand),
+    /// Benchmark producing, consuming, or both end to end.
+    Bench(BenchCmd),
 }
 
-fn init_tracing(json: bool) {
+#[derive(Debug, clap::Args)]
+struct BenchCmd {
+    #[command(flatten)]
+    client: ClientOpts,
+    #[command(subcommand)]
+    command: bench_cmd::BenchCommand,
+}
+
+fn init_tracing(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -46,6 +81,24 @@ fn init_tracing(json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(b) = cli.brokers.clone() {
+        if matches!(cli.command, Command::Broker(_) | Command::Up(_)) {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--brokers is for client commands, not `keel broker` or `keel up`",
+                )
+                .exit();
+        }
+        common::set_top_level_brokers(b);
+    }
+    match &cli.command {
+        Command::Broker(args) => init_tracing(args.log_json, "info"),
+        Command::Up(_) => init_tracing(false, "info"),
+        // Client commands stay quiet unless something deserves a warning (a consumer position
+        // reset by retention, say); RUST_LOG turns on more.
+        _ => init_tracing(false, "warn"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,29 +111,30 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Broker(args) => {
-                init_tracing(args.log_json);
-                broker_cmd::run(args).await
-            }
-            Command::Up(args) => {
-                init_tracing(false);
-                up_cmd::run(args).await
-            }
-            Command::Bench(cmd) => {
-                let brokers: Vec<String> = std::env::var("KEEL_BROKERS")
-                    .unwrap_or_else(|_| "127.0.0.1:9292".into())
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect();
-                let client = keel_client::Client::connect(&brokers).await?;
-                bench_cmd::run(cmd, client).await
+            Command::Broker(args) => broker_cmd::run(args).await,
+            Command::Up(args) => up_cmd::run(args).await,
+            Command::Topic(cmd) => topic_cmd::run(cmd).await,
+            Command::Cluster(cmd) => cluster_cmd::run(cmd).await,
+            Command::Produce(args) => produce_cmd::run(args).await,
+            Command::Consume(args) => consume_cmd::run(args).await,
+            Command::Group(cmd) => group_cmd::run(cmd).await,
+            Command::Bench(b) => {
+                let client = common::connect(&b.client).await?;
+                bench_cmd::run(b.command, client).await
             }
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keel: {e:#}");
+            if let Some(u) = e.downcast_ref::<UsageError>() {
+                Cli::command()
+                    .error(clap::error::ErrorKind::ValueValidation, &u.0)
+                    .exit();
+            }
+            // One line, whatever the error chain holds.
+            let msg = format!("{e:#}").replace(['\n', '\r'], " ");
+            eprintln!("keel: {msg}");
             ExitCode::from(1)
         }
     }

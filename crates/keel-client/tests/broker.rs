@@ -257,8 +257,10 @@ async fn seeks_offsets_and_resets() {
         .create_topic("log", 1, 0, BTreeMap::new())
         .await
         .expect("create");
+    // acks=all: the high watermark (what ListOffsets reports as latest) covers the records
+    // once they are acknowledged; with acks=leader it follows after the background fsync.
     let producer = client
-        .producer(ProducerConfig::default().acks(Acks::Leader))
+        .producer(ProducerConfig::default().acks(Acks::All))
         .expect("producer");
     let mut acks = Vec::new();
     for i in 0..10i64 {

@@ -567,7 +567,7 @@ impl ActiveSegment {
         let mut files: Vec<Arc<dyn FileHandle>> = Vec::with_capacity(3);
         let index_capacity = index_capacity_for(segment_bytes, index_interval);
         let sizes = [
-            segment_bytes.min(RESERVE_CHUNK).max(SEGMENT_HEADER_LEN),
+            segment_bytes.clamp(SEGMENT_HEADER_LEN, RESERVE_CHUNK),
             (index_capacity * ENTRY_LEN) as u64,
             (index_capacity * ENTRY_LEN) as u64,
         ];
