@@ -51,6 +51,10 @@ pub enum BrokerError {
         limit: u64,
         setting: &'static str,
     },
+    #[error(
+        "the record batch at offset {offset} decompresses to more than {limit} bytes; fetch it with RECORD_FORMAT_BATCHES"
+    )]
+    DecodeTooLarge { offset: u64, limit: u64 },
     #[error("corrupt record batch in batches[{index}]: {reason}")]
     CorruptBatch { index: usize, reason: String },
     #[error("disk full: {0}")]
@@ -87,7 +91,7 @@ impl BrokerError {
             Self::TopicExists(_) => "TOPIC_EXISTS",
             Self::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
             Self::NotLeader { .. } => "NOT_LEADER",
-            Self::TooLarge { .. } => "MESSAGE_TOO_LARGE",
+            Self::TooLarge { .. } | Self::DecodeTooLarge { .. } => "MESSAGE_TOO_LARGE",
             Self::CorruptBatch { .. } => "CORRUPT_BATCH",
             Self::DiskFull(_) => "DISK_FULL",
             Self::Storage { .. } => "STORAGE_ERROR",
@@ -107,7 +111,9 @@ impl BrokerError {
             Self::TopicExists(_) => Code::AlreadyExists,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
             Self::NotLeader { .. } | Self::ShuttingDown => Code::Unavailable,
-            Self::TooLarge { .. } | Self::DiskFull(_) => Code::ResourceExhausted,
+            Self::TooLarge { .. } | Self::DecodeTooLarge { .. } | Self::DiskFull(_) => {
+                Code::ResourceExhausted
+            }
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::Storage { .. } | Self::Internal(_) => Code::Internal,
             Self::AfterWrite(inner) => inner.code(),

@@ -2,12 +2,12 @@
 //! subscriptions wait on.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once, Weak};
 
 use bytes::Bytes;
 use keel_log::{AppendInfo, Log, LogError, ReadLimit, ReadSlice};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::error::{BrokerError, Result};
 use crate::topic_config::Resolved;
@@ -23,6 +23,17 @@ pub struct Partition {
     /// sets it from the Raft commit index instead.
     hwm_tx: watch::Sender<u64>,
     flush_every_batch: AtomicBool,
+    /// Wakes this partition's background flusher (one task per partition, started on first
+    /// use), which fsyncs and then advances the high watermark; wake-ups coalesce.
+    flush_wanted: Arc<Notify>,
+    flusher: Once,
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        // Lets the flusher notice the partition is gone and end.
+        self.flush_wanted.notify_one();
+    }
 }
 
 /// Acknowledgement level of an append.
@@ -46,6 +57,8 @@ impl Partition {
             log: Arc::new(log),
             hwm_tx,
             flush_every_batch: AtomicBool::new(cfg.flush_every_batch()),
+            flush_wanted: Arc::new(Notify::new()),
+            flusher: Once::new(),
         })
     }
 
@@ -95,13 +108,13 @@ impl Partition {
             .map_err(|e| BrokerError::Internal(e.to_string()))?
             .map_err(|e| BrokerError::from_log(e, index))?;
         if self.flush_every_batch.load(Ordering::Acquire) {
-            let me = Arc::clone(self);
-            let info2 = info;
-            tokio::spawn(async move {
-                if let Err(e) = me.flush(&info2, index).await {
-                    tracing::error!(topic = %me.topic, partition = me.id, error = %e, "flush failed");
-                }
+            self.flusher.call_once(|| {
+                tokio::spawn(flusher(
+                    Arc::downgrade(self),
+                    Arc::clone(&self.flush_wanted),
+                ));
             });
+            self.flush_wanted.notify_one();
         } else {
             self.advance_hwm(info.next_offset);
         }
@@ -205,5 +218,25 @@ impl Partition {
                 message: e.to_string(),
                 definite: true,
             })
+    }
+}
+
+/// The background flusher of one partition: after each wake-up, fsyncs everything appended so
+/// far and advances the high watermark to the end observed before the fsync.
+async fn flusher(partition: Weak<Partition>, wanted: Arc<Notify>) {
+    loop {
+        wanted.notified().await;
+        let Some(p) = partition.upgrade() else {
+            return;
+        };
+        let end = p.log.log_end_offset();
+        let log = Arc::clone(&p.log);
+        match tokio::task::spawn_blocking(move || log.flush()).await {
+            Ok(Ok(())) => p.advance_hwm(end),
+            Ok(Err(e)) => {
+                tracing::error!(topic = %p.topic, partition = p.id, error = %e, "background flush failed");
+            }
+            Err(e) => tracing::error!(error = %e, "background flush task failed"),
+        }
     }
 }

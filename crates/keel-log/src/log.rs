@@ -365,6 +365,11 @@ impl Log {
     /// Seals the active segment and starts a new one. The new segment is created first, so a
     /// full disk leaves the log exactly as it was.
     fn roll(&self, w: &mut Writer, now: i64) -> Result<()> {
+        // The old segment must be durable before the new one is: after a power loss, a new
+        // segment next to an old one missing its unflushed tail would not continue it.
+        if let Err(e) = w.active.seg.sync_log() {
+            return Err(self.poison(&e));
+        }
         let tail = w.active.seg.tail();
         let header = SegmentHeader {
             base_offset: tail.next_offset,
@@ -424,9 +429,10 @@ impl Log {
             // segment before publishing the new one, so whatever the sequence covers is either
             // in the segment synced here or already durable.
             let current = self.append_seq.load(Ordering::Acquire);
-            if let Some(seg) = self.active()
-                && let Err(e) = seg.sync_log()
-            {
+            // The writer's own segment, not the published list (which a failed `reset` can
+            // leave empty): never report durability without an fsync.
+            let seg = Arc::clone(&lock(&self.writer).active.seg);
+            if let Err(e) = seg.sync_log() {
                 return Err(self.poison(&e));
             }
             self.flushed_seq.fetch_max(current, Ordering::AcqRel);
@@ -503,9 +509,9 @@ impl Log {
             index_entries: seg.offset_index_entries() as u32,
             time_entries: seg.time_index_entries() as u32,
         };
-        if let Err(e) = checkpoint::write(&*self.fs, &self.dir, &cp) {
-            return Err(self.poison(&e));
-        }
+        // The data is durable at this point; failing to record the checkpoint (e.g. a full
+        // disk) only makes the next recovery longer, so it is reported, not poisoning.
+        checkpoint::write(&*self.fs, &self.dir, &cp)?;
         self.checkpoint_seq.store(seq, Ordering::Release);
         Ok(())
     }
@@ -545,6 +551,11 @@ impl Log {
             return Err(self.out_of_range(offset));
         }
         let segs = self.segments();
+        // Retention may have moved the start between the check above and loading the list.
+        if offset < self.log_start_offset() || segs.first().is_some_and(|s| offset < s.base_offset)
+        {
+            return Err(self.out_of_range(offset));
+        }
         let first = segs
             // A control batch at the end of the previous segment can share the offset a
             // segment starts at; start one segment early and let the lookup move on.
@@ -686,16 +697,19 @@ impl Log {
                 w.config.index_interval_bytes,
             )?;
         }
-        w.active.cut(pos, tail);
+        // Later segments go first (durably), then the cut, then the checkpoint: a crash in
+        // between leaves a log that recovery reads as the old one or the new one, never a gap.
         self.set_segments(segs[..=k].to_vec());
+        if let Err(e) = self.delete_files(&removed) {
+            return Err(self.poison(&e));
+        }
+        w.active.cut(pos, tail);
         let end = tail.next_offset;
         if self.log_start_offset() > end {
             self.log_start.store(end, Ordering::Release);
         }
         tracing::info!(dir = %self.dir.display(), log_end = end, next_raft_index = tail.next_raft_index, removed_segments = removed.len(), "log truncated");
-        self.checkpoint_locked(&w)?;
-        drop(w);
-        self.delete_files(&removed)
+        self.checkpoint_locked(&w)
     }
 
     /// Discards the whole log and restarts it empty at the given positions (e.g. after a
@@ -705,7 +719,9 @@ impl Log {
         let mut w = lock(&self.writer);
         let old = self.segments();
         self.set_segments(Vec::new());
-        self.delete_files(&old)?;
+        if let Err(e) = self.delete_files(&old) {
+            return Err(self.poison(&e));
+        }
         let now = self.clock.now_ms();
         let header = SegmentHeader {
             base_offset: next_offset,

@@ -76,7 +76,9 @@ pub(crate) fn recover(
         let is_last = i + 1 == count;
         let seg = match Segment::open(fs, dir, base) {
             Ok((seg, _)) => Arc::new(seg),
-            Err(LogError::Corrupt { path, reason, .. }) if is_last => {
+            Err(LogError::Corrupt { path, reason, .. })
+                if is_last && unfinished_creation(fs, &path, cp.as_ref(), base)? =>
+            {
                 tracing::warn!(path = %path.display(), %reason, "removing a segment whose creation did not complete");
                 for p in paths(dir, base) {
                     if fs.exists(&p) {
@@ -93,6 +95,24 @@ pub(crate) fn recover(
         if let Some(p) = prev_tail
             && (seg.base_offset != p.next_offset || seg.base_raft_index != p.next_raft_index)
         {
+            // After the checkpoint's segment, a segment that does not continue the log is what
+            // an interrupted truncation or roll leaves behind (its data was never part of the
+            // log recovered so far): drop it and everything after it.
+            if cp.is_some_and(|c| base > c.active_base_offset) {
+                drop(seg);
+                for &later in &bases[i..] {
+                    for f in paths(dir, later) {
+                        if fs.exists(&f) {
+                            fs.remove(&f).map_err(|e| LogError::io("removing", &f, e))?;
+                        }
+                    }
+                }
+                fs.sync_dir(dir)
+                    .map_err(|e| LogError::io("syncing directory", dir, e))?;
+                tracing::warn!(dir = %dir.display(), from_segment = base, log_end = p.next_offset, "removed segments that do not continue the recovered log (interrupted truncation or roll)");
+                needs_checkpoint = true;
+                break;
+            }
             return Err(LogError::Corrupt {
                 path: seg.log_path.clone(),
                 position: 16,
@@ -288,6 +308,19 @@ fn load_sealed(seg: &Arc<Segment>) -> Result<Tail> {
         .checked_sub(1)
         .and_then(|i| index::time_entry(&time_map, i))
         .map_or(i64::MIN, |e| e.timestamp);
+    seg.set_loaded(
+        Tail {
+            data_len,
+            next_offset: seg.base_offset,
+            next_raft_index: seg.base_raft_index,
+            last_term: 0,
+            max_timestamp: i64::MIN,
+        },
+        idx_n,
+        time_n,
+        data_len,
+    );
+    let data_len = seg.end_of_data(data_len);
     let mut tail = Tail {
         data_len,
         next_offset: seg.base_offset,
@@ -303,4 +336,25 @@ fn load_sealed(seg: &Arc<Segment>) -> Result<Tail> {
         seg.set_loaded(tail, idx_n, time_n, data_len);
     }
     Ok(tail)
+}
+
+/// A last segment with an unreadable header is an interrupted creation only if no checkpoint
+/// names it and nothing was ever written after its header; anything else is corruption of data
+/// that may have been acknowledged, which must be reported, not deleted.
+fn unfinished_creation(
+    fs: &dyn Fs,
+    path: &Path,
+    cp: Option<&Checkpoint>,
+    base: u64,
+) -> Result<bool> {
+    if cp.is_some_and(|c| c.active_base_offset == base) {
+        return Ok(false);
+    }
+    let bytes = fs
+        .open(path)
+        .and_then(|f| f.read_all())
+        .map_err(|e| LogError::io("reading", path, e))?;
+    Ok(bytes
+        .get(SEGMENT_HEADER_LEN as usize..)
+        .is_none_or(|rest| rest.iter().all(|b| *b == 0)))
 }

@@ -48,6 +48,9 @@ pub(crate) struct Segment {
     pub files: [Arc<dyn FileHandle>; 3],
     maps: RwLock<[Arc<Mmap>; 3]>,
     data_len: AtomicU64,
+    /// The largest end ever published: readers may hold bytes up to it, so the file is never
+    /// shrunk below it (a truncation zero-fills instead).
+    max_published: AtomicU64,
     index_entries: AtomicUsize,
     time_entries: AtomicUsize,
     /// Batches at positions `>= trusted_from` were CRC-checked when written or recovered.
@@ -325,6 +328,41 @@ impl Segment {
         }
     }
 
+    /// Where the batches of a sealed file end: a sealed file can carry a zero-filled tail after
+    /// a truncation (files are never shrunk below what readers may hold), so the end is found
+    /// by walking headers from the last index entry to the first zero length (O(interval)).
+    pub fn end_of_data(&self, file_len: u64) -> u64 {
+        let map = self.map(0);
+        let limit = file_len.min(map.len() as u64);
+        let mut pos = self
+            .last_index_entry()
+            .map_or(SEGMENT_HEADER_LEN, |e| u64::from(e.position))
+            .min(limit);
+        while pos + 4 <= limit {
+            let Some(rest) = map.get(pos as usize..limit as usize) else {
+                break;
+            };
+            let Ok(h) = BatchHeader::parse(rest) else {
+                break;
+            };
+            let end = pos + h.total_len() as u64;
+            if end > limit {
+                break;
+            }
+            pos = end;
+        }
+        // Anything else past the last whole batch other than zeros is left for the read path's
+        // CRC checks to report.
+        if map
+            .get(pos as usize..limit as usize)
+            .is_some_and(|r| r.iter().all(|b| *b == 0))
+        {
+            pos
+        } else {
+            limit
+        }
+    }
+
     /// The header of the last batch, found from the last index entry.
     pub fn last_batch(&self) -> Result<Option<BatchHeader>> {
         let end = self.data_len();
@@ -373,6 +411,8 @@ impl Segment {
         self.last_term.store(tail.last_term, Ordering::Release);
         self.max_timestamp
             .store(tail.max_timestamp, Ordering::Release);
+        self.max_published
+            .fetch_max(tail.data_len, Ordering::AcqRel);
         self.data_len.store(tail.data_len, Ordering::Release);
     }
 
@@ -432,6 +472,7 @@ impl Segment {
             files,
             maps: RwLock::new(maps),
             data_len: AtomicU64::new(SEGMENT_HEADER_LEN),
+            max_published: AtomicU64::new(SEGMENT_HEADER_LEN),
             index_entries: AtomicUsize::new(0),
             time_entries: AtomicUsize::new(0),
             trusted_from: AtomicU64::new(SEGMENT_HEADER_LEN),
@@ -488,7 +529,8 @@ impl Segment {
     /// makes everything durable.
     pub fn seal(&self) -> Result<()> {
         let lens = [
-            self.data_len(),
+            self.data_len()
+                .max(self.max_published.load(Ordering::Acquire)),
             (self.index_entries.load(Ordering::Acquire) * ENTRY_LEN) as u64,
             (self.time_entries.load(Ordering::Acquire) * ENTRY_LEN) as u64,
         ];
@@ -678,9 +720,14 @@ impl ActiveSegment {
     /// A full disk is a `DiskFull` error here, before any byte is written.
     pub fn grow(&mut self, needed: u64) -> Result<()> {
         if needed > self.capacity {
+            // Grow geometrically, so a segment that keeps growing (e.g. after segment.bytes was
+            // raised) remaps a few times, not on every append.
+            let capacity = needed
+                .max(self.capacity.saturating_mul(2))
+                .min(needed.max(crate::config::MAX_SEGMENT_BYTES));
             let index_bytes = (self.index_capacity * ENTRY_LEN) as u64;
-            self.maps = remap(&self.seg, [needed, index_bytes, index_bytes])?;
-            self.capacity = needed;
+            self.maps = remap(&self.seg, [capacity, index_bytes, index_bytes])?;
+            self.capacity = capacity;
             self.populated_to = self.seg.data_len();
         }
         if needed > self.reserved {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::Stream;
 use futures::future::select_all;
 use keel_log::ReadSlice;
-use keel_log::batch::{BatchIter, DEFAULT_MAX_DECOMPRESSED, decode_records};
+use keel_log::batch::{BatchError, BatchIter, decode_records};
 use keel_proto::v1::consume_service_server::ConsumeService;
 use keel_proto::v1::*;
 use tokio::sync::mpsc;
@@ -33,10 +33,21 @@ fn decoded(format: i32) -> Result<bool> {
     }
 }
 
-/// Decodes the records at or after `from` in a read slice.
-fn decode(slice: &ReadSlice, from: u64) -> Result<Vec<ConsumedRecord>> {
+/// Decodes the records at or after `from` in a read slice, spending at most `budget` bytes of
+/// decompressed data (shared across a request), so a small compressed batch cannot make the
+/// broker allocate without bound. The first batch of a request may use up to `first_limit`; a
+/// batch larger than that is an error telling the client to fetch raw batches. Returns the
+/// records and the offset after the last batch decoded.
+fn decode(
+    slice: &ReadSlice,
+    from: u64,
+    budget: &mut u64,
+    first_limit: u64,
+    first_in_request: &mut bool,
+) -> Result<(Vec<ConsumedRecord>, u64)> {
     let mut out = Vec::new();
     let mut pos = 0usize;
+    let mut next = from;
     for item in BatchIter::new(&slice.bytes) {
         let (h, raw) = item.map_err(|e| BrokerError::Storage {
             message: format!("stored batch failed to decode: {e}"),
@@ -45,13 +56,52 @@ fn decode(slice: &ReadSlice, from: u64) -> Result<Vec<ConsumedRecord>> {
         let bytes = slice.bytes.slice(pos..pos + raw.len());
         pos += raw.len();
         if h.attributes.control {
+            next = next.max(h.next_offset());
             continue;
         }
-        let records =
-            decode_records(&bytes, DEFAULT_MAX_DECOMPRESSED).map_err(|e| BrokerError::Storage {
-                message: format!("stored batch failed to decode: {e}"),
-                definite: true,
-            })?;
+        let limit = if *first_in_request {
+            first_limit
+        } else {
+            *budget
+        };
+        if limit == 0 {
+            break;
+        }
+        let records = match decode_records(&bytes, limit as usize) {
+            Ok(r) => r,
+            Err(BatchError::TooLarge { .. } | BatchError::Decompress(_)) if !*first_in_request => {
+                break;
+            }
+            Err(BatchError::TooLarge { .. } | BatchError::Decompress(_))
+                if h.attributes.compression != keel_log::batch::Compression::None =>
+            {
+                return Err(BrokerError::DecodeTooLarge {
+                    offset: h.base_offset,
+                    limit,
+                });
+            }
+            Err(e) => {
+                return Err(BrokerError::Storage {
+                    message: format!("stored batch failed to decode: {e}"),
+                    definite: true,
+                });
+            }
+        };
+        *first_in_request = false;
+        let size: u64 = records
+            .iter()
+            .map(|r| {
+                (r.key.as_ref().map_or(0, Bytes::len)
+                    + r.value.as_ref().map_or(0, Bytes::len)
+                    + r.headers
+                        .iter()
+                        .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len))
+                        .sum::<usize>()
+                    + 16) as u64
+            })
+            .sum();
+        *budget = budget.saturating_sub(size);
+        next = next.max(h.next_offset());
         out.extend(records.into_iter().filter(|r| r.offset >= from).map(|r| {
             ConsumedRecord {
                 offset: r.offset,
@@ -69,7 +119,7 @@ fn decode(slice: &ReadSlice, from: u64) -> Result<Vec<ConsumedRecord>> {
             }
         }));
     }
-    Ok(out)
+    Ok((out, next))
 }
 
 fn next_offset(slice: &ReadSlice, from: u64) -> u64 {
@@ -161,22 +211,31 @@ impl Consume {
             }
             if total >= min_bytes || Instant::now() >= deadline || st.is_shutting_down() {
                 let mut out = Vec::with_capacity(parts.len());
+                let mut budget = max_bytes;
+                let mut first = true;
+                let first_limit = u64::from(st.limits.max_fetch_bytes);
                 for ((p, fp), slice) in parts.iter().zip(slices) {
                     let slice = slice.unwrap_or(ReadSlice {
                         bytes: Bytes::new(),
                         last: None,
                     });
-                    let (record_batches, records) = if want_decoded {
-                        (Bytes::new(), decode(&slice, fp.offset)?)
+                    let (record_batches, records, next) = if want_decoded {
+                        let (r, next) =
+                            decode(&slice, fp.offset, &mut budget, first_limit, &mut first)?;
+                        (Bytes::new(), r, next)
                     } else {
-                        (slice.bytes.clone(), Vec::new())
+                        (
+                            slice.bytes.clone(),
+                            Vec::new(),
+                            next_offset(&slice, fp.offset),
+                        )
                     };
                     out.push(FetchedPartition {
                         topic: fp.topic.clone(),
                         partition: fp.partition,
                         high_watermark: p.high_watermark(),
                         log_start_offset: p.log_start_offset(),
-                        next_offset: next_offset(&slice, fp.offset),
+                        next_offset: next,
                         record_batches,
                         records,
                     });
@@ -273,17 +332,23 @@ impl ConsumeService for Consume {
                     }
                 };
                 if slice.last.is_some() {
-                    let next = next_offset(&slice, pos);
-                    let (record_batches, records) = if want_decoded {
-                        match decode(&slice, pos) {
-                            Ok(r) => (Bytes::new(), r),
+                    let (record_batches, records, next) = if want_decoded {
+                        let (mut budget, mut first) = (max_bytes, true);
+                        match decode(
+                            &slice,
+                            pos,
+                            &mut budget,
+                            u64::from(st.limits.max_fetch_bytes),
+                            &mut first,
+                        ) {
+                            Ok((r, next)) => (Bytes::new(), r, next),
                             Err(e) => {
                                 let _ = tx.send(Err(e.into())).await;
                                 return;
                             }
                         }
                     } else {
-                        (slice.bytes.clone(), Vec::new())
+                        (slice.bytes.clone(), Vec::new(), next_offset(&slice, pos))
                     };
                     let msg = SubscribeResponse {
                         partition: p.id,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::Stream;
 use keel_log::AppendInfo;
 use keel_log::batch::{
-    BatchBuilder, Compression, DEFAULT_MAX_DECOMPRESSED, RecordRef, validate_records,
+    BatchBuilder, BatchError, Compression, DEFAULT_MAX_DECOMPRESSED, RecordRef, validate_records,
 };
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::produce_service_server::ProduceService;
@@ -26,6 +26,9 @@ use crate::state::Shared;
 
 #[derive(Debug, Clone)]
 pub struct Produce(pub Shared);
+
+/// How far a batch may expand when decompressed, relative to `max.message.bytes`.
+const MAX_COMPRESSION_RATIO: u64 = 16;
 
 /// One batch ready to append.
 struct Prepared {
@@ -102,6 +105,9 @@ impl Produce {
             ));
         }
         let max_message = topic.config.max_message_bytes;
+        // Decompressing is bounded too: a small batch must not expand without limit.
+        let max_decompressed = (max_message.saturating_mul(MAX_COMPRESSION_RATIO) as usize)
+            .min(DEFAULT_MAX_DECOMPRESSED);
         let mut batches = Vec::with_capacity(req.batches.len());
         let mut sources = Vec::with_capacity(req.batches.len());
         for (i, b) in req.batches.into_iter().enumerate() {
@@ -129,11 +135,17 @@ impl Produce {
                         });
                     }
                     let header =
-                        validate_records(&bytes, DEFAULT_MAX_DECOMPRESSED).map_err(|e| {
-                            BrokerError::CorruptBatch {
+                        validate_records(&bytes, max_decompressed).map_err(|e| match e {
+                            BatchError::TooLarge { size, limit } => BrokerError::TooLarge {
+                                what: "decompressed record batch",
+                                size,
+                                limit,
+                                setting: "16 x max.message.bytes, at most 64 MiB",
+                            },
+                            other => BrokerError::CorruptBatch {
                                 index: i,
-                                reason: e.to_string(),
-                            }
+                                reason: other.to_string(),
+                            },
                         })?;
                     if header.total_len() != bytes.len() {
                         return Err(BrokerError::CorruptBatch {
@@ -371,8 +383,13 @@ fn encode_records(
                 value: r.value.as_deref(),
                 headers: &headers,
             };
-            let size =
-                r.key.as_ref().map_or(0, Bytes::len) + r.value.as_ref().map_or(0, Bytes::len) + 64;
+            let size = r.key.as_ref().map_or(0, Bytes::len)
+                + r.value.as_ref().map_or(0, Bytes::len)
+                + r.headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len) + 8)
+                    .sum::<usize>()
+                + 64;
             if !builder.is_empty() && (builder.size_bytes() + size) as u64 > max_message {
                 let full = std::mem::replace(&mut builder, BatchBuilder::new(Compression::None));
                 flush(full, std::mem::take(&mut members), out)?;

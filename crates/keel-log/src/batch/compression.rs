@@ -105,6 +105,15 @@ pub(crate) fn decompress(
             Ok(out)
         }
         Compression::Zstd => {
+            // A frame that declares a larger size is refused by its header, without work.
+            if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(input)
+                && declared > limit as u64
+            {
+                return Err(BatchError::TooLarge {
+                    size: declared,
+                    limit: limit as u64,
+                });
+            }
             zstd::bulk::decompress(input, limit).map_err(|e| BatchError::Decompress(e.to_string()))
         }
     }
