@@ -1,0 +1,551 @@
+//! `RaftLogStorage` over a keel partition log.
+//!
+//! Layout of a store directory:
+//!
+//! ```text
+//! <dir>/
+//!   log/             the keel-log partition log: one Raft entry per record batch
+//!   raft-vote        the vote (CRC-checked JSON; a corrupt file refuses to open)
+//!   raft-committed   the last committed log id as far as this replica knows (a hint)
+//!   raft-purged      the last purged log id (needed by get_log_state after a restart)
+//! ```
+//!
+//! The Raft index and term of each entry are the batch header's `raft_index` and `raft_term`.
+//! Offsets are assigned by the log; control entries (blank, membership) take none.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use keel_log::batch::BatchIter;
+use keel_log::fs::{Fs, RealFs};
+use keel_log::{Clock, FlushPolicy, Log, LogConfig, LogError, ReadLimit, SystemClock};
+use openraft::OptionalSend;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+
+use crate::codec;
+use crate::state_file::StateFile;
+use crate::types::{Entry, KeelRaft, LogId, Vote, log_id};
+
+const LOG_DIR: &str = "log";
+const VOTE_FILE: &str = "raft-vote";
+const COMMITTED_FILE: &str = "raft-committed";
+const PURGED_FILE: &str = "raft-purged";
+
+/// Default cap on the bytes `limited_get_log_entries` returns (replication payloads).
+pub const DEFAULT_MAX_READ_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Default, Clone)]
+struct Meta {
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    purged: Option<LogId>,
+    /// Set by the state machine when it installs a snapshot: the offset the log must continue
+    /// from after that snapshot's last entry, used by a purge past the end of the log.
+    snapshot_offset: Option<(LogId, u64)>,
+}
+
+/// What `raft-purged` holds: the purge point and the offset the log continues from after it,
+/// so that a purge a crash interrupted is finished with the right offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct PurgeRecord {
+    log_id: LogId,
+    next_offset: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    log: Log,
+    fs: Arc<dyn Fs>,
+    clock: Arc<dyn Clock>,
+    vote_file: StateFile,
+    committed_file: StateFile,
+    purged_file: StateFile,
+    meta: Mutex<Meta>,
+    max_read_bytes: u64,
+}
+
+/// A partition's Raft log storage: a keel log plus the vote, committed and purge point.
+#[derive(Debug, Clone)]
+pub struct KeelLogStore {
+    inner: Arc<Inner>,
+}
+
+/// A reader over the same log; sees every entry appended after it was created.
+#[derive(Debug, Clone)]
+pub struct KeelLogReader {
+    inner: Arc<Inner>,
+}
+
+fn lock(m: &Mutex<Meta>) -> MutexGuard<'_, Meta> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Converts a keel log error into the `io::Error` openraft expects, keeping its source chain.
+pub fn log_err(e: LogError, context: &str) -> io::Error {
+    let kind = match &e {
+        LogError::Corrupt { .. } => io::ErrorKind::InvalidData,
+        LogError::DiskFull { .. } => io::ErrorKind::StorageFull,
+        LogError::Io { source, .. } => source.kind(),
+        LogError::InvalidBatch(_)
+        | LogError::BatchTooLarge { .. }
+        | LogError::NonContiguousIndex { .. }
+        | LogError::TermWentBackwards { .. }
+        | LogError::Config(_) => io::ErrorKind::InvalidInput,
+        _ => io::ErrorKind::Other,
+    };
+    let mut msg = format!("{context}: {e}");
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    io::Error::new(kind, msg)
+}
+
+async fn blocking<T, F>(f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("storage task failed: {e}")))?
+}
+
+impl KeelLogStore {
+    /// Opens (or creates) the store in `dir` on the real filesystem.
+    ///
+    /// The store owns durability and retention of the log: the flush policy is forced to
+    /// [`FlushPolicy::Os`] (the store fsyncs once per `append` call, before acknowledging)
+    /// and size/time retention is disabled (data is only removed through `purge`).
+    /// Blocking: call it from a blocking context.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> io::Result<Self> {
+        Self::open_with(dir, config, Arc::new(RealFs), Arc::new(SystemClock))
+    }
+
+    /// Like [`KeelLogStore::open`] with an explicit filesystem and clock (tests, `CrashFs`).
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        mut config: LogConfig,
+        fs: Arc<dyn Fs>,
+        clock: Arc<dyn Clock>,
+    ) -> io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        fs.create_dir_all(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+        let vote_file = StateFile::new(&dir, VOTE_FILE);
+        let committed_file = StateFile::new(&dir, COMMITTED_FILE);
+        let purged_file = StateFile::new(&dir, PURGED_FILE);
+
+        let vote: Option<Vote> = vote_file.load(&*fs)?;
+        let purge_record: Option<PurgeRecord> = purged_file.load(&*fs)?;
+        let purged = purge_record.map(|r| r.log_id);
+        // The committed id is a hint (openraft works without it); losing it is safe.
+        let committed: Option<LogId> = match committed_file.load(&*fs) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!(error = %e, "ignoring corrupt committed log id");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+
+        config.flush = FlushPolicy::Os;
+        config.retention_ms = None;
+        config.retention_bytes = None;
+        let log = Log::open_with(
+            dir.join(LOG_DIR),
+            config,
+            Arc::clone(&fs),
+            Arc::clone(&clock),
+        )
+        .map_err(|e| log_err(e, "opening the partition log"))?;
+
+        // A purge is recorded before the log is cut: finish one a crash interrupted.
+        if let Some(r) = purge_record {
+            if log.next_raft_index() <= r.log_id.index {
+                tracing::info!(dir = %dir.display(), purged = %r.log_id, next_offset = r.next_offset, "finishing an interrupted purge");
+                log.reset(r.next_offset, r.log_id.index + 1, r.log_id.leader_id.term)
+                    .map_err(|e| log_err(e, "resetting the log to the purge point"))?;
+            } else if log.log_start_offset() < r.next_offset {
+                log.delete_before(r.next_offset)
+                    .map_err(|e| log_err(e, "advancing the log start to the purge point"))?;
+            }
+        }
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                log,
+                fs,
+                clock,
+                vote_file,
+                committed_file,
+                purged_file,
+                meta: Mutex::new(Meta {
+                    vote,
+                    committed,
+                    purged,
+                    snapshot_offset: None,
+                }),
+                max_read_bytes: DEFAULT_MAX_READ_BYTES,
+            }),
+        })
+    }
+
+    /// The partition log (for the broker's fetch path: read up to the commit index only).
+    pub fn log(&self) -> &Log {
+        &self.inner.log
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Tells the store the partition offset that follows `last`, the last entry of a snapshot
+    /// the state machine is installing. openraft purges the log up to `last` after the
+    /// snapshot is installed; when that purge passes the end of the local log, the log restarts
+    /// empty at `last.index + 1` and must continue at the leader's offsets, which only the
+    /// snapshot knows. Without this call it continues at the local log end offset, which is
+    /// only right if the snapshot covers no data this replica does not hold.
+    pub fn set_snapshot_offset(&self, last: LogId, next_offset: u64) {
+        lock(&self.inner.meta).snapshot_offset = Some((last, next_offset));
+    }
+
+    /// Flushes and checkpoints the log so the next open validates nothing.
+    pub fn checkpoint(&self) -> io::Result<()> {
+        self.inner
+            .log
+            .checkpoint()
+            .map_err(|e| log_err(e, "checkpointing the log"))
+    }
+}
+
+impl Inner {
+    fn purged(&self) -> Option<LogId> {
+        lock(&self.meta).purged
+    }
+
+    /// First Raft index that is logically present (entries at or below the purge point may
+    /// still be in a segment but are never served).
+    fn first_index(&self) -> u64 {
+        let physical = self.log.first_raft_index();
+        match self.purged() {
+            Some(p) => physical.max(p.index + 1),
+            None => physical,
+        }
+    }
+
+    fn log_state(&self) -> LogState<KeelRaft> {
+        let purged = self.purged();
+        let first = self.first_index();
+        let next = self.log.next_raft_index();
+        let last = if next > first {
+            Some(log_id(self.log.last_term(), next - 1))
+        } else {
+            purged
+        };
+        LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        }
+    }
+
+    /// Reads the entries in `[start, end)` that are present, up to about `max_bytes` (at least
+    /// one entry when any is present).
+    fn read_entries(&self, start: u64, end: u64, max_bytes: u64) -> io::Result<Vec<Entry>> {
+        let start = start.max(self.first_index());
+        let end = end.min(self.log.next_raft_index());
+        let mut out = Vec::new();
+        let mut idx = start;
+        let mut budget = max_bytes;
+        let committed = lock(&self.meta).committed.map(|c| c.index);
+        while idx < end && budget > 0 {
+            let limit = ReadLimit {
+                max_offset: None,
+                max_raft_index: Some(end),
+            };
+            let slice = self
+                .log
+                .read_raft(idx, budget, limit)
+                .map_err(|e| log_err(e, &format!("reading raft index {idx}")))?;
+            if slice.bytes.is_empty() {
+                break;
+            }
+            budget = budget.saturating_sub(slice.bytes.len() as u64);
+            decode_slice(&slice.bytes, &mut idx, &mut out, committed)?;
+        }
+        Ok(out)
+    }
+
+    fn append_blocking(&self, entries: Vec<Entry>) -> io::Result<()> {
+        let mut last_seq = None;
+        for entry in &entries {
+            let (term, index) = (entry.log_id.leader_id.term, entry.log_id.index);
+            let next = self.log.next_raft_index();
+            if index != next {
+                let purged = self.purged();
+                let empty = self.first_index() >= next;
+                let behind_purge = purged.is_some_and(|p| index <= p.index);
+                if !empty || behind_purge {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "append of {} leaves a hole or overwrites: the log's next index is {next}, last purged {purged:?}",
+                            entry.log_id
+                        ),
+                    ));
+                }
+                // An empty log starts wherever the first entry says.
+                let prev_term = purged.map_or(0, |p| p.leader_id.term).min(term);
+                self.log
+                    .reset(self.log.log_end_offset(), index, prev_term)
+                    .map_err(|e| log_err(e, "restarting the empty log"))?;
+            }
+            let encoded = codec::encode(&entry.payload, self.clock.now_ms())?;
+            let info = self
+                .log
+                .append_at(encoded.as_slice(), term, index)
+                .map_err(|e| log_err(e, &format!("appending entry {}", entry.log_id)))?;
+            last_seq = Some(info.flush_seq);
+        }
+        if let Some(seq) = last_seq {
+            self.log
+                .flush_to(seq)
+                .map_err(|e| log_err(e, "flushing appended entries"))?;
+        }
+        Ok(())
+    }
+
+    fn truncate_blocking(&self, last: Option<LogId>) -> io::Result<()> {
+        let purged = self.purged();
+        match last {
+            Some(id) => {
+                if purged.is_some_and(|p| id.index < p.index) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "truncate after {id} would remove purged entries (purged {purged:?})"
+                        ),
+                    ));
+                }
+                if id.index + 1 >= self.log.next_raft_index() {
+                    return Ok(());
+                }
+                self.log
+                    .truncate_after_raft_index(Some(id.index))
+                    .map_err(|e| log_err(e, &format!("truncating after {id}")))
+            }
+            None => {
+                if purged.is_some() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "truncating the whole log would remove purged entries (purged {purged:?})"
+                        ),
+                    ));
+                }
+                self.log
+                    .truncate_after_raft_index(None)
+                    .map_err(|e| log_err(e, "truncating the whole log"))
+            }
+        }
+    }
+
+    fn purge_blocking(&self, upto: LogId) -> io::Result<()> {
+        let (purged, hint) = {
+            let m = lock(&self.meta);
+            (m.purged, m.snapshot_offset)
+        };
+        if purged.is_some_and(|p| p.index >= upto.index) {
+            return Ok(());
+        }
+        let ctx = |e| log_err(e, &format!("purging up to {upto}"));
+        let next = self.log.next_raft_index();
+        let keep_from = upto.index + 1;
+        let past_end = keep_from >= next;
+        let next_offset = if past_end {
+            match hint {
+                Some((id, offset)) if id == upto => offset,
+                _ => self.log.log_end_offset(),
+            }
+        } else if keep_from > self.log.first_raft_index() {
+            self.log.entry_header(keep_from).map_err(ctx)?.base_offset
+        } else {
+            self.log.log_start_offset()
+        };
+        // Record the purge point first: a crash before the log is cut leaves entries the
+        // store no longer serves, and open finishes a purge that passed the log's end.
+        let record = PurgeRecord {
+            log_id: upto,
+            next_offset,
+        };
+        self.purged_file.store(&*self.fs, &Some(record))?;
+        lock(&self.meta).purged = Some(upto);
+
+        if past_end {
+            // Everything present (and possibly more) is purged: restart the log empty at the
+            // next index.
+            let empty_at_point = next == keep_from
+                && self.log.first_raft_index() == next
+                && self.log.log_end_offset() == next_offset;
+            if !empty_at_point {
+                self.log
+                    .reset(next_offset, keep_from, upto.leader_id.term)
+                    .map_err(ctx)?;
+            }
+        } else if next_offset > self.log.log_start_offset() {
+            self.log.delete_before(next_offset).map_err(ctx)?;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes consecutive batches into entries, checking that their indexes continue from `idx`.
+///
+/// Entries above the committed index are copied out of the segment mapping: a follower's
+/// truncation zero-fills and then reuses their bytes in place, which a zero-copy `Bytes`
+/// still held by a replication task would observe. Committed entries are never rewritten,
+/// so they are served zero-copy.
+fn decode_slice(
+    bytes: &Bytes,
+    idx: &mut u64,
+    out: &mut Vec<Entry>,
+    committed: Option<u64>,
+) -> io::Result<()> {
+    for item in BatchIter::new(bytes) {
+        let (h, batch) = item.map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reading raft index {idx}: {e}"),
+            )
+        })?;
+        if h.raft_index != *idx {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "expected raft index {idx}, the log returned {}",
+                    h.raft_index
+                ),
+            ));
+        }
+        let stable = committed.is_some_and(|c| h.raft_index <= c);
+        let entry = if stable {
+            codec::decode(&h, batch, bytes)?
+        } else {
+            let owned = Bytes::copy_from_slice(batch);
+            codec::decode(&h, &owned, &owned)?
+        };
+        out.push(entry);
+        *idx += 1;
+    }
+    Ok(())
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<KeelRaft> for KeelLogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let (start, end) = bounds(&range);
+        // Reads are memory-mapped and short; they run inline.
+        self.inner.read_entries(start, end, u64::MAX)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(lock(&self.inner.meta).vote)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.inner
+            .read_entries(start, end, self.inner.max_read_bytes)
+    }
+}
+
+impl RaftLogStorage<KeelRaft> for KeelLogStore {
+    type LogReader = KeelLogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<KeelRaft>, io::Error> {
+        Ok(self.inner.log_state())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        KeelLogReader {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let inner = Arc::clone(&self.inner);
+        let v = *vote;
+        blocking(move || {
+            inner.vote_file.store(&*inner.fs, &Some(v))?;
+            lock(&inner.meta).vote = Some(v);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            inner.committed_file.store(&*inner.fs, &committed)?;
+            lock(&inner.meta).committed = committed;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(lock(&self.inner.meta).committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<KeelRaft>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.append_blocking(entries)).await?;
+        callback.io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.truncate_blocking(last_log_id)).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.purge_blocking(log_id)).await
+    }
+}

@@ -1,0 +1,167 @@
+//! Test support: a minimal in-memory state machine and a store builder for openraft's suite.
+#![allow(dead_code)]
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use keel_log::LogConfig;
+use keel_log::batch::BatchHeader;
+use keel_raft::types::Snapshot;
+use keel_raft::types::{SnapshotMeta, StoredMembership};
+use keel_raft::{AppendAck, KeelLogStore, KeelRaft, LogId};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::testing::log::StoreBuilder;
+use openraft::type_config::TypeConfigExt;
+use openraft::{EntryPayload, OptionalSend, StorageError};
+use serde::{Deserialize, Serialize};
+
+/// What the test state machine tracks; a snapshot is this, as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmState {
+    pub last_applied: Option<LogId>,
+    pub last_membership: StoredMembership,
+    /// The offset after the last applied data batch.
+    pub next_offset: u64,
+    pub batches: u64,
+}
+
+#[derive(Debug, Default)]
+struct SmInner {
+    state: SmState,
+    snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+}
+
+/// Applies entries, tracks last applied and membership; snapshots are JSON of [`SmState`].
+#[derive(Debug, Clone, Default)]
+pub struct MemStateMachine {
+    inner: Arc<Mutex<SmInner>>,
+}
+
+impl MemStateMachine {
+    pub fn state(&self) -> SmState {
+        self.inner.lock().expect("sm lock").state.clone()
+    }
+}
+
+impl RaftSnapshotBuilder<KeelRaft> for MemStateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot<Vec<u8>>, io::Error> {
+        let mut g = self.inner.lock().expect("sm lock");
+        let data = serde_json::to_vec(&g.state).map_err(io::Error::other)?;
+        let meta = SnapshotMeta {
+            last_log_id: g.state.last_applied,
+            last_membership: g.state.last_membership.clone(),
+        };
+        g.snapshot = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: data,
+        })
+    }
+}
+
+impl RaftStateMachine<KeelRaft> for MemStateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let g = self.inner.lock().expect("sm lock");
+        Ok((g.state.last_applied, g.state.last_membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: futures::Stream<Item = Result<EntryResponder<KeelRaft>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let ack = {
+                let mut g = self.inner.lock().expect("sm lock");
+                let st = &mut g.state;
+                st.last_applied = Some(entry.log_id);
+                match &entry.payload {
+                    EntryPayload::Blank => AppendAck {
+                        base_offset: st.next_offset,
+                        next_offset: st.next_offset,
+                    },
+                    EntryPayload::Membership(m) => {
+                        st.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        AppendAck {
+                            base_offset: st.next_offset,
+                            next_offset: st.next_offset,
+                        }
+                    }
+                    EntryPayload::Normal(batch) => {
+                        let h = BatchHeader::parse(batch.bytes())
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        st.next_offset = h.next_offset();
+                        st.batches += 1;
+                        AppendAck {
+                            base_offset: h.base_offset,
+                            next_offset: h.next_offset(),
+                        }
+                    }
+                }
+            };
+            if let Some(r) = responder {
+                r.send(ack);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        let state: SmState = serde_json::from_slice(&snapshot)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut g = self.inner.lock().expect("sm lock");
+        g.state = state;
+        g.state.last_applied = meta.last_log_id;
+        g.state.last_membership = meta.last_membership.clone();
+        g.snapshot = Some((meta.clone(), snapshot));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<Vec<u8>>>, io::Error> {
+        let g = self.inner.lock().expect("sm lock");
+        Ok(g.snapshot.clone().map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: data,
+        }))
+    }
+}
+
+/// Small segments so tests cross segment boundaries.
+pub fn small_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 256,
+        ..LogConfig::default()
+    }
+}
+
+/// Builds a store in a fresh temporary directory (the guard) and an empty state machine.
+pub struct Builder;
+
+impl StoreBuilder<KeelRaft, KeelLogStore, MemStateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, KeelLogStore, MemStateMachine), StorageError<KeelRaft>> {
+        let dir =
+            tempfile::tempdir().map_err(|e| StorageError::read(KeelRaft::err_from_error(&e)))?;
+        let store = KeelLogStore::open(dir.path(), small_config())
+            .map_err(|e| StorageError::read(KeelRaft::err_from_error(&e)))?;
+        Ok((dir, store, MemStateMachine::default()))
+    }
+}
