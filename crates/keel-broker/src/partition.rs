@@ -93,7 +93,7 @@ impl Partition {
         acks: AckLevel,
         index: usize,
     ) -> Result<AppendInfo> {
-        let info = self.append_only(batch, index).await?;
+        let info = self.append_only(batch, acks, index).await?;
         self.make_durable(&info, acks, index).await?;
         Ok(info)
     }
@@ -101,24 +101,39 @@ impl Partition {
     /// Appends a validated batch. It becomes visible to consumers once committed: at once
     /// when the topic leaves flushing to the OS, after the fsync otherwise (started here in the
     /// background, so acks=leader producers are not slowed and their records still show up).
-    pub async fn append_only(self: &Arc<Self>, batch: Bytes, index: usize) -> Result<AppendInfo> {
+    pub async fn append_only(
+        self: &Arc<Self>,
+        batch: Bytes,
+        acks: AckLevel,
+        index: usize,
+    ) -> Result<AppendInfo> {
         let log = Arc::clone(&self.log);
         let info = tokio::task::spawn_blocking(move || log.append(&batch, 0))
             .await
             .map_err(|e| BrokerError::Internal(e.to_string()))?
             .map_err(|e| BrokerError::from_log(e, index))?;
         if self.flush_every_batch.load(Ordering::Acquire) {
-            self.flusher.call_once(|| {
-                tokio::spawn(flusher(
-                    Arc::downgrade(self),
-                    Arc::clone(&self.flush_wanted),
-                ));
-            });
-            self.flush_wanted.notify_one();
+            // acks=all waits for its own fsync (`make_durable`), which advances the high
+            // watermark; only the others need the background flusher.
+            if acks != AckLevel::All {
+                self.request_flush();
+            }
         } else {
             self.advance_hwm(info.next_offset);
         }
         Ok(info)
+    }
+
+    /// Asks the background flusher to fsync what was appended and advance the high watermark
+    /// (also used when an acks=all wait was abandoned, so its records still become visible).
+    pub fn request_flush(self: &Arc<Self>) {
+        self.flusher.call_once(|| {
+            tokio::spawn(flusher(
+                Arc::downgrade(self),
+                Arc::clone(&self.flush_wanted),
+            ));
+        });
+        self.flush_wanted.notify_one();
     }
 
     fn advance_hwm(&self, to: u64) {

@@ -229,7 +229,11 @@ impl Produce {
     async fn append_all(plan: &Plan) -> Result<Vec<AppendInfo>> {
         let mut infos = Vec::with_capacity(plan.batches.len());
         for b in &plan.batches {
-            match b.partition.append_only(b.bytes.clone(), b.source).await {
+            match b
+                .partition
+                .append_only(b.bytes.clone(), plan.acks, b.source)
+                .await
+            {
                 Ok(info) => infos.push(info),
                 Err(e) if infos.is_empty() => return Err(e),
                 Err(e) => return Err(e.after_write()),
@@ -261,9 +265,16 @@ impl Produce {
             }
             Ok::<(), BrokerError>(())
         };
-        match tokio::time::timeout(plan.timeout, wait).await {
-            Ok(r) => r?,
-            Err(_) => return Err(BrokerError::Timeout(plan.timeout.as_millis() as u64)),
+        let outcome = match tokio::time::timeout(plan.timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout(plan.timeout.as_millis() as u64)),
+        };
+        if let Err(e) = outcome {
+            // The records are appended; make sure they still become visible once durable.
+            for b in &plan.batches {
+                b.partition.request_flush();
+            }
+            return Err(e);
         }
         Ok(build_response(&plan, &infos, correlation_id))
     }
