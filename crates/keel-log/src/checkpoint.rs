@@ -25,6 +25,7 @@ use crate::error::{LogError, Result};
 use crate::fs::Fs;
 
 pub(crate) const FILE: &str = "checkpoint";
+/// What [`crate::fs::write_atomic`] names its temporary file.
 const TMP: &str = "checkpoint.tmp";
 const MAGIC: &[u8; 8] = b"KEELCKP1";
 const LEN: usize = 80;
@@ -116,24 +117,8 @@ pub(crate) fn read(fs: &dyn Fs, dir: &Path) -> Result<Option<Checkpoint>> {
 }
 
 pub(crate) fn write(fs: &dyn Fs, dir: &Path, cp: &Checkpoint) -> Result<()> {
-    let tmp = dir.join(TMP);
-    let path = dir.join(FILE);
-    if fs.exists(&tmp) {
-        fs.remove(&tmp)
-            .map_err(|e| LogError::io("removing", &tmp, e))?;
-    }
-    let f = fs
-        .create(&tmp)
-        .map_err(|e| LogError::io("creating", &tmp, e))?;
-    f.write_all_at(&cp.encode(), 0)
-        .map_err(|e| LogError::io("writing", &tmp, e))?;
-    f.sync_data()
-        .map_err(|e| LogError::io("flushing", &tmp, e))?;
-    drop(f);
-    fs.rename(&tmp, &path)
-        .map_err(|e| LogError::io("renaming", &path, e))?;
-    fs.sync_dir(dir)
-        .map_err(|e| LogError::io("syncing directory", dir, e))
+    crate::fs::write_atomic(fs, dir, FILE, &cp.encode())
+        .map_err(|e| LogError::io("writing", dir.join(FILE), e))
 }
 
 pub(crate) fn remove_tmp(fs: &dyn Fs, dir: &Path) {

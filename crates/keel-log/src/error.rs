@@ -24,7 +24,7 @@ pub enum LogError {
     NonContiguousIndex { expected: u64, got: u64 },
     #[error("raft term {term} is lower than the last term {last}")]
     TermWentBackwards { term: u64, last: u64 },
-    #[error("disk full while {action} {path}")]
+    #[error("disk full while {action} {path}: {source}")]
     DiskFull {
         action: &'static str,
         path: PathBuf,
@@ -41,7 +41,7 @@ pub enum LogError {
     Poisoned { reason: String },
     #[error("invalid log configuration: {0}")]
     Config(String),
-    #[error("I/O error while {action} {path}")]
+    #[error("I/O error while {action} {path}: {source}")]
     Io {
         action: &'static str,
         path: PathBuf,

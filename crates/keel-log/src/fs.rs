@@ -53,6 +53,29 @@ pub trait FileHandle: Send + Sync + Debug {
     }
 }
 
+/// Durably replaces `dir/name` with `bytes`: written to `name.tmp`, fsynced, renamed over the
+/// old file, and the directory fsynced, so a crash leaves the old content or the new, never a
+/// mix. Errors name the file.
+pub fn write_atomic(fs: &dyn Fs, dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let ctx = |action: &str, p: &Path, e: io::Error| {
+        io::Error::new(e.kind(), format!("{action} {}: {e}", p.display()))
+    };
+    if fs.exists(&tmp) {
+        fs.remove(&tmp).map_err(|e| ctx("removing", &tmp, e))?;
+    }
+    let f = fs.create(&tmp).map_err(|e| ctx("creating", &tmp, e))?;
+    f.write_all_at(bytes, 0)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| ctx("writing", &tmp, e))?;
+    drop(f);
+    fs.rename(&tmp, &path)
+        .map_err(|e| ctx("renaming", &tmp, e))?;
+    fs.sync_dir(dir)
+        .map_err(|e| ctx("syncing directory", dir, e))
+}
+
 /// The real filesystem.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealFs;

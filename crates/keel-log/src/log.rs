@@ -270,7 +270,29 @@ impl Log {
         self.append_inner(batch, term, Some(index))
     }
 
+    /// Appends like [`Log::append_at`] (`index: None`: the next index) but never flushes,
+    /// whatever the policy: for callers that make appends durable themselves with
+    /// [`Log::flush_to`] (e.g. Raft acknowledging a whole `append` call after one fsync).
+    pub fn append_deferred(
+        &self,
+        batch: &[u8],
+        term: u64,
+        index: Option<u64>,
+    ) -> Result<AppendInfo> {
+        self.append_with(batch, term, index, false)
+    }
+
     fn append_inner(&self, batch: &[u8], term: u64, index: Option<u64>) -> Result<AppendInfo> {
+        self.append_with(batch, term, index, true)
+    }
+
+    fn append_with(
+        &self,
+        batch: &[u8],
+        term: u64,
+        index: Option<u64>,
+        apply_policy: bool,
+    ) -> Result<AppendInfo> {
         self.check_poisoned()?;
         let len = batch.len() as u64;
         let (header, exact, payload_crc) = parse_verified(batch)?;
@@ -330,6 +352,9 @@ impl Log {
             max_timestamp: header.max_timestamp,
             flush_seq: seq,
         };
+        if !apply_policy {
+            return Ok(info);
+        }
         match flush {
             FlushPolicy::EveryBatch => self.flush_to(seq)?,
             FlushPolicy::Interval(d) => {

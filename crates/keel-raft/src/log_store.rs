@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 use keel_log::batch::BatchIter;
 use keel_log::fs::{Fs, RealFs};
-use keel_log::{Clock, FlushPolicy, Log, LogConfig, LogError, ReadLimit, SystemClock};
+use keel_log::{Clock, Log, LogConfig, LogError, ReadLimit, SystemClock};
 use openraft::OptionalSend;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 
@@ -120,9 +120,10 @@ where
 impl KeelLogStore {
     /// Opens (or creates) the store in `dir` on the real filesystem.
     ///
-    /// The store owns durability and retention of the log: the flush policy is forced to
-    /// [`FlushPolicy::Os`] (the store fsyncs once per `append` call, before acknowledging)
-    /// and size/time retention is disabled (data is only removed through `purge`).
+    /// The store owns durability and retention of the log: appends never flush on their own
+    /// (the store fsyncs once per `append` call, before acknowledging; the configured policy
+    /// still drives background flushes) and size/time retention is disabled (data is only
+    /// removed through `purge`).
     /// Blocking: call it from a blocking context.
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> io::Result<Self> {
         Self::open_with(dir, config, Arc::new(RealFs), Arc::new(SystemClock))
@@ -155,7 +156,6 @@ impl KeelLogStore {
             Err(e) => return Err(e),
         };
 
-        config.flush = FlushPolicy::Os;
         config.retention_ms = None;
         config.retention_bytes = None;
         let log = Log::open_with(
@@ -310,7 +310,7 @@ impl Inner {
             let encoded = codec::encode(&entry.payload, self.clock.now_ms())?;
             let info = self
                 .log
-                .append_at(encoded.as_slice(), term, index)
+                .append_deferred(encoded.as_slice(), term, Some(index))
                 .map_err(|e| log_err(e, &format!("appending entry {}", entry.log_id)))?;
             last_seq = Some(info.flush_seq);
         }

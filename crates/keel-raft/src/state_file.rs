@@ -26,16 +26,16 @@ const HEAD: usize = 12;
 #[derive(Debug, Clone)]
 pub struct StateFile {
     dir: PathBuf,
+    name: String,
     path: PathBuf,
-    tmp: PathBuf,
 }
 
 impl StateFile {
     pub fn new(dir: &Path, name: &str) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            name: name.to_owned(),
             path: dir.join(name),
-            tmp: dir.join(format!("{name}.tmp")),
         }
     }
 
@@ -45,10 +45,10 @@ impl StateFile {
 
     /// Reads the value; `Ok(None)` if the file does not exist, `InvalidData` if it is corrupt.
     pub fn load<T: DeserializeOwned>(&self, fs: &dyn Fs) -> io::Result<Option<T>> {
-        if fs.exists(&self.tmp) {
+        let tmp = self.dir.join(format!("{}.tmp", self.name));
+        if fs.exists(&tmp) {
             // An interrupted write; the real file is still the old value.
-            fs.remove(&self.tmp)
-                .map_err(|e| ctx(e, "removing", &self.tmp))?;
+            fs.remove(&tmp).map_err(|e| ctx(e, "removing", &tmp))?;
         }
         if !fs.exists(&self.path) {
             return Ok(None);
@@ -67,22 +67,7 @@ impl StateFile {
 
     /// Durably replaces the value.
     pub fn store<T: Serialize>(&self, fs: &dyn Fs, value: &T) -> io::Result<()> {
-        let bytes = encode(value)?;
-        if fs.exists(&self.tmp) {
-            fs.remove(&self.tmp)
-                .map_err(|e| ctx(e, "removing", &self.tmp))?;
-        }
-        let f = fs
-            .create(&self.tmp)
-            .map_err(|e| ctx(e, "creating", &self.tmp))?;
-        f.write_all_at(&bytes, 0)
-            .and_then(|()| f.sync_data())
-            .map_err(|e| ctx(e, "writing", &self.tmp))?;
-        drop(f);
-        fs.rename(&self.tmp, &self.path)
-            .map_err(|e| ctx(e, "renaming", &self.tmp))?;
-        fs.sync_dir(&self.dir)
-            .map_err(|e| ctx(e, "syncing directory", &self.dir))
+        keel_log::fs::write_atomic(fs, &self.dir, &self.name, &encode(value)?)
     }
 }
 
