@@ -22,6 +22,15 @@ fn topic_req(name: &str, partitions: u32, config: &[(&str, &str)]) -> CreateTopi
     }
 }
 
+async fn create_topic(broker: &BrokerProc, name: &str, partitions: u32, config: &[(&str, &str)]) {
+    broker
+        .admin()
+        .await
+        .create_topic(topic_req(name, partitions, config))
+        .await
+        .expect("create");
+}
+
 fn encoded(values: &[&str]) -> Bytes {
     encoded_with(values, Compression::Lz4)
 }
@@ -294,12 +303,7 @@ async fn admin_lifecycle_and_errors() {
 async fn produce_and_fetch_both_formats() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("t", 4, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "t", 4, &[]).await;
     let mut prod = broker.producer().await;
 
     for acks in [Acks::All, Acks::Leader, Acks::None, Acks::Unspecified] {
@@ -399,12 +403,7 @@ async fn produce_and_fetch_both_formats() {
 async fn bad_inputs_get_precise_errors_and_the_broker_keeps_serving() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("t", 2, &[("max.message.bytes", "10000")]))
-        .await
-        .expect("create");
+    create_topic(&broker, "t", 2, &[("max.message.bytes", "10000")]).await;
     let mut prod = broker.producer().await;
     let mut cons = broker.consumer().await;
 
@@ -591,12 +590,7 @@ async fn malformed_protobuf_is_rejected() {
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("t", 1, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "t", 1, &[]).await;
     let mut grpc = tonic::client::Grpc::new(broker.channel().await);
     for body in [
         &b"\xff\xff\xff\xff\xff"[..],
@@ -627,12 +621,7 @@ async fn malformed_protobuf_is_rejected() {
 async fn long_poll_and_subscribe_see_new_records() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("live", 1, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "live", 1, &[]).await;
     let mut cons = broker.consumer().await;
     let mut sub = cons
         .subscribe(SubscribeRequest {
@@ -689,12 +678,7 @@ async fn long_poll_and_subscribe_see_new_records() {
 async fn produce_stream_pipelines_and_reports_errors_in_band() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("s", 1, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "s", 1, &[]).await;
     let mut prod = broker.producer().await;
     let mut reqs: Vec<ProduceRequest> = (0..50)
         .map(|i| {
@@ -741,12 +725,7 @@ async fn health_and_metrics() {
         r.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("m", 1, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "m", 1, &[]).await;
     broker
         .producer()
         .await
@@ -768,12 +747,7 @@ async fn health_and_metrics() {
 async fn acknowledged_records_survive_sigterm_and_kill9() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("durable", 2, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "durable", 2, &[]).await;
     let mut acked = 0u64;
     for round in 0..3 {
         let mut prod = broker.producer().await;
@@ -821,12 +795,7 @@ async fn acknowledged_records_survive_sigterm_and_kill9() {
 async fn oversized_stream_message_ends_the_stream_with_a_status() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("s", 1, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "s", 1, &[]).await;
     let mut prod = broker.producer().await;
     let ok = batch_req("s", 0, encoded(&["a"]), Acks::All);
     let huge = batch_req("s", 0, Bytes::from(vec![7u8; 20 << 20]), Acks::All);
@@ -865,12 +834,7 @@ async fn oversized_stream_message_ends_the_stream_with_a_status() {
 async fn sigterm_with_open_streams_exits_cleanly_and_ends_subscriptions() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut broker = BrokerProc::start(&tmp.path().join("b1"), 1);
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("s", 1, &[]))
-        .await
-        .expect("create");
+    create_topic(&broker, "s", 1, &[]).await;
     let mut cons = broker.consumer().await;
     let mut sub = cons
         .subscribe(SubscribeRequest {
@@ -923,12 +887,7 @@ async fn retention_runs_per_topic_config_and_consumers_are_told() {
         &["--retention-check-interval-ms", "50"],
     );
     let cfg = [("segment.bytes", "4096"), ("retention.bytes", "8192")];
-    broker
-        .admin()
-        .await
-        .create_topic(topic_req("r", 1, &cfg))
-        .await
-        .expect("create");
+    create_topic(&broker, "r", 1, &cfg).await;
     let mut prod = broker.producer().await;
     let value = "x".repeat(200);
     for _ in 0..100 {

@@ -93,24 +93,10 @@ pub(crate) fn encode_record(
     }
 }
 
-/// Reads a length-prefixed optional byte field as a zero-copy slice of `src`.
+/// Reads a length-prefixed optional byte field as a zero-copy slice of `src` (`cur` must be a
+/// view into `src`).
 fn get_bytes(src: &Bytes, cur: &mut &[u8]) -> Result<Option<Bytes>, BatchError> {
-    let len = get_varint(cur)?;
-    if len < 0 {
-        if len != -1 {
-            return Err(BatchError::MalformedRecord("negative length other than -1"));
-        }
-        return Ok(None);
-    }
-    let len = len as usize;
-    if len > cur.len() {
-        return Err(BatchError::Truncated {
-            what: "record field",
-        });
-    }
-    let start = src.len() - cur.len();
-    *cur = &cur[len..];
-    Ok(Some(src.slice(start..start + len)))
+    Ok(skip_bytes(cur)?.map(|field| src.slice_ref(field)))
 }
 
 /// Decodes one record from the front of `cur` (a view into `src`), advancing it.
