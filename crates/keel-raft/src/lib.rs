@@ -3,11 +3,20 @@
 //! [`KeelLogStore`] implements openraft's `RaftLogStorage` over [`keel_log::Log`]: one Raft
 //! entry is one record batch, whose header carries the entry's term and index; blank and
 //! membership entries are control batches that take no offsets (see [`codec`]).
+//!
+//! Between brokers, Raft messages travel over gRPC ([`wire`]): [`network::RaftTransport`] is
+//! the client side (one connection per peer shared by every group), [`server::RaftRegistry`]
+//! the server side (dispatch by group id).
 
 pub mod codec;
 mod log_store;
+pub mod network;
+pub mod server;
 pub mod state_file;
 pub mod types;
+pub mod wire;
 
 pub use log_store::{DEFAULT_MAX_READ_BYTES, KeelLogReader, KeelLogStore, log_err};
+pub use network::{GroupNetwork, RaftTransport, TransportConfig};
+pub use server::{RaftRegistry, RaftServer};
 pub use types::{AppendAck, BatchData, Entry, KeelRaft, LogId, Vote, log_id};

@@ -1,0 +1,207 @@
+//! The server side of the broker-to-broker Raft transport.
+//!
+//! [`RaftRegistry`] maps group ids to the broker's local `Raft` instances; groups are
+//! registered when a replica starts and unregistered (before `Raft::shutdown`) when it stops.
+//! [`RaftServer`] is the tonic service (`keel.raft.v1.RaftService`) that decodes each request,
+//! dispatches it by `group_id`, and encodes openraft's answer. Add
+//! [`RaftRegistry::service`] to the broker's tonic router, so Raft traffic shares the gRPC port.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use openraft::Raft;
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use openraft::storage::RaftStateMachine;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use crate::types::{KeelRaft, Snapshot};
+use crate::wire::pb::raft_service_server::{RaftService, RaftServiceServer};
+use crate::wire::{self, InstallSnapshot, pb};
+
+/// The Raft groups hosted by one broker, by group id.
+pub struct RaftRegistry<SM: RaftStateMachine<KeelRaft>> {
+    node_id: u64,
+    max_message_bytes: usize,
+    groups: Arc<RwLock<HashMap<u64, Raft<KeelRaft, SM>>>>,
+}
+
+impl<SM: RaftStateMachine<KeelRaft>> Clone for RaftRegistry<SM> {
+    fn clone(&self) -> Self {
+        Self {
+            node_id: self.node_id,
+            max_message_bytes: self.max_message_bytes,
+            groups: Arc::clone(&self.groups),
+        }
+    }
+}
+
+impl<SM: RaftStateMachine<KeelRaft>> fmt::Debug for RaftRegistry<SM> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RaftRegistry")
+            .field("node_id", &self.node_id)
+            .field("groups", &self.group_ids())
+            .finish()
+    }
+}
+
+impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
+    /// An empty registry of broker `node_id`, with the default message size limit.
+    pub fn new(node_id: u64) -> Self {
+        Self::with_max_message_bytes(node_id, wire::DEFAULT_MAX_MESSAGE_BYTES)
+    }
+
+    /// An empty registry whose service accepts and sends messages up to `max` bytes.
+    pub fn with_max_message_bytes(node_id: u64, max: usize) -> Self {
+        Self {
+            node_id,
+            max_message_bytes: max,
+            groups: Arc::default(),
+        }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Starts routing group `group_id`'s messages to `raft`; returns the instance it replaces.
+    pub fn register(&self, group_id: u64, raft: Raft<KeelRaft, SM>) -> Option<Raft<KeelRaft, SM>> {
+        self.write().insert(group_id, raft)
+    }
+
+    /// Stops routing group `group_id` (peers then get NOT_FOUND and back off). Call it before
+    /// shutting the returned instance down.
+    pub fn unregister(&self, group_id: u64) -> Option<Raft<KeelRaft, SM>> {
+        self.write().remove(&group_id)
+    }
+
+    pub fn get(&self, group_id: u64) -> Option<Raft<KeelRaft, SM>> {
+        self.read().get(&group_id).cloned()
+    }
+
+    /// The registered group ids, sorted.
+    pub fn group_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.read().keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The tonic service to add to the broker's router.
+    pub fn service(&self) -> RaftServiceServer<RaftServer<SM>> {
+        RaftServiceServer::new(RaftServer {
+            registry: self.clone(),
+        })
+        .max_decoding_message_size(self.max_message_bytes)
+        .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Raft<KeelRaft, SM>>> {
+        self.groups.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Raft<KeelRaft, SM>>> {
+        self.groups.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The group a request is for, and its decoded payload.
+    fn route<T: DeserializeOwned>(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<(u64, Raft<KeelRaft, SM>, T), Status> {
+        let req = req.into_inner();
+        if req.target != self.node_id {
+            return Err(Status::failed_precondition(format!(
+                "raft message for node {} reached node {}",
+                req.target, self.node_id
+            )));
+        }
+        let raft = self.get(req.group_id).ok_or_else(|| {
+            Status::not_found(format!(
+                "raft group {} is not hosted on node {}",
+                req.group_id, self.node_id
+            ))
+        })?;
+        let msg = wire::decode(&req.payload)
+            .map_err(|e| Status::invalid_argument(format!("raft group {}: {e}", req.group_id)))?;
+        Ok((req.group_id, raft, msg))
+    }
+}
+
+/// The `keel.raft.v1.RaftService` implementation over a [`RaftRegistry`].
+pub struct RaftServer<SM: RaftStateMachine<KeelRaft>> {
+    registry: RaftRegistry<SM>,
+}
+
+fn reply<T: Serialize>(group_id: u64, resp: &T) -> Result<Response<pb::RaftReply>, Status> {
+    let payload =
+        wire::encode(resp).map_err(|e| Status::internal(format!("raft group {group_id}: {e}")))?;
+    Ok(Response::new(pb::RaftReply { payload }))
+}
+
+/// The group's Raft core has stopped (shut down or fatal error): peers back off.
+fn stopped(group_id: u64, e: impl fmt::Display) -> Status {
+    Status::unavailable(format!("raft group {group_id} stopped: {e}"))
+}
+
+#[tonic::async_trait]
+impl<SM> RaftService for RaftServer<SM>
+where
+    SM: RaftStateMachine<KeelRaft> + Send + Sync + 'static,
+    SM::SnapshotData: DeserializeOwned,
+{
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let (g, raft, rpc): (_, _, AppendEntriesRequest<KeelRaft>) = self.registry.route(req)?;
+        let resp = raft.append_entries(rpc).await.map_err(|e| stopped(g, e))?;
+        reply(g, &resp)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let (g, raft, rpc): (_, _, VoteRequest<KeelRaft>) = self.registry.route(req)?;
+        let resp = raft.vote(rpc).await.map_err(|e| stopped(g, e))?;
+        reply(g, &resp)
+    }
+
+    async fn pre_vote(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let (g, raft, rpc): (_, _, VoteRequest<KeelRaft>) = self.registry.route(req)?;
+        let resp = raft.pre_vote(rpc).await.map_err(|e| stopped(g, e))?;
+        reply(g, &resp)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let (g, raft, msg): (_, _, InstallSnapshot<SM::SnapshotData>) = self.registry.route(req)?;
+        let resp = raft
+            .install_full_snapshot(
+                msg.vote,
+                Snapshot {
+                    meta: msg.meta,
+                    snapshot: msg.data,
+                },
+            )
+            .await
+            .map_err(|e| stopped(g, e))?;
+        reply(g, &resp)
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let (g, raft, rpc): (_, _, TransferLeaderRequest<KeelRaft>) = self.registry.route(req)?;
+        let resp = raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| stopped(g, e))?;
+        reply(g, &resp)
+    }
+}
