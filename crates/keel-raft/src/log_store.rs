@@ -61,7 +61,6 @@ struct Inner {
     dir: PathBuf,
     log: Log,
     fs: Arc<dyn Fs>,
-    clock: Arc<dyn Clock>,
     vote_file: StateFile,
     committed_file: StateFile,
     purged_file: StateFile,
@@ -183,7 +182,6 @@ impl KeelLogStore {
                 dir,
                 log,
                 fs,
-                clock,
                 vote_file,
                 committed_file,
                 purged_file,
@@ -307,7 +305,10 @@ impl Inner {
                     .reset(self.log.log_end_offset(), index, prev_term)
                     .map_err(|e| log_err(e, "restarting the empty log"))?;
             }
-            let encoded = codec::encode(&entry.payload, self.clock.now_ms())?;
+            // Control batches get a fixed timestamp: every replica encodes them itself, and the
+            // committed prefix must be byte-identical on all of them (time retention ignores
+            // control batches anyway).
+            let encoded = codec::encode(&entry.payload, 0)?;
             let info = self
                 .log
                 .append_deferred(encoded.as_slice(), term, Some(index))

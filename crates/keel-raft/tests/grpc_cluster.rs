@@ -140,9 +140,8 @@ fn batch(tag: &str, records: usize) -> BatchData {
     BatchData::new(b.build().expect("build"))
 }
 
-/// (raft index, raft term, base offset, next offset, control, crc) of every batch in the log.
-/// The crc is 0 for control batches: each replica encodes those itself and stamps its own
-/// append time, so only their ids and offsets (not their bytes) agree across replicas.
+/// (raft index, raft term, base offset, next offset, control, crc) of every batch in the log:
+/// replicas must agree on all of it, control batches included (their bytes are deterministic).
 type Row = (u64, u64, u64, u64, bool, u32);
 
 fn layout(store: &KeelLogStore) -> Vec<Row> {
@@ -161,7 +160,7 @@ fn layout(store: &KeelLogStore) -> Vec<Row> {
                 h.base_offset,
                 h.next_offset(),
                 h.attributes.control,
-                if h.attributes.control { 0 } else { h.crc },
+                h.crc,
             ));
         }
         next = out.last().map_or(next, |l| l.0 + 1);
