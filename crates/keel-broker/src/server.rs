@@ -106,7 +106,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
     let advertise = config
         .advertise
         .clone()
-        .unwrap_or_else(|| grpc_addr.to_string());
+        .unwrap_or_else(|| default_advertise(grpc_addr));
     crate::http::prometheus();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -211,6 +211,21 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         health: health_reporter,
         http_stop,
     })
+}
+
+/// The address clients are told when `--advertise` is not given: the bound address, unless it
+/// is a wildcard (0.0.0.0 / ::), which no client can connect to; then this host's name.
+fn default_advertise(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    tracing::warn!(listen = %bound, advertise = %host, "listening on a wildcard address without --advertise; telling clients to use this host's name (set --advertise to the address clients can reach)");
+    format!("{host}:{}", bound.port())
 }
 
 fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> {
