@@ -338,3 +338,12 @@ mod tests {
         }
     }
 }
+
+/// Options of every listing command: output format and where the cluster is.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub output: crate::output::OutputOpts,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}

@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use clap::{ArgGroup, Args, Subcommand};
 
-use crate::common::{ClientOpts, parse_timestamp};
+use crate::common::{ClientOpts, ListArgs, parse_timestamp};
 use crate::output::OutputOpts;
 
 /// The one message for everything that needs consumer groups.
@@ -20,14 +20,6 @@ pub enum GroupCommand {
     Delete(DeleteArgs),
     /// Move a group's committed offsets for a topic (it must have no active members).
     ResetOffsets(ResetArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    #[command(flatten)]
-    pub output: OutputOpts,
-    #[command(flatten)]
-    pub client: ClientOpts,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use keel_client::{PartitionInfo, TopicInfo};
 use serde::Serialize;
 
-use crate::common::{ClientOpts, connect, explain, parse_key_value, usage};
+use crate::common::{ClientOpts, ListArgs, connect, explain, parse_key_value, usage};
 use crate::output::{OutputOpts, id_list, print_json, print_text, table};
 
 /// Config keys as documented in `--help` (the broker validates them).
@@ -43,14 +43,6 @@ pub struct CreateArgs {
     pub replication_factor: Option<u32>,
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value, help = CONFIG_HELP)]
     pub configs: Vec<(String, String)>,
-    #[command(flatten)]
-    pub client: ClientOpts,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    #[command(flatten)]
-    pub output: OutputOpts,
     #[command(flatten)]
     pub client: ClientOpts,
 }

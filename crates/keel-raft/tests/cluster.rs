@@ -11,10 +11,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_log::ReadLimit;
-use keel_log::batch::{BatchBuilder, BatchIter, Compression, RecordRef};
 use keel_raft::types::{Snapshot, Vote};
-use keel_raft::{BatchData, KeelLogStore, KeelRaft};
+use keel_raft::{KeelLogStore, KeelRaft};
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
@@ -22,7 +20,7 @@ use openraft::raft::{
 };
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
-use support::{MemStateMachine, small_config};
+use support::{MemStateMachine, batch, layout, small_config};
 
 type Node = Raft<KeelRaft, MemStateMachine>;
 
@@ -129,51 +127,6 @@ async fn start(router: &Router, id: u64, dir: &Path) -> io::Result<KeelLogStore>
     .map_err(|e| io::Error::other(e.to_string()))?;
     router.nodes.lock().expect("router").insert(id, raft);
     Ok(store)
-}
-
-fn batch(tag: &str, records: usize) -> BatchData {
-    let mut b = BatchBuilder::new(Compression::None);
-    for i in 0..records {
-        let v = format!("{tag}-{i}");
-        b.push(&RecordRef {
-            timestamp: 7,
-            key: None,
-            value: Some(v.as_bytes()),
-            headers: &[],
-        })
-        .expect("push");
-    }
-    BatchData::new(b.build().expect("build"))
-}
-
-/// (raft index, raft term, base offset, next offset, control) of every batch in the log.
-fn layout(store: &KeelLogStore) -> Vec<(u64, u64, u64, u64, bool)> {
-    let log = store.log();
-    let slice = log
-        .read_raft(log.first_raft_index(), u64::MAX, ReadLimit::default())
-        .expect("read");
-    let mut out = Vec::new();
-    let mut bytes = slice.bytes;
-    loop {
-        for item in BatchIter::new(&bytes) {
-            let (h, _) = item.expect("batch");
-            out.push((
-                h.raft_index,
-                h.raft_term,
-                h.base_offset,
-                h.next_offset(),
-                h.attributes.control,
-            ));
-        }
-        let next = out.last().map_or(log.first_raft_index(), |l| l.0 + 1);
-        if next >= log.next_raft_index() {
-            return out;
-        }
-        bytes = log
-            .read_raft(next, u64::MAX, ReadLimit::default())
-            .expect("read")
-            .bytes;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,16 +12,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_log::ReadLimit;
-use keel_log::batch::{BatchBuilder, BatchIter, Compression, RecordRef};
 use keel_raft::wire::pb::RaftRequest;
 use keel_raft::wire::pb::raft_service_client::RaftServiceClient;
-use keel_raft::{BatchData, KeelLogStore, KeelRaft, RaftRegistry, RaftTransport, TransportConfig};
+use keel_raft::{KeelLogStore, KeelRaft, RaftRegistry, RaftTransport, TransportConfig};
 use openraft::error::RPCError;
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::VoteRequest;
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
-use support::{MemStateMachine, small_config};
+use support::{MemStateMachine, Row, batch, layout, small_config};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -123,49 +121,6 @@ impl Broker {
             }
         }
     }
-}
-
-fn batch(tag: &str, records: usize) -> BatchData {
-    let mut b = BatchBuilder::new(Compression::None);
-    for i in 0..records {
-        let v = format!("{tag}-{i}");
-        b.push(&RecordRef {
-            timestamp: 7,
-            key: None,
-            value: Some(v.as_bytes()),
-            headers: &[],
-        })
-        .expect("push");
-    }
-    BatchData::new(b.build().expect("build"))
-}
-
-/// (raft index, raft term, base offset, next offset, control, crc) of every batch in the log:
-/// replicas must agree on all of it, control batches included (their bytes are deterministic).
-type Row = (u64, u64, u64, u64, bool, u32);
-
-fn layout(store: &KeelLogStore) -> Vec<Row> {
-    let log = store.log();
-    let mut out: Vec<Row> = Vec::new();
-    let mut next = log.first_raft_index();
-    while next < log.next_raft_index() {
-        let slice = log
-            .read_raft(next, u64::MAX, ReadLimit::default())
-            .expect("read");
-        for item in BatchIter::new(&slice.bytes) {
-            let (h, _) = item.expect("batch");
-            out.push((
-                h.raft_index,
-                h.raft_term,
-                h.base_offset,
-                h.next_offset(),
-                h.attributes.control,
-                h.crc,
-            ));
-        }
-        next = out.last().map_or(next, |l| l.0 + 1);
-    }
-    out
 }
 
 /// A client write that the leader acknowledged: its log id and offsets.

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use keel_log::LogConfig;
-use keel_log::batch::BatchHeader;
+use keel_log::ReadLimit;
+use keel_log::batch::{BatchBuilder, BatchHeader, BatchIter, Compression, RecordRef};
 use keel_raft::types::Snapshot;
 use keel_raft::types::{SnapshotMeta, StoredMembership};
-use keel_raft::{AppendAck, KeelLogStore, KeelRaft, LogId};
+use keel_raft::{AppendAck, BatchData, KeelLogStore, KeelRaft, LogId};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::log::StoreBuilder;
 use openraft::type_config::TypeConfigExt;
@@ -164,4 +165,50 @@ impl StoreBuilder<KeelRaft, KeelLogStore, MemStateMachine, tempfile::TempDir> fo
             .map_err(|e| StorageError::read(KeelRaft::err_from_error(&e)))?;
         Ok((dir, store, MemStateMachine::default()))
     }
+}
+
+/// A batch of `records` records with values `{tag}-{i}`.
+#[allow(dead_code)] // not every test binary that includes `support` uses it
+pub fn batch(tag: &str, records: usize) -> BatchData {
+    let mut b = BatchBuilder::new(Compression::None);
+    for i in 0..records {
+        let v = format!("{tag}-{i}");
+        b.push(&RecordRef {
+            timestamp: 7,
+            key: None,
+            value: Some(v.as_bytes()),
+            headers: &[],
+        })
+        .expect("push");
+    }
+    BatchData::new(b.build().expect("build"))
+}
+
+/// (raft index, raft term, base offset, next offset, control, crc) of every batch in the log:
+/// replicas must agree on all of it, control batches included (their bytes are deterministic).
+pub type Row = (u64, u64, u64, u64, bool, u32);
+
+#[allow(dead_code)]
+pub fn layout(store: &KeelLogStore) -> Vec<Row> {
+    let log = store.log();
+    let mut out: Vec<Row> = Vec::new();
+    let mut next = log.first_raft_index();
+    while next < log.next_raft_index() {
+        let slice = log
+            .read_raft(next, u64::MAX, ReadLimit::default())
+            .expect("read");
+        for item in BatchIter::new(&slice.bytes) {
+            let (h, _) = item.expect("batch");
+            out.push((
+                h.raft_index,
+                h.raft_term,
+                h.base_offset,
+                h.next_offset(),
+                h.attributes.control,
+                h.crc,
+            ));
+        }
+        next = out.last().map_or(next, |l| l.0 + 1);
+    }
+    out
 }
