@@ -990,3 +990,65 @@ async fn server_reflection_lists_the_services() {
         );
     }
 }
+
+fn rss_anon_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("RssAnon")
+}
+
+/// A subscriber that stops reading must not make the broker buffer what it has not taken:
+/// the subscription reads ahead only as the transport drains (flow control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_does_not_grow_broker_memory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
+    create_topic(&broker, "slow", 1, &[("flush.messages", "1000000")]).await;
+    let mut cons = broker.consumer().await;
+    // Opened and never read after the first message.
+    let mut sub = cons
+        .subscribe(SubscribeRequest {
+            topic: "slow".into(),
+            partition: 0,
+            start: Some(subscribe_request::Start::Offset(0)),
+            max_bytes: 0,
+            format: RecordFormat::Batches as i32,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut prod = broker.producer().await;
+    prod.produce(batch_req(
+        "slow",
+        0,
+        encoded_with(&["first"], Compression::None),
+        Acks::Leader,
+    ))
+    .await
+    .expect("produce");
+    tokio::time::timeout(Duration::from_secs(15), sub.message())
+        .await
+        .expect("first message")
+        .expect("ok");
+    let pid = broker.pid().expect("pid");
+    let before = rss_anon_kib(pid);
+    // About 200 MB more for a subscriber that reads nothing.
+    let value = "v".repeat(1000);
+    let values: Vec<&str> = (0..900).map(|_| value.as_str()).collect();
+    let batch = encoded_with(&values, Compression::None);
+    for _ in 0..220 {
+        prod.produce(batch_req("slow", 0, batch.clone(), Acks::Leader))
+            .await
+            .expect("produce");
+    }
+    let after = rss_anon_kib(pid);
+    assert!(
+        after < before + 64 * 1024,
+        "broker anonymous memory grew from {before} KiB to {after} KiB for a stalled subscriber"
+    );
+    drop(sub);
+}
