@@ -77,16 +77,27 @@ impl BrokerProc {
     }
 
     pub fn start_with(data_dir: &Path, id: u32, extra: &[&str]) -> Self {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        Self::start_on(data_dir, id, grpc, extra)
+    }
+
+    /// Starts broker `id` on the given gRPC address (a cluster's peers must know it first).
+    pub fn start_on(data_dir: &Path, id: u32, grpc: String, extra: &[&str]) -> Self {
         let mut b = Self {
             id,
             data_dir: data_dir.to_path_buf(),
-            grpc: format!("127.0.0.1:{}", free_port()),
+            grpc,
             http: format!("127.0.0.1:{}", free_port()),
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         b.spawn();
         b
+    }
+
+    /// True while the child process exists (not killed or terminated by the test).
+    pub fn is_started(&self) -> bool {
+        self.child.is_some()
     }
 
     fn spawn(&mut self) {

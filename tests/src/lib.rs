@@ -1,4 +1,5 @@
 //! Shared helpers for Keel's integration tests (the tests themselves live in `tests/tests/`).
 
 pub mod broker;
+pub mod cluster;
 pub mod log_util;

@@ -65,6 +65,10 @@ pub enum BrokerError {
     Timeout(u64),
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The cluster cannot serve the request now (no leader, a Raft group stopped, leadership
+    /// moved while waiting); retrying later may succeed.
+    #[error("unavailable: {message}")]
+    Unavailable { message: String, definite: bool },
     #[error("internal error: {0}")]
     Internal(String),
     /// An error after part of the request took effect (earlier batches, or this batch while
@@ -97,6 +101,7 @@ impl BrokerError {
             Self::Storage { .. } => "STORAGE_ERROR",
             Self::Timeout(_) => "TIMEOUT",
             Self::ShuttingDown => "SHUTTING_DOWN",
+            Self::Unavailable { .. } => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
             Self::AfterWrite(inner) => inner.reason(),
         }
@@ -110,7 +115,9 @@ impl BrokerError {
             Self::UnknownTopic(_) | Self::UnknownPartition { .. } => Code::NotFound,
             Self::TopicExists(_) => Code::AlreadyExists,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
-            Self::NotLeader { .. } | Self::ShuttingDown => Code::Unavailable,
+            Self::NotLeader { .. } | Self::ShuttingDown | Self::Unavailable { .. } => {
+                Code::Unavailable
+            }
             Self::TooLarge { .. } | Self::DecodeTooLarge { .. } | Self::DiskFull(_) => {
                 Code::ResourceExhausted
             }
@@ -123,7 +130,7 @@ impl BrokerError {
     /// True when the request had no effect, so a retry cannot duplicate anything.
     pub fn is_definite(&self) -> bool {
         match self {
-            Self::Storage { definite, .. } => *definite,
+            Self::Storage { definite, .. } | Self::Unavailable { definite, .. } => *definite,
             Self::Timeout(_) | Self::Internal(_) | Self::AfterWrite(_) => false,
             _ => true,
         }

@@ -3,6 +3,7 @@
 //! Raft; every request and response already carries what the cluster needs (leaders, acks, high
 //! watermarks, broker ids).
 
+pub mod cluster;
 mod conn;
 pub mod error;
 mod http;

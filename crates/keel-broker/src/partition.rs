@@ -7,7 +7,15 @@ use std::sync::{Arc, Once, Weak};
 
 use bytes::Bytes;
 use keel_log::{AppendInfo, Log, LogError, ReadLimit, ReadSlice};
+use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
+use openraft::async_runtime::WatchReceiver as _;
+use openraft::error::ClientWriteError;
+use openraft::impls::ProgressResponder;
+use openraft::raft::ClientWriteResult;
+use openraft::type_config::alias::OneshotReceiverOf;
 use tokio::sync::{Notify, watch};
+
+use crate::cluster::sm::BrokerRaft;
 
 use crate::error::{BrokerError, Result};
 use crate::topic_config::Resolved;
@@ -19,20 +27,42 @@ pub struct Partition {
     log: Arc<Log>,
     /// The high watermark: the end of what is committed. On a single node that is what is
     /// durable under the topic's flush policy: fsynced when `flush.messages` is 1, appended
-    /// otherwise (flushing left to the OS or an interval, as in Kafka). The [cluster] issue
-    /// sets it from the Raft commit index instead.
+    /// otherwise (flushing left to the OS or an interval, as in Kafka). A replicated partition
+    /// advances it when its Raft group applies a committed batch.
     hwm_tx: watch::Sender<u64>,
-    flush_every_batch: AtomicBool,
-    /// Wakes this partition's background flusher (one task per partition, started on first
-    /// use), which fsyncs and then advances the high watermark; wake-ups coalesce.
-    flush_wanted: Arc<Notify>,
-    flusher: Once,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    /// A single-node broker's partition: the log alone.
+    Local {
+        flush_every_batch: AtomicBool,
+        /// Wakes this partition's background flusher (one task per partition, started on
+        /// first use), which fsyncs and then advances the high watermark; wake-ups coalesce.
+        flush_wanted: Arc<Notify>,
+        flusher: Once,
+    },
+    /// A replica of a partition's Raft group, whose log is this log.
+    Raft(RaftReplica),
+}
+
+/// The Raft side of a replicated partition.
+#[derive(Debug, Clone)]
+pub struct RaftReplica {
+    pub raft: BrokerRaft,
+    pub store: KeelLogStore,
+    pub sm: PartitionSm,
+    pub group: u64,
+    pub node_id: u64,
 }
 
 impl Drop for Partition {
     fn drop(&mut self) {
         // Lets the flusher notice the partition is gone and end.
-        self.flush_wanted.notify_one();
+        if let Backend::Local { flush_wanted, .. } = &self.backend {
+            flush_wanted.notify_one();
+        }
     }
 }
 
@@ -42,6 +72,20 @@ pub enum AckLevel {
     None,
     Leader,
     All,
+}
+
+/// Where an acknowledged batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub base_offset: u64,
+    pub next_offset: u64,
+}
+
+/// An append in progress: appended locally, or submitted to the Raft group.
+#[derive(Debug)]
+pub enum Pending {
+    Local(AppendInfo),
+    Raft(OneshotReceiverOf<KeelRaft, ClientWriteResult<KeelRaft>>),
 }
 
 impl Partition {
@@ -56,10 +100,36 @@ impl Partition {
             id,
             log: Arc::new(log),
             hwm_tx,
-            flush_every_batch: AtomicBool::new(cfg.flush_every_batch()),
-            flush_wanted: Arc::new(Notify::new()),
-            flusher: Once::new(),
+            backend: Backend::Local {
+                flush_every_batch: AtomicBool::new(cfg.flush_every_batch()),
+                flush_wanted: Arc::new(Notify::new()),
+                flusher: Once::new(),
+            },
         })
+    }
+
+    /// A replicated partition over a running Raft replica; `hwm_tx` is the watch its state
+    /// machine advances.
+    pub fn replicated(
+        topic: Arc<str>,
+        id: u32,
+        replica: RaftReplica,
+        hwm_tx: watch::Sender<u64>,
+    ) -> Self {
+        Self {
+            topic,
+            id,
+            log: replica.store.log_arc(),
+            hwm_tx,
+            backend: Backend::Raft(replica),
+        }
+    }
+
+    pub fn raft(&self) -> Option<&RaftReplica> {
+        match &self.backend {
+            Backend::Raft(r) => Some(r),
+            Backend::Local { .. } => None,
+        }
     }
 
     pub fn log(&self) -> &Arc<Log> {
@@ -79,11 +149,48 @@ impl Partition {
     }
 
     pub fn apply_config(&self, cfg: &Resolved) -> Result<()> {
-        self.flush_every_batch
-            .store(cfg.flush_every_batch(), Ordering::Release);
+        match &self.backend {
+            Backend::Local {
+                flush_every_batch, ..
+            } => flush_every_batch.store(cfg.flush_every_batch(), Ordering::Release),
+            Backend::Raft(r) => r.store.set_sync_appends(cfg.flush_every_batch()),
+        }
+        let mut log_cfg = cfg.log_config();
+        if self.raft().is_some() {
+            // The Raft group owns deletion: retention goes through a snapshot and a purge.
+            log_cfg.retention_ms = None;
+            log_cfg.retention_bytes = None;
+        }
         self.log
-            .set_config(cfg.log_config())
+            .set_config(log_cfg)
             .map_err(|e| BrokerError::Internal(e.to_string()))
+    }
+
+    /// The leader this replica knows of (id and address), when it is not itself the leader.
+    pub fn leader_hint(&self) -> Option<(u32, String)> {
+        let r = self.raft()?;
+        let m = r.raft.metrics();
+        let m = m.borrow_watched();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader as u32, node.addr.clone()))
+    }
+
+    /// Fails with NOT_LEADER unless this replica may serve produce and fetch requests.
+    pub fn ensure_leader(&self, fallback: Option<(u32, String)>) -> Result<()> {
+        let Some(r) = self.raft() else {
+            return Ok(());
+        };
+        if r.raft.metrics().borrow_watched().current_leader == Some(r.node_id)
+            && r.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
+        {
+            return Ok(());
+        }
+        Err(BrokerError::NotLeader {
+            topic: self.topic.to_string(),
+            partition: self.id,
+            leader: self.leader_hint().or(fallback),
+        })
     }
 
     /// Appends a validated batch and waits for the durability `acks` asks for.
@@ -92,28 +199,45 @@ impl Partition {
         batch: Bytes,
         acks: AckLevel,
         index: usize,
-    ) -> Result<AppendInfo> {
-        let info = self.append_only(batch, acks, index).await?;
-        self.make_durable(&info, acks, index).await?;
-        Ok(info)
+    ) -> Result<Appended> {
+        let pending = self.append_only(batch, acks, index).await?;
+        self.complete(pending, acks, index).await
     }
 
-    /// Appends a validated batch. It becomes visible to consumers once committed: at once
-    /// when the topic leaves flushing to the OS, after the fsync otherwise (started here in the
-    /// background, so acks=leader producers are not slowed and their records still show up).
+    /// Appends a validated batch (a replicated partition: submits it to its Raft group, in
+    /// call order). A local partition's batch becomes visible to consumers once committed: at
+    /// once when the topic leaves flushing to the OS, after the fsync otherwise (started here
+    /// in the background, so acks=leader producers are not slowed and their records still
+    /// show up).
     pub async fn append_only(
         self: &Arc<Self>,
         batch: Bytes,
         acks: AckLevel,
         index: usize,
-    ) -> Result<AppendInfo> {
+    ) -> Result<Pending> {
+        let flush_every_batch = match &self.backend {
+            Backend::Raft(r) => {
+                let (responder, rx) = ProgressResponder::complete_only();
+                r.raft
+                    .client_write_ff(BatchData::new(batch), Some(responder))
+                    .await
+                    .map_err(|e| BrokerError::Unavailable {
+                        message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
+                        definite: true,
+                    })?;
+                return Ok(Pending::Raft(rx));
+            }
+            Backend::Local {
+                flush_every_batch, ..
+            } => flush_every_batch.load(Ordering::Acquire),
+        };
         let log = Arc::clone(&self.log);
         let info = tokio::task::spawn_blocking(move || log.append(&batch, 0))
             .await
             .map_err(|e| BrokerError::Internal(e.to_string()))?
             .map_err(|e| BrokerError::from_log(e, index))?;
-        if self.flush_every_batch.load(Ordering::Acquire) {
-            // acks=all waits for its own fsync (`make_durable`), which advances the high
+        if flush_every_batch {
+            // acks=all waits for its own fsync (`complete`), which advances the high
             // watermark; only the others need the background flusher.
             if acks != AckLevel::All {
                 self.request_flush();
@@ -121,19 +245,23 @@ impl Partition {
         } else {
             self.advance_hwm(info.next_offset);
         }
-        Ok(info)
+        Ok(Pending::Local(info))
     }
 
     /// Asks the background flusher to fsync what was appended and advance the high watermark
     /// (also used when an acks=all wait was abandoned, so its records still become visible).
     pub fn request_flush(self: &Arc<Self>) {
-        self.flusher.call_once(|| {
-            tokio::spawn(flusher(
-                Arc::downgrade(self),
-                Arc::clone(&self.flush_wanted),
-            ));
-        });
-        self.flush_wanted.notify_one();
+        if let Backend::Local {
+            flush_wanted,
+            flusher,
+            ..
+        } = &self.backend
+        {
+            flusher.call_once(|| {
+                tokio::spawn(flusher_task(Arc::downgrade(self), Arc::clone(flush_wanted)));
+            });
+            flush_wanted.notify_one();
+        }
     }
 
     fn advance_hwm(&self, to: u64) {
@@ -157,23 +285,68 @@ impl Partition {
         Ok(())
     }
 
-    /// With acks=all on a topic that fsyncs every batch, waits for the fsync covering `info`.
-    pub async fn make_durable(
+    /// Waits for the durability `acks` asks for: a local partition with acks=all on a topic
+    /// that fsyncs every batch waits for the fsync; a replicated one waits for the Raft commit
+    /// whatever `acks` says (the offsets are only known then).
+    pub async fn complete(
         &self,
-        info: &AppendInfo,
+        pending: Pending,
         acks: AckLevel,
         index: usize,
-    ) -> Result<()> {
-        if acks != AckLevel::All || !self.flush_every_batch.load(Ordering::Acquire) {
-            return Ok(());
+    ) -> Result<Appended> {
+        match pending {
+            Pending::Local(info) => {
+                let fsync = matches!(&self.backend, Backend::Local { flush_every_batch, .. } if flush_every_batch.load(Ordering::Acquire));
+                if acks == AckLevel::All && fsync {
+                    self.flush(&info, index).await?;
+                }
+                Ok(Appended {
+                    base_offset: info.base_offset,
+                    next_offset: info.next_offset,
+                })
+            }
+            Pending::Raft(rx) => match rx.await {
+                Ok(Ok(resp)) => Ok(Appended {
+                    base_offset: resp.data.base_offset,
+                    next_offset: resp.data.next_offset,
+                }),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(BrokerError::NotLeader {
+                    topic: self.topic.to_string(),
+                    partition: self.id,
+                    leader: f
+                        .leader_id
+                        .zip(f.leader_node.map(|n| n.addr))
+                        .map(|(id, a)| (id as u32, a)),
+                }),
+                Ok(Err(e)) => Err(BrokerError::Unavailable {
+                    message: format!("{}/{}: {e}", self.topic, self.id),
+                    definite: true,
+                }),
+                // The leader stepped down after appending: the batch may still commit.
+                Err(_) => Err(BrokerError::Unavailable {
+                    message: format!(
+                        "{}/{}: leadership changed before the batch was committed; it may or may not be",
+                        self.topic, self.id
+                    ),
+                    definite: false,
+                }),
+            },
         }
-        self.flush(info, index).await
     }
 
     /// Checks that `offset` can be read: between the log start and the high watermark.
+    ///
+    /// A replica also accepts offsets up to its log end: after a leader change, the new leader
+    /// may not yet have applied everything the old one had committed, and a consumer at the
+    /// old high watermark must wait rather than be told its offset is invalid.
     pub fn check_offset(&self, offset: u64) -> Result<u64> {
         let (start, hwm) = (self.log_start_offset(), self.high_watermark());
-        if offset < start || offset > hwm {
+        let end = if self.raft().is_some() {
+            hwm.max(self.log.log_end_offset())
+        } else {
+            hwm
+        };
+        if offset < start || offset > end {
             return Err(self.out_of_range(offset));
         }
         Ok(hwm)
@@ -193,6 +366,12 @@ impl Partition {
     /// from the mapping and do not block on IO except for page faults of cold data.
     pub fn read(&self, offset: u64, max_bytes: u64) -> Result<ReadSlice> {
         let hwm = self.check_offset(offset)?;
+        if offset >= hwm {
+            return Ok(ReadSlice {
+                bytes: Bytes::new(),
+                last: None,
+            });
+        }
         self.log
             .read_with(
                 offset,
@@ -238,7 +417,7 @@ impl Partition {
 
 /// The background flusher of one partition: after each wake-up, fsyncs everything appended so
 /// far and advances the high watermark to the end observed before the fsync.
-async fn flusher(partition: Weak<Partition>, wanted: Arc<Notify>) {
+async fn flusher_task(partition: Weak<Partition>, wanted: Arc<Notify>) {
     loop {
         wanted.notified().await;
         let Some(p) = partition.upgrade() else {

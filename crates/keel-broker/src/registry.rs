@@ -20,25 +20,95 @@ pub const MAX_PARTITIONS: u32 = 10_000;
 pub struct Topic {
     pub meta: TopicMeta,
     pub config: Resolved,
-    pub partitions: Vec<Arc<Partition>>,
+    /// This broker's replica of each partition (`None`: hosted elsewhere).
+    pub partitions: Vec<Option<Arc<Partition>>>,
+    /// Where each partition lives, as the cluster metadata says.
+    pub placement: Vec<Placement>,
     /// The partition keyless records without an explicit partition go to.
     sticky: AtomicU32,
 }
 
+/// A partition's replicas and its last reported leader.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub replicas: Vec<u32>,
+    pub leader: Option<(u32, String)>,
+    pub in_sync: Vec<u32>,
+}
+
 impl Topic {
+    pub fn new(
+        meta: TopicMeta,
+        config: Resolved,
+        partitions: Vec<Option<Arc<Partition>>>,
+        placement: Vec<Placement>,
+    ) -> Self {
+        Self {
+            meta,
+            config,
+            partitions,
+            placement,
+            sticky: AtomicU32::new(0),
+        }
+    }
+
+    /// A single-node broker's topic: every partition is local and led here.
+    fn local(meta: TopicMeta, config: Resolved, partitions: Vec<Arc<Partition>>, id: u32) -> Self {
+        let placement = partitions
+            .iter()
+            .map(|_| Placement {
+                replicas: vec![id],
+                leader: None,
+                in_sync: vec![id],
+            })
+            .collect();
+        Self::new(
+            meta,
+            config,
+            partitions.into_iter().map(Some).collect(),
+            placement,
+        )
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.placement.len() as u32
+    }
+
+    /// This broker's replica of partition `id`, if it may serve produce and fetch requests
+    /// for it (it leads it); NOT_LEADER with the best known leader otherwise.
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>> {
-        self.partitions
-            .get(id as usize)
-            .ok_or_else(|| BrokerError::UnknownPartition {
+        let Some(slot) = self.partitions.get(id as usize) else {
+            return Err(BrokerError::UnknownPartition {
                 topic: self.meta.name.clone(),
                 partition: id,
-                count: self.partitions.len() as u32,
-            })
+                count: self.partition_count(),
+            });
+        };
+        let hint = self
+            .placement
+            .get(id as usize)
+            .and_then(|p| p.leader.clone());
+        match slot {
+            Some(p) => {
+                p.ensure_leader(hint)?;
+                Ok(p)
+            }
+            None => Err(BrokerError::NotLeader {
+                topic: self.meta.name.clone(),
+                partition: id,
+                leader: hint,
+            }),
+        }
+    }
+
+    /// This broker's replicas of the topic's partitions.
+    pub fn local_partitions(&self) -> impl Iterator<Item = &Arc<Partition>> {
+        self.partitions.iter().flatten()
     }
 
     /// The sticky partition for keyless records; moves on after each batch that used it.
     pub fn next_sticky(&self) -> u32 {
-        let n = self.partitions.len().max(1) as u32;
+        let n = self.partition_count().max(1);
         self.sticky.fetch_add(1, Ordering::Relaxed) % n
     }
 }
@@ -47,6 +117,7 @@ impl Topic {
 #[derive(Debug)]
 pub struct Registry {
     data_dir: PathBuf,
+    broker_id: u32,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Serialises metadata changes and their persistence.
     meta: Mutex<ClusterMeta>,
@@ -90,17 +161,13 @@ impl Registry {
             let partitions = open_partitions(data_dir, tm, &config, 0)?;
             topics.insert(
                 tm.name.clone(),
-                Arc::new(Topic {
-                    meta: tm.clone(),
-                    config,
-                    partitions,
-                    sticky: AtomicU32::new(0),
-                }),
+                Arc::new(Topic::local(tm.clone(), config, partitions, broker_id)),
             );
         }
         tracing::info!(topics = topics.len(), "opened topics");
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
+            broker_id,
             topics: RwLock::new(topics),
             meta: Mutex::new(meta),
         })
@@ -200,12 +267,7 @@ impl Registry {
             .cloned()
             .ok_or_else(|| BrokerError::Internal("topic vanished".into()))?;
         tracing::info!(topic = name, partitions, "created topic");
-        Ok(self.install(Topic {
-            meta: tm,
-            config: resolved,
-            partitions: parts,
-            sticky: AtomicU32::new(0),
-        }))
+        Ok(self.install(Topic::local(tm, resolved, parts, self.broker_id)))
     }
 
     pub async fn delete(&self, name: &str) -> Result<()> {
@@ -256,15 +318,15 @@ impl Registry {
         blocking(move || metadata::store(&data_dir, &stored)).await?;
         *meta = next;
         let old = self.get(name)?;
-        for p in &old.partitions {
+        for p in old.local_partitions() {
             p.apply_config(&resolved)?;
         }
-        Ok(self.install(Topic {
-            meta: new_tm,
-            config: resolved,
-            partitions: old.partitions.clone(),
-            sticky: AtomicU32::new(0),
-        }))
+        Ok(self.install(Topic::new(
+            new_tm,
+            resolved,
+            old.partitions.clone(),
+            old.placement.clone(),
+        )))
     }
 
     pub async fn add_partitions(&self, name: &str, total: u32) -> Result<Arc<Topic>> {
@@ -308,21 +370,24 @@ impl Registry {
             .await?
         };
         *meta = next;
-        let mut partitions = old.partitions.clone();
+        let mut partitions: Vec<Arc<Partition>> = old.local_partitions().cloned().collect();
         partitions.extend(added);
-        Ok(self.install(Topic {
-            meta: new_tm,
-            config: old.config,
-            partitions,
-            sticky: AtomicU32::new(0),
-        }))
+        Ok(self.install(Topic::local(new_tm, old.config, partitions, self.broker_id)))
     }
 
     /// Every partition of every topic.
     pub fn all_partitions(&self) -> Vec<Arc<Partition>> {
         self.list()
             .iter()
-            .flat_map(|t| t.partitions.iter().cloned())
+            .flat_map(|t| t.local_partitions().cloned().collect::<Vec<_>>())
             .collect()
+    }
+
+    /// Replaces the whole topic table (a clustered broker, from the metadata state).
+    pub fn replace_all(&self, topics: HashMap<String, Arc<Topic>>) {
+        *self
+            .topics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = topics;
     }
 }

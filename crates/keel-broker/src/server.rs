@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cluster::ClusterNode;
 use crate::error::{BrokerError, Result};
 use crate::registry::Registry;
 use crate::service::{admin::Admin, cluster::Cluster, consume::Consume, produce::Produce};
@@ -86,11 +87,6 @@ fn bind_err(what: &str, addr: SocketAddr, e: std::io::Error) -> BrokerError {
 
 /// Starts a broker: recovers its partitions, then serves gRPC and HTTP until shut down.
 pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
-    if !config.initial_cluster.is_empty() || config.join.is_some() {
-        tracing::warn!(
-            "multi-broker clusters arrive with the [cluster] issue; running as a single-node cluster"
-        );
-    }
     let grpc_listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| bind_err("gRPC", config.listen, e))?;
@@ -128,12 +124,28 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
     let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir, id))
         .await
         .map_err(|e| BrokerError::Internal(e.to_string()))??;
+    let clustered = !config.initial_cluster.is_empty() || config.join.is_some();
+    let cluster = if clustered {
+        Some(
+            ClusterNode::start(
+                config.id,
+                advertise.clone(),
+                &config.data_dir,
+                &config.initial_cluster,
+                config.join.is_some(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let state: Shared = Arc::new(BrokerState {
         id: config.id,
         advertise: advertise.clone(),
         registry,
         limits: config.limits,
         shutdown: shutdown_rx.clone(),
+        cluster: cluster.clone(),
     });
 
     let max = config.limits.max_request_bytes;
@@ -185,6 +197,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(encode_max),
         );
+    let router = router.add_optional_service(cluster.as_ref().map(|c| c.raft_service()));
     let mut rx = shutdown_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
         crate::conn::incoming(grpc_listener),
@@ -197,6 +210,21 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         Arc::clone(&state),
         config.retention_check_interval,
     ));
+    if let Some(c) = &cluster {
+        tasks.push(c.spawn_loops(
+            Arc::clone(&state) as Arc<dyn crate::cluster::RegistryHolder>,
+            shutdown_rx.clone(),
+        ));
+        if let Some(via) = config.join.clone() {
+            let c = Arc::clone(c);
+            tokio::spawn(async move {
+                match c.join(&via).await {
+                    Ok(()) => tracing::info!(via = %via, "joined the cluster"),
+                    Err(e) => tracing::error!(via = %via, error = %e, "could not join the cluster"),
+                }
+            });
+        }
+    }
     ready.store(true, Ordering::Release);
     tracing::info!(broker = config.id, grpc = %grpc_addr, metrics = %metrics_addr, advertise = %advertise, "broker ready");
     Ok(BrokerHandle {
@@ -248,7 +276,8 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
                     }).await;
                 }
                 _ = retention_tick.tick() => {
-                    let parts = state.registry.all_partitions();
+                    // Replicated partitions delete through their Raft group (snapshot + purge).
+                    let parts: Vec<_> = state.registry.all_partitions().into_iter().filter(|p| p.raft().is_none()).collect();
                     let _ = tokio::task::spawn_blocking(move || {
                         for p in parts {
                             match p.log().apply_retention() {
@@ -300,6 +329,9 @@ impl BrokerHandle {
         let http = (!tasks.is_empty()).then(|| tasks.remove(0));
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(c) = &self.state.cluster {
+            c.shutdown().await;
         }
         let parts = self.state.registry.all_partitions();
         tokio::task::spawn_blocking(move || {

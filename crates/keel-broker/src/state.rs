@@ -1,11 +1,20 @@
 //! State shared by the gRPC services.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_proto::v1::{BrokerInfo, PartitionInfo, TopicInfo};
 use tokio::sync::watch;
 
-use crate::registry::{Registry, Topic};
+use keel_types::validate_topic_name;
+use openraft::async_runtime::WatchReceiver as _;
+
+use crate::cluster::meta::{Command, assign, load_of};
+use crate::cluster::{ClusterNode, RegistryHolder};
+use crate::error::{BrokerError, Result};
+use crate::registry::{MAX_PARTITIONS, Registry, Topic};
+use crate::topic_config::TopicConfig;
 
 /// Request limits, enforced before anything is allocated from a request's claims.
 #[derive(Debug, Clone, Copy)]
@@ -47,43 +56,302 @@ pub struct BrokerState {
     pub registry: Registry,
     pub limits: Limits,
     pub shutdown: watch::Receiver<bool>,
+    /// Set on a clustered broker (started with `--initial-cluster` or `--join`).
+    pub cluster: Option<Arc<ClusterNode>>,
 }
 
+impl RegistryHolder for BrokerState {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// How long an admin request waits for its change to reach this broker's topic table.
+const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl BrokerState {
-    pub fn brokers(&self) -> Vec<BrokerInfo> {
-        vec![BrokerInfo {
-            id: self.id,
-            address: self.advertise.clone(),
-            alive: true,
-        }]
+    /// The brokers as this broker knows them (liveness as the metadata leader sees it).
+    pub async fn brokers(&self) -> Vec<BrokerInfo> {
+        match &self.cluster {
+            Some(c) => c.brokers().await,
+            None => vec![BrokerInfo {
+                id: self.id,
+                address: self.advertise.clone(),
+                alive: true,
+            }],
+        }
+    }
+
+    /// The brokers without asking anyone about liveness (for metadata responses).
+    pub fn known_brokers(&self) -> Vec<BrokerInfo> {
+        match &self.cluster {
+            Some(c) => c
+                .state()
+                .brokers
+                .values()
+                .map(|b| BrokerInfo {
+                    id: b.id,
+                    address: b.address.clone(),
+                    alive: true,
+                })
+                .collect(),
+            None => vec![BrokerInfo {
+                id: self.id,
+                address: self.advertise.clone(),
+                alive: true,
+            }],
+        }
+    }
+
+    pub fn metadata_leader(&self) -> u32 {
+        self.cluster
+            .as_ref()
+            .map_or(self.id, |c| c.metadata_leader().unwrap_or(0))
     }
 
     pub fn live_brokers(&self) -> u32 {
-        1
+        self.cluster.as_ref().map_or(1, |c| c.placeable_brokers())
     }
 
     pub fn topic_info(&self, topic: &Topic) -> TopicInfo {
+        let partitions = topic
+            .placement
+            .iter()
+            .enumerate()
+            .map(|(i, pl)| {
+                let local = topic.partitions.get(i).and_then(Option::as_ref);
+                let leader = match local {
+                    Some(p) if p.raft().is_none() => self.id,
+                    Some(p) => p
+                        .raft()
+                        .and_then(|r| r.raft.metrics().borrow_watched().current_leader)
+                        .map(|l| l as u32)
+                        .or(pl.leader.as_ref().map(|l| l.0))
+                        .unwrap_or(0),
+                    None => pl.leader.as_ref().map_or(0, |l| l.0),
+                };
+                PartitionInfo {
+                    partition: i as u32,
+                    leader,
+                    replicas: pl.replicas.clone(),
+                    in_sync: pl.in_sync.clone(),
+                    log_start_offset: local.map_or(0, |p| p.log_start_offset()),
+                    log_end_offset: local.map_or(0, |p| p.high_watermark()),
+                    high_watermark: local.map_or(0, |p| p.high_watermark()),
+                }
+            })
+            .collect();
         TopicInfo {
             name: topic.meta.name.clone(),
-            partitions: topic
-                .partitions
-                .iter()
-                .map(|p| PartitionInfo {
-                    partition: p.id,
-                    leader: self.id,
-                    replicas: vec![self.id],
-                    in_sync: vec![self.id],
-                    log_start_offset: p.log_start_offset(),
-                    log_end_offset: p.log().log_end_offset(),
-                    high_watermark: p.high_watermark(),
-                })
-                .collect(),
+            partitions,
             config: topic.meta.config.effective().into_iter().collect(),
         }
     }
 
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Waits (bounded) until this broker's topic table satisfies `cond`.
+    async fn visible(&self, what: &str, cond: impl Fn(&Registry) -> bool) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + VISIBLE_TIMEOUT;
+        while !cond(&self.registry) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(BrokerError::Unavailable {
+                    message: format!("{what} was accepted but has not reached this broker yet"),
+                    definite: false,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        config: &BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>> {
+        let Some(c) = &self.cluster else {
+            return self
+                .registry
+                .create(name, partitions, replication_factor, config, 1)
+                .await;
+        };
+        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
+        let partitions = if partitions == 0 { 1 } else { partitions };
+        if partitions > MAX_PARTITIONS {
+            return Err(BrokerError::invalid(
+                "partitions",
+                format!("{partitions} exceeds the limit of {MAX_PARTITIONS}"),
+            ));
+        }
+        // Right after a cluster starts, its brokers may not all have registered yet.
+        let members = c.metadata_members();
+        let _ = self
+            .visible("broker registrations", |_| {
+                c.placeable_brokers() >= members.min(replication_factor.max(1))
+            })
+            .await;
+        let state = c.state();
+        let brokers = state.placeable_brokers();
+        let live = brokers.len() as u32;
+        let rf = if replication_factor == 0 {
+            live.clamp(1, 3)
+        } else {
+            replication_factor
+        };
+        if rf > live {
+            return Err(BrokerError::invalid(
+                "replication_factor",
+                format!("{rf} exceeds the number of brokers ({live})"),
+            ));
+        }
+        let topic_config = TopicConfig::new(config)?;
+        let resolved = topic_config.resolve()?;
+        if u64::from(resolved.min_insync_replicas) > u64::from(rf) {
+            return Err(BrokerError::InvalidConfig {
+                key: "min.insync.replicas".into(),
+                message: format!(
+                    "{} exceeds the replication factor {rf}",
+                    resolved.min_insync_replicas
+                ),
+            });
+        }
+        if state.topics.contains_key(name) {
+            return Err(BrokerError::TopicExists(name.to_owned()));
+        }
+        let assignments = assign(&brokers, &load_of(&state), partitions, rf);
+        c.propose(Command::CreateTopic {
+            name: name.to_owned(),
+            config: topic_config,
+            replication_factor: rf,
+            assignments,
+        })
+        .await?;
+        self.visible("the new topic", |r| r.get(name).is_ok())
+            .await?;
+        // Answer once every partition has elected a leader, so that producing right after
+        // creating works at once (bounded: a partition whose replicas are down stays leaderless).
+        let _ = self
+            .visible("the new topic's leaders", |r| {
+                r.get(name)
+                    .is_ok_and(|t| t.placement.iter().all(|p| p.leader.is_some()))
+            })
+            .await;
+        self.registry.get(name)
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let Some(c) = &self.cluster else {
+            return self.registry.delete(name).await;
+        };
+        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
+        c.propose(Command::DeleteTopic {
+            name: name.to_owned(),
+        })
+        .await?;
+        self.visible("the deletion", |r| r.get(name).is_err()).await
+    }
+
+    pub async fn alter_config(
+        &self,
+        name: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Arc<Topic>> {
+        let Some(c) = &self.cluster else {
+            return self.registry.alter_config(name, set, remove).await;
+        };
+        let topic = self.registry.lookup("name", name)?;
+        let config = topic.meta.config.with_changes(set, remove)?;
+        c.propose(Command::AlterConfig {
+            name: name.to_owned(),
+            config: config.clone(),
+        })
+        .await?;
+        self.visible("the new config", |r| {
+            r.get(name).is_ok_and(|t| t.meta.config == config)
+        })
+        .await?;
+        self.registry.get(name)
+    }
+
+    pub async fn add_partitions(&self, name: &str, total: u32) -> Result<Arc<Topic>> {
+        let Some(c) = &self.cluster else {
+            return self.registry.add_partitions(name, total).await;
+        };
+        let topic = self.registry.lookup("name", name)?;
+        let have = topic.partition_count();
+        if total <= have {
+            return Err(BrokerError::invalid(
+                "partitions",
+                format!("the topic has {have} partitions; the new count {total} must be larger"),
+            ));
+        }
+        if total > MAX_PARTITIONS {
+            return Err(BrokerError::invalid(
+                "partitions",
+                format!("{total} exceeds the limit of {MAX_PARTITIONS}"),
+            ));
+        }
+        let state = c.state();
+        let assignments = assign(
+            &state.placeable_brokers(),
+            &load_of(&state),
+            total - have,
+            topic.meta.replication_factor,
+        );
+        c.propose(Command::AddPartitions {
+            name: name.to_owned(),
+            assignments,
+        })
+        .await?;
+        self.visible("the new partitions", |r| {
+            r.get(name).is_ok_and(|t| t.partition_count() == total)
+        })
+        .await?;
+        self.registry.get(name)
+    }
+
+    /// Moves a partition to `replicas` (the first is the preferred leader).
+    pub async fn reassign(
+        &self,
+        name: &str,
+        partition: u32,
+        replicas: Vec<u32>,
+    ) -> Result<Arc<Topic>> {
+        let Some(c) = &self.cluster else {
+            return Err(BrokerError::invalid(
+                "replicas",
+                "a single-node broker cannot reassign partitions",
+            ));
+        };
+        let topic = self.registry.lookup("name", name)?;
+        if partition >= topic.partition_count() {
+            return Err(BrokerError::UnknownPartition {
+                topic: name.to_owned(),
+                partition,
+                count: topic.partition_count(),
+            });
+        }
+        c.propose(Command::Reassign {
+            name: name.to_owned(),
+            partition,
+            replicas: replicas.clone(),
+        })
+        .await?;
+        self.visible("the reassignment", |r| {
+            r.get(name).is_ok_and(|t| {
+                t.placement
+                    .get(partition as usize)
+                    .is_some_and(|p| p.replicas == replicas)
+            })
+        })
+        .await?;
+        self.registry.get(name)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::error::{BrokerError, Result};
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 8 * 1024 * 1024;
 
 /// Effective configuration of a topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
     /// Set keys only, as the user gave them (after validation); defaults fill the rest.
     pub overrides: BTreeMap<String, String>,

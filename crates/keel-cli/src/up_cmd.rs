@@ -32,15 +32,6 @@ pub async fn run(args: UpArgs) -> Result<()> {
             args.nodes
         );
     }
-    // Until partitions are replicated by Raft (the [cluster] issue), separate brokers would be
-    // separate clusters with separate topics; start the one that the others will join.
-    let requested = args.nodes;
-    let args = UpArgs { nodes: 1, ..args };
-    if requested > 1 {
-        eprintln!(
-            "keel up: multi-broker clusters arrive with Raft replication; starting 1 broker instead of {requested}"
-        );
-    }
     let exe = std::env::current_exe().context("locating the keel executable")?;
     let grpc = |i: u16| format!("127.0.0.1:{}", args.base_port + i - 1);
     let metrics = |i: u16| format!("127.0.0.1:{}", args.base_port + 100 + i - 1);

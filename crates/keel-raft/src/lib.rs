@@ -7,16 +7,21 @@
 //! Between brokers, Raft messages travel over gRPC ([`wire`]): [`network::RaftTransport`] is
 //! the client side (one connection per peer shared by every group), [`server::RaftRegistry`]
 //! the server side (dispatch by group id).
+//!
+//! [`PartitionSm`] is the group's state machine: applying an entry advances the partition's
+//! high watermark; snapshots are metadata only, cut at the retention boundary.
 
 pub mod codec;
 mod log_store;
 pub mod network;
 pub mod server;
 pub mod state_file;
+pub mod state_machine;
 pub mod types;
 pub mod wire;
 
 pub use log_store::{DEFAULT_MAX_READ_BYTES, KeelLogReader, KeelLogStore, log_err};
 pub use network::{GroupNetwork, RaftTransport, TransportConfig};
 pub use server::{RaftRegistry, RaftServer};
+pub use state_machine::{PartitionSm, SnapshotState, snapshot_point_for_offset};
 pub use types::{AppendAck, BatchData, Entry, KeelRaft, LogId, Vote, log_id};

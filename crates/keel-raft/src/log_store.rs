@@ -8,6 +8,7 @@
 //!   raft-vote        the vote (CRC-checked JSON; a corrupt file refuses to open)
 //!   raft-committed   the last committed log id as far as this replica knows (a hint)
 //!   raft-purged      the last purged log id (needed by get_log_state after a restart)
+//!   raft-snapshot    the state machine's current snapshot (`PartitionSm`, metadata only)
 //! ```
 //!
 //! The Raft index and term of each entry are the batch header's `raft_index` and `raft_term`.
@@ -17,6 +18,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -42,7 +44,8 @@ pub const DEFAULT_MAX_READ_BYTES: u64 = 1 << 20;
 struct Meta {
     vote: Option<Vote>,
     committed: Option<LogId>,
-    purged: Option<LogId>,
+    /// The last purge point and the offset the log continues from after it.
+    purged: Option<PurgeRecord>,
     /// Set by the state machine when it installs a snapshot: the offset the log must continue
     /// from after that snapshot's last entry, used by a purge past the end of the log.
     snapshot_offset: Option<(LogId, u64)>,
@@ -59,13 +62,15 @@ struct PurgeRecord {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    log: Log,
+    log: Arc<Log>,
     fs: Arc<dyn Fs>,
     vote_file: StateFile,
     committed_file: StateFile,
     purged_file: StateFile,
     meta: Mutex<Meta>,
     max_read_bytes: u64,
+    /// Whether `append` fsyncs before acknowledging (see [`KeelLogStore::set_sync_appends`]).
+    sync_appends: AtomicBool,
 }
 
 /// A partition's Raft log storage: a keel log plus the vote, committed and purge point.
@@ -106,7 +111,8 @@ pub fn log_err(e: LogError, context: &str) -> io::Error {
     io::Error::new(kind, msg)
 }
 
-async fn blocking<T, F>(f: F) -> io::Result<T>
+/// Runs blocking storage work on tokio's blocking pool.
+pub(crate) async fn blocking<T, F>(f: F) -> io::Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> io::Result<T> + Send + 'static,
@@ -120,9 +126,10 @@ impl KeelLogStore {
     /// Opens (or creates) the store in `dir` on the real filesystem.
     ///
     /// The store owns durability and retention of the log: appends never flush on their own
-    /// (the store fsyncs once per `append` call, before acknowledging; the configured policy
-    /// still drives background flushes) and size/time retention is disabled (data is only
-    /// removed through `purge`).
+    /// (the store fsyncs once per `append` call, before acknowledging, unless
+    /// [`KeelLogStore::set_sync_appends`] turned that off; the configured policy still drives
+    /// background flushes) and size/time retention is disabled (data is only removed through
+    /// `purge`).
     /// Blocking: call it from a blocking context.
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> io::Result<Self> {
         Self::open_with(dir, config, Arc::new(RealFs), Arc::new(SystemClock))
@@ -144,7 +151,6 @@ impl KeelLogStore {
 
         let vote: Option<Vote> = vote_file.load(&*fs)?;
         let purge_record: Option<PurgeRecord> = purged_file.load(&*fs)?;
-        let purged = purge_record.map(|r| r.log_id);
         // The committed id is a hint (openraft works without it); losing it is safe.
         let committed: Option<LogId> = match committed_file.load(&*fs) {
             Ok(c) => c,
@@ -180,7 +186,7 @@ impl KeelLogStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
-                log,
+                log: Arc::new(log),
                 fs,
                 vote_file,
                 committed_file,
@@ -188,10 +194,11 @@ impl KeelLogStore {
                 meta: Mutex::new(Meta {
                     vote,
                     committed,
-                    purged,
+                    purged: purge_record,
                     snapshot_offset: None,
                 }),
                 max_read_bytes: DEFAULT_MAX_READ_BYTES,
+                sync_appends: AtomicBool::new(true),
             }),
         })
     }
@@ -199,6 +206,52 @@ impl KeelLogStore {
     /// The partition log (for the broker's fetch path: read up to the commit index only).
     pub fn log(&self) -> &Log {
         &self.inner.log
+    }
+
+    /// The partition log as a shared handle (for tasks that outlive a borrow of the store).
+    pub fn log_arc(&self) -> Arc<Log> {
+        Arc::clone(&self.inner.log)
+    }
+
+    /// The filesystem the store writes through (state files beside the log use it too).
+    pub(crate) fn fs(&self) -> &Arc<dyn Fs> {
+        &self.inner.fs
+    }
+
+    /// The last purge point and the partition offset the log continues from after it, if the
+    /// log was ever purged.
+    pub fn purge_point(&self) -> Option<(LogId, u64)> {
+        lock(&self.inner.meta)
+            .purged
+            .map(|r| (r.log_id, r.next_offset))
+    }
+
+    /// Chooses whether `append` makes entries durable before acknowledging them (default: on).
+    ///
+    /// * **On**: every `append` call ends with one `fsync` of the log before openraft's
+    ///   `IOFlushed` callback fires, so an entry this replica acknowledged (to its leader, or
+    ///   counted towards its own commit as leader) survives a power loss. A committed entry is
+    ///   lost only if every replica that stored it loses its disk.
+    /// * **Off**: `append` writes the entries to the page cache and acknowledges at once; they
+    ///   reach the disk when the OS writes them back or a background flusher (the log's flush
+    ///   policy via `Log::flush_if_due`, or `Log::flush`) syncs them. A process crash loses
+    ///   nothing (the page cache survives it), but a power loss can lose a tail of entries this
+    ///   replica already acknowledged, committed ones included; after it the log recovers to a
+    ///   CRC-checked prefix. That is Kafka's default durability: safe as long as replicas do not
+    ///   lose power together; if a majority does, committed (and consumed) data can be lost, and
+    ///   a replica that forgot entries it acknowledged can weaken Raft's guarantees until it
+    ///   has caught up again.
+    ///
+    /// In both modes the vote and the purge record are always fsynced before they take effect,
+    /// so a replica never votes twice in a term and never serves purged entries; the committed
+    /// log id is fsynced too, and is clamped on read to the last entry the log still holds.
+    pub fn set_sync_appends(&self, on: bool) {
+        self.inner.sync_appends.store(on, Ordering::Release);
+    }
+
+    /// Whether `append` fsyncs before acknowledging (see [`KeelLogStore::set_sync_appends`]).
+    pub fn sync_appends(&self) -> bool {
+        self.inner.sync_appends.load(Ordering::Acquire)
     }
 
     pub fn dir(&self) -> &Path {
@@ -226,7 +279,7 @@ impl KeelLogStore {
 
 impl Inner {
     fn purged(&self) -> Option<LogId> {
-        lock(&self.meta).purged
+        lock(&self.meta).purged.map(|r| r.log_id)
     }
 
     /// First Raft index that is logically present (entries at or below the purge point may
@@ -315,7 +368,7 @@ impl Inner {
                 .map_err(|e| log_err(e, &format!("appending entry {}", entry.log_id)))?;
             last_seq = Some(info.flush_seq);
         }
-        if let Some(seq) = last_seq {
+        if let Some(seq) = last_seq.filter(|_| self.sync_appends.load(Ordering::Acquire)) {
             self.log
                 .flush_to(seq)
                 .map_err(|e| log_err(e, "flushing appended entries"))?;
@@ -361,7 +414,7 @@ impl Inner {
     fn purge_blocking(&self, upto: LogId) -> io::Result<()> {
         let (purged, hint) = {
             let m = lock(&self.meta);
-            (m.purged, m.snapshot_offset)
+            (m.purged.map(|r| r.log_id), m.snapshot_offset)
         };
         if purged.is_some_and(|p| p.index >= upto.index) {
             return Ok(());
@@ -387,7 +440,7 @@ impl Inner {
             next_offset,
         };
         self.purged_file.store(&*self.fs, &Some(record))?;
-        lock(&self.meta).purged = Some(upto);
+        lock(&self.meta).purged = Some(record);
 
         if past_end {
             // Everything present (and possibly more) is purged: restart the log empty at the
@@ -521,7 +574,16 @@ impl RaftLogStorage<KeelRaft> for KeelLogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(lock(&self.inner.meta).committed)
+        let committed = lock(&self.inner.meta).committed;
+        // Without synchronous appends a power loss can take entries the (always fsynced)
+        // committed id covers; openraft re-applies up to this id on start and must find every
+        // entry. The log is a prefix of what it was, so its last entry is committed too.
+        let last = self.inner.log_state().last_log_id;
+        Ok(match (committed, last) {
+            (Some(c), Some(l)) if l.index < c.index => Some(l),
+            (Some(_), None) => None,
+            (c, _) => c,
+        })
     }
 
     async fn append<I>(

@@ -131,6 +131,35 @@ impl RaftTransport {
         self.peers().len()
     }
 
+    /// Sends a `Forward` request to broker `target` at `addr` (for the leader of `group_id`)
+    /// and returns its reply payload.
+    pub async fn forward(
+        &self,
+        addr: &str,
+        target: u64,
+        group_id: u64,
+        payload: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, tonic::Status> {
+        let peer = self.peer(addr).map_err(tonic::Status::unavailable)?;
+        let limit = self.inner.config.max_message_bytes;
+        let mut client = RaftServiceClient::new(peer.control)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let mut req = tonic::Request::new(pb::RaftRequest {
+            group_id,
+            target,
+            payload,
+        });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.forward(req)).await {
+            Ok(r) => r.map(|r| r.into_inner().payload),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "forwarding to broker {target} at {addr} timed out after {timeout:?}"
+            ))),
+        }
+    }
+
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
         self.inner
             .peers

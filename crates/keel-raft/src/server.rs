@@ -8,7 +8,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock};
+
+use bytes::Bytes;
 
 use openraft::Raft;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
@@ -21,11 +25,19 @@ use crate::types::{KeelRaft, Snapshot};
 use crate::wire::pb::raft_service_server::{RaftService, RaftServiceServer};
 use crate::wire::{self, InstallSnapshot, pb};
 
+/// The future a [`ForwardHandler`] returns.
+pub type ForwardFuture = Pin<Box<dyn Future<Output = Result<Bytes, Status>> + Send>>;
+
+/// Handles `Forward` requests: `(group_id, payload)` to the reply payload. The broker installs
+/// one to serve requests other brokers forward to a group leader (metadata commands).
+pub type ForwardHandler = Arc<dyn Fn(u64, Bytes) -> ForwardFuture + Send + Sync>;
+
 /// The Raft groups hosted by one broker, by group id.
 pub struct RaftRegistry<SM: RaftStateMachine<KeelRaft>> {
     node_id: u64,
     max_message_bytes: usize,
     groups: Arc<RwLock<HashMap<u64, Raft<KeelRaft, SM>>>>,
+    forward: Arc<RwLock<Option<ForwardHandler>>>,
 }
 
 impl<SM: RaftStateMachine<KeelRaft>> Clone for RaftRegistry<SM> {
@@ -34,6 +46,7 @@ impl<SM: RaftStateMachine<KeelRaft>> Clone for RaftRegistry<SM> {
             node_id: self.node_id,
             max_message_bytes: self.max_message_bytes,
             groups: Arc::clone(&self.groups),
+            forward: Arc::clone(&self.forward),
         }
     }
 }
@@ -59,7 +72,13 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
             node_id,
             max_message_bytes: max,
             groups: Arc::default(),
+            forward: Arc::default(),
         }
+    }
+
+    /// Installs the handler of `Forward` requests.
+    pub fn set_forward_handler(&self, handler: ForwardHandler) {
+        *self.forward.write().unwrap_or_else(PoisonError::into_inner) = Some(handler);
     }
 
     pub fn node_id(&self) -> u64 {
@@ -191,6 +210,28 @@ where
             .await
             .map_err(|e| stopped(g, e))?;
         reply(g, &resp)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let handler = self
+            .registry
+            .forward
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this broker accepts no forwarded requests"))?;
+        let req = req.into_inner();
+        if req.target != self.registry.node_id {
+            return Err(Status::failed_precondition(format!(
+                "forwarded request for node {} reached node {}",
+                req.target, self.registry.node_id
+            )));
+        }
+        let payload = handler(req.group_id, req.payload).await?;
+        Ok(Response::new(pb::RaftReply { payload }))
     }
 
     async fn transfer_leader(

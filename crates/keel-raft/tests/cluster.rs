@@ -4,104 +4,18 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use keel_raft::types::{Snapshot, Vote};
-use keel_raft::{KeelLogStore, KeelRaft};
-use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
-};
+use keel_raft::KeelLogStore;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 use support::{MemStateMachine, batch, layout, small_config};
 
-type Node = Raft<KeelRaft, MemStateMachine>;
-
-#[derive(Clone, Default)]
-struct Router {
-    nodes: Arc<Mutex<HashMap<u64, Node>>>,
-}
-
-impl Router {
-    fn get(&self, id: u64) -> Option<Node> {
-        self.nodes.lock().expect("router").get(&id).cloned()
-    }
-}
-
-struct Client {
-    router: Router,
-    target: u64,
-}
-
-fn unreachable(msg: impl ToString) -> Unreachable<KeelRaft> {
-    Unreachable::from_string(msg)
-}
-
-impl RaftNetworkFactory<KeelRaft> for Router {
-    type Network = Client;
-
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Client {
-        Client {
-            router: self.clone(),
-            target,
-        }
-    }
-}
-
-impl RaftNetworkV2<KeelRaft> for Client {
-    type SnapshotData = Vec<u8>;
-
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<KeelRaft>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let n = self
-            .router
-            .get(self.target)
-            .ok_or_else(|| unreachable("down"))?;
-        n.append_entries(rpc)
-            .await
-            .map_err(|e| RPCError::Unreachable(unreachable(e)))
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<KeelRaft>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let n = self
-            .router
-            .get(self.target)
-            .ok_or_else(|| unreachable("down"))?;
-        n.vote(rpc)
-            .await
-            .map_err(|e| RPCError::Unreachable(unreachable(e)))
-    }
-
-    async fn full_snapshot(
-        &mut self,
-        vote: Vote,
-        snapshot: Snapshot<Vec<u8>>,
-        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
-        _option: RPCOption,
-    ) -> Result<SnapshotResponse<KeelRaft>, StreamingError<KeelRaft>> {
-        let n = self
-            .router
-            .get(self.target)
-            .ok_or_else(|| StreamingError::Unreachable(unreachable("down")))?;
-        n.install_full_snapshot(vote, snapshot)
-            .await
-            .map_err(|e| StreamingError::Unreachable(unreachable(e)))
-    }
-}
+type Router = support::Router<MemStateMachine>;
 
 fn config() -> Arc<Config> {
     let c = Config {
@@ -125,7 +39,7 @@ async fn start(router: &Router, id: u64, dir: &Path) -> io::Result<KeelLogStore>
     )
     .await
     .map_err(|e| io::Error::other(e.to_string()))?;
-    router.nodes.lock().expect("router").insert(id, raft);
+    router.insert(id, raft);
     Ok(store)
 }
 
@@ -197,12 +111,7 @@ async fn three_replicas_agree_on_offsets_and_a_restarted_follower_catches_up() -
 
     // Restart a follower from its directory while the others keep writing.
     let follower = (1..=3u64).find(|&i| i != leader_id).expect("follower");
-    let f = router
-        .nodes
-        .lock()
-        .expect("router")
-        .remove(&follower)
-        .expect("f");
+    let f = router.remove(follower).expect("f");
     f.shutdown()
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;

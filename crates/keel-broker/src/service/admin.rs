@@ -20,14 +20,7 @@ impl AdminService for Admin {
         let config: BTreeMap<String, String> = r.config.into_iter().collect();
         let topic = self
             .0
-            .registry
-            .create(
-                &r.name,
-                r.partitions,
-                r.replication_factor,
-                &config,
-                self.0.live_brokers(),
-            )
+            .create_topic(&r.name, r.partitions, r.replication_factor, &config)
             .await?;
         Ok(Response::new(CreateTopicResponse {
             topic: Some(self.0.topic_info(&topic)),
@@ -38,7 +31,7 @@ impl AdminService for Admin {
         &self,
         req: Request<DeleteTopicRequest>,
     ) -> Result<Response<DeleteTopicResponse>, Status> {
-        self.0.registry.delete(&req.into_inner().name).await?;
+        self.0.delete_topic(&req.into_inner().name).await?;
         Ok(Response::new(DeleteTopicResponse {}))
     }
 
@@ -72,11 +65,7 @@ impl AdminService for Admin {
     ) -> Result<Response<AlterTopicConfigResponse>, Status> {
         let r = req.into_inner();
         let set: BTreeMap<String, String> = r.set.into_iter().collect();
-        let topic = self
-            .0
-            .registry
-            .alter_config(&r.name, &set, &r.remove)
-            .await?;
+        let topic = self.0.alter_config(&r.name, &set, &r.remove).await?;
         Ok(Response::new(AlterTopicConfigResponse {
             topic: Some(self.0.topic_info(&topic)),
         }))
@@ -87,11 +76,7 @@ impl AdminService for Admin {
         req: Request<AddPartitionsRequest>,
     ) -> Result<Response<AddPartitionsResponse>, Status> {
         let r = req.into_inner();
-        let topic = self
-            .0
-            .registry
-            .add_partitions(&r.name, r.partitions)
-            .await?;
+        let topic = self.0.add_partitions(&r.name, r.partitions).await?;
         Ok(Response::new(AddPartitionsResponse {
             topic: Some(self.0.topic_info(&topic)),
         }))

@@ -14,8 +14,8 @@ impl ClusterService for Cluster {
         _req: Request<DescribeClusterRequest>,
     ) -> Result<Response<DescribeClusterResponse>, Status> {
         Ok(Response::new(DescribeClusterResponse {
-            metadata_leader: self.0.id,
-            brokers: self.0.brokers(),
+            metadata_leader: self.0.metadata_leader(),
+            brokers: self.0.brokers().await,
             broker_id: self.0.id,
         }))
     }
@@ -41,7 +41,7 @@ impl ClusterService for Cluster {
             out
         };
         Ok(Response::new(MetadataResponse {
-            brokers: self.0.brokers(),
+            brokers: self.0.known_brokers(),
             topics,
         }))
     }

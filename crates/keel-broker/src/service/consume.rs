@@ -316,6 +316,7 @@ impl ConsumeService for Consume {
                 if st.registry.get(&topic_name).map_or(true, |t| {
                     !t.partitions
                         .get(p.id as usize)
+                        .and_then(Option::as_ref)
                         .is_some_and(|q| Arc::ptr_eq(q, &p))
                 }) {
                     let _ = tx

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
-use keel_log::AppendInfo;
 use keel_log::batch::{
     BatchBuilder, BatchError, Compression, DEFAULT_MAX_DECOMPRESSED, RecordRef, validate_records,
 };
@@ -20,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{BrokerError, Result};
-use crate::partition::{AckLevel, Partition};
+use crate::partition::{AckLevel, Appended, Partition, Pending};
 use crate::registry::Topic;
 use crate::state::Shared;
 
@@ -225,8 +224,8 @@ impl Produce {
         })
     }
 
-    /// Appends a plan's batches in order. Returns their append infos.
-    async fn append_all(plan: &Plan) -> Result<Vec<AppendInfo>> {
+    /// Appends a plan's batches in order. Returns their pending appends.
+    async fn append_all(plan: &Plan) -> Result<Vec<Pending>> {
         let mut infos = Vec::with_capacity(plan.batches.len());
         for b in &plan.batches {
             match b
@@ -253,34 +252,37 @@ impl Produce {
     /// Waits for durability and builds the response.
     async fn finish(
         plan: Plan,
-        infos: Vec<AppendInfo>,
+        pending: Vec<Pending>,
         correlation_id: u64,
     ) -> Result<ProduceResponse> {
         let wait = async {
-            for (b, info) in plan.batches.iter().zip(&infos) {
-                b.partition
-                    .make_durable(info, plan.acks, b.source)
-                    .await
-                    .map_err(BrokerError::after_write)?;
+            let mut done = Vec::with_capacity(pending.len());
+            for (i, (b, p)) in plan.batches.iter().zip(pending).enumerate() {
+                let r = b.partition.complete(p, plan.acks, b.source).await;
+                // The first batch's failure before anything else was acknowledged keeps its
+                // own definiteness; later ones follow writes that did happen.
+                done.push(r.map_err(|e| if i == 0 { e } else { e.after_write() })?);
             }
-            Ok::<(), BrokerError>(())
+            Ok::<Vec<Appended>, BrokerError>(done)
         };
         let outcome = match tokio::time::timeout(plan.timeout, wait).await {
             Ok(r) => r,
             Err(_) => Err(BrokerError::Timeout(plan.timeout.as_millis() as u64)),
         };
-        if let Err(e) = outcome {
-            // The records are appended; make sure they still become visible once durable.
-            for b in &plan.batches {
-                b.partition.request_flush();
+        match outcome {
+            Ok(infos) => Ok(build_response(&plan, &infos, correlation_id)),
+            Err(e) => {
+                // The records are appended; make sure they still become visible once durable.
+                for b in &plan.batches {
+                    b.partition.request_flush();
+                }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(build_response(&plan, &infos, correlation_id))
     }
 }
 
-fn build_response(plan: &Plan, infos: &[AppendInfo], correlation_id: u64) -> ProduceResponse {
+fn build_response(plan: &Plan, infos: &[Appended], correlation_id: u64) -> ProduceResponse {
     let mut acks: Vec<BatchAck> = plan
         .sources
         .iter()
@@ -329,7 +331,7 @@ fn encode_records(
     max_message: u64,
     out: &mut Vec<Prepared>,
 ) -> Result<()> {
-    let count = topic.partitions.len() as u32;
+    let count = topic.partition_count();
     // Picked only when a keyless record needs it, so keyed traffic does not move it.
     let mut sticky = None;
     let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();

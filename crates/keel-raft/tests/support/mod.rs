@@ -1,6 +1,9 @@
-//! Test support: a minimal in-memory state machine and a store builder for openraft's suite.
+//! Test support: a minimal in-memory state machine, a store builder for openraft's suite, and
+//! an in-process network between Raft nodes.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -9,12 +12,17 @@ use keel_log::LogConfig;
 use keel_log::ReadLimit;
 use keel_log::batch::{BatchBuilder, BatchHeader, BatchIter, Compression, RecordRef};
 use keel_raft::types::Snapshot;
-use keel_raft::types::{SnapshotMeta, StoredMembership};
+use keel_raft::types::{SnapshotMeta, StoredMembership, Vote};
 use keel_raft::{AppendAck, BatchData, KeelLogStore, KeelRaft, LogId};
+use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::log::StoreBuilder;
 use openraft::type_config::TypeConfigExt;
-use openraft::{EntryPayload, OptionalSend, StorageError};
+use openraft::{BasicNode, EntryPayload, OptionalSend, Raft, StorageError};
 use serde::{Deserialize, Serialize};
 
 /// What the test state machine tracks; a snapshot is this, as JSON.
@@ -211,4 +219,115 @@ pub fn layout(store: &KeelLogStore) -> Vec<Row> {
         next = out.last().map_or(next, |l| l.0 + 1);
     }
     out
+}
+
+/// An in-process network: every node of a group is a `Raft` in this map; a node that is not
+/// in it is down (`Unreachable`).
+pub struct Router<SM: RaftStateMachine<KeelRaft>> {
+    pub nodes: Arc<Mutex<HashMap<u64, Raft<KeelRaft, SM>>>>,
+}
+
+impl<SM: RaftStateMachine<KeelRaft>> Clone for Router<SM> {
+    fn clone(&self) -> Self {
+        Self {
+            nodes: Arc::clone(&self.nodes),
+        }
+    }
+}
+
+impl<SM: RaftStateMachine<KeelRaft>> Default for Router<SM> {
+    fn default() -> Self {
+        Self {
+            nodes: Arc::default(),
+        }
+    }
+}
+
+impl<SM: RaftStateMachine<KeelRaft>> Router<SM> {
+    pub fn get(&self, id: u64) -> Option<Raft<KeelRaft, SM>> {
+        self.nodes.lock().expect("router").get(&id).cloned()
+    }
+
+    pub fn insert(&self, id: u64, raft: Raft<KeelRaft, SM>) {
+        self.nodes.lock().expect("router").insert(id, raft);
+    }
+
+    pub fn remove(&self, id: u64) -> Option<Raft<KeelRaft, SM>> {
+        self.nodes.lock().expect("router").remove(&id)
+    }
+}
+
+/// A connection from one node to `target` through a [`Router`].
+pub struct RouterClient<SM: RaftStateMachine<KeelRaft>> {
+    router: Router<SM>,
+    target: u64,
+}
+
+fn unreachable(msg: impl ToString) -> Unreachable<KeelRaft> {
+    Unreachable::from_string(msg)
+}
+
+impl<SM> RaftNetworkFactory<KeelRaft> for Router<SM>
+where
+    SM: RaftStateMachine<KeelRaft, SnapshotData = Vec<u8>>,
+{
+    type Network = RouterClient<SM>;
+
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> RouterClient<SM> {
+        RouterClient {
+            router: self.clone(),
+            target,
+        }
+    }
+}
+
+impl<SM> RaftNetworkV2<KeelRaft> for RouterClient<SM>
+where
+    SM: RaftStateMachine<KeelRaft, SnapshotData = Vec<u8>>,
+{
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<KeelRaft>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<KeelRaft>, RPCError<KeelRaft>> {
+        let n = self
+            .router
+            .get(self.target)
+            .ok_or_else(|| unreachable("down"))?;
+        n.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<KeelRaft>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
+        let n = self
+            .router
+            .get(self.target)
+            .ok_or_else(|| unreachable("down"))?;
+        n.vote(rpc)
+            .await
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<Vec<u8>>,
+        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<KeelRaft>, StreamingError<KeelRaft>> {
+        let n = self
+            .router
+            .get(self.target)
+            .ok_or_else(|| StreamingError::Unreachable(unreachable("down")))?;
+        n.install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| StreamingError::Unreachable(unreachable(e)))
+    }
 }

@@ -1,0 +1,441 @@
+//! The cluster metadata replicated by the metadata Raft group: brokers, topics, partition
+//! assignments and the partition leaders the replicas report. Pure logic: commands are applied
+//! deterministically on every broker (same state from the same log), and nothing here does IO.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::metadata::TopicMeta;
+use crate::topic_config::TopicConfig;
+
+/// Raft group id of the metadata group; partition groups use [`partition_group`].
+pub const META_GROUP: u64 = 0;
+
+/// The Raft group id of a partition: topic ids are never reused, so neither are group ids.
+pub fn partition_group(topic_id: u64, partition: u32) -> u64 {
+    (topic_id << 16) | u64::from(partition)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerMeta {
+    pub id: u32,
+    /// Where clients and peers reach it (its advertised gRPC address).
+    pub address: String,
+    /// Set by a decommission: no new replicas go there and its replicas move away.
+    #[serde(default)]
+    pub decommissioning: bool,
+}
+
+/// One partition's placement and the leader its replicas last reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    /// Voters of the partition's Raft group; the first is the preferred leader.
+    pub replicas: Vec<u32>,
+    /// Last reported leader, with the Raft term it leads in (reports of older terms lose).
+    pub leader: Option<u32>,
+    pub leader_term: u64,
+    /// Voters caught up to the commit index, as the leader last reported.
+    pub in_sync: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicState {
+    pub meta: TopicMeta,
+    pub partitions: Vec<PartitionMeta>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub brokers: BTreeMap<u32, BrokerMeta>,
+    pub next_topic_id: u64,
+    pub topics: BTreeMap<String, TopicState>,
+}
+
+/// A report from a partition leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderReport {
+    pub topic_id: u64,
+    pub partition: u32,
+    pub leader: u32,
+    pub term: u64,
+    pub in_sync: Vec<u32>,
+}
+
+/// A change to the metadata: the entries of the metadata Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterBroker {
+        id: u32,
+        address: String,
+    },
+    CreateTopic {
+        name: String,
+        config: TopicConfig,
+        replication_factor: u32,
+        /// Replica set of each partition, chosen by the proposer (see [`assign`]).
+        assignments: Vec<Vec<u32>>,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    AlterConfig {
+        name: String,
+        config: TopicConfig,
+    },
+    AddPartitions {
+        name: String,
+        assignments: Vec<Vec<u32>>,
+    },
+    /// Sets a partition's replica set (reassignment target; the partition's leader carries it
+    /// out through Raft membership changes).
+    Reassign {
+        name: String,
+        partition: u32,
+        replicas: Vec<u32>,
+    },
+    Decommission {
+        id: u32,
+    },
+    Leaders {
+        reports: Vec<LeaderReport>,
+    },
+}
+
+/// Why a command was refused when applied (same answer on every broker).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    TopicExists(String),
+    UnknownTopic(String),
+    Invalid { field: String, message: String },
+}
+
+/// The outcome of applying one command.
+pub type Outcome = Result<(), Refusal>;
+
+impl ClusterState {
+    /// The initial state: the given brokers and no topics.
+    pub fn new() -> Self {
+        Self {
+            next_topic_id: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Applies a command. Refused commands change nothing.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::RegisterBroker { id, address } => {
+                let b = self.brokers.entry(*id).or_insert_with(|| BrokerMeta {
+                    id: *id,
+                    address: address.clone(),
+                    decommissioning: false,
+                });
+                b.address.clone_from(address);
+                Ok(())
+            }
+            Command::CreateTopic {
+                name,
+                config,
+                replication_factor,
+                assignments,
+            } => {
+                if self.topics.contains_key(name) {
+                    return Err(Refusal::TopicExists(name.clone()));
+                }
+                self.check_assignments(assignments)?;
+                let meta = TopicMeta {
+                    name: name.clone(),
+                    id: self.next_topic_id,
+                    partitions: assignments.len() as u32,
+                    replication_factor: *replication_factor,
+                    config: config.clone(),
+                };
+                self.next_topic_id += 1;
+                let partitions = assignments
+                    .iter()
+                    .map(|r| PartitionMeta {
+                        replicas: r.clone(),
+                        ..PartitionMeta::default()
+                    })
+                    .collect();
+                self.topics
+                    .insert(name.clone(), TopicState { meta, partitions });
+                Ok(())
+            }
+            Command::DeleteTopic { name } => self
+                .topics
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(|| Refusal::UnknownTopic(name.clone())),
+            Command::AlterConfig { name, config } => {
+                let t = self.topic_mut(name)?;
+                t.meta.config = config.clone();
+                Ok(())
+            }
+            Command::AddPartitions { name, assignments } => {
+                self.check_assignments(assignments)?;
+                let t = self.topic_mut(name)?;
+                t.meta.partitions += assignments.len() as u32;
+                t.partitions
+                    .extend(assignments.iter().map(|r| PartitionMeta {
+                        replicas: r.clone(),
+                        ..PartitionMeta::default()
+                    }));
+                Ok(())
+            }
+            Command::Reassign {
+                name,
+                partition,
+                replicas,
+            } => {
+                self.check_assignments(std::slice::from_ref(replicas))?;
+                let t = self.topic_mut(name)?;
+                let count = t.partitions.len();
+                let p =
+                    t.partitions
+                        .get_mut(*partition as usize)
+                        .ok_or_else(|| Refusal::Invalid {
+                            field: "partition".into(),
+                            message: format!(
+                                "{partition} is not below the partition count {count}"
+                            ),
+                        })?;
+                p.replicas.clone_from(replicas);
+                p.in_sync.retain(|b| replicas.contains(b));
+                Ok(())
+            }
+            Command::Decommission { id } => {
+                let b = self.brokers.get_mut(id).ok_or_else(|| Refusal::Invalid {
+                    field: "broker_id".into(),
+                    message: format!("broker {id} is not a member of the cluster"),
+                })?;
+                b.decommissioning = true;
+                Ok(())
+            }
+            Command::Leaders { reports } => {
+                for r in reports {
+                    let Some(t) = self.topics.values_mut().find(|t| t.meta.id == r.topic_id) else {
+                        continue;
+                    };
+                    let Some(p) = t.partitions.get_mut(r.partition as usize) else {
+                        continue;
+                    };
+                    if r.term < p.leader_term {
+                        continue;
+                    }
+                    p.leader = Some(r.leader);
+                    p.leader_term = r.term;
+                    p.in_sync.clone_from(&r.in_sync);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn topic_mut(&mut self, name: &str) -> Result<&mut TopicState, Refusal> {
+        self.topics
+            .get_mut(name)
+            .ok_or_else(|| Refusal::UnknownTopic(name.to_owned()))
+    }
+
+    fn check_assignments(&self, assignments: &[Vec<u32>]) -> Outcome {
+        for (p, replicas) in assignments.iter().enumerate() {
+            let distinct: BTreeSet<u32> = replicas.iter().copied().collect();
+            if replicas.is_empty() || distinct.len() != replicas.len() {
+                return Err(Refusal::Invalid {
+                    field: "replicas".into(),
+                    message: format!(
+                        "partition {p}: replicas {replicas:?} must be distinct and not empty"
+                    ),
+                });
+            }
+            if let Some(b) = replicas.iter().find(|b| !self.brokers.contains_key(b)) {
+                return Err(Refusal::Invalid {
+                    field: "replicas".into(),
+                    message: format!("partition {p}: broker {b} is not a member of the cluster"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Brokers new replicas may go to, by id.
+    pub fn placeable_brokers(&self) -> Vec<u32> {
+        self.brokers
+            .values()
+            .filter(|b| !b.decommissioning)
+            .map(|b| b.id)
+            .collect()
+    }
+
+    pub fn topic_by_id(&self, id: u64) -> Option<&TopicState> {
+        self.topics.values().find(|t| t.meta.id == id)
+    }
+}
+
+/// Chooses replica sets for `count` new partitions starting at partition `first`: replicas
+/// rotate over the brokers so that preferred leaders (the first replica) and replicas spread
+/// evenly, counting the replicas and leaderships the brokers already hold (`load`).
+pub fn assign(
+    brokers: &[u32],
+    load: &BTreeMap<u32, (u32, u32)>,
+    count: u32,
+    rf: u32,
+) -> Vec<Vec<u32>> {
+    let mut load: BTreeMap<u32, (u32, u32)> = brokers
+        .iter()
+        .map(|b| (*b, load.get(b).copied().unwrap_or_default()))
+        .collect();
+    let rf = (rf as usize).min(brokers.len());
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        // Leader: fewest leaderships, then fewest replicas, then lowest id.
+        let Some(leader) = load
+            .iter()
+            .min_by_key(|(id, (leaders, replicas))| (*leaders, *replicas, **id))
+            .map(|(id, _)| *id)
+        else {
+            break;
+        };
+        let mut replicas = vec![leader];
+        let mut others: Vec<(u32, u32)> = load
+            .iter()
+            .filter(|(id, _)| **id != leader)
+            .map(|(id, (_, r))| (*r, *id))
+            .collect();
+        // Followers: fewest replicas; ties broken by the distance after the leader's id, so
+        // that equal loads still rotate.
+        others.sort_by_key(|(r, id)| (*r, id.wrapping_sub(leader).wrapping_sub(1)));
+        replicas.extend(others.iter().take(rf.saturating_sub(1)).map(|(_, id)| *id));
+        for (i, b) in replicas.iter().enumerate() {
+            if let Some(l) = load.get_mut(b) {
+                l.1 += 1;
+                if i == 0 {
+                    l.0 += 1;
+                }
+            }
+        }
+        out.push(replicas);
+    }
+    out
+}
+
+/// (leaderships, replicas) each broker holds by assignment (preferred leaders).
+pub fn load_of(state: &ClusterState) -> BTreeMap<u32, (u32, u32)> {
+    let mut load: BTreeMap<u32, (u32, u32)> = BTreeMap::new();
+    for t in state.topics.values() {
+        for p in &t.partitions {
+            for (i, b) in p.replicas.iter().enumerate() {
+                let l = load.entry(*b).or_default();
+                l.1 += 1;
+                if i == 0 {
+                    l.0 += 1;
+                }
+            }
+        }
+    }
+    load
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(brokers: &[u32]) -> ClusterState {
+        let mut s = ClusterState::new();
+        for b in brokers {
+            s.apply(&Command::RegisterBroker {
+                id: *b,
+                address: format!("127.0.0.1:{}", 9000 + b),
+            })
+            .expect("register");
+        }
+        s
+    }
+
+    #[test]
+    fn assignment_spreads_leaders_and_replicas_evenly() {
+        let brokers = [1, 2, 3];
+        let a = assign(&brokers, &BTreeMap::new(), 6, 3);
+        let mut leaders = BTreeMap::new();
+        for r in &a {
+            assert_eq!(r.len(), 3);
+            *leaders.entry(r[0]).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+        // rf above the broker count is capped by the caller's validation; here it is clamped.
+        assert!(
+            assign(&[1], &BTreeMap::new(), 2, 3)
+                .iter()
+                .all(|r| r == &vec![1])
+        );
+    }
+
+    #[test]
+    fn assignment_accounts_for_existing_load() {
+        let mut s = state(&[1, 2, 3]);
+        let first = assign(&[1, 2, 3], &load_of(&s), 1, 1);
+        s.apply(&Command::CreateTopic {
+            name: "a".into(),
+            config: TopicConfig::default(),
+            replication_factor: 1,
+            assignments: first.clone(),
+        })
+        .expect("create");
+        let next = assign(&[1, 2, 3], &load_of(&s), 2, 1);
+        let mut used: Vec<u32> = first.iter().chain(&next).map(|r| r[0]).collect();
+        used.sort_unstable();
+        assert_eq!(used, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn commands_apply_deterministically_and_refusals_change_nothing() {
+        let mut s = state(&[1, 2]);
+        let create = Command::CreateTopic {
+            name: "t".into(),
+            config: TopicConfig::default(),
+            replication_factor: 2,
+            assignments: vec![vec![1, 2], vec![2, 1]],
+        };
+        s.apply(&create).expect("create");
+        let before = s.clone();
+        assert_eq!(s.apply(&create), Err(Refusal::TopicExists("t".into())));
+        assert_eq!(
+            s.apply(&Command::CreateTopic {
+                name: "u".into(),
+                config: TopicConfig::default(),
+                replication_factor: 1,
+                assignments: vec![vec![7]],
+            }),
+            Err(Refusal::Invalid {
+                field: "replicas".into(),
+                message: "partition 0: broker 7 is not a member of the cluster".into()
+            })
+        );
+        assert_eq!(s, before);
+        let id = s.topics["t"].meta.id;
+        let report = |term, leader| Command::Leaders {
+            reports: vec![LeaderReport {
+                topic_id: id,
+                partition: 1,
+                leader,
+                term,
+                in_sync: vec![1, 2],
+            }],
+        };
+        s.apply(&report(3, 2)).expect("report");
+        s.apply(&report(2, 1)).expect("stale report is ignored");
+        assert_eq!(s.topics["t"].partitions[1].leader, Some(2));
+        s.apply(&Command::DeleteTopic { name: "t".into() })
+            .expect("delete");
+        assert!(s.topics.is_empty());
+        assert_eq!(s.next_topic_id, 2, "topic ids are never reused");
+    }
+
+    #[test]
+    fn group_ids_are_distinct_per_partition() {
+        assert_ne!(partition_group(1, 0), META_GROUP);
+        assert_ne!(partition_group(1, 1), partition_group(2, 1));
+    }
+}

@@ -1,0 +1,1084 @@
+//! A broker as a member of a cluster: the metadata Raft group, one Raft group per hosted
+//! partition replica, and the loops that keep them in step.
+//!
+//! - Admin requests become [`Command`]s proposed to the metadata group (forwarded to its leader
+//!   by any broker); every broker applies them in the same order ([`MetadataSm`]).
+//! - The reconciler follows the applied metadata: it starts a Raft replica for each partition
+//!   assigned to this broker, stops those that are no longer, and publishes the topic table
+//!   the gRPC services read.
+//! - Each partition leader reports its leadership and in-sync replicas to the metadata (only
+//!   when they change), so that any broker can tell clients where a partition's leader is;
+//!   it also carries out reassignments (Raft membership changes) and hands leadership back to
+//!   the preferred replica once that one has caught up.
+
+pub mod meta;
+pub mod meta_sm;
+pub mod sm;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_log::LogConfig;
+use keel_proto::v1::BrokerInfo;
+use keel_raft::{KeelLogStore, PartitionSm, RaftRegistry, RaftTransport, TransportConfig};
+use openraft::async_runtime::WatchReceiver as _;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Instant as _, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::error::{BrokerError, Result};
+use crate::partition::{Partition, RaftReplica};
+use crate::registry::{Placement, Registry, Topic};
+use meta::{ClusterState, Command, LeaderReport, META_GROUP, Refusal, partition_group};
+use meta_sm::{MetadataSm, encode_command};
+use sm::{BrokerRaft, BrokerSm};
+
+/// How long an admin request waits for the metadata group (leader election included).
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A broker is alive when the metadata leader heard from it this recently.
+const ALIVE_WITHIN: Duration = Duration::from_secs(3);
+/// How often leaders report and the controller checks its duties.
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+/// How long a leader keeps leadership before handing it to a caught-up preferred replica.
+const PREFERRED_AFTER: Duration = Duration::from_secs(5);
+
+/// What one broker asks another over `Forward`.
+#[derive(Debug, Serialize, Deserialize)]
+enum ForwardRequest {
+    /// Propose a metadata command (the receiver must lead the metadata group).
+    Propose(Command),
+    /// Which brokers the metadata leader hears from.
+    Liveness,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ForwardReply {
+    Outcome(std::result::Result<(), Refusal>),
+    NotLeader(Option<u64>),
+    Liveness(BTreeMap<u32, bool>),
+    Error(String),
+}
+
+/// Raft timing of partition groups. Elections start after 0.6–1.2 s without a leader, which
+/// bounds failover; heartbeats every 150 ms keep leases well inside that.
+fn partition_raft_config() -> Result<Arc<Config>> {
+    let c = Config {
+        cluster_name: "keel-partition".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        // Snapshots are cut only at a retention boundary (see PartitionSm); openraft then
+        // purges the log up to exactly that point.
+        snapshot_policy: SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 0,
+        ..Config::default()
+    };
+    c.validate()
+        .map(Arc::new)
+        .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))
+}
+
+fn meta_raft_config() -> Result<Arc<Config>> {
+    let c = Config {
+        cluster_name: "keel-metadata".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
+        max_in_snapshot_log_to_keep: 100,
+        ..Config::default()
+    };
+    c.validate()
+        .map(Arc::new)
+        .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))
+}
+
+fn raft_err(what: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable {
+        message: format!("{what}: {e}"),
+        definite: false,
+    }
+}
+
+fn storage_err(what: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Storage {
+        message: format!("{what}: {e}"),
+        definite: true,
+    }
+}
+
+fn refusal(r: Refusal) -> BrokerError {
+    match r {
+        Refusal::TopicExists(t) => BrokerError::TopicExists(t),
+        Refusal::UnknownTopic(t) => BrokerError::UnknownTopic(t),
+        Refusal::Invalid { field, message } => BrokerError::InvalidArgument {
+            field: match field.as_str() {
+                "replicas" => "replicas",
+                "partition" => "partition",
+                "broker_id" => "broker_id",
+                _ => "request",
+            },
+            message,
+        },
+    }
+}
+
+/// A hosted partition replica and what the leader loop remembers about it.
+struct Hosted {
+    partition: Arc<Partition>,
+    topic_id: u64,
+    /// When this replica last became leader (for the preferred-leader hand-back).
+    leader_since: Option<Instant>,
+    /// A membership change in progress (reassignment).
+    changing: bool,
+    /// The commit index at the previous leader pass: a follower is in sync when it holds
+    /// everything committed by then (caught up within one pass, as Kafka's ISR is caught up
+    /// within `replica.lag.time.max.ms`).
+    prev_committed: u64,
+}
+
+/// This broker's part of the cluster.
+pub struct ClusterNode {
+    pub id: u32,
+    pub advertise: String,
+    data_dir: PathBuf,
+    transport: RaftTransport,
+    rafts: RaftRegistry<BrokerSm>,
+    meta_raft: BrokerRaft,
+    meta_sm: MetadataSm,
+    meta_store: KeelLogStore,
+    partition_config: Arc<Config>,
+    hosted: tokio::sync::Mutex<HashMap<u64, Hosted>>,
+    /// Serialises reconciliations.
+    reconciling: tokio::sync::Mutex<()>,
+    /// Leader reports sent and not yet visible in the metadata, to avoid re-sending them.
+    reported: Mutex<HashMap<u64, LeaderReport>>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.id)
+            .field("advertise", &self.advertise)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+}
+
+impl ClusterNode {
+    /// Opens the metadata group's storage and starts its Raft node. With `initial_cluster`,
+    /// the broker with the lowest id initialises the group over all of them (once).
+    pub async fn start(
+        id: u32,
+        advertise: String,
+        data_dir: &Path,
+        initial_cluster: &[(u32, String)],
+        joining: bool,
+    ) -> Result<Arc<Self>> {
+        let transport = RaftTransport::new(u64::from(id), TransportConfig::default());
+        let rafts: RaftRegistry<BrokerSm> = RaftRegistry::new(u64::from(id));
+        let meta_dir = data_dir.join("metadata");
+        let (meta_store, meta_sm) = {
+            let dir = meta_dir.clone();
+            blocking(move || {
+                let store = KeelLogStore::open(
+                    &dir,
+                    LogConfig {
+                        segment_bytes: 16 << 20,
+                        ..LogConfig::default()
+                    },
+                )
+                .map_err(|e| storage_err("opening the metadata log", e))?;
+                let sm = MetadataSm::open(&dir)
+                    .map_err(|e| storage_err("opening the metadata snapshot", e))?;
+                Ok((store, sm))
+            })
+            .await?
+        };
+        let meta_raft = BrokerRaft::new(
+            u64::from(id),
+            meta_raft_config()?,
+            transport.group::<Vec<u8>>(META_GROUP),
+            meta_store.clone(),
+            BrokerSm::Meta(meta_sm.clone()),
+        )
+        .await
+        .map_err(|e| raft_err("starting the metadata group", e))?;
+        rafts.register(META_GROUP, meta_raft.clone());
+
+        let node = Arc::new(Self {
+            id,
+            advertise,
+            data_dir: data_dir.to_path_buf(),
+            transport,
+            rafts,
+            meta_raft,
+            meta_sm,
+            meta_store,
+            partition_config: partition_raft_config()?,
+            hosted: tokio::sync::Mutex::new(HashMap::new()),
+            reconciling: tokio::sync::Mutex::new(()),
+            reported: Mutex::new(HashMap::new()),
+        });
+        {
+            let weak = Arc::downgrade(&node);
+            node.rafts
+                .set_forward_handler(Arc::new(move |group, payload| {
+                    let weak = weak.clone();
+                    Box::pin(async move {
+                        let Some(node) = weak.upgrade() else {
+                            return Err(tonic::Status::unavailable("broker is stopping"));
+                        };
+                        node.handle_forward(group, payload).await
+                    })
+                }));
+        }
+
+        if let Some(lowest) = initial_cluster.iter().map(|(i, _)| *i).min()
+            && lowest == id
+            && !node
+                .meta_raft
+                .is_initialized()
+                .await
+                .map_err(|e| raft_err("metadata group", e))?
+        {
+            let members: BTreeMap<u64, BasicNode> = initial_cluster
+                .iter()
+                .map(|(i, a)| (u64::from(*i), BasicNode::new(a.clone())))
+                .collect();
+            tracing::info!(?members, "initialising the metadata group");
+            if let Err(e) = node.meta_raft.initialize(members).await {
+                tracing::warn!(error = %e, "metadata group initialisation refused");
+            }
+        } else if initial_cluster.is_empty()
+            && !joining
+            && !node
+                .meta_raft
+                .is_initialized()
+                .await
+                .map_err(|e| raft_err("metadata group", e))?
+        {
+            // A cluster of one (a broker started with --join is added by the cluster).
+            let members = BTreeMap::from([(u64::from(id), BasicNode::new(node.advertise.clone()))]);
+            if let Err(e) = node.meta_raft.initialize(members).await {
+                tracing::warn!(error = %e, "metadata group initialisation refused");
+            }
+        }
+        Ok(node)
+    }
+
+    /// The tonic service carrying Raft traffic for every group on this broker.
+    pub fn raft_service(
+        &self,
+    ) -> keel_raft::wire::pb::raft_service_server::RaftServiceServer<keel_raft::RaftServer<BrokerSm>>
+    {
+        self.rafts.service()
+    }
+
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.meta_sm.state()
+    }
+
+    pub fn metadata_leader(&self) -> Option<u32> {
+        self.meta_raft
+            .metrics()
+            .borrow_watched()
+            .current_leader
+            .map(|l| l as u32)
+    }
+
+    /// Asks a known broker (`--join`) to register this one; the metadata leader then adds it
+    /// to the metadata group as a learner.
+    pub async fn join(&self, via: &str) -> Result<()> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        let req = ForwardRequest::Propose(Command::RegisterBroker {
+            id: self.id,
+            address: self.advertise.clone(),
+        });
+        let payload = Bytes::from(
+            serde_json::to_vec(&req).map_err(|e| BrokerError::Internal(e.to_string()))?,
+        );
+        let mut addr = via.to_owned();
+        let mut target = 0u64;
+        loop {
+            // Target 0 is "whoever answers at this address": ask for its id first.
+            let reply = self
+                .transport
+                .forward(
+                    &addr,
+                    target,
+                    META_GROUP,
+                    payload.clone(),
+                    Duration::from_secs(5),
+                )
+                .await;
+            match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
+                Ok(Ok(ForwardReply::Outcome(r))) => return r.map_err(refusal),
+                Ok(Ok(ForwardReply::NotLeader(Some(l)))) => {
+                    let s = self.state();
+                    if let Some(b) = s.brokers.get(&(l as u32)) {
+                        addr.clone_from(&b.address);
+                    }
+                    target = l;
+                }
+                other => {
+                    if let Err(status) = &other
+                        && status.code() == tonic::Code::FailedPrecondition
+                        && let Some(id) = status
+                            .message()
+                            .rsplit(' ')
+                            .next()
+                            .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        target = id;
+                        continue;
+                    }
+                    tracing::debug!(?other, "join attempt failed");
+                    if Instant::now() > deadline {
+                        return Err(BrokerError::Unavailable {
+                            message: format!("could not join the cluster through {via}"),
+                            definite: true,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Proposes a metadata command and waits until it is applied (on the metadata leader, which
+    /// may be another broker); returns its outcome.
+    pub async fn propose(&self, cmd: Command) -> Result<()> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        let mut metrics = self.meta_raft.metrics();
+        loop {
+            let leader = metrics.borrow_watched().current_leader;
+            match leader {
+                Some(l) if l == u64::from(self.id) => match self.propose_local(&cmd).await {
+                    Ok(r) => return r.map_err(refusal),
+                    Err(None) => {}
+                    Err(Some(e)) => return Err(e),
+                },
+                Some(l) => {
+                    let addr = metrics
+                        .borrow_watched()
+                        .membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.addr.clone());
+                    if let Some(addr) = addr {
+                        let payload = serde_json::to_vec(&ForwardRequest::Propose(cmd.clone()))
+                            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                        let reply = self
+                            .transport
+                            .forward(&addr, l, META_GROUP, Bytes::from(payload), PROPOSE_TIMEOUT)
+                            .await;
+                        match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
+                            Ok(Ok(ForwardReply::Outcome(r))) => return r.map_err(refusal),
+                            Ok(Ok(ForwardReply::Error(e))) => {
+                                tracing::debug!(error = %e, "forwarded proposal failed");
+                            }
+                            other => tracing::debug!(?other, "forwarding a proposal failed"),
+                        }
+                    }
+                }
+                None => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BrokerError::Unavailable {
+                    message: "the metadata group has no reachable leader".into(),
+                    definite: false,
+                });
+            }
+            // Wait for a leadership change, or retry shortly.
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(200)), metrics.changed()).await;
+        }
+    }
+
+    /// Proposes on this broker, the metadata leader. `Err(None)`: not the leader any more.
+    async fn propose_local(
+        &self,
+        cmd: &Command,
+    ) -> std::result::Result<std::result::Result<(), Refusal>, Option<BrokerError>> {
+        let data = encode_command(cmd).map_err(|e| Some(BrokerError::Internal(e.to_string())))?;
+        match self.meta_raft.client_write(data).await {
+            Ok(resp) => Ok(self
+                .meta_sm
+                .take_outcome(resp.log_id.index)
+                .unwrap_or(Ok(()))),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
+            Err(e) => Err(Some(raft_err("metadata group", e))),
+        }
+    }
+
+    async fn handle_forward(
+        &self,
+        group: u64,
+        payload: Bytes,
+    ) -> std::result::Result<Bytes, tonic::Status> {
+        if group != META_GROUP {
+            return Err(tonic::Status::invalid_argument(format!(
+                "forwarding is only for the metadata group, not group {group}"
+            )));
+        }
+        let req: ForwardRequest = serde_json::from_slice(&payload)
+            .map_err(|e| tonic::Status::invalid_argument(format!("forward payload: {e}")))?;
+        let reply = match req {
+            ForwardRequest::Propose(cmd) => match self.propose_local(&cmd).await {
+                Ok(outcome) => ForwardReply::Outcome(outcome),
+                Err(None) => ForwardReply::NotLeader(
+                    self.meta_raft.metrics().borrow_watched().current_leader,
+                ),
+                Err(Some(e)) => ForwardReply::Error(e.to_string()),
+            },
+            ForwardRequest::Liveness => match self.local_liveness() {
+                Some(l) => ForwardReply::Liveness(l),
+                None => ForwardReply::NotLeader(
+                    self.meta_raft.metrics().borrow_watched().current_leader,
+                ),
+            },
+        };
+        serde_json::to_vec(&reply)
+            .map(Bytes::from)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+
+    /// On the metadata leader: which brokers acknowledged its heartbeats recently.
+    fn local_liveness(&self) -> Option<BTreeMap<u32, bool>> {
+        let m = self.meta_raft.metrics();
+        let m = m.borrow_watched();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let hb = m.heartbeat.clone().unwrap_or_default();
+        let state = self.state();
+        Some(
+            state
+                .brokers
+                .keys()
+                .map(|b| {
+                    let alive = *b == self.id
+                        || hb
+                            .get(&u64::from(*b))
+                            .and_then(|i| i.as_ref())
+                            .is_some_and(|i| (**i).elapsed() < ALIVE_WITHIN);
+                    (*b, alive)
+                })
+                .collect(),
+        )
+    }
+
+    /// The cluster's brokers and whether the metadata leader hears from them.
+    pub async fn brokers(&self) -> Vec<BrokerInfo> {
+        let state = self.state();
+        let liveness = match self.local_liveness() {
+            Some(l) => Some(l),
+            None => self.remote_liveness().await,
+        };
+        state
+            .brokers
+            .values()
+            .map(|b| BrokerInfo {
+                id: b.id,
+                address: b.address.clone(),
+                alive: liveness
+                    .as_ref()
+                    .map_or(b.id == self.id, |l| l.get(&b.id).copied().unwrap_or(false)),
+            })
+            .collect()
+    }
+
+    async fn remote_liveness(&self) -> Option<BTreeMap<u32, bool>> {
+        let leader = self.metadata_leader()?;
+        let addr = self.state().brokers.get(&leader)?.address.clone();
+        let payload = serde_json::to_vec(&ForwardRequest::Liveness).ok()?;
+        let reply = self
+            .transport
+            .forward(
+                &addr,
+                u64::from(leader),
+                META_GROUP,
+                Bytes::from(payload),
+                Duration::from_secs(2),
+            )
+            .await
+            .ok()?;
+        match serde_json::from_slice(&reply).ok()? {
+            ForwardReply::Liveness(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Number of brokers in the metadata group (voters and learners).
+    pub fn metadata_members(&self) -> u32 {
+        self.meta_raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .nodes()
+            .count() as u32
+    }
+
+    /// Number of brokers new replicas can be placed on.
+    pub fn placeable_brokers(&self) -> u32 {
+        self.state().placeable_brokers().len() as u32
+    }
+
+    /// Starts (or keeps) a Raft replica for every partition assigned here, stops the others,
+    /// and publishes the topic table to `registry`.
+    pub async fn reconcile(&self, registry: &Registry) -> Result<()> {
+        let _guard = self.reconciling.lock().await;
+        let state = self.state();
+        let mut hosted = self.hosted.lock().await;
+        let mut wanted: HashMap<u64, (String, u64, u32, Vec<u32>)> = HashMap::new();
+        for t in state.topics.values() {
+            for (p, pm) in t.partitions.iter().enumerate() {
+                let group = partition_group(t.meta.id, p as u32);
+                // A replica stays while it is in the group's Raft membership, even if the
+                // metadata moved it away: the leader removes it from the group first.
+                let in_membership = hosted.get(&group).is_some_and(|h| {
+                    h.partition.raft().is_some_and(|r| {
+                        r.raft
+                            .metrics()
+                            .borrow_watched()
+                            .membership_config
+                            .membership()
+                            .voter_ids()
+                            .any(|v| v == u64::from(self.id))
+                    })
+                });
+                if pm.replicas.contains(&self.id) || in_membership {
+                    wanted.insert(
+                        group,
+                        (
+                            t.meta.name.clone(),
+                            t.meta.id,
+                            p as u32,
+                            pm.replicas.clone(),
+                        ),
+                    );
+                }
+            }
+        }
+        // Stop replicas no longer wanted (topic deleted or moved away).
+        let gone: Vec<u64> = hosted
+            .keys()
+            .filter(|g| !wanted.contains_key(g))
+            .copied()
+            .collect();
+        for g in gone {
+            if let Some(h) = hosted.remove(&g) {
+                self.stop_replica(g, &h, true).await;
+            }
+        }
+        // Start new ones.
+        for (group, (name, topic_id, p, replicas)) in &wanted {
+            if hosted.contains_key(group) {
+                continue;
+            }
+            let Some(t) = state.topics.get(name) else {
+                continue;
+            };
+            match self.start_replica(t, *p, replicas, &state).await {
+                Ok(partition) => {
+                    hosted.insert(
+                        *group,
+                        Hosted {
+                            partition,
+                            topic_id: *topic_id,
+                            leader_since: None,
+                            changing: false,
+                            prev_committed: 0,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(topic = %name, partition = p, error = %e, "could not start a partition replica");
+                }
+            }
+        }
+        // Publish the topic table.
+        let mut topics = HashMap::new();
+        for t in state.topics.values() {
+            let config = match t.meta.config.resolve() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(topic = %t.meta.name, error = %e, "invalid topic config in metadata");
+                    continue;
+                }
+            };
+            let mut partitions = Vec::with_capacity(t.partitions.len());
+            let mut placement = Vec::with_capacity(t.partitions.len());
+            for (p, pm) in t.partitions.iter().enumerate() {
+                let group = partition_group(t.meta.id, p as u32);
+                let local = hosted.get(&group).map(|h| Arc::clone(&h.partition));
+                if let Some(l) = &local
+                    && let Err(e) = l.apply_config(&config)
+                {
+                    tracing::warn!(topic = %t.meta.name, partition = p, error = %e, "could not apply topic config");
+                }
+                partitions.push(local);
+                placement.push(Placement {
+                    replicas: pm.replicas.clone(),
+                    leader: pm
+                        .leader
+                        .and_then(|l| state.brokers.get(&l).map(|b| (l, b.address.clone()))),
+                    in_sync: pm.in_sync.clone(),
+                });
+            }
+            topics.insert(
+                t.meta.name.clone(),
+                Arc::new(Topic::new(t.meta.clone(), config, partitions, placement)),
+            );
+        }
+        // Keep the Topic objects of unchanged topics (subscriptions compare partitions by
+        // pointer, and they are the same).
+        registry.replace_all(topics);
+        Ok(())
+    }
+
+    fn partition_dir(&self, t: &meta::TopicState, p: u32) -> PathBuf {
+        self.data_dir
+            .join("topics")
+            .join(t.meta.dir_name())
+            .join(p.to_string())
+    }
+
+    async fn start_replica(
+        &self,
+        t: &meta::TopicState,
+        p: u32,
+        replicas: &[u32],
+        state: &ClusterState,
+    ) -> Result<Arc<Partition>> {
+        let group = partition_group(t.meta.id, p);
+        let config = t.meta.config.resolve()?;
+        let dir = self.partition_dir(t, p);
+        let log_config = config.log_config();
+        let sync = config.flush_every_batch();
+        let (hwm_tx, _) = watch::channel(0u64);
+        let (store, sm) = {
+            let hwm_tx = hwm_tx.clone();
+            blocking(move || {
+                let store = KeelLogStore::open(&dir, log_config)
+                    .map_err(|e| storage_err("opening a partition log", e))?;
+                store.set_sync_appends(sync);
+                let sm = PartitionSm::open(&store, hwm_tx)
+                    .map_err(|e| storage_err("opening a partition state machine", e))?;
+                Ok((store, sm))
+            })
+            .await?
+        };
+        let raft = BrokerRaft::new(
+            u64::from(self.id),
+            Arc::clone(&self.partition_config),
+            self.transport.group::<Vec<u8>>(group),
+            store.clone(),
+            BrokerSm::Partition(sm.clone()),
+        )
+        .await
+        .map_err(|e| raft_err("starting a partition group", e))?;
+        self.rafts.register(group, raft.clone());
+        let is_init = raft
+            .is_initialized()
+            .await
+            .map_err(|e| raft_err("partition group", e))?;
+        if !is_init {
+            // Every initial replica initialises with the same membership: the entries are
+            // identical, so whichever is elected first leads. A replica added later by a
+            // reassignment joins as a learner instead and must not initialise.
+            let is_new_topic_replica = t
+                .partitions
+                .get(p as usize)
+                .is_some_and(|pm| pm.leader.is_none());
+            if is_new_topic_replica {
+                let members: BTreeMap<u64, BasicNode> = replicas
+                    .iter()
+                    .filter_map(|r| {
+                        state
+                            .brokers
+                            .get(r)
+                            .map(|b| (u64::from(*r), BasicNode::new(b.address.clone())))
+                    })
+                    .collect();
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(topic = %t.meta.name, partition = p, error = %e, "partition group already initialised");
+                }
+            }
+        }
+        tracing::info!(topic = %t.meta.name, partition = p, group, "started partition replica");
+        Ok(Arc::new(Partition::replicated(
+            Arc::from(t.meta.name.as_str()),
+            p,
+            RaftReplica {
+                raft,
+                store,
+                sm,
+                group,
+                node_id: u64::from(self.id),
+            },
+            hwm_tx,
+        )))
+    }
+
+    async fn stop_replica(&self, group: u64, h: &Hosted, delete_files: bool) {
+        let Some(r) = h.partition.raft() else {
+            return;
+        };
+        self.rafts.unregister(group);
+        if let Err(e) = r.raft.shutdown().await {
+            tracing::warn!(group, error = %e, "partition group did not shut down cleanly");
+        }
+        let store = r.store.clone();
+        let dir = store.dir().to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.checkpoint() {
+                tracing::warn!(error = %e, "final checkpoint failed");
+            }
+            if delete_files && let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a replica's files");
+            }
+        })
+        .await;
+        tracing::info!(topic = %h.partition.topic, partition = h.partition.id, "stopped partition replica");
+    }
+
+    /// One pass of the leader duties: report leadership and in-sync replicas, carry out
+    /// reassignments, hand leadership to the preferred replica.
+    async fn leader_pass(self: &Arc<Self>) {
+        let state = self.state();
+        let mut reports = Vec::new();
+        let mut hosted = self.hosted.lock().await;
+        for (group, h) in hosted.iter_mut() {
+            let Some(r) = h.partition.raft() else {
+                continue;
+            };
+            let m = r.raft.metrics().borrow_watched().clone();
+            let leading = m.state == ServerState::Leader;
+            if !leading {
+                h.leader_since = None;
+                continue;
+            }
+            let since = *h.leader_since.get_or_insert_with(Instant::now);
+            let committed = m.cluster_committed.map_or(0, |c| c.index);
+            let caught_up_to = std::mem::replace(&mut h.prev_committed, committed).min(committed);
+            let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+            let replication = m.replication.clone().unwrap_or_default();
+            let mut in_sync: Vec<u32> = voters
+                .iter()
+                .filter(|v| {
+                    **v == u64::from(self.id)
+                        || replication
+                            .get(v)
+                            .and_then(|x| x.as_ref())
+                            .is_some_and(|matched| matched.index >= caught_up_to)
+                })
+                .map(|v| *v as u32)
+                .collect();
+            in_sync.sort_unstable();
+            let Some(t) = state.topic_by_id(h.topic_id) else {
+                continue;
+            };
+            let Some(pm) = t.partitions.get(h.partition.id as usize) else {
+                continue;
+            };
+            let report = LeaderReport {
+                topic_id: h.topic_id,
+                partition: h.partition.id,
+                leader: self.id,
+                term: m.current_term,
+                in_sync: in_sync.clone(),
+            };
+            let current = pm.leader == Some(self.id)
+                && pm.leader_term == m.current_term
+                && pm.in_sync == in_sync;
+            let already_sent = self
+                .reported
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(group)
+                .is_some_and(|r| *r == report);
+            if !current && !already_sent {
+                reports.push(report);
+            }
+            // Reassignment: make the group's voters the metadata's replica set.
+            let target: BTreeSet<u64> = pm.replicas.iter().map(|b| u64::from(*b)).collect();
+            if target != voters && !h.changing && !target.is_empty() {
+                h.changing = true;
+                let raft = r.raft.clone();
+                let nodes: BTreeMap<u64, BasicNode> = target
+                    .iter()
+                    .filter_map(|b| {
+                        state
+                            .brokers
+                            .get(&(*b as u32))
+                            .map(|x| (*b, BasicNode::new(x.address.clone())))
+                    })
+                    .collect();
+                let node = Arc::clone(self);
+                let g = *group;
+                tokio::spawn(async move {
+                    node.change_replicas(g, raft, nodes).await;
+                });
+                continue;
+            }
+            // Preferred leader: hand back once it has caught up.
+            if let Some(&preferred) = pm.replicas.first()
+                && preferred != self.id
+                && in_sync.contains(&preferred)
+                && since.elapsed() > PREFERRED_AFTER
+                && !h.changing
+            {
+                tracing::info!(topic = %h.partition.topic, partition = h.partition.id, to = preferred, "handing leadership to the preferred replica");
+                h.leader_since = Some(Instant::now());
+                if let Err(e) = r.raft.trigger().transfer_leader(u64::from(preferred)).await {
+                    tracing::warn!(error = %e, "leader transfer failed");
+                }
+            }
+        }
+        drop(hosted);
+        if !reports.is_empty() {
+            {
+                let mut sent = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
+                for r in &reports {
+                    sent.insert(partition_group(r.topic_id, r.partition), r.clone());
+                }
+            }
+            let node = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(e) = node
+                    .propose(Command::Leaders {
+                        reports: reports.clone(),
+                    })
+                    .await
+                {
+                    tracing::debug!(error = %e, "leader report failed; retrying");
+                    let mut sent = node.reported.lock().unwrap_or_else(PoisonError::into_inner);
+                    for r in &reports {
+                        sent.remove(&partition_group(r.topic_id, r.partition));
+                    }
+                }
+            });
+        }
+    }
+
+    /// Moves a partition group to `nodes` as voters: adds the new ones as learners (waiting
+    /// until they caught up), then switches the voter set (joint consensus inside openraft).
+    async fn change_replicas(&self, group: u64, raft: BrokerRaft, nodes: BTreeMap<u64, BasicNode>) {
+        let voters: BTreeSet<u64> = raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let mut ok = true;
+        for (id, node) in &nodes {
+            if voters.contains(id) {
+                continue;
+            }
+            tracing::info!(group, learner = id, "adding a replica");
+            if let Err(e) = raft.add_learner(*id, node.clone(), true).await {
+                tracing::warn!(group, learner = id, error = %e, "adding a learner failed");
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            let ids: BTreeSet<u64> = nodes.keys().copied().collect();
+            match raft.change_membership(ids, false).await {
+                Ok(_) => {
+                    tracing::info!(group, voters = ?nodes.keys().collect::<Vec<_>>(), "replicas changed")
+                }
+                Err(e) => tracing::warn!(group, error = %e, "membership change failed"),
+            }
+        }
+        if let Some(h) = self.hosted.lock().await.get_mut(&group) {
+            h.changing = false;
+        }
+    }
+
+    /// The metadata leader's duty: every registered broker is in the metadata group (new
+    /// brokers join as learners, so they receive the metadata without weakening the quorum).
+    async fn controller_pass(&self) {
+        let m = self.meta_raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return;
+        }
+        let members: BTreeSet<u64> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        for b in self.state().brokers.values() {
+            if !members.contains(&u64::from(b.id)) {
+                tracing::info!(
+                    broker = b.id,
+                    "adding a broker to the metadata group as a learner"
+                );
+                if let Err(e) = self
+                    .meta_raft
+                    .add_learner(u64::from(b.id), BasicNode::new(b.address.clone()), false)
+                    .await
+                {
+                    tracing::warn!(broker = b.id, error = %e, "adding a metadata learner failed");
+                }
+            }
+        }
+    }
+
+    /// Runs the reconciler, the self-registration and the leader/controller loops until
+    /// `shutdown`.
+    pub fn spawn_loops(
+        self: &Arc<Self>,
+        registry: Arc<dyn RegistryHolder>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut state_rx = node.meta_sm.subscribe();
+            let mut tick = tokio::time::interval(REPORT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut registered = false;
+            let mut register_task: Option<tokio::task::JoinHandle<Result<()>>> = None;
+            if let Err(e) = node.reconcile(registry.registry()).await {
+                tracing::error!(error = %e, "reconcile failed");
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => {
+                        if *shutdown.borrow() {
+                            return;
+                        }
+                    }
+                    changed = state_rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if let Err(e) = node.reconcile(registry.registry()).await {
+                            tracing::error!(error = %e, "reconcile failed");
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if !registered {
+                            let me = node.state().brokers.get(&node.id).map(|b| b.address.clone());
+                            if me.as_deref() == Some(node.advertise.as_str()) {
+                                registered = true;
+                            } else if register_task.as_ref().is_none_or(|t| t.is_finished()) {
+                                let n = Arc::clone(&node);
+                                register_task = Some(tokio::spawn(async move {
+                                    n.propose(Command::RegisterBroker { id: n.id, address: n.advertise.clone() }).await
+                                }));
+                            }
+                        }
+                        node.controller_pass().await;
+                        node.leader_pass().await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Hands over leaderships (bounded wait), then stops every Raft group and checkpoints the
+    /// logs.
+    pub async fn shutdown(&self) {
+        let hosted: Vec<(u64, Arc<Partition>)> = self
+            .hosted
+            .lock()
+            .await
+            .iter()
+            .map(|(g, h)| (*g, Arc::clone(&h.partition)))
+            .collect();
+        let mut transferring = Vec::new();
+        for (_, p) in &hosted {
+            let Some(r) = p.raft() else { continue };
+            let m = r.raft.metrics().borrow_watched().clone();
+            if m.state != ServerState::Leader {
+                continue;
+            }
+            let committed = m.cluster_committed.map_or(0, |c| c.index);
+            let to = m
+                .replication
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|(id, matched)| {
+                    (id != u64::from(self.id) && matched.is_some_and(|x| x.index >= committed))
+                        .then_some(id)
+                });
+            if let Some(to) = to
+                && r.raft.trigger().transfer_leader(to).await.is_ok()
+            {
+                transferring.push(r.raft.clone());
+            }
+        }
+        if let Some(to) = self.meta_transfer_target() {
+            let _ = self.meta_raft.trigger().transfer_leader(to).await;
+            transferring.push(self.meta_raft.clone());
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for raft in transferring {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = raft
+                .wait(Some(left))
+                .metrics(|m| m.state != ServerState::Leader, "leadership handed over")
+                .await;
+        }
+        for (g, p) in hosted {
+            let h = Hosted {
+                partition: p,
+                topic_id: 0,
+                leader_since: None,
+                changing: false,
+                prev_committed: 0,
+            };
+            self.stop_replica(g, &h, false).await;
+        }
+        self.rafts.unregister(META_GROUP);
+        if let Err(e) = self.meta_raft.shutdown().await {
+            tracing::warn!(error = %e, "metadata group did not shut down cleanly");
+        }
+        let store = self.meta_store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.checkpoint()).await;
+    }
+
+    fn meta_transfer_target(&self) -> Option<u64> {
+        let m = self.meta_raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let committed = m.cluster_committed.map_or(0, |c| c.index);
+        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        m.replication
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|(id, matched)| {
+                (id != u64::from(self.id)
+                    && voters.contains(&id)
+                    && matched.is_some_and(|x| x.index >= committed))
+                .then_some(id)
+            })
+    }
+
+    /// The leader this broker knows for a hosted partition's group (id, address).
+    pub fn hosted_leader(&self, p: &Partition) -> Option<(u32, String)> {
+        p.leader_hint()
+    }
+}
+
+/// Gives the loops access to the broker's topic registry without a reference cycle.
+pub trait RegistryHolder: Send + Sync + 'static {
+    fn registry(&self) -> &Registry;
+}

@@ -1,0 +1,220 @@
+//! A cluster of real `keel broker` processes on loopback ports (`--initial-cluster`), and
+//! helpers to find partition leaders and compare replicas' logs on disk.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use keel_log::batch::BatchIter;
+use keel_log::{Log, LogConfig, ReadLimit};
+use keel_proto::v1::{DescribeTopicRequest, TopicInfo};
+
+use crate::broker::{BrokerProc, free_port};
+
+/// N brokers started with the same `--initial-cluster`.
+pub struct ClusterProc {
+    pub dir: PathBuf,
+    pub nodes: Vec<BrokerProc>,
+}
+
+impl ClusterProc {
+    /// Starts brokers 1..=n with data in `dir/node-<i>`.
+    pub fn start(dir: &Path, n: u32) -> Self {
+        Self::start_with(dir, n, &[])
+    }
+
+    pub fn start_with(dir: &Path, n: u32, extra: &[&str]) -> Self {
+        let addrs: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let initial = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args: Vec<&str> = vec!["--initial-cluster", &initial];
+        args.extend_from_slice(extra);
+        let nodes = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let id = i as u32 + 1;
+                BrokerProc::start_on(&dir.join(format!("node-{id}")), id, a.clone(), &args)
+            })
+            .collect();
+        let c = Self {
+            dir: dir.to_path_buf(),
+            nodes,
+        };
+        c.wait_all_alive(n as usize);
+        c
+    }
+
+    /// Waits until the metadata leader hears from `n` brokers.
+    pub fn wait_all_alive(&self, n: usize) {
+        let endpoint = self.nodes[0].endpoint();
+        // Its own thread and runtime: callers may be inside an async test.
+        let ok = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                let alive = rt.block_on(async {
+                    let ch = tonic::transport::Channel::from_shared(endpoint.clone())
+                        .ok()?
+                        .connect()
+                        .await
+                        .ok()?;
+                    let r = keel_proto::v1::cluster_service_client::ClusterServiceClient::new(ch)
+                        .describe_cluster(keel_proto::v1::DescribeClusterRequest {})
+                        .await
+                        .ok()?
+                        .into_inner();
+                    Some(
+                        r.metadata_leader != 0 && r.brokers.iter().filter(|b| b.alive).count() >= n,
+                    )
+                });
+                if alive == Some(true) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        })
+        .join()
+        .unwrap_or(false);
+        assert!(ok, "the brokers did not all join the cluster within 30 s");
+    }
+
+    /// The `--brokers` list of every node.
+    pub fn brokers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.grpc.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn broker_list(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.grpc.clone()).collect()
+    }
+
+    pub fn node(&mut self, id: u32) -> &mut BrokerProc {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// Describes a topic through the first running node that answers.
+    pub async fn describe(&self, topic: &str) -> Option<TopicInfo> {
+        for n in self.nodes.iter().filter(|n| n.is_started()) {
+            let Ok(ch) = tonic::transport::Channel::from_shared(n.endpoint())
+                .expect("endpoint")
+                .connect_timeout(Duration::from_secs(2))
+                .connect()
+                .await
+            else {
+                continue;
+            };
+            let mut admin = keel_proto::v1::admin_service_client::AdminServiceClient::new(ch);
+            if let Ok(r) = admin
+                .describe_topic(DescribeTopicRequest {
+                    name: topic.to_owned(),
+                })
+                .await
+                && let Some(t) = r.into_inner().topic
+            {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// Waits until a running broker leads `topic`/`partition` (as the replicas say) and
+    /// returns its id.
+    pub async fn wait_leader(&self, topic: &str, partition: u32, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(t) = self.describe(topic).await
+                && let Some(p) = t.partitions.get(partition as usize)
+                && p.leader != 0
+                && self
+                    .nodes
+                    .get(p.leader as usize - 1)
+                    .is_some_and(BrokerProc::is_started)
+            {
+                return p.leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader for {topic}/{partition} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The log directory of a partition replica on node `id`.
+    pub fn replica_dir(&self, id: u32, topic: &str, partition: u32) -> PathBuf {
+        let topics = self.dir.join(format!("node-{id}")).join("topics");
+        let prefix = format!("{topic}-");
+        let dir = std::fs::read_dir(&topics)
+            .expect("topics dir")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit()))
+            })
+            .unwrap_or_else(|| panic!("no replica of {topic} on node {id}"));
+        dir.join(partition.to_string()).join("log")
+    }
+}
+
+/// One batch of a replica's log: (raft index, raft term, base offset, next offset, crc).
+pub type BatchRow = (u64, u64, u64, u64, u32);
+
+/// Every batch of a stopped replica's log, data and control alike, read with keel-log's own
+/// recovery (so a torn tail is cut, exactly as the broker would).
+pub fn replica_batches(log_dir: &Path) -> Vec<BatchRow> {
+    let log = Log::open(log_dir, LogConfig::default()).expect("open replica log");
+    let mut out = Vec::new();
+    let mut next = log.first_raft_index();
+    while next < log.next_raft_index() {
+        let slice = log
+            .read_raft(next, 1 << 20, ReadLimit::default())
+            .expect("read replica log");
+        let before = out.len();
+        for item in BatchIter::new(&slice.bytes) {
+            let (h, _) = item.expect("valid batch");
+            out.push((
+                h.raft_index,
+                h.raft_term,
+                h.base_offset,
+                h.next_offset(),
+                h.crc,
+            ));
+        }
+        if out.len() == before {
+            break;
+        }
+        next = out.last().map_or(next, |r| r.0 + 1);
+    }
+    out
+}
+
+/// The batches of each replica up to (and including) the last batch holding `upto_offset - 1`.
+pub fn committed_prefix(rows: &[BatchRow], upto_offset: u64) -> Vec<BatchRow> {
+    let end = rows
+        .iter()
+        .position(|r| r.3 >= upto_offset && r.3 > r.2)
+        .map_or(rows.len(), |i| i + 1);
+    rows[..end].to_vec()
+}
+
+/// Groups rows by node id (helper for assertion messages).
+pub fn by_node(rows: Vec<(u32, Vec<BatchRow>)>) -> BTreeMap<u32, Vec<BatchRow>> {
+    rows.into_iter().collect()
+}

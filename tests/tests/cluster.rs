@@ -1,0 +1,298 @@
+//! Real three-broker clusters on loopback: leader and follower crashes (`kill -9`) under
+//! `acks=all`, catch-up, byte-identical replicas, metadata leader loss and whole-cluster
+//! restarts. Every wait is on a condition with a bound, never a fixed sleep.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use keel_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
+use keel_tests::cluster::{ClusterProc, committed_prefix, replica_batches};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn client(cluster: &ClusterProc) -> Client {
+    Client::connect(&cluster.broker_list())
+        .await
+        .expect("connect to the cluster")
+}
+
+fn producer_config() -> ProducerConfig {
+    ProducerConfig::default()
+        .linger(Duration::from_millis(2))
+        .batch_size(8 * 1024)
+        .request_timeout(Duration::from_secs(5))
+        .delivery_timeout(Duration::from_secs(60))
+}
+
+/// Sends `values` and waits for every acknowledgement; returns (value, offset) pairs.
+async fn produce_all(client: &Client, topic: &str, values: Vec<String>) -> Vec<(String, u64)> {
+    let producer = client.producer(producer_config()).expect("producer");
+    let mut pending = Vec::with_capacity(values.len());
+    for v in values {
+        let fut = producer
+            .send(ProducerRecord::new(topic, v.clone().into_bytes()).partition(0))
+            .await
+            .expect("send");
+        pending.push((v, fut));
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for (v, fut) in pending {
+        let md = fut
+            .await
+            .unwrap_or_else(|e| panic!("record {v} not acknowledged: {e}"));
+        out.push((v, md.offset.expect("acks=all returns an offset")));
+    }
+    producer.close().await.expect("close producer");
+    out
+}
+
+/// Reads partition 0 from the beginning up to its high watermark.
+async fn read_all(client: &Client, topic: &str) -> BTreeMap<u64, String> {
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    consumer.assign(&[(topic, 0)]);
+    consumer
+        .seek(topic, 0, SeekTo::Beginning)
+        .await
+        .expect("seek");
+    let mut out = BTreeMap::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let recs = consumer
+            .poll(Duration::from_millis(500))
+            .await
+            .expect("poll");
+        for r in recs {
+            let v =
+                String::from_utf8(r.value.map(|b| b.to_vec()).unwrap_or_default()).expect("utf8");
+            assert!(
+                out.insert(r.offset, v).is_none(),
+                "offset {} delivered twice",
+                r.offset
+            );
+        }
+        let hwm = consumer.high_watermark(topic, 0).unwrap_or(0);
+        if hwm > 0 && consumer.position(topic, 0) == Some(hwm) {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading {topic} timed out"
+        );
+    }
+}
+
+/// Every acknowledged record is at its offset, offsets run 0..n with no gap.
+fn check_acknowledged(acks: &[(String, u64)], log: &BTreeMap<u64, String>) {
+    let offsets: Vec<u64> = log.keys().copied().collect();
+    let expected: Vec<u64> = (0..offsets.len() as u64).collect();
+    assert_eq!(offsets, expected, "offsets are not contiguous from 0");
+    for (v, o) in acks {
+        assert_eq!(
+            log.get(o),
+            Some(v),
+            "acknowledged record {v} is not at its offset {o}"
+        );
+    }
+    let distinct: BTreeSet<u64> = acks.iter().map(|(_, o)| *o).collect();
+    assert_eq!(
+        distinct.len(),
+        acks.len(),
+        "two records acknowledged at one offset"
+    );
+}
+
+/// Stops every node gracefully, then compares the replicas' logs on disk up to `hwm`.
+fn assert_replicas_identical(cluster: &mut ClusterProc, topic: &str, hwm: u64) {
+    for n in &mut cluster.nodes {
+        if n.is_started() {
+            assert!(
+                n.terminate().success(),
+                "broker {} did not exit cleanly",
+                n.id
+            );
+        }
+    }
+    let logs: Vec<(u32, Vec<_>)> = (1..=cluster.nodes.len() as u32)
+        .map(|id| {
+            let rows = replica_batches(&cluster.replica_dir(id, topic, 0));
+            (id, committed_prefix(&rows, hwm))
+        })
+        .collect();
+    let (first_id, first) = &logs[0];
+    assert!(
+        first.last().is_some_and(|r| r.3 >= hwm),
+        "replica {first_id} lacks committed data up to {hwm}"
+    );
+    for (id, rows) in &logs[1..] {
+        assert_eq!(
+            rows, first,
+            "replica {id} differs from replica {first_id} in the committed prefix"
+        );
+    }
+}
+
+/// Waits until the partition leader reports broker `id` in sync for partition 0.
+async fn wait_in_sync(cluster: &ClusterProc, topic: &str, id: u32) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(t) = cluster.describe(topic).await
+            && t.partitions[0].in_sync.contains(&id)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "broker {id} never caught up on {topic}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn values(from: usize, to: usize) -> Vec<String> {
+    (from..to).map(|i| format!("value-{i:06}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kill9_under_acks_all_loses_nothing_and_replicas_agree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("orders", 1, 3, BTreeMap::new())
+        .await
+        .expect("create topic");
+    let leader = cluster.wait_leader("orders", 0, WAIT).await;
+
+    let mut acks = produce_all(&client, "orders", values(0, 2000)).await;
+    // Kill the leader while the next records are in flight.
+    let c2 = client.clone();
+    let writer = tokio::spawn(async move { produce_all(&c2, "orders", values(2000, 6000)).await });
+    let t0 = std::time::Instant::now();
+    while !writer.is_finished() && t0.elapsed() < Duration::from_millis(30) {
+        tokio::task::yield_now().await;
+    }
+    cluster.node(leader).kill9();
+    acks.extend(writer.await.expect("writer task"));
+    let new_leader = cluster.wait_leader("orders", 0, WAIT).await;
+    assert_ne!(new_leader, leader, "a live broker took over");
+
+    let log = read_all(&client, "orders").await;
+    check_acknowledged(&acks, &log);
+
+    // The old leader comes back as a follower and catches up.
+    cluster.node(leader).restart();
+    let hwm = log.len() as u64;
+    wait_in_sync(&cluster, "orders", leader).await;
+    assert_replicas_identical(&mut cluster, "orders", hwm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_follower_catches_up_byte_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("events", 1, 3, BTreeMap::new())
+        .await
+        .expect("create topic");
+    let leader = cluster.wait_leader("events", 0, WAIT).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+
+    let mut acks = produce_all(&client, "events", values(0, 1000)).await;
+    cluster.node(follower).kill9();
+    // With one replica of three down, acks=all still succeeds (a majority remains).
+    acks.extend(produce_all(&client, "events", values(1000, 4000)).await);
+    cluster.node(follower).restart();
+    acks.extend(produce_all(&client, "events", values(4000, 5000)).await);
+
+    let log = read_all(&client, "events").await;
+    check_acknowledged(&acks, &log);
+    assert_eq!(
+        log.len(),
+        5000,
+        "no record was duplicated without a failure"
+    );
+    let hwm = log.len() as u64;
+    wait_in_sync(&cluster, "events", follower).await;
+    assert_replicas_identical(&mut cluster, "events", hwm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_leader_loss_and_whole_cluster_restart_keep_topics_and_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    let admin = client.admin();
+    admin
+        .create_topic("a", 3, 3, BTreeMap::new())
+        .await
+        .expect("create a");
+    let meta_leader = admin
+        .describe_cluster()
+        .await
+        .expect("describe cluster")
+        .metadata_leader;
+    assert!(meta_leader != 0, "a metadata leader is elected");
+
+    // Create topics while the metadata leader dies: each create either succeeds or fails
+    // cleanly; the ones that succeeded exist afterwards.
+    let c2 = client.clone();
+    let creator = tokio::spawn(async move {
+        let admin = c2.admin();
+        let mut created = Vec::new();
+        for i in 0..6 {
+            let name = format!("t{i}");
+            if admin
+                .create_topic(&name, 1, 3, BTreeMap::new())
+                .await
+                .is_ok()
+            {
+                created.push(name);
+            }
+        }
+        created
+    });
+    cluster.node(meta_leader).kill9();
+    let created = creator.await.expect("creator");
+    assert!(
+        !created.is_empty(),
+        "creates succeed once a new metadata leader is elected"
+    );
+    let target = created.last().expect("a created topic").clone();
+    let acks = produce_all(&client, &target, values(0, 500)).await;
+
+    // Restart the whole cluster: topics and acknowledged data survive.
+    for n in &mut cluster.nodes {
+        if n.is_started() {
+            assert!(n.terminate().success());
+        }
+    }
+    for n in &mut cluster.nodes {
+        n.restart();
+    }
+    let client = Client::connect(&cluster.broker_list())
+        .await
+        .expect("reconnect");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let topics: BTreeSet<String> = client
+            .admin()
+            .list_topics()
+            .await
+            .map(|ts| ts.into_iter().map(|t| t.name).collect())
+            .unwrap_or_default();
+        if created.iter().all(|t| topics.contains(t)) && topics.contains("a") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "topics missing after restart: {topics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.wait_leader(&target, 0, WAIT).await;
+    let log = read_all(&client, &target).await;
+    check_acknowledged(&acks, &log);
+}
