@@ -108,7 +108,20 @@ impl ClusterProc {
 
     /// Describes a topic through the first running node that answers.
     pub async fn describe(&self, topic: &str) -> Option<TopicInfo> {
-        for n in self.nodes.iter().filter(|n| n.is_started()) {
+        self.describe_via(topic, |_| true).await
+    }
+
+    /// Describes a topic as node `id` sees it (its own replica's offsets).
+    pub async fn describe_on(&self, id: u32, topic: &str) -> Option<TopicInfo> {
+        self.describe_via(topic, |n| n.id == id).await
+    }
+
+    async fn describe_via(
+        &self,
+        topic: &str,
+        pick: impl Fn(&BrokerProc) -> bool,
+    ) -> Option<TopicInfo> {
+        for n in self.nodes.iter().filter(|n| n.is_started() && pick(n)) {
             let Ok(ch) = tonic::transport::Channel::from_shared(n.endpoint())
                 .expect("endpoint")
                 .connect_timeout(Duration::from_secs(2))

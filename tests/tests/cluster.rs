@@ -296,3 +296,113 @@ async fn metadata_leader_loss_and_whole_cluster_restart_keep_topics_and_data() {
     let log = read_all(&client, &target).await;
     check_acknowledged(&acks, &log);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_behind_retention_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster =
+        ClusterProc::start_with(dir.path(), 3, &["--retention-check-interval-ms", "200"]);
+    let client = client(&cluster).await;
+    let config: BTreeMap<String, String> =
+        [("segment.bytes", "4096"), ("retention.bytes", "16384")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+    client
+        .admin()
+        .create_topic("ret", 1, 3, config)
+        .await
+        .expect("create topic");
+    let leader = cluster.wait_leader("ret", 0, WAIT).await;
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    let mut acks = produce_all(&client, "ret", values(0, 10)).await;
+    cluster.node(follower).kill9();
+
+    // Enough data for retention to delete segments the stopped follower never received.
+    acks.extend(produce_all(&client, "ret", values(10, 3000)).await);
+    // Retention runs on each replica by itself: wait for both live ones.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut purged = true;
+        for id in (1..=3).filter(|i| *i != follower) {
+            let start = cluster
+                .describe_on(id, "ret")
+                .await
+                .map_or(0, |t| t.partitions[0].log_start_offset);
+            purged &= start > 100;
+        }
+        if purged {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "retention never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cluster.node(follower).restart();
+    wait_in_sync(&cluster, "ret", follower).await;
+    acks.extend(produce_all(&client, "ret", values(3000, 3100)).await);
+    wait_in_sync(&cluster, "ret", follower).await;
+
+    // Consumers see the retained suffix, every acknowledged record in it at its offset.
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    consumer.assign(&[("ret", 0)]);
+    consumer
+        .seek("ret", 0, SeekTo::Beginning)
+        .await
+        .expect("seek");
+    let mut log = BTreeMap::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        for r in consumer
+            .poll(Duration::from_millis(500))
+            .await
+            .expect("poll")
+        {
+            log.insert(
+                r.offset,
+                String::from_utf8(r.value.map(|b| b.to_vec()).unwrap_or_default()).expect("utf8"),
+            );
+        }
+        let hwm = consumer.high_watermark("ret", 0).unwrap_or(0);
+        if hwm >= 3100 && consumer.position("ret", 0) == Some(hwm) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "reading timed out");
+    }
+    let first = *log.keys().next().expect("records");
+    assert!(first > 0, "retention deleted the oldest records");
+    let offsets: Vec<u64> = log.keys().copied().collect();
+    assert_eq!(
+        offsets,
+        (first..first + log.len() as u64).collect::<Vec<_>>()
+    );
+    for (v, o) in acks.iter().filter(|(_, o)| *o >= first) {
+        assert_eq!(log.get(o), Some(v), "acknowledged {v} missing at {o}");
+    }
+    let hwm = first + log.len() as u64;
+
+    for n in &mut cluster.nodes {
+        assert!(n.terminate().success());
+    }
+    let rows: Vec<Vec<_>> = (1..=3)
+        .map(|id| committed_prefix(&replica_batches(&cluster.replica_dir(id, "ret", 0)), hwm))
+        .collect();
+    let f = &rows[follower as usize - 1];
+    assert!(
+        f.first().is_some_and(|r| r.2 > 0),
+        "the follower restarted from a snapshot, not from offset 0: {:?}",
+        f.first()
+    );
+    // Where the replicas overlap (by Raft index), they are byte-identical.
+    let from = rows
+        .iter()
+        .filter_map(|r| r.first().map(|x| x.0))
+        .max()
+        .expect("rows");
+    let tail = |r: &Vec<keel_tests::cluster::BatchRow>| -> Vec<_> {
+        r.iter().filter(|x| x.0 >= from).copied().collect()
+    };
+    assert!(!tail(&rows[0]).is_empty());
+    assert_eq!(tail(&rows[0]), tail(&rows[1]));
+    assert_eq!(tail(&rows[0]), tail(&rows[2]));
+}

@@ -277,6 +277,17 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
                 }
                 _ = retention_tick.tick() => {
                     // Replicated partitions delete through their Raft group (snapshot + purge).
+                    if let Some(c) = &state.cluster {
+                        for t in state.registry.list() {
+                            for p in t.local_partitions().filter(|p| p.raft().is_some()) {
+                                match c.retain(p, &t.config).await {
+                                    Ok(n) if n > 0 => metrics::counter!("keel_retention_deleted_bytes_total").increment(n),
+                                    Ok(_) => {}
+                                    Err(e) => tracing::warn!(topic = %p.topic, partition = p.id, error = %e, "retention failed"),
+                                }
+                            }
+                        }
+                    }
                     let parts: Vec<_> = state.registry.all_partitions().into_iter().filter(|p| p.raft().is_none()).collect();
                     let _ = tokio::task::spawn_blocking(move || {
                         for p in parts {

@@ -803,6 +803,38 @@ impl Log {
         Ok(offset)
     }
 
+    /// The log start offset that retention by `retention_ms` / `retention_bytes` would give:
+    /// the base offset of the first closed segment to keep (the current start when nothing
+    /// would go). Deletes nothing: a replicated log deletes through its Raft group (snapshot at
+    /// this boundary, then purge), whose own settings have retention off.
+    pub fn retention_boundary(
+        &self,
+        retention_ms: Option<std::time::Duration>,
+        retention_bytes: Option<u64>,
+    ) -> u64 {
+        let now = self.clock.now_ms();
+        let segs = self.segments();
+        let mut total: u64 = segs.iter().map(|s| s.size_bytes()).sum();
+        let mut k = 0;
+        while k + 1 < segs.len() {
+            let s = &segs[k];
+            let expired = retention_ms.is_some_and(|r| {
+                let age = i64::try_from(r.as_millis()).unwrap_or(i64::MAX);
+                s.max_timestamp.load(Ordering::Acquire) < now.saturating_sub(age)
+            });
+            let oversize =
+                retention_bytes.is_some_and(|r| total.saturating_sub(s.size_bytes()) >= r);
+            if !(expired || oversize) {
+                break;
+            }
+            total -= s.size_bytes();
+            k += 1;
+        }
+        segs.get(k)
+            .map_or(0, |s| s.base_offset)
+            .max(self.log_start_offset())
+    }
+
     /// Deletes closed segments past `retention.ms` or beyond `retention.bytes`, oldest first.
     /// Readers still holding a deleted segment keep a valid mapping until they finish.
     pub fn apply_retention(&self) -> Result<RetentionOutcome> {

@@ -381,10 +381,20 @@ impl PartitionSm {
     /// snapshot at or after it. Returns the current snapshot afterwards.
     async fn persist(&self, record: SnapshotRecord) -> io::Result<SnapshotRecord> {
         let _g = self.inner.persist.lock().await;
-        if let Some(cur) = &lock(&self.inner.state).snapshot
-            && cur.meta.last_log_id >= record.meta.last_log_id
         {
-            return Ok(cur.clone());
+            let mut st = lock(&self.inner.state);
+            if let Some(cur) = st.snapshot.clone()
+                && cur.meta.last_log_id >= record.meta.last_log_id
+            {
+                // Overtaken (an installed snapshot): the point it was built for is covered.
+                if st
+                    .point
+                    .is_some_and(|(p, _)| Some(p) <= cur.meta.last_log_id)
+                {
+                    st.point = None;
+                }
+                return Ok(cur);
+            }
         }
         let inner = Arc::clone(&self.inner);
         let r = record.clone();

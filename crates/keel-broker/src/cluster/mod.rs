@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use crate::error::{BrokerError, Result};
 use crate::partition::{Partition, RaftReplica};
 use crate::registry::{Placement, Registry, Topic};
+use crate::topic_config::Resolved;
 use meta::{ClusterState, Command, LeaderReport, META_GROUP, Refusal, partition_group};
 use meta_sm::{MetadataSm, encode_command};
 use sm::{BrokerRaft, BrokerSm};
@@ -1070,6 +1071,63 @@ impl ClusterNode {
                     && matched.is_some_and(|x| x.index >= committed))
                 .then_some(id)
             })
+    }
+
+    /// Retention of a replicated partition: snapshot its state machine at the retention
+    /// boundary (the last entry wholly before the first segment to keep), then purge the Raft
+    /// log up to it, which deletes those segments. A follower that needs purged entries later
+    /// receives that snapshot and continues from the boundary with ordinary replication.
+    pub async fn retain(&self, p: &Arc<Partition>, cfg: &Resolved) -> Result<u64> {
+        let Some(r) = p.raft() else {
+            return Ok(0);
+        };
+        let (log, sm) = (Arc::clone(p.log()), r.sm.clone());
+        let (ms, bytes) = (cfg.retention_ms, cfg.retention_bytes);
+        if ms.is_none() && bytes.is_none() {
+            return Ok(0);
+        }
+        let before = log.size_bytes();
+        let point = blocking(move || {
+            let start = log.retention_boundary(ms.map(Duration::from_millis), bytes);
+            if start <= log.log_start_offset() {
+                return Ok(None);
+            }
+            sm.set_snapshot_point_for_offset(start)
+                .map_err(|e| storage_err("choosing the retention snapshot point", e))
+        })
+        .await?;
+        let Some(point) = point else {
+            return Ok(0);
+        };
+        r.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| raft_err("retention snapshot", e))?;
+        r.raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= point.index),
+                "retention snapshot built",
+            )
+            .await
+            .map_err(|e| raft_err("retention snapshot", e))?;
+        r.raft
+            .trigger()
+            .purge_log(point.index)
+            .await
+            .map_err(|e| raft_err("retention purge", e))?;
+        r.raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.purged.is_some_and(|s| s.index >= point.index),
+                "retention purge done",
+            )
+            .await
+            .map_err(|e| raft_err("retention purge", e))?;
+        let deleted = before.saturating_sub(p.log().size_bytes());
+        tracing::info!(topic = %p.topic, partition = p.id, upto = %point, deleted, "retention purged the raft log");
+        Ok(deleted)
     }
 
     /// The leader this broker knows for a hosted partition's group (id, address).
