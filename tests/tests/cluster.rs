@@ -406,3 +406,99 @@ async fn follower_behind_retention_catches_up_by_snapshot() {
     assert_eq!(tail(&rows[0]), tail(&rows[1]));
     assert_eq!(tail(&rows[0]), tail(&rows[2]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reassign_under_load_keeps_every_acknowledged_record_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("moving", 1, 2, BTreeMap::new())
+        .await
+        .expect("create topic");
+    let leader = cluster.wait_leader("moving", 0, WAIT).await;
+    let before = cluster
+        .describe("moving")
+        .await
+        .expect("describe")
+        .partitions[0]
+        .replicas
+        .clone();
+    let outsider = (1..=3)
+        .find(|b| !before.contains(b))
+        .expect("a broker without a replica");
+    let removed = *before.iter().find(|b| **b != leader).expect("a follower");
+    let target = vec![leader, outsider];
+
+    let c2 = client.clone();
+    let writer = tokio::spawn(async move { produce_all(&c2, "moving", values(0, 4000)).await });
+    let moved = client
+        .admin()
+        .reassign_partition("moving", 0, target.clone())
+        .await
+        .expect("reassign");
+    assert_eq!(moved.partitions[0].replicas, target);
+    let mut acks = writer.await.expect("writer");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let p = cluster
+            .describe("moving")
+            .await
+            .expect("describe")
+            .partitions[0]
+            .clone();
+        let mut in_sync = p.in_sync.clone();
+        in_sync.sort_unstable();
+        let mut want = target.clone();
+        want.sort_unstable();
+        if p.replicas == target && in_sync == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reassignment did not finish: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    acks.extend(produce_all(&client, "moving", values(4000, 5000)).await);
+    let log = read_all(&client, "moving").await;
+    check_acknowledged(&acks, &log);
+    assert_eq!(log.len(), 5000, "no record was written twice");
+
+    // The replica that was moved away is stopped and its files removed.
+    let topics_dir = dir.path().join(format!("node-{removed}")).join("topics");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = std::fs::read_dir(&topics_dir)
+            .map(|d| {
+                d.filter_map(Result::ok).any(|e| {
+                    e.file_name().to_string_lossy().starts_with("moving-")
+                        && e.path().join("0").exists()
+                })
+            })
+            .unwrap_or(false);
+        if !left {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "broker {removed} still holds the moved replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let hwm = log.len() as u64;
+    for n in &mut cluster.nodes {
+        assert!(n.terminate().success());
+    }
+    let a = committed_prefix(
+        &replica_batches(&cluster.replica_dir(leader, "moving", 0)),
+        hwm,
+    );
+    let b = committed_prefix(
+        &replica_batches(&cluster.replica_dir(outsider, "moving", 0)),
+        hwm,
+    );
+    assert_eq!(a, b, "the new replica is byte-identical to the leader");
+}

@@ -353,6 +353,63 @@ impl BrokerState {
         .await?;
         self.registry.get(name)
     }
+
+    /// Marks broker `id` as leaving and moves each of its replicas to the least loaded other
+    /// broker (keeping the rest of each replica set and its order).
+    pub async fn decommission(&self, id: u32) -> Result<Vec<String>> {
+        let Some(c) = &self.cluster else {
+            return Err(BrokerError::invalid(
+                "broker_id",
+                "a single-node broker cannot be decommissioned",
+            ));
+        };
+        if !c.state().brokers.contains_key(&id) {
+            return Err(BrokerError::invalid(
+                "broker_id",
+                format!("broker {id} is not a member of the cluster"),
+            ));
+        }
+        c.propose(Command::Decommission { id }).await?;
+        let mut moved = Vec::new();
+        let state = c.state();
+        let mut load = load_of(&state);
+        for t in state.topics.values() {
+            for (p, pm) in t.partitions.iter().enumerate() {
+                if !pm.replicas.contains(&id) {
+                    continue;
+                }
+                let Some(to) = state
+                    .placeable_brokers()
+                    .into_iter()
+                    .filter(|b| !pm.replicas.contains(b))
+                    .min_by_key(|b| (load.get(b).map_or(0, |l| l.1), *b))
+                else {
+                    return Err(BrokerError::invalid(
+                        "broker_id",
+                        format!(
+                            "no other broker can take {}/{p}'s replica (replication factor {} needs that many brokers)",
+                            t.meta.name,
+                            pm.replicas.len()
+                        ),
+                    ));
+                };
+                load.entry(to).or_default().1 += 1;
+                let replicas: Vec<u32> = pm
+                    .replicas
+                    .iter()
+                    .map(|b| if *b == id { to } else { *b })
+                    .collect();
+                c.propose(Command::Reassign {
+                    name: t.meta.name.clone(),
+                    partition: p as u32,
+                    replicas,
+                })
+                .await?;
+                moved.push(format!("{}/{p}", t.meta.name));
+            }
+        }
+        Ok(moved)
+    }
 }
 
 pub type Shared = Arc<BrokerState>;

@@ -12,6 +12,16 @@ use crate::output::{OutputOpts, print_json, print_text, table};
 pub enum ClusterCommand {
     /// Show the brokers (id, address, alive) and which one leads the cluster metadata.
     Status(StatusArgs),
+    /// Move every partition replica off a broker so that it can be removed.
+    Decommission(DecommissionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DecommissionArgs {
+    /// Id of the broker to empty.
+    pub broker_id: u32,
+    #[command(flatten)]
+    pub client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +104,20 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
             } else {
                 print_text(&status_table(&s))
             }
+        }
+        ClusterCommand::Decommission(a) => {
+            let client = connect(&a.client).await?;
+            let moved = client
+                .admin()
+                .decommission_broker(a.broker_id)
+                .await
+                .map_err(|e| explain(e, None))?;
+            print_text(&format!(
+                "Broker {} is being emptied: {} partition replica(s) moving ({})\n",
+                a.broker_id,
+                moved.len(),
+                moved.join(", ")
+            ))
         }
     }
 }

@@ -29,6 +29,22 @@ pub enum TopicCommand {
     Alter(AlterArgs),
     /// Grow a topic to more partitions (existing records stay where they are).
     AddPartitions(AddPartitionsArgs),
+    /// Move a partition to other brokers while it keeps serving.
+    Reassign(ReassignArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReassignArgs {
+    /// Topic name.
+    pub name: String,
+    /// The partition to move.
+    #[arg(long)]
+    pub partition: u32,
+    /// The new replicas, comma-separated broker ids; the first is the preferred leader.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub replicas: Vec<u32>,
+    #[command(flatten)]
+    pub client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -340,6 +356,23 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
                 "Topic {:?} now has {} partitions\n",
                 t.name,
                 t.partitions.len()
+            ))
+        }
+        TopicCommand::Reassign(a) => {
+            let client = connect(&a.client).await?;
+            let t = client
+                .admin()
+                .reassign_partition(&a.name, a.partition, a.replicas.clone())
+                .await
+                .map_err(|e| explain(e, Some(&a.name)))?;
+            let replicas = t
+                .partitions
+                .get(a.partition as usize)
+                .map(|p| p.replicas.clone())
+                .unwrap_or_default();
+            print_text(&format!(
+                "Partition {}/{} is moving to replicas {replicas:?}; `keel topic describe {}` shows it done when in_sync equals replicas\n",
+                t.name, a.partition, t.name
             ))
         }
     }

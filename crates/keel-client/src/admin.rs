@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use keel_proto::v1::admin_service_client::AdminServiceClient;
 use keel_proto::v1::{
-    AddPartitionsRequest, AlterTopicConfigRequest, CreateTopicRequest, DeleteTopicRequest,
-    DescribeClusterRequest, DescribeClusterResponse, DescribeTopicRequest, ListTopicsRequest,
-    TopicInfo,
+    AddPartitionsRequest, AlterTopicConfigRequest, CreateTopicRequest, DecommissionBrokerRequest,
+    DeleteTopicRequest, DescribeClusterRequest, DescribeClusterResponse, DescribeTopicRequest,
+    ListTopicsRequest, ReassignPartitionRequest, TopicInfo,
 };
 use tonic::transport::Channel;
 
@@ -158,6 +158,51 @@ impl Admin {
             .await?;
         self.topics_changed().await;
         topic_of(resp.topic, "AddPartitions")
+    }
+
+    /// Moves partition `partition` of `name` to `replicas` (the first is the preferred leader).
+    pub async fn reassign_partition(
+        &self,
+        name: &str,
+        partition: u32,
+        replicas: Vec<u32>,
+    ) -> Result<TopicInfo> {
+        let max = self.max();
+        let resp = self
+            .client
+            .call_any(false, |ch, t| {
+                let req = ReassignPartitionRequest {
+                    name: name.to_owned(),
+                    partition,
+                    replicas: replicas.clone(),
+                };
+                async move {
+                    admin_rpc(ch, max)
+                        .reassign_partition(with_timeout(req, t))
+                        .await
+                }
+            })
+            .await?;
+        self.topics_changed().await;
+        topic_of(resp.topic, "ReassignPartition")
+    }
+
+    /// Moves every replica off broker `id`; returns the partitions moved ("topic/partition").
+    pub async fn decommission_broker(&self, id: u32) -> Result<Vec<String>> {
+        let max = self.max();
+        let resp = self
+            .client
+            .call_any(false, |ch, t| async move {
+                cluster_rpc(ch, max)
+                    .decommission_broker(with_timeout(
+                        DecommissionBrokerRequest { broker_id: id },
+                        t,
+                    ))
+                    .await
+            })
+            .await?;
+        self.topics_changed().await;
+        Ok(resp.moved)
     }
 
     pub async fn describe_cluster(&self) -> Result<DescribeClusterResponse> {

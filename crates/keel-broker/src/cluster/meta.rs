@@ -37,6 +37,10 @@ pub struct PartitionMeta {
     pub leader_term: u64,
     /// Voters caught up to the commit index, as the leader last reported.
     pub in_sync: Vec<u32>,
+    /// The Raft group's voters, as the leader last reported (differs from `replicas` while a
+    /// reassignment is under way).
+    #[serde(default)]
+    pub voters: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +64,8 @@ pub struct LeaderReport {
     pub leader: u32,
     pub term: u64,
     pub in_sync: Vec<u32>,
+    #[serde(default)]
+    pub voters: Vec<u32>,
 }
 
 /// A change to the metadata: the entries of the metadata Raft log.
@@ -227,6 +233,7 @@ impl ClusterState {
                     p.leader = Some(r.leader);
                     p.leader_term = r.term;
                     p.in_sync.clone_from(&r.in_sync);
+                    p.voters.clone_from(&r.voters);
                 }
                 Ok(())
             }
@@ -422,6 +429,7 @@ mod tests {
                 leader,
                 term,
                 in_sync: vec![1, 2],
+                voters: vec![1, 2],
             }],
         };
         s.apply(&report(3, 2)).expect("report");

@@ -547,20 +547,13 @@ impl ClusterNode {
         for t in state.topics.values() {
             for (p, pm) in t.partitions.iter().enumerate() {
                 let group = partition_group(t.meta.id, p as u32);
-                // A replica stays while it is in the group's Raft membership, even if the
-                // metadata moved it away: the leader removes it from the group first.
-                let in_membership = hosted.get(&group).is_some_and(|h| {
-                    h.partition.raft().is_some_and(|r| {
-                        r.raft
-                            .metrics()
-                            .borrow_watched()
-                            .membership_config
-                            .membership()
-                            .voter_ids()
-                            .any(|v| v == u64::from(self.id))
-                    })
-                });
-                if pm.replicas.contains(&self.id) || in_membership {
+                // A replica the metadata moved away stays until the leader has removed it
+                // from the group (it reports the new voters in sync without this broker); a
+                // removed voter may never learn its removal from the group itself.
+                let moved_off = pm.leader.is_some_and(|l| l != self.id)
+                    && !pm.voters.is_empty()
+                    && !pm.voters.contains(&self.id);
+                if pm.replicas.contains(&self.id) || (hosted.contains_key(&group) && !moved_off) {
                     wanted.insert(
                         group,
                         (
@@ -601,7 +594,7 @@ impl ClusterNode {
                             topic_id: *topic_id,
                             leader_since: None,
                             changing: false,
-                            prev_committed: 0,
+                            prev_committed: u64::MAX,
                         },
                     );
                 }
@@ -770,6 +763,9 @@ impl ClusterNode {
             let leading = m.state == ServerState::Leader;
             if !leading {
                 h.leader_since = None;
+                // A new leader knows nothing of its followers' progress yet: its first pass
+                // counts as in sync only those holding everything committed at that moment.
+                h.prev_committed = u64::MAX;
                 continue;
             }
             let since = *h.leader_since.get_or_insert_with(Instant::now);
@@ -795,16 +791,19 @@ impl ClusterNode {
             let Some(pm) = t.partitions.get(h.partition.id as usize) else {
                 continue;
             };
+            let voter_list: Vec<u32> = voters.iter().map(|v| *v as u32).collect();
             let report = LeaderReport {
                 topic_id: h.topic_id,
                 partition: h.partition.id,
                 leader: self.id,
                 term: m.current_term,
                 in_sync: in_sync.clone(),
+                voters: voter_list.clone(),
             };
             let current = pm.leader == Some(self.id)
                 && pm.leader_term == m.current_term
-                && pm.in_sync == in_sync;
+                && pm.in_sync == in_sync
+                && pm.voters == voter_list;
             let already_sent = self
                 .reported
                 .lock()

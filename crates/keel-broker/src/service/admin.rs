@@ -81,4 +81,15 @@ impl AdminService for Admin {
             topic: Some(self.0.topic_info(&topic)),
         }))
     }
+
+    async fn reassign_partition(
+        &self,
+        req: Request<ReassignPartitionRequest>,
+    ) -> Result<Response<ReassignPartitionResponse>, Status> {
+        let r = req.into_inner();
+        let topic = self.0.reassign(&r.name, r.partition, r.replicas).await?;
+        Ok(Response::new(ReassignPartitionResponse {
+            topic: Some(self.0.topic_info(&topic)),
+        }))
+    }
 }

@@ -45,4 +45,12 @@ impl ClusterService for Cluster {
             topics,
         }))
     }
+
+    async fn decommission_broker(
+        &self,
+        req: Request<DecommissionBrokerRequest>,
+    ) -> Result<Response<DecommissionBrokerResponse>, Status> {
+        let moved = self.0.decommission(req.into_inner().broker_id).await?;
+        Ok(Response::new(DecommissionBrokerResponse { moved }))
+    }
 }
