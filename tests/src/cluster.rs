@@ -27,6 +27,27 @@ impl ClusterProc {
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
+        Self::start_at(dir, addrs, extra)
+    }
+
+    /// Brokers on their own loopback addresses (`127.0.<net>.<id>`): their connections to each
+    /// other carry those as source addresses, so [`NetPartition`] can cut them apart.
+    pub fn start_own_addresses(dir: &Path, n: u32, net: u8) -> Self {
+        let addrs: Vec<String> = (1..=n)
+            .map(|i| {
+                let ip = format!("127.0.{net}.{i}");
+                let port = std::net::TcpListener::bind((ip.as_str(), 0))
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .expect("free port");
+                format!("{ip}:{port}")
+            })
+            .collect();
+        Self::start_at(dir, addrs, &[])
+    }
+
+    fn start_at(dir: &Path, addrs: Vec<String>, extra: &[&str]) -> Self {
+        let n = addrs.len() as u32;
         let initial = addrs
             .iter()
             .enumerate()
@@ -167,6 +188,28 @@ impl ClusterProc {
         }
     }
 
+    /// Copies the brokers' log files out of the (temporary) data directory, so a failing
+    /// test can name where to read them; returns that directory.
+    pub fn preserve_logs(&self) -> PathBuf {
+        let out = std::env::temp_dir().join(format!(
+            "keel-test-logs-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        ));
+        let _ = std::fs::create_dir_all(&out);
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.filter_map(Result::ok) {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let _ = std::fs::copy(&p, out.join(e.file_name()));
+                }
+            }
+        }
+        out
+    }
+
     /// The log directory of a partition replica on node `id`.
     pub fn replica_dir(&self, id: u32, topic: &str, partition: u32) -> PathBuf {
         let topics = self.dir.join(format!("node-{id}")).join("topics");
@@ -230,4 +273,49 @@ pub fn committed_prefix(rows: &[BatchRow], upto_offset: u64) -> Vec<BatchRow> {
 /// Groups rows by node id (helper for assertion messages).
 pub fn by_node(rows: Vec<(u32, Vec<BatchRow>)>) -> BTreeMap<u32, Vec<BatchRow>> {
     rows.into_iter().collect()
+}
+
+/// Drops traffic between one address and others with iptables (Linux, root); the rules are
+/// removed on [`NetPartition::heal`] or drop.
+pub struct NetPartition {
+    rules: Vec<(String, String)>,
+}
+
+impl NetPartition {
+    /// Cuts `ip` off from `others` in both directions. `None` when iptables cannot be used
+    /// here (not Linux, not root): callers skip the test.
+    pub fn isolate(ip: &str, others: &[String]) -> Option<Self> {
+        let mut p = Self { rules: Vec::new() };
+        for o in others {
+            for (src, dst) in [(ip, o.as_str()), (o.as_str(), ip)] {
+                let ok = std::process::Command::new("iptables")
+                    .args(["-w", "-I", "INPUT", "-s", src, "-d", dst, "-j", "DROP"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    return None;
+                }
+                p.rules.push((src.to_owned(), dst.to_owned()));
+            }
+        }
+        Some(p)
+    }
+
+    pub fn heal(mut self) {
+        self.remove();
+    }
+
+    fn remove(&mut self) {
+        for (src, dst) in self.rules.drain(..) {
+            let _ = std::process::Command::new("iptables")
+                .args(["-w", "-D", "INPUT", "-s", &src, "-d", &dst, "-j", "DROP"])
+                .status();
+        }
+    }
+}
+
+impl Drop for NetPartition {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }

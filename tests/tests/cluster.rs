@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use keel_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
-use keel_tests::cluster::{ClusterProc, committed_prefix, replica_batches};
+use keel_tests::cluster::{ClusterProc, NetPartition, committed_prefix, replica_batches};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -118,15 +118,25 @@ fn assert_replicas_identical(cluster: &mut ClusterProc, topic: &str, hwm: u64) {
             (id, committed_prefix(&rows, hwm))
         })
         .collect();
-    let (first_id, first) = &logs[0];
-    assert!(
-        first.last().is_some_and(|r| r.3 >= hwm),
-        "replica {first_id} lacks committed data up to {hwm}"
-    );
-    for (id, rows) in &logs[1..] {
-        assert_eq!(
-            rows, first,
-            "replica {id} differs from replica {first_id} in the committed prefix"
+    let tails: Vec<String> = logs
+        .iter()
+        .map(|(id, rows)| {
+            format!(
+                "replica {id}: {} batches, last {:?}",
+                rows.len(),
+                rows.last()
+            )
+        })
+        .collect();
+    let complete = logs
+        .iter()
+        .all(|(_, rows)| rows.last().is_some_and(|r| r.3 >= hwm));
+    let identical = logs.iter().all(|(_, rows)| *rows == logs[0].1);
+    if !(complete && identical) {
+        let kept = cluster.preserve_logs();
+        panic!(
+            "replicas disagree on the committed prefix up to offset {hwm} (complete: {complete}, identical: {identical}): {tails:?}; broker logs kept in {}",
+            kept.display()
         );
     }
 }
@@ -501,4 +511,81 @@ async fn reassign_under_load_keeps_every_acknowledged_record_exactly_once() {
         hwm,
     );
     assert_eq!(a, b, "the new replica is byte-identical to the leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_partition_minority_stops_acknowledging_and_nothing_acknowledged_is_lost() {
+    let net = 100 + (std::process::id() % 100) as u8;
+    let ip = |id: u32| format!("127.0.{net}.{id}");
+    match NetPartition::isolate(&ip(250), &[ip(251)]) {
+        Some(probe) => probe.heal(),
+        None => {
+            eprintln!("skipping: iptables is not usable here (needs Linux and root)");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start_own_addresses(dir.path(), 3, net);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("split", 1, 3, BTreeMap::new())
+        .await
+        .expect("create topic");
+    let leader = cluster.wait_leader("split", 0, WAIT).await;
+    let mut acks = produce_all(&client, "split", values(0, 500)).await;
+
+    let others: Vec<u32> = (1..=3).filter(|i| *i != leader).collect();
+    let cut = NetPartition::isolate(
+        &ip(leader),
+        &others.iter().map(|i| ip(*i)).collect::<Vec<_>>(),
+    )
+    .expect("iptables worked a moment ago");
+
+    // The isolated leader cannot acknowledge an acks=all write.
+    let mut direct = cluster.node(leader).producer().await;
+    let minority = direct
+        .produce(keel_proto::v1::ProduceRequest {
+            topic: "split".into(),
+            acks: keel_proto::v1::Acks::All as i32,
+            timeout_ms: 3000,
+            batches: vec![keel_proto::v1::ProduceBatch {
+                partition: Some(0),
+                data: Some(keel_proto::v1::produce_batch::Data::Records(
+                    keel_proto::v1::RecordList {
+                        records: vec![keel_proto::v1::Record {
+                            value: Some(b"minority-write".to_vec().into()),
+                            ..Default::default()
+                        }],
+                    },
+                )),
+            }],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        minority.is_err(),
+        "the minority side acknowledged a write: {minority:?}"
+    );
+
+    // The majority side elects a leader and keeps acknowledging.
+    let majority: Vec<String> = others
+        .iter()
+        .map(|i| cluster.node(*i).grpc.clone())
+        .collect();
+    let majority_client = Client::connect(&majority).await.expect("connect");
+    acks.extend(produce_all(&majority_client, "split", values(500, 1500)).await);
+
+    cut.heal();
+    wait_in_sync(&cluster, "split", leader).await;
+    acks.extend(produce_all(&client, "split", values(1500, 1600)).await);
+    let log = read_all(&client, "split").await;
+    check_acknowledged(&acks, &log);
+    assert!(
+        !log.values().any(|v| v == "minority-write"),
+        "a write the minority never acknowledged became visible"
+    );
+    let hwm = log.len() as u64;
+    wait_in_sync(&cluster, "split", leader).await;
+    assert_replicas_identical(&mut cluster, "split", hwm);
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Once, Weak};
 use bytes::Bytes;
 use keel_log::{AppendInfo, Log, LogError, ReadLimit, ReadSlice};
 use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
+use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
@@ -65,6 +66,10 @@ impl Drop for Partition {
         }
     }
 }
+
+/// A leader whose last quorum acknowledgement is older than this (more than an election
+/// timeout) refuses produce and fetch requests as not the leader.
+const QUORUM_ACK_TIMEOUT_MS: u64 = 1500;
 
 /// Acknowledgement level of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,15 +186,30 @@ impl Partition {
         let Some(r) = self.raft() else {
             return Ok(());
         };
-        if r.raft.metrics().borrow_watched().current_leader == Some(r.node_id)
-            && r.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
-        {
+        let (leading, cut_off) = {
+            let m = r.raft.metrics();
+            let m = m.borrow_watched();
+            (
+                m.current_leader == Some(r.node_id) && m.state == openraft::ServerState::Leader,
+                m.last_quorum_acked.as_ref().is_some_and(|t| {
+                    (**t).elapsed() > std::time::Duration::from_millis(QUORUM_ACK_TIMEOUT_MS)
+                }),
+            )
+        };
+        if leading && !cut_off {
             return Ok(());
         }
+        // A leader that has not heard from a majority for longer than an election takes is
+        // most likely cut off, with a new leader elsewhere: send clients away rather than let
+        // their writes wait for a commit that cannot happen.
         Err(BrokerError::NotLeader {
             topic: self.topic.to_string(),
             partition: self.id,
-            leader: self.leader_hint().or(fallback),
+            leader: if leading {
+                fallback.filter(|(id, _)| u64::from(*id) != r.node_id)
+            } else {
+                self.leader_hint().or(fallback)
+            },
         })
     }
 

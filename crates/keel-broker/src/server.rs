@@ -133,6 +133,8 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
                 &config.data_dir,
                 &config.initial_cluster,
                 config.join.is_some(),
+                // Peers see this broker's own address as the source of its connections.
+                Some(grpc_addr.ip()).filter(|ip| !ip.is_unspecified()),
             )
             .await?,
         )

@@ -51,6 +51,9 @@ pub struct TransportConfig {
     /// HTTP/2 flow-control windows of the data connection (appends can be megabytes).
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Source address of connections to peers (the broker's own listen address), so that
+    /// firewalls and fault-injection rules can tell brokers apart on one host.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for TransportConfig {
@@ -63,6 +66,7 @@ impl Default for TransportConfig {
             keepalive_timeout: Duration::from_secs(5),
             stream_window: 4 << 20,
             connection_window: 8 << 20,
+            local_address: None,
         }
     }
 }
@@ -183,7 +187,8 @@ impl RaftTransport {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(c.keepalive_interval)
             .keep_alive_timeout(c.keepalive_timeout)
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .local_address(c.local_address);
         let data = endpoint
             .clone()
             .initial_stream_window_size(c.stream_window)

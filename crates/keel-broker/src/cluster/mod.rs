@@ -184,8 +184,15 @@ impl ClusterNode {
         data_dir: &Path,
         initial_cluster: &[(u32, String)],
         joining: bool,
+        local_address: Option<std::net::IpAddr>,
     ) -> Result<Arc<Self>> {
-        let transport = RaftTransport::new(u64::from(id), TransportConfig::default());
+        let transport = RaftTransport::new(
+            u64::from(id),
+            TransportConfig {
+                local_address,
+                ..TransportConfig::default()
+            },
+        );
         let rafts: RaftRegistry<BrokerSm> = RaftRegistry::new(u64::from(id));
         let meta_dir = data_dir.join("metadata");
         let (meta_store, meta_sm) = {
