@@ -463,15 +463,16 @@ fn cluster_status_and_finding_the_cluster() {
     assert_eq!(
         out.ok().trim_end(),
         format!(
-            r#"{{"metadata_leader":1,"brokers":[{{"id":1,"address":"{addr}","alive":true}}]}}"#
+            r#"{{"metadata_leader":1,"brokers":[{{"id":1,"address":"{addr}","alive":true}}],"under_replicated":[]}}"#
         )
     );
     let out = keel(&b, &["cluster", "status"]);
     let lines: Vec<String> = out.ok().lines().map(str::to_owned).collect();
-    assert_eq!(lines.len(), 2, "{out:?}");
+    assert_eq!(lines.len(), 3, "{out:?}");
     assert!(lines[0].starts_with("ID  ADDRESS"), "{out:?}");
     assert!(lines[1].starts_with(&format!("1   {addr}  yes")), "{out:?}");
     assert!(lines[1].ends_with("metadata leader"), "{out:?}");
+    assert_eq!(lines[2], "All partitions are fully replicated.", "{out:?}");
 
     // KEEL_BROKERS, and --brokers over it, before or after the command.
     let env = [("KEEL_BROKERS", addr)];

@@ -141,14 +141,23 @@ fn assert_replicas_identical(cluster: &mut ClusterProc, topic: &str, hwm: u64) {
     }
 }
 
-/// Waits until the partition leader reports broker `id` in sync for partition 0.
+/// Waits until the partition leader reports broker `id` in sync for partition 0. Only the
+/// leader's own answer counts: a broker that just restarted may still be replaying an older
+/// metadata log that says otherwise.
 async fn wait_in_sync(cluster: &ClusterProc, topic: &str, id: u32) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        if let Some(t) = cluster.describe(topic).await
-            && t.partitions[0].in_sync.contains(&id)
+        for n in cluster
+            .nodes
+            .iter()
+            .filter(|n| n.is_started() && n.id != id)
         {
-            return;
+            if let Some(t) = cluster.describe_on(n.id, topic).await
+                && t.partitions[0].leader == n.id
+                && t.partitions[0].in_sync.contains(&id)
+            {
+                return;
+            }
         }
         assert!(
             std::time::Instant::now() < deadline,

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use keel_client::DescribeClusterResponse;
+use keel_client::{DescribeClusterResponse, TopicInfo};
 use serde::Serialize;
 
 use crate::common::{ClientOpts, connect, explain};
@@ -38,6 +38,36 @@ struct StatusJson {
     /// `null` while no broker leads the metadata (an election is running).
     metadata_leader: Option<u32>,
     brokers: Vec<BrokerJson>,
+    /// Partitions with fewer replicas in sync than they have replicas.
+    under_replicated: Vec<UnderReplicatedJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct UnderReplicatedJson {
+    topic: String,
+    partition: u32,
+    leader: Option<u32>,
+    replicas: Vec<u32>,
+    in_sync: Vec<u32>,
+}
+
+fn under_replicated(topics: &[TopicInfo]) -> Vec<UnderReplicatedJson> {
+    let mut out = Vec::new();
+    for t in topics {
+        for p in &t.partitions {
+            let missing = p.replicas.iter().any(|r| !p.in_sync.contains(r));
+            if missing || p.leader == 0 {
+                out.push(UnderReplicatedJson {
+                    topic: t.name.clone(),
+                    partition: p.partition,
+                    leader: (p.leader != 0).then_some(p.leader),
+                    replicas: p.replicas.clone(),
+                    in_sync: p.in_sync.clone(),
+                });
+            }
+        }
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -47,7 +77,7 @@ struct BrokerJson {
     alive: bool,
 }
 
-fn status_json(c: &DescribeClusterResponse) -> StatusJson {
+fn status_json(c: &DescribeClusterResponse, topics: &[TopicInfo]) -> StatusJson {
     let mut brokers: Vec<BrokerJson> = c
         .brokers
         .iter()
@@ -61,6 +91,7 @@ fn status_json(c: &DescribeClusterResponse) -> StatusJson {
     StatusJson {
         metadata_leader: (c.metadata_leader != 0).then_some(c.metadata_leader),
         brokers,
+        under_replicated: under_replicated(topics),
     }
 }
 
@@ -86,6 +117,32 @@ fn status_table(s: &StatusJson) -> String {
     if s.metadata_leader.is_none() {
         out.push_str("No metadata leader right now (an election is running).\n");
     }
+    if s.under_replicated.is_empty() {
+        out.push_str("All partitions are fully replicated.\n");
+    } else {
+        out.push_str(&format!(
+            "{} under-replicated partition(s):\n",
+            s.under_replicated.len()
+        ));
+        let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let rows: Vec<Vec<String>> = s
+            .under_replicated
+            .iter()
+            .map(|u| {
+                vec![
+                    u.topic.clone(),
+                    u.partition.to_string(),
+                    u.leader.map_or("none".into(), |l| l.to_string()),
+                    ids(&u.replicas),
+                    ids(&u.in_sync),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["TOPIC", "PARTITION", "LEADER", "REPLICAS", "IN_SYNC"],
+            &rows,
+        ));
+    }
     out
 }
 
@@ -98,7 +155,12 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
                 .describe_cluster()
                 .await
                 .map_err(|e| explain(e, None))?;
-            let s = status_json(&c);
+            let topics = client
+                .admin()
+                .list_topics()
+                .await
+                .map_err(|e| explain(e, None))?;
+            let s = status_json(&c, &topics);
             if a.output.json() {
                 print_json(&s)
             } else {
@@ -146,19 +208,44 @@ mod tests {
             ],
             broker_id: 2,
         };
-        let s = status_json(&c);
+        let topics = vec![TopicInfo {
+            name: "t".into(),
+            partitions: vec![
+                keel_client::PartitionInfo {
+                    partition: 0,
+                    leader: 1,
+                    replicas: vec![1, 2],
+                    in_sync: vec![1, 2],
+                    ..Default::default()
+                },
+                keel_client::PartitionInfo {
+                    partition: 1,
+                    leader: 1,
+                    replicas: vec![2, 1],
+                    in_sync: vec![1],
+                    ..Default::default()
+                },
+            ],
+            config: Default::default(),
+        }];
+        let s = status_json(&c, &topics);
         assert_eq!(
             serde_json::to_value(&s).expect("json"),
             serde_json::json!({"metadata_leader": 1, "brokers": [
                 {"id": 1, "address": "127.0.0.1:9292", "alive": true},
                 {"id": 2, "address": "127.0.0.1:9293", "alive": false},
+            ], "under_replicated": [
+                {"topic": "t", "partition": 1, "leader": 1, "replicas": [2, 1], "in_sync": [1]},
             ]})
         );
         assert_eq!(
             status_table(&s),
             "ID  ADDRESS         ALIVE  ROLE\n\
              1   127.0.0.1:9292  yes    metadata leader\n\
-             2   127.0.0.1:9293  no     -\n"
+             2   127.0.0.1:9293  no     -\n\
+             1 under-replicated partition(s):\n\
+             TOPIC  PARTITION  LEADER  REPLICAS  IN_SYNC\n\
+             t      1          1       2,1       1\n"
         );
     }
 }

@@ -761,6 +761,7 @@ impl ClusterNode {
     async fn leader_pass(self: &Arc<Self>) {
         let state = self.state();
         let mut reports = Vec::new();
+        let mut under_replicated = 0u64;
         let mut hosted = self.hosted.lock().await;
         for (group, h) in hosted.iter_mut() {
             let Some(r) = h.partition.raft() else {
@@ -768,6 +769,15 @@ impl ClusterNode {
             };
             let m = r.raft.metrics().borrow_watched().clone();
             let leading = m.state == ServerState::Leader;
+            let labels = [
+                ("topic", h.partition.topic.to_string()),
+                ("partition", h.partition.id.to_string()),
+            ];
+            metrics::gauge!("keel_partition_is_leader", &labels).set(if leading {
+                1.0
+            } else {
+                0.0
+            });
             if !leading {
                 h.leader_since = None;
                 // A new leader knows nothing of its followers' progress yet: its first pass
@@ -792,6 +802,11 @@ impl ClusterNode {
                 .map(|v| *v as u32)
                 .collect();
             in_sync.sort_unstable();
+            metrics::gauge!("keel_partition_in_sync_replicas", &labels).set(in_sync.len() as f64);
+            metrics::gauge!("keel_partition_replicas", &labels).set(voters.len() as f64);
+            if in_sync.len() < voters.len() {
+                under_replicated += 1;
+            }
             let Some(t) = state.topic_by_id(h.topic_id) else {
                 continue;
             };
@@ -856,6 +871,7 @@ impl ClusterNode {
             }
         }
         drop(hosted);
+        metrics::gauge!("keel_under_replicated_partitions").set(under_replicated as f64);
         if !reports.is_empty() {
             {
                 let mut sent = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
