@@ -598,3 +598,73 @@ async fn network_partition_minority_stops_acknowledging_and_nothing_acknowledged
     wait_in_sync(&cluster, "split", leader).await;
     assert_replicas_identical(&mut cluster, "split", hwm);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_broker_takes_over_a_decommissioned_brokers_replicas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("dec", 2, 3, BTreeMap::new())
+        .await
+        .expect("create topic");
+    cluster.wait_leader("dec", 0, WAIT).await;
+    let mut acks = produce_all(&client, "dec", values(0, 1000)).await;
+
+    // Broker 4 joins through broker 1 alone.
+    let join_addr = cluster.nodes[0].grpc.clone();
+    let joiner = keel_tests::broker::BrokerProc::start_with(
+        &dir.path().join("node-4"),
+        4,
+        &["--join", &join_addr],
+    );
+    cluster.nodes.push(joiner);
+    cluster.wait_all_alive(4);
+
+    // Empty broker 2: its replicas move, and with 3 other brokers each lands on broker 4.
+    let moved = client
+        .admin()
+        .decommission_broker(2)
+        .await
+        .expect("decommission");
+    assert_eq!(moved, vec!["dec/0".to_owned(), "dec/1".to_owned()]);
+    acks.extend(produce_all(&client, "dec", values(1000, 2000)).await);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let t = client
+            .admin()
+            .describe_topic("dec")
+            .await
+            .expect("describe");
+        let done = t.partitions.iter().all(|p| {
+            let mut s = p.in_sync.clone();
+            s.sort_unstable();
+            s == vec![1, 3, 4] && !p.replicas.contains(&2)
+        });
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replicas did not move off broker 2: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // New topics avoid the decommissioned broker.
+    let t = client
+        .admin()
+        .create_topic("after", 3, 3, BTreeMap::new())
+        .await
+        .expect("create after decommission");
+    assert!(
+        t.partitions.iter().all(|p| !p.replicas.contains(&2)),
+        "{t:?}"
+    );
+    // Broker 2 can now stop without under-replicating anything.
+    assert!(cluster.node(2).terminate().success());
+    acks.extend(produce_all(&client, "dec", values(2000, 2500)).await);
+    let log = read_all(&client, "dec").await;
+    let ours: Vec<(String, u64)> = acks.clone();
+    check_acknowledged(&ours, &log);
+}
