@@ -167,6 +167,24 @@ async fn wait_in_sync(cluster: &ClusterProc, topic: &str, id: u32) {
     }
 }
 
+/// Waits until broker `id`'s own replica of partition 0 has applied everything up to `hwm`
+/// (its high watermark, which only committed batches it holds advance).
+async fn wait_caught_up(cluster: &ClusterProc, topic: &str, id: u32, hwm: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(t) = cluster.describe_on(id, topic).await
+            && t.partitions[0].high_watermark >= hwm
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "broker {id} never caught up on {topic} to offset {hwm}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn values(from: usize, to: usize) -> Vec<String> {
     (from..to).map(|i| format!("value-{i:06}")).collect()
 }
@@ -203,6 +221,7 @@ async fn leader_kill9_under_acks_all_loses_nothing_and_replicas_agree() {
     cluster.node(leader).restart();
     let hwm = log.len() as u64;
     wait_in_sync(&cluster, "orders", leader).await;
+    wait_caught_up(&cluster, "orders", leader, hwm).await;
     assert_replicas_identical(&mut cluster, "orders", hwm);
 }
 
@@ -235,6 +254,7 @@ async fn killed_follower_catches_up_byte_identical() {
     );
     let hwm = log.len() as u64;
     wait_in_sync(&cluster, "events", follower).await;
+    wait_caught_up(&cluster, "events", follower, hwm).await;
     assert_replicas_identical(&mut cluster, "events", hwm);
 }
 
@@ -399,6 +419,7 @@ async fn follower_behind_retention_catches_up_by_snapshot() {
         assert_eq!(log.get(o), Some(v), "acknowledged {v} missing at {o}");
     }
     let hwm = first + log.len() as u64;
+    wait_caught_up(&cluster, "ret", follower, hwm).await;
 
     for n in &mut cluster.nodes {
         assert!(n.terminate().success());
@@ -508,6 +529,7 @@ async fn reassign_under_load_keeps_every_acknowledged_record_exactly_once() {
     }
 
     let hwm = log.len() as u64;
+    wait_caught_up(&cluster, "moving", outsider, hwm).await;
     for n in &mut cluster.nodes {
         assert!(n.terminate().success());
     }
@@ -596,6 +618,7 @@ async fn network_partition_minority_stops_acknowledging_and_nothing_acknowledged
     );
     let hwm = log.len() as u64;
     wait_in_sync(&cluster, "split", leader).await;
+    wait_caught_up(&cluster, "split", leader, hwm).await;
     assert_replicas_identical(&mut cluster, "split", hwm);
 }
 

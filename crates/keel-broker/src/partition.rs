@@ -16,6 +16,7 @@ use openraft::raft::ClientWriteResult;
 use openraft::type_config::alias::OneshotReceiverOf;
 use tokio::sync::{Notify, watch};
 
+use crate::cluster::quiet::{Activity, Liveness};
 use crate::cluster::sm::BrokerRaft;
 
 use crate::error::{BrokerError, Result};
@@ -56,6 +57,9 @@ pub struct RaftReplica {
     pub sm: PartitionSm,
     pub group: u64,
     pub node_id: u64,
+    /// Whether the group is quiet (see `cluster::quiet`), and when it was last written.
+    pub activity: Arc<Activity>,
+    pub liveness: Arc<Liveness>,
 }
 
 impl Drop for Partition {
@@ -186,16 +190,23 @@ impl Partition {
         let Some(r) = self.raft() else {
             return Ok(());
         };
-        let (leading, cut_off) = {
+        let (leading, stale, voters) = {
             let m = r.raft.metrics();
             let m = m.borrow_watched();
             (
                 m.current_leader == Some(r.node_id) && m.state == openraft::ServerState::Leader,
-                m.last_quorum_acked.as_ref().is_some_and(|t| {
+                m.last_quorum_acked.as_ref().is_none_or(|t| {
                     (**t).elapsed() > std::time::Duration::from_millis(QUORUM_ACK_TIMEOUT_MS)
                 }),
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .map(|v| v as u32)
+                    .collect::<Vec<_>>(),
             )
         };
+        // A quiet group gets no heartbeat acknowledgements; the brokers' own beats stand in.
+        let cut_off = stale && !r.liveness.majority_reachable(r.node_id as u32, &voters);
         if leading && !cut_off {
             return Ok(());
         }
@@ -237,6 +248,9 @@ impl Partition {
     ) -> Result<Pending> {
         let flush_every_batch = match &self.backend {
             Backend::Raft(r) => {
+                if r.activity.wrote() {
+                    r.raft.runtime_config().tick(true);
+                }
                 let (responder, rx) = ProgressResponder::complete_only();
                 r.raft
                     .client_write_ff(BatchData::new(batch), Some(responder))

@@ -13,6 +13,7 @@
 
 pub mod meta;
 pub mod meta_sm;
+pub mod quiet;
 pub mod sm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -36,6 +37,7 @@ use crate::registry::{Placement, Registry, Topic};
 use crate::topic_config::Resolved;
 use meta::{ClusterState, Command, LeaderReport, META_GROUP, Refusal, partition_group};
 use meta_sm::{MetadataSm, encode_command};
+use quiet::{Activity, BEAT, Liveness, QUIET_AFTER};
 use sm::{BrokerRaft, BrokerSm};
 
 /// How long an admin request waits for the metadata group (leader election included).
@@ -54,6 +56,8 @@ enum ForwardRequest {
     Propose(Command),
     /// Which brokers the metadata leader hears from.
     Liveness,
+    /// A broker's periodic beat: it is alive, and leads these (group, term)s quietly.
+    Beat { from: u32, quiet: Vec<(u64, u64)> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -76,6 +80,9 @@ fn partition_raft_config() -> Result<Arc<Config>> {
         // purges the log up to exactly that point.
         snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: 0,
+        // A replica that restarts or reconnects with a stale log must not bump the term and
+        // depose a healthy leader.
+        enable_pre_vote: Some(true),
         ..Config::default()
     };
     c.validate()
@@ -91,6 +98,7 @@ fn meta_raft_config() -> Result<Arc<Config>> {
         election_timeout_max: 1200,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
         max_in_snapshot_log_to_keep: 100,
+        enable_pre_vote: Some(true),
         ..Config::default()
     };
     c.validate()
@@ -158,6 +166,7 @@ pub struct ClusterNode {
     reconciling: tokio::sync::Mutex<()>,
     /// Leader reports sent and not yet visible in the metadata, to avoid re-sending them.
     reported: Mutex<HashMap<u64, LeaderReport>>,
+    liveness: Arc<Liveness>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -236,6 +245,7 @@ impl ClusterNode {
             hosted: tokio::sync::Mutex::new(HashMap::new()),
             reconciling: tokio::sync::Mutex::new(()),
             reported: Mutex::new(HashMap::new()),
+            liveness: Arc::new(Liveness::default()),
         });
         {
             let weak = Arc::downgrade(&node);
@@ -450,6 +460,10 @@ impl ClusterNode {
                 ),
                 Err(Some(e)) => ForwardReply::Error(e.to_string()),
             },
+            ForwardRequest::Beat { from, quiet } => {
+                self.liveness.beat_from(from, quiet.into_iter().collect());
+                ForwardReply::Outcome(Ok(()))
+            }
             ForwardRequest::Liveness => match self.local_liveness() {
                 Some(l) => ForwardReply::Liveness(l),
                 None => ForwardReply::NotLeader(
@@ -729,6 +743,8 @@ impl ClusterNode {
                 sm,
                 group,
                 node_id: u64::from(self.id),
+                activity: Arc::new(Activity::default()),
+                liveness: Arc::clone(&self.liveness),
             },
             hwm_tx,
         )))
@@ -778,6 +794,7 @@ impl ClusterNode {
             } else {
                 0.0
             });
+            self.quiet_pass(r, &m, leading, h.changing);
             if !leading {
                 h.leader_since = None;
                 // A new leader knows nothing of its followers' progress yet: its first pass
@@ -897,6 +914,106 @@ impl ClusterNode {
         }
     }
 
+    /// Puts an idle group to sleep or wakes it (see [`quiet`]).
+    fn quiet_pass(
+        &self,
+        r: &RaftReplica,
+        m: &openraft::RaftMetrics<keel_raft::KeelRaft>,
+        leading: bool,
+        changing: bool,
+    ) {
+        let a = &r.activity;
+        if leading {
+            if a.is_quiet() && a.quiet_leader().is_some() {
+                // Quiet as a follower, leader now (a transfer): wake up.
+                a.wake();
+                r.raft.runtime_config().tick(true);
+                return;
+            }
+            if a.is_quiet() || changing || a.idle_for() < QUIET_AFTER {
+                return;
+            }
+            let last = m.last_log_index;
+            let committed = m.cluster_committed.map(|c| c.index);
+            let replication = m.replication.clone().unwrap_or_default();
+            let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+            let all_caught_up = committed == last
+                && voters.iter().all(|v| {
+                    *v == r.node_id
+                        || replication
+                            .get(v)
+                            .and_then(|x| x.as_ref())
+                            .is_some_and(|x| Some(x.index) == last)
+                });
+            // Learners (a reassignment) keep the group awake until they are voters.
+            let learners = m.membership_config.membership().learner_ids().count();
+            if all_caught_up && learners == 0 && a.set_quiet(None) {
+                r.raft.runtime_config().tick(false);
+            }
+            return;
+        }
+        if a.is_quiet() {
+            // Stay asleep only while the leader's broker keeps declaring the group quiet; a
+            // deposed quiet leader (no quiet leader of its own) wakes at once.
+            let keep = a
+                .quiet_leader()
+                .is_some_and(|l| self.liveness.still_quiet(l, r.group));
+            if !keep {
+                a.wake();
+                r.raft.runtime_config().tick(true);
+            }
+        } else if let Some(l) = self.liveness.quiet_leader(r.group, m.current_term)
+            && u64::from(l) != r.node_id
+            && a.set_quiet(Some(l))
+        {
+            r.raft.runtime_config().tick(false);
+        }
+    }
+
+    /// Sends this broker's beat to every peer: it is alive, and these groups it leads are quiet.
+    async fn beat(&self) {
+        let mut quiet = Vec::new();
+        for h in self.hosted.lock().await.values() {
+            if let Some(r) = h.partition.raft()
+                && r.activity.is_quiet()
+                && r.activity.quiet_leader().is_none()
+            {
+                let m = r.raft.metrics();
+                let m = m.borrow_watched();
+                if m.state == ServerState::Leader {
+                    quiet.push((r.group, m.current_term));
+                }
+            }
+        }
+        let Ok(payload) = serde_json::to_vec(&ForwardRequest::Beat {
+            from: self.id,
+            quiet,
+        }) else {
+            return;
+        };
+        let payload = Bytes::from(payload);
+        let peers: Vec<(u32, String)> = self
+            .state()
+            .brokers
+            .values()
+            .filter(|b| b.id != self.id)
+            .map(|b| (b.id, b.address.clone()))
+            .collect();
+        let sends = peers.into_iter().map(|(id, addr)| {
+            let payload = payload.clone();
+            async move {
+                let r = self
+                    .transport
+                    .forward(&addr, u64::from(id), META_GROUP, payload, BEAT * 3)
+                    .await;
+                if r.is_ok() {
+                    self.liveness.heard_from(id);
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
     /// Moves a partition group to `nodes` as voters: adds the new ones as learners (waiting
     /// until they caught up), then switches the voter set (joint consensus inside openraft).
     async fn change_replicas(&self, group: u64, raft: BrokerRaft, nodes: BTreeMap<u64, BasicNode>) {
@@ -970,6 +1087,24 @@ impl ClusterNode {
         registry: Arc<dyn RegistryHolder>,
         mut shutdown: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
+        {
+            let node = Arc::clone(self);
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(BEAT);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => {
+                            if *shutdown.borrow() {
+                                return;
+                            }
+                        }
+                        _ = tick.tick() => node.beat().await,
+                    }
+                }
+            });
+        }
         let node = Arc::clone(self);
         tokio::spawn(async move {
             let mut state_rx = node.meta_sm.subscribe();

@@ -1,0 +1,176 @@
+//! Quiescence of idle partition groups, and broker-level liveness.
+//!
+//! An idle Raft group still costs its ticks and heartbeats: with 1,000 partition replicas per
+//! broker that is most of a core. So a leader whose partition has had no write for
+//! [`QUIET_AFTER`], and whose voters all hold its whole log, stops the group's ticker (no
+//! heartbeats, no election timer) and says so in the one message per peer broker that every
+//! broker sends every [`BEAT`]: "I lead these groups, in these terms, and they are quiet". A
+//! follower that hears this from the leader of its group (in a term at least its own) stops its
+//! ticker too. The first write wakes the leader's group; the followers wake when the leader stops
+//! listing the group, or when they have not heard from the leader's broker for [`BEAT_TIMEOUT`]
+//! (it died or is cut off): their election timer has long expired, so they elect at once.
+//!
+//! Safety does not depend on any of this (Raft never needs heartbeats to be safe); it only
+//! changes when elections can start. The same per-peer beats give each broker a view of which
+//! peers it can reach, which a quiet leader uses in place of the heartbeat acknowledgements it
+//! no longer receives when deciding whether it may still serve clients.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often a broker sends its beat to every peer.
+pub const BEAT: Duration = Duration::from_millis(150);
+/// A peer not heard from for this long is treated as unreachable.
+pub const BEAT_TIMEOUT: Duration = Duration::from_millis(600);
+/// A leader's group goes quiet after this long without a write.
+pub const QUIET_AFTER: Duration = Duration::from_secs(2);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What this broker knows of its peers, from their beats and the answers to its own.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    contact: Mutex<HashMap<u32, Instant>>,
+    /// Per peer: when its last beat arrived and the (group, term) pairs it leads quietly.
+    quiet: Mutex<HashMap<u32, (Instant, HashSet<(u64, u64)>)>>,
+}
+
+impl Liveness {
+    pub fn heard_from(&self, peer: u32) {
+        lock(&self.contact).insert(peer, Instant::now());
+    }
+
+    pub fn beat_from(&self, peer: u32, quiet_groups: HashSet<(u64, u64)>) {
+        let now = Instant::now();
+        lock(&self.contact).insert(peer, now);
+        lock(&self.quiet).insert(peer, (now, quiet_groups));
+    }
+
+    /// True when `peer` was heard from within [`BEAT_TIMEOUT`].
+    pub fn reachable(&self, peer: u32) -> bool {
+        lock(&self.contact)
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() < BEAT_TIMEOUT)
+    }
+
+    /// True when this broker (`me`) plus the reachable peers among `voters` form a majority.
+    pub fn majority_reachable(&self, me: u32, voters: &[u32]) -> bool {
+        let reachable = voters
+            .iter()
+            .filter(|v| **v == me || self.reachable(**v))
+            .count();
+        reachable * 2 > voters.len()
+    }
+
+    /// The leader broker that, in a fresh beat, declares `group` quiet in a term of at least
+    /// `term`.
+    pub fn quiet_leader(&self, group: u64, term: u64) -> Option<u32> {
+        lock(&self.quiet).iter().find_map(|(peer, (at, groups))| {
+            (at.elapsed() < BEAT_TIMEOUT && groups.iter().any(|(g, t)| *g == group && *t >= term))
+                .then_some(*peer)
+        })
+    }
+
+    /// True while `peer`'s fresh beats still declare `group` quiet.
+    pub fn still_quiet(&self, peer: u32, group: u64) -> bool {
+        lock(&self.quiet).get(&peer).is_some_and(|(at, groups)| {
+            at.elapsed() < BEAT_TIMEOUT && groups.iter().any(|(g, _)| *g == group)
+        })
+    }
+}
+
+/// A replica's quiescence state, shared by the produce path and the cluster loops.
+#[derive(Debug)]
+pub struct Activity {
+    quiet: AtomicBool,
+    /// The leader broker whose beats keep this follower quiet.
+    quiet_leader: Mutex<Option<u32>>,
+    last_write: Mutex<Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            quiet: AtomicBool::new(false),
+            quiet_leader: Mutex::new(None),
+            last_write: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Acquire)
+    }
+
+    /// Records a write; returns true when the group was quiet and must be woken.
+    pub fn wrote(&self) -> bool {
+        *lock(&self.last_write) = Instant::now();
+        self.quiet.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        lock(&self.last_write).elapsed()
+    }
+
+    /// Marks the group quiet (as leader: `leader` None; as follower: the leader's broker).
+    pub fn set_quiet(&self, leader: Option<u32>) -> bool {
+        *lock(&self.quiet_leader) = leader;
+        !self.quiet.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the group awake; returns true if it was quiet.
+    pub fn wake(&self) -> bool {
+        *lock(&self.quiet_leader) = None;
+        self.quiet.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn quiet_leader(&self) -> Option<u32> {
+        *lock(&self.quiet_leader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn majority_counts_this_broker_and_reachable_peers() {
+        let l = Liveness::default();
+        assert!(!l.majority_reachable(1, &[1, 2, 3]));
+        l.heard_from(2);
+        assert!(l.majority_reachable(1, &[1, 2, 3]));
+        assert!(l.majority_reachable(1, &[1]));
+        assert!(!l.majority_reachable(1, &[1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn quiet_groups_are_found_by_group_and_term() {
+        let l = Liveness::default();
+        l.beat_from(2, HashSet::from([(7, 3)]));
+        assert_eq!(l.quiet_leader(7, 3), Some(2));
+        assert_eq!(l.quiet_leader(7, 2), Some(2));
+        assert_eq!(
+            l.quiet_leader(7, 4),
+            None,
+            "a follower in a later term stays awake"
+        );
+        assert!(l.still_quiet(2, 7));
+        l.beat_from(2, HashSet::new());
+        assert!(!l.still_quiet(2, 7));
+    }
+
+    #[test]
+    fn a_write_wakes_a_quiet_group_once() {
+        let a = Activity::default();
+        assert!(!a.wrote());
+        assert!(a.set_quiet(None));
+        assert!(a.is_quiet());
+        assert!(a.wrote());
+        assert!(!a.wrote());
+    }
+}
