@@ -240,6 +240,24 @@ async fn failover(kills: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// `keel_quiet_partitions` from a broker's metrics endpoint (0 if unreadable).
+fn quiet_partitions(metrics_addr: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(metrics_addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(s, "GET /metrics HTTP/1.0\r\nHost: {metrics_addr}\r\n\r\n").is_err() {
+        return 0;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| l.strip_prefix("keel_quiet_partitions "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 fn cpu_ticks(pid: u32) -> Result<u64, Error> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').ok_or("bad stat")?.1;
@@ -262,14 +280,26 @@ async fn idle(partitions: u32, seconds: u64) -> Result<(), Error> {
     let topics = partitions.div_ceil(per_topic);
     for t in 0..topics {
         let name = format!("idle-{t}");
+        // Small segments: every replica reserves disk ahead of its active segment (up to
+        // 16 MiB), which for 3,000 replicas on one machine would be 48 GB.
+        let config = BTreeMap::from([("segment.bytes".to_owned(), "1048576".to_owned())]);
+        let started = Instant::now();
         wait_for("topic creation", Duration::from_secs(120), || async {
-            client
+            match client
                 .admin()
-                .create_topic(&name, per_topic, 3, BTreeMap::new())
+                .create_topic(&name, per_topic, 3, config.clone())
                 .await
-                .ok()
+            {
+                // An earlier attempt that timed out on the client may have succeeded.
+                Ok(_) | Err(keel_client::ClientError::TopicExists { .. }) => Some(()),
+                Err(e) => {
+                    eprintln!("creating {name}: {e}");
+                    None
+                }
+            }
         })
         .await?;
+        eprintln!("created {name} in {:?}", started.elapsed());
     }
     wait_for(
         "every partition to have a leader",
@@ -284,8 +314,18 @@ async fn idle(partitions: u32, seconds: u64) -> Result<(), Error> {
         },
     )
     .await?;
-    // Let elections and leader hand-backs settle.
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Measure once every group has gone quiet (leaders elected, handed back, replicas caught
+    // up, no writes): the steady state of an idle cluster.
+    let want = u64::from(topics * per_topic);
+    wait_for(
+        "every replica to go quiet",
+        Duration::from_secs(300),
+        || async {
+            let quiet: Vec<u64> = nodes.iter().map(|n| quiet_partitions(&n.metrics)).collect();
+            quiet.iter().all(|q| *q >= want).then_some(())
+        },
+    )
+    .await?;
     let hz = 100.0; // USER_HZ
     let before: Vec<u64> = nodes
         .iter()

@@ -21,7 +21,7 @@ use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::{ClientError, Result, Tp};
 use crate::metadata::{MetadataCache, Route};
 use crate::producer::{Producer, ProducerConfig};
-use crate::util::{backoff, lock, read, write};
+use crate::util::{backoff, backoff_cap, lock, read, write};
 
 /// Connection settings shared by everything created from one [`Client`].
 #[derive(Debug, Clone)]
@@ -411,7 +411,11 @@ impl Client {
             if !err.is_retriable() || !(idempotent || err.is_definite()) {
                 return Err(err);
             }
-            let wait = backoff(cfg.retry_backoff, cfg.retry_backoff_max, attempt);
+            let wait = backoff(
+                cfg.retry_backoff,
+                backoff_cap(&err, cfg.retry_backoff_max),
+                attempt,
+            );
             if Instant::now() + wait >= deadline {
                 return Err(err);
             }

@@ -33,6 +33,23 @@ pub(crate) fn millis_u32(d: Duration) -> u32 {
 
 /// Exponential backoff `base * 2^(attempt-1)` capped at `max`, with ±20% jitter so that clients
 /// that failed together do not retry in lockstep.
+/// The longest wait before retrying after a leader change (`NOT_LEADER`, or the leader's broker
+/// unreachable): elections take about a second, and a client that backed off to its full
+/// `retry_backoff_max` would add most of that again after the new leader is up.
+pub(crate) const LEADER_CHANGE_BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// The backoff cap for `err`: short for leader changes, `max` otherwise.
+pub(crate) fn backoff_cap(err: &crate::ClientError, max: Duration) -> Duration {
+    if matches!(
+        err,
+        crate::ClientError::NotLeader { .. } | crate::ClientError::Unavailable { .. }
+    ) {
+        max.min(LEADER_CHANGE_BACKOFF_MAX)
+    } else {
+        max
+    }
+}
+
 pub(crate) fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let d = exp.min(max);

@@ -20,7 +20,7 @@ use super::{Acks, ProducerConfig, RecordMetadata, Shared, produce_rpc};
 use crate::client::Client;
 use crate::error::{ClientError, Tp};
 use crate::metadata::Route;
-use crate::util::{backoff, lock, millis_u32, read};
+use crate::util::{backoff, backoff_cap, lock, millis_u32, read};
 
 /// Grace beyond `request_timeout` before the client gives up on an answer, so that the broker's
 /// own `TIMEOUT` (which says what happened) normally arrives first.
@@ -362,7 +362,7 @@ impl Sender {
         batch.attempts += 1;
         let wait = backoff(
             self.config.retry_backoff,
-            self.config.retry_backoff_max,
+            backoff_cap(&err, self.config.retry_backoff_max),
             batch.attempts,
         );
         tracing::debug!(
