@@ -31,12 +31,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// When a peer's last beat arrived, and the (group, term) pairs it said it leads quietly.
+type QuietBeat = (Instant, HashSet<(u64, u64)>);
+
 /// What this broker knows of its peers, from their beats and the answers to its own.
 #[derive(Debug, Default)]
 pub struct Liveness {
     contact: Mutex<HashMap<u32, Instant>>,
-    /// Per peer: when its last beat arrived and the (group, term) pairs it leads quietly.
-    quiet: Mutex<HashMap<u32, (Instant, HashSet<(u64, u64)>)>>,
+    quiet: Mutex<HashMap<u32, QuietBeat>>,
 }
 
 impl Liveness {
