@@ -83,6 +83,14 @@ impl BrokerProc {
 
     /// Starts broker `id` on the given gRPC address (a cluster's peers must know it first).
     pub fn start_on(data_dir: &Path, id: u32, grpc: String, extra: &[&str]) -> Self {
+        let b = Self::launch_on(data_dir, id, grpc, extra);
+        b.wait_ready();
+        b
+    }
+
+    /// Like [`BrokerProc::start_on`] without waiting for readiness: a clustered broker is
+    /// ready once it has current metadata, which needs a majority of its peers running.
+    pub fn launch_on(data_dir: &Path, id: u32, grpc: String, extra: &[&str]) -> Self {
         let mut b = Self {
             id,
             data_dir: data_dir.to_path_buf(),
@@ -91,7 +99,7 @@ impl BrokerProc {
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
-        b.spawn();
+        b.launch();
         b
     }
 
@@ -101,6 +109,25 @@ impl BrokerProc {
     }
 
     fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready();
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self) {
+        let http = self.http.clone();
+        wait_until("the broker to be ready", Duration::from_secs(30), || {
+            http_get(&http, "/readyz").is_some_and(|(c, _)| c == 200)
+        });
+    }
+
+    /// Starts the stopped process again on the same ports and data, without waiting.
+    pub fn relaunch(&mut self) {
+        assert!(self.child.is_none(), "stop the broker first");
+        self.launch();
+    }
+
+    fn launch(&mut self) {
         let log = std::fs::File::create(
             self.data_dir
                 .with_extension(format!("broker-{}.log", self.id)),
@@ -127,10 +154,6 @@ impl BrokerProc {
             .spawn()
             .expect("spawn keel broker");
         self.child = Some(child);
-        let http = self.http.clone();
-        wait_until("the broker to be ready", Duration::from_secs(30), || {
-            http_get(&http, "/readyz").is_some_and(|(c, _)| c == 200)
-        });
     }
 
     pub fn endpoint(&self) -> String {

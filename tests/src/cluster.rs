@@ -61,9 +61,12 @@ impl ClusterProc {
             .enumerate()
             .map(|(i, a)| {
                 let id = i as u32 + 1;
-                BrokerProc::start_on(&dir.join(format!("node-{id}")), id, a.clone(), &args)
+                BrokerProc::launch_on(&dir.join(format!("node-{id}")), id, a.clone(), &args)
             })
-            .collect();
+            .collect::<Vec<_>>();
+        for n in &nodes {
+            n.wait_ready();
+        }
         let c = Self {
             dir: dir.to_path_buf(),
             nodes,
@@ -108,6 +111,17 @@ impl ClusterProc {
         .join()
         .unwrap_or(false);
         assert!(ok, "the brokers did not all join the cluster within 30 s");
+    }
+
+    /// Restarts every stopped node at once and waits until all are ready (a whole-cluster
+    /// restart: no single node can get current metadata alone).
+    pub fn restart_stopped(&mut self) {
+        for n in self.nodes.iter_mut().filter(|n| !n.is_started()) {
+            n.relaunch();
+        }
+        for n in &self.nodes {
+            n.wait_ready();
+        }
     }
 
     /// The `--brokers` list of every node.

@@ -308,9 +308,7 @@ async fn metadata_leader_loss_and_whole_cluster_restart_keep_topics_and_data() {
             assert!(n.terminate().success());
         }
     }
-    for n in &mut cluster.nodes {
-        n.restart();
-    }
+    cluster.restart_stopped();
     let client = Client::connect(&cluster.broker_list())
         .await
         .expect("reconnect");

@@ -227,6 +227,9 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
             });
         }
     }
+    if let Some(c) = &cluster {
+        c.wait_ready(&state.registry, Duration::from_secs(15)).await;
+    }
     ready.store(true, Ordering::Release);
     tracing::info!(broker = config.id, grpc = %grpc_addr, metrics = %metrics_addr, advertise = %advertise, "broker ready");
     Ok(BrokerHandle {

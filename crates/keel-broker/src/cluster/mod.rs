@@ -1293,6 +1293,31 @@ impl ClusterNode {
         Ok(deleted)
     }
 
+    /// Waits (at most `timeout`) until this broker knows the current metadata: the metadata
+    /// group has a leader and this broker has applied everything it knows to be committed; then
+    /// publishes the topic table. Readiness waits for this, so that a restarted broker does not
+    /// answer "unknown topic" for a topic it simply has not replayed yet. A broker that cannot
+    /// reach a metadata majority becomes ready anyway when the time is up, with what it has.
+    pub async fn wait_ready(&self, registry: &Registry, timeout: Duration) {
+        let waited = self
+            .meta_raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| {
+                    m.current_leader.is_some()
+                        && m.last_applied.map(|a| a.index) >= m.local_committed.map(|c| c.index)
+                },
+                "metadata caught up",
+            )
+            .await;
+        if let Err(e) = waited {
+            tracing::warn!(error = %e, "starting without current metadata (no metadata leader reachable)");
+        }
+        if let Err(e) = self.reconcile(registry).await {
+            tracing::error!(error = %e, "reconcile failed");
+        }
+    }
+
     /// The leader this broker knows for a hosted partition's group (id, address).
     pub fn hosted_leader(&self, p: &Partition) -> Option<(u32, String)> {
         p.leader_hint()
