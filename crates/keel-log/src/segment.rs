@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use memmap2::{Mmap, MmapMut};
 
-use crate::batch::{BatchHeader, verify_crc};
+use crate::batch::{BatchHeader, STAMP_END, verify_crc};
 use crate::error::{LogError, Result};
 use crate::fs::{FileHandle, Fs};
 use crate::index::{self, ENTRY_LEN, OffsetEntry, TimeEntry};
@@ -577,12 +577,7 @@ pub(crate) struct ActiveSegment {
     index_interval: u64,
     /// Start of the bytes whose writeback has not been started yet.
     writeback_from: u64,
-    /// End of the region already faulted in for writing.
-    populated_to: u64,
 }
-
-/// How far ahead of the write position pages are faulted in, in one call.
-const POPULATE_CHUNK: u64 = 4 << 20;
 
 /// Disk space is reserved this much at a time rather than a whole segment at once, so that
 /// thousands of partitions do not each hold `segment.bytes` of disk for their active segment.
@@ -711,7 +706,6 @@ impl ActiveSegment {
             last_time_ts,
             index_interval,
             writeback_from: data_len,
-            populated_to: data_len,
         })
     }
 
@@ -728,7 +722,6 @@ impl ActiveSegment {
             let index_bytes = (self.index_capacity * ENTRY_LEN) as u64;
             self.maps = remap(&self.seg, [capacity, index_bytes, index_bytes])?;
             self.capacity = capacity;
-            self.populated_to = self.seg.data_len();
         }
         if needed > self.reserved {
             let target = needed.max(self.reserved + RESERVE_CHUNK).min(self.capacity);
@@ -759,24 +752,29 @@ impl ActiveSegment {
         let pos = tail.data_len;
         let len = batch.len() as u64;
         let end = pos + len;
-        if end > self.populated_to {
-            // One MADV_POPULATE_WRITE per 4 MiB instead of a page fault per 4 KiB; the region
-            // is reserved, so this cannot fail for lack of space (and a failure only means the
-            // copy below faults the pages in itself).
-            let to = (end + POPULATE_CHUNK).min(self.reserved);
-            let from = self.populated_to.max(pos);
-            let _ = self.maps[0].advise_range(
-                memmap2::Advice::PopulateWrite,
-                from as usize,
-                (to - from) as usize,
-            );
-            self.populated_to = to;
+        if end > self.capacity || end > self.reserved || batch.len() < STAMP_END {
+            return Err(self.seg.corrupt(pos, "append beyond the reserved segment"));
         }
-        let dst = self.maps[0]
-            .get_mut(pos as usize..end as usize)
-            .ok_or_else(|| self.seg.corrupt(pos, "append beyond the reserved segment"))?;
-        dst.copy_from_slice(batch);
-        crate::batch::stamp(dst, base_offset, term, raft_index, payload_crc);
+        // Written with pwrite rather than through the writable mapping: a store into a fresh
+        // page of a shared file mapping makes the kernel allocate and zero the page first and
+        // then take the copy (measured: `append/os/in_segment` 1.35 GB/s against 5.9 GB/s for
+        // plain writes on this machine), while a write covering whole pages skips the zeroing.
+        // Readers see the bytes through their mappings of the same page cache. Only the
+        // stamped header is copied; the rest goes straight from the caller's buffer.
+        let mut head = [0u8; STAMP_END];
+        head.copy_from_slice(&batch[..STAMP_END]);
+        crate::batch::stamp_prefix(
+            &mut head,
+            batch.len(),
+            base_offset,
+            term,
+            raft_index,
+            payload_crc,
+        );
+        let file = &self.seg.files[0];
+        file.write_all_at(&head, pos)
+            .and_then(|()| file.write_all_at(&batch[STAMP_END..], pos + STAMP_END as u64))
+            .map_err(|e| LogError::io("appending to", file.path(), e))?;
         let mut next = Tail {
             data_len: end,
             next_offset: base_offset + header.offset_count(),
@@ -920,7 +918,6 @@ impl ActiveSegment {
         self.seg.publish(tail);
         self.seg.trusted_from.fetch_min(pos, Ordering::AcqRel);
         self.writeback_from = self.writeback_from.min(pos);
-        self.populated_to = self.populated_to.min(pos);
     }
 
     /// Marks everything from `pos` on as verified (appended or scanned by this process).

@@ -32,7 +32,7 @@ pub const MAGIC_V1: u8 = 1;
 pub const LENGTH_PREFIX: usize = 4;
 pub(crate) const CRC_START: usize = 9;
 /// The stamped fields end here; the rest of the batch is the payload whose CRC is reused.
-pub(crate) const STAMP_END: usize = 33;
+pub const STAMP_END: usize = 33;
 
 pub(crate) const OFF_LENGTH: usize = 0;
 pub(crate) const OFF_MAGIC: usize = 4;
@@ -274,16 +274,37 @@ pub fn stamp(
     raft_index: u64,
     payload_crc: u32,
 ) {
-    let Some(stamped) = batch.get_mut(CRC_START..STAMP_END) else {
+    let total = batch.len();
+    stamp_prefix(
+        batch,
+        total,
+        base_offset,
+        raft_term,
+        raft_index,
+        payload_crc,
+    );
+}
+
+/// [`stamp`] on a copy of the first [`STAMP_END`] bytes of a batch of `total_len` bytes, so a
+/// writer can stamp the header without copying the whole batch.
+pub fn stamp_prefix(
+    prefix: &mut [u8],
+    total_len: usize,
+    base_offset: u64,
+    raft_term: u64,
+    raft_index: u64,
+    payload_crc: u32,
+) {
+    let Some(stamped) = prefix.get_mut(CRC_START..STAMP_END) else {
         return;
     };
     stamped[0..8].copy_from_slice(&base_offset.to_le_bytes());
     stamped[8..16].copy_from_slice(&raft_term.to_le_bytes());
     stamped[16..24].copy_from_slice(&raft_index.to_le_bytes());
     let stamped_crc = crc32c::crc32c(stamped);
-    let payload_len = batch.len().saturating_sub(STAMP_END);
+    let payload_len = total_len.saturating_sub(STAMP_END);
     let crc = super::crc::combine(stamped_crc, payload_crc, payload_len);
-    if let Some(c) = batch.get_mut(OFF_CRC..OFF_CRC + 4) {
+    if let Some(c) = prefix.get_mut(OFF_CRC..OFF_CRC + 4) {
         c.copy_from_slice(&crc.to_le_bytes());
     }
 }

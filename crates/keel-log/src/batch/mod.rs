@@ -14,8 +14,8 @@ mod varint;
 pub use builder::{BatchBuilder, ProducerInfo, control_batch};
 pub use compression::Compression;
 pub use header::{
-    Attributes, BatchHeader, HEADER_LEN, LENGTH_PREFIX, MAGIC_V1, NO_PRODUCER_ID, TimestampType,
-    stamp, verify_crc,
+    Attributes, BatchHeader, HEADER_LEN, LENGTH_PREFIX, MAGIC_V1, NO_PRODUCER_ID, STAMP_END,
+    TimestampType, stamp, stamp_prefix, verify_crc,
 };
 pub use record::{Record, RecordHeader, RecordRef};
 
