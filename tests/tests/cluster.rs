@@ -689,3 +689,157 @@ async fn a_joining_broker_takes_over_a_decommissioned_brokers_replicas() {
     let ours: Vec<(String, u64)> = acks.clone();
     check_acknowledged(&ours, &log);
 }
+
+/// Reads partition `p` from the beginning up to its high watermark: offset → value.
+async fn read_partition(client: &Client, topic: &str, p: u32) -> BTreeMap<u64, String> {
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    consumer.assign(&[(topic, p)]);
+    consumer
+        .seek(topic, p, SeekTo::Beginning)
+        .await
+        .expect("seek");
+    let mut out = BTreeMap::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        for r in consumer
+            .poll(Duration::from_millis(500))
+            .await
+            .expect("poll")
+        {
+            let v =
+                String::from_utf8(r.value.map(|b| b.to_vec()).unwrap_or_default()).expect("utf8");
+            assert!(
+                out.insert(r.offset, v).is_none(),
+                "offset {} delivered twice",
+                r.offset
+            );
+        }
+        let hwm = consumer.high_watermark(topic, p).unwrap_or(0);
+        if consumer.position(topic, p) == Some(hwm) && (hwm > 0 || out.is_empty()) {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading {topic}/{p} timed out"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_under_load_fails_no_produce_and_loses_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("roll", 3, 3, BTreeMap::new())
+        .await
+        .expect("create topic");
+    for p in 0..3 {
+        cluster.wait_leader("roll", p, WAIT).await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let producer = client.producer(producer_config()).expect("producer");
+            let mut pending = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let v = format!("roll-{i:08}");
+                let p = (i % 3) as u32;
+                let fut = producer
+                    .send(ProducerRecord::new("roll", v.clone().into_bytes()).partition(p))
+                    .await
+                    .expect("send");
+                pending.push((v, p, fut));
+                i += 1;
+                if i % 200 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            let mut acks = Vec::with_capacity(pending.len());
+            for (v, p, fut) in pending {
+                let md = fut.await.unwrap_or_else(|e| {
+                    panic!("record {v} failed during the rolling restart: {e}")
+                });
+                acks.push((v, p, md.offset.expect("offset")));
+            }
+            producer.close().await.expect("close");
+            acks
+        })
+    };
+
+    // Restart every broker in turn with SIGTERM, waiting for it to catch up before the next.
+    for id in 1..=3u32 {
+        let status = cluster.node(id).terminate();
+        assert!(status.success(), "broker {id} exit status {status}");
+        cluster.node(id).relaunch();
+        cluster.node(id).wait_ready();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let mut caught_up = true;
+            for p in 0..3u32 {
+                let leader_hwm = {
+                    let mut hwm = None;
+                    for n in cluster
+                        .nodes
+                        .iter()
+                        .filter(|n| n.is_started() && n.id != id)
+                    {
+                        if let Some(t) = cluster.describe_on(n.id, "roll").await
+                            && t.partitions[p as usize].leader == n.id
+                        {
+                            hwm = Some(t.partitions[p as usize].high_watermark);
+                        }
+                    }
+                    hwm
+                };
+                let mine = cluster
+                    .describe_on(id, "roll")
+                    .await
+                    .map(|t| t.partitions[p as usize].high_watermark);
+                caught_up &= match (leader_hwm, mine) {
+                    (Some(l), Some(m)) => m + 5000 >= l,
+                    _ => false,
+                };
+            }
+            if caught_up {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "broker {id} did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let acks = writer.await.expect("writer");
+    assert!(
+        acks.len() > 1000,
+        "the producer kept writing ({} records)",
+        acks.len()
+    );
+
+    for p in 0..3u32 {
+        let log = read_partition(&client, "roll", p).await;
+        let offsets: Vec<u64> = log.keys().copied().collect();
+        assert_eq!(
+            offsets,
+            (0..log.len() as u64).collect::<Vec<_>>(),
+            "partition {p} has a gap"
+        );
+        for (v, _, o) in acks.iter().filter(|(_, q, _)| *q == p) {
+            assert_eq!(
+                log.get(o),
+                Some(v),
+                "acknowledged {v} missing from {p} at {o}"
+            );
+        }
+    }
+}
