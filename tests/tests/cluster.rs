@@ -633,8 +633,16 @@ async fn a_joining_broker_takes_over_a_decommissioned_brokers_replicas() {
     cluster.wait_leader("dec", 0, WAIT).await;
     let mut acks = produce_all(&client, "dec", values(0, 1000)).await;
 
-    // Broker 4 joins through broker 1 alone.
-    let join_addr = cluster.nodes[0].grpc.clone();
+    // Broker 4 joins through one broker that is not the metadata leader (which must pass the
+    // registration on).
+    let meta_leader = client
+        .admin()
+        .describe_cluster()
+        .await
+        .expect("describe cluster")
+        .metadata_leader;
+    let via = (1..=3u32).find(|i| *i != meta_leader).expect("a follower");
+    let join_addr = cluster.node(via).grpc.clone();
     let joiner = keel_tests::broker::BrokerProc::start_with(
         &dir.path().join("node-4"),
         4,
@@ -844,4 +852,85 @@ async fn rolling_restart_under_load_fails_no_produce_and_loses_nothing() {
             );
         }
     }
+}
+
+/// `keel_quiet_partitions` of a broker (0 if unreadable).
+fn quiet_partitions(node: &keel_tests::broker::BrokerProc) -> u64 {
+    keel_tests::broker::http_get(&node.http, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find_map(|l| l.strip_prefix("keel_quiet_partitions "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_partition_goes_quiet_and_its_first_write_succeeds_without_retries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("sleepy", 1, 3, BTreeMap::new())
+        .await
+        .expect("create topic");
+    let leader = cluster.wait_leader("sleepy", 0, WAIT).await;
+    let acks = produce_all(&client, "sleepy", values(0, 100)).await;
+
+    // Every replica goes quiet once the partition is idle (no ticks, no heartbeats).
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cluster.nodes.iter().all(|n| quiet_partitions(n) >= 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partition never went quiet"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cluster.wait_leader("sleepy", 0, WAIT).await,
+        leader,
+        "going quiet does not move leadership"
+    );
+
+    // One raw Produce to the quiet leader, no client retries: it must succeed.
+    let mut direct = cluster.node(leader).producer().await;
+    let resp = direct
+        .produce(keel_proto::v1::ProduceRequest {
+            topic: "sleepy".into(),
+            acks: keel_proto::v1::Acks::All as i32,
+            batches: vec![keel_proto::v1::ProduceBatch {
+                partition: Some(0),
+                data: Some(keel_proto::v1::produce_batch::Data::Records(
+                    keel_proto::v1::RecordList {
+                        records: vec![keel_proto::v1::Record {
+                            value: Some(b"wake-up".to_vec().into()),
+                            ..Default::default()
+                        }],
+                    },
+                )),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("the first write to a quiet partition is accepted");
+    assert_eq!(resp.into_inner().batches[0].base_offset, 100);
+
+    // A restarted follower does not depose the quiet leader, and catches up.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cluster.nodes.iter().all(|n| quiet_partitions(n) >= 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partition never went quiet again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let follower = (1..=3).find(|i| *i != leader).expect("a follower");
+    assert!(cluster.node(follower).terminate().success());
+    cluster.node(follower).restart();
+    wait_caught_up(&cluster, "sleepy", follower, 101).await;
+    assert_eq!(cluster.wait_leader("sleepy", 0, WAIT).await, leader);
+    let log = read_all(&client, "sleepy").await;
+    check_acknowledged(&acks, &log);
+    assert_eq!(log.get(&100).map(String::as_str), Some("wake-up"));
 }

@@ -62,6 +62,42 @@ pub struct RaftReplica {
     pub liveness: Arc<Liveness>,
 }
 
+impl RaftReplica {
+    /// Makes sure the leader holds a fresh quorum acknowledgement before a write: openraft
+    /// refuses writes on a leader whose lease expired, which is every leader of a quiet group
+    /// (no heartbeats while idle). One heartbeat round renews it; bounded, and a failure is
+    /// left to the write itself to report.
+    async fn fresh_lease(&self) {
+        const FRESH: std::time::Duration = std::time::Duration::from_millis(300);
+        let (stale, voters) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (
+                m.last_quorum_acked
+                    .as_ref()
+                    .is_none_or(|t| (**t).elapsed() > FRESH),
+                m.membership_config.membership().voter_ids().count(),
+            )
+        };
+        if !stale || voters < 2 {
+            return;
+        }
+        let _ = self.raft.trigger().heartbeat().await;
+        let _ = self
+            .raft
+            .wait(Some(std::time::Duration::from_millis(1500)))
+            .metrics(
+                |m| {
+                    m.last_quorum_acked
+                        .as_ref()
+                        .is_some_and(|t| (**t).elapsed() <= FRESH)
+                },
+                "a fresh quorum acknowledgement",
+            )
+            .await;
+    }
+}
+
 impl Drop for Partition {
     fn drop(&mut self) {
         // Lets the flusher notice the partition is gone and end.
@@ -248,9 +284,11 @@ impl Partition {
     ) -> Result<Pending> {
         let flush_every_batch = match &self.backend {
             Backend::Raft(r) => {
-                if r.activity.wrote() {
+                r.activity.wrote();
+                if r.activity.set_ticking(true) {
                     r.raft.runtime_config().tick(true);
                 }
+                r.fresh_lease().await;
                 let (responder, rx) = ProgressResponder::complete_only();
                 r.raft
                     .client_write_ff(BatchData::new(batch), Some(responder))
@@ -352,9 +390,11 @@ impl Partition {
                         .zip(f.leader_node.map(|n| n.addr))
                         .map(|(id, a)| (id as u32, a)),
                 }),
+                // Discarded entries (a truncation or a purge over a pending write) cannot be
+                // told apart here, and a purged one may have committed: not definite.
                 Ok(Err(e)) => Err(BrokerError::Unavailable {
                     message: format!("{}/{}: {e}", self.topic, self.id),
-                    definite: true,
+                    definite: false,
                 }),
                 // The leader stepped down after appending: the batch may still commit.
                 Err(_) => Err(BrokerError::Unavailable {

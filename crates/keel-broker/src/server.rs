@@ -330,6 +330,10 @@ impl BrokerHandle {
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;
         }
+        // Leaderships go first, while the gRPC port (which carries the Raft traffic) serves.
+        if let Some(c) = &self.state.cluster {
+            c.hand_over().await;
+        }
         let _ = self.shutdown_tx.send(true);
         match tokio::time::timeout(DRAIN_TIMEOUT, &mut self.grpc).await {
             Ok(Ok(Ok(()))) => {}

@@ -66,6 +66,18 @@ impl RegistryHolder for BrokerState {
     }
 }
 
+/// A random id for a proposal, so that the metadata state machine recognises a retry of it.
+fn request_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() | 1
+}
+
 /// How long an admin request waits for its change to reach this broker's topic table.
 const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -225,6 +237,7 @@ impl BrokerState {
         }
         let assignments = assign(&brokers, &load_of(&state), partitions, rf);
         c.propose(Command::CreateTopic {
+            request_id: request_id(),
             name: name.to_owned(),
             config: topic_config,
             replication_factor: rf,
@@ -248,9 +261,10 @@ impl BrokerState {
         let Some(c) = &self.cluster else {
             return self.registry.delete(name).await;
         };
-        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
+        let topic = self.registry.lookup("name", name)?;
         c.propose(Command::DeleteTopic {
             name: name.to_owned(),
+            topic_id: Some(topic.meta.id),
         })
         .await?;
         self.visible("the deletion", |r| r.get(name).is_err()).await
@@ -306,6 +320,7 @@ impl BrokerState {
         );
         c.propose(Command::AddPartitions {
             name: name.to_owned(),
+            from_count: Some(have),
             assignments,
         })
         .await?;

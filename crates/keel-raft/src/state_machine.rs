@@ -322,10 +322,32 @@ impl PartitionSm {
         else {
             return Ok(None);
         };
+        let capped = {
+            let st = lock(&self.inner.state);
+            match st.last_applied {
+                None => return Ok(None),
+                // Only committed (applied) entries can be in a snapshot.
+                Some(a) if a.index < point.index => Some((a, st.next_offset)),
+                Some(_) => None,
+            }
+        };
+        if let Some((a, next)) = capped {
+            // The purge deletes by offset: if the entry after a capped point is a control
+            // entry starting at the same offset, it could sit at the end of a segment that
+            // the purge removes whole, taking a kept entry with it. Wait for a later round.
+            let log = self.inner.store.log();
+            if a.index + 1 < log.next_raft_index() {
+                let h = log
+                    .entry_header(a.index + 1)
+                    .map_err(|e| log_err(e, "checking the entry after the snapshot point"))?;
+                if h.attributes.control && h.base_offset == next {
+                    return Ok(None);
+                }
+            }
+        }
         let mut st = lock(&self.inner.state);
         let (point, next_offset) = match st.last_applied {
             None => return Ok(None),
-            // Only committed (applied) entries can be in a snapshot.
             Some(a) if a.index < point.index => (a, st.next_offset),
             Some(_) => (point, next_offset),
         };

@@ -41,12 +41,20 @@ pub struct PartitionMeta {
     /// reassignment is under way).
     #[serde(default)]
     pub voters: Vec<u32>,
+    /// The replica set the group was created with, never changed: only these replicas may
+    /// initialise the group, all with this membership, so that two disjoint sets can never
+    /// both initialise it (as a reassignment before the first election could otherwise cause).
+    #[serde(default)]
+    pub initial: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicState {
     pub meta: TopicMeta,
     pub partitions: Vec<PartitionMeta>,
+    /// The proposer's id for the create request, so a retried proposal is recognised.
+    #[serde(default)]
+    pub request_id: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +84,9 @@ pub enum Command {
         address: String,
     },
     CreateTopic {
+        /// Chosen by the proposer; a retry of the same proposal carries the same id.
+        #[serde(default)]
+        request_id: u64,
         name: String,
         config: TopicConfig,
         replication_factor: u32,
@@ -84,6 +95,10 @@ pub enum Command {
     },
     DeleteTopic {
         name: String,
+        /// Deletes only this incarnation of the topic: a retried delete finds it gone and
+        /// succeeds, and never deletes a topic re-created in between.
+        #[serde(default)]
+        topic_id: Option<u64>,
     },
     AlterConfig {
         name: String,
@@ -91,6 +106,10 @@ pub enum Command {
     },
     AddPartitions {
         name: String,
+        /// The partition count the proposer saw; applied only from that count, so a retried
+        /// proposal does not add the partitions twice.
+        #[serde(default)]
+        from_count: Option<u32>,
         assignments: Vec<Vec<u32>>,
     },
     /// Sets a partition's replica set (reassignment target; the partition's leader carries it
@@ -141,12 +160,16 @@ impl ClusterState {
                 Ok(())
             }
             Command::CreateTopic {
+                request_id,
                 name,
                 config,
                 replication_factor,
                 assignments,
             } => {
-                if self.topics.contains_key(name) {
+                if let Some(t) = self.topics.get(name) {
+                    if *request_id != 0 && t.request_id == *request_id {
+                        return Ok(());
+                    }
                     return Err(Refusal::TopicExists(name.clone()));
                 }
                 self.check_assignments(assignments)?;
@@ -162,30 +185,61 @@ impl ClusterState {
                     .iter()
                     .map(|r| PartitionMeta {
                         replicas: r.clone(),
+                        initial: r.clone(),
                         ..PartitionMeta::default()
                     })
                     .collect();
-                self.topics
-                    .insert(name.clone(), TopicState { meta, partitions });
+                self.topics.insert(
+                    name.clone(),
+                    TopicState {
+                        meta,
+                        partitions,
+                        request_id: *request_id,
+                    },
+                );
                 Ok(())
             }
-            Command::DeleteTopic { name } => self
-                .topics
-                .remove(name)
-                .map(|_| ())
-                .ok_or_else(|| Refusal::UnknownTopic(name.clone())),
+            Command::DeleteTopic { name, topic_id } => match (self.topics.get(name), topic_id) {
+                (Some(t), Some(id)) if t.meta.id != *id => Ok(()),
+                (Some(_), _) => {
+                    self.topics.remove(name);
+                    Ok(())
+                }
+                (None, Some(_)) => Ok(()),
+                (None, None) => Err(Refusal::UnknownTopic(name.clone())),
+            },
             Command::AlterConfig { name, config } => {
                 let t = self.topic_mut(name)?;
                 t.meta.config = config.clone();
                 Ok(())
             }
-            Command::AddPartitions { name, assignments } => {
+            Command::AddPartitions {
+                name,
+                from_count,
+                assignments,
+            } => {
                 self.check_assignments(assignments)?;
                 let t = self.topic_mut(name)?;
+                if let Some(from) = from_count {
+                    let target = from + assignments.len() as u32;
+                    if t.meta.partitions == target {
+                        return Ok(());
+                    }
+                    if t.meta.partitions != *from {
+                        return Err(Refusal::Invalid {
+                            field: "partitions".into(),
+                            message: format!(
+                                "the topic has {} partitions now, not {from}",
+                                t.meta.partitions
+                            ),
+                        });
+                    }
+                }
                 t.meta.partitions += assignments.len() as u32;
                 t.partitions
                     .extend(assignments.iter().map(|r| PartitionMeta {
                         replicas: r.clone(),
+                        initial: r.clone(),
                         ..PartitionMeta::default()
                     }));
                 Ok(())
@@ -207,6 +261,14 @@ impl ClusterState {
                                 "{partition} is not below the partition count {count}"
                             ),
                         })?;
+                if p.leader.is_none() {
+                    return Err(Refusal::Invalid {
+                        field: "partition".into(),
+                        message: format!(
+                            "partition {partition} has not elected its first leader yet; retry once it has"
+                        ),
+                    });
+                }
                 p.replicas.clone_from(replicas);
                 p.in_sync.retain(|b| replicas.contains(b));
                 Ok(())
@@ -384,6 +446,7 @@ mod tests {
         let mut s = state(&[1, 2, 3]);
         let first = assign(&[1, 2, 3], &load_of(&s), 1, 1);
         s.apply(&Command::CreateTopic {
+            request_id: 1,
             name: "a".into(),
             config: TopicConfig::default(),
             replication_factor: 1,
@@ -400,6 +463,7 @@ mod tests {
     fn commands_apply_deterministically_and_refusals_change_nothing() {
         let mut s = state(&[1, 2]);
         let create = Command::CreateTopic {
+            request_id: 7,
             name: "t".into(),
             config: TopicConfig::default(),
             replication_factor: 2,
@@ -407,9 +471,18 @@ mod tests {
         };
         s.apply(&create).expect("create");
         let before = s.clone();
-        assert_eq!(s.apply(&create), Err(Refusal::TopicExists("t".into())));
+        assert_eq!(s.apply(&create), Ok(()), "a retried create is recognised");
+        let other = Command::CreateTopic {
+            request_id: 9,
+            name: "t".into(),
+            config: TopicConfig::default(),
+            replication_factor: 2,
+            assignments: vec![vec![1, 2]],
+        };
+        assert_eq!(s.apply(&other), Err(Refusal::TopicExists("t".into())));
         assert_eq!(
             s.apply(&Command::CreateTopic {
+                request_id: 8,
                 name: "u".into(),
                 config: TopicConfig::default(),
                 replication_factor: 1,
@@ -435,10 +508,82 @@ mod tests {
         s.apply(&report(3, 2)).expect("report");
         s.apply(&report(2, 1)).expect("stale report is ignored");
         assert_eq!(s.topics["t"].partitions[1].leader, Some(2));
-        s.apply(&Command::DeleteTopic { name: "t".into() })
-            .expect("delete");
+        s.apply(&Command::DeleteTopic {
+            name: "t".into(),
+            topic_id: None,
+        })
+        .expect("delete");
         assert!(s.topics.is_empty());
         assert_eq!(s.next_topic_id, 2, "topic ids are never reused");
+    }
+
+    #[test]
+    fn reassignment_waits_for_the_first_leader_and_keeps_the_initial_set() {
+        let mut s = state(&[1, 2, 3, 4]);
+        s.apply(&Command::CreateTopic {
+            request_id: 3,
+            name: "t".into(),
+            config: TopicConfig::default(),
+            replication_factor: 2,
+            assignments: vec![vec![1, 2]],
+        })
+        .expect("create");
+        let reassign = Command::Reassign {
+            name: "t".into(),
+            partition: 0,
+            replicas: vec![3, 4],
+        };
+        assert!(
+            matches!(s.apply(&reassign), Err(Refusal::Invalid { .. })),
+            "no reassignment before the group elected its first leader"
+        );
+        let id = s.topics["t"].meta.id;
+        s.apply(&Command::Leaders {
+            reports: vec![LeaderReport {
+                topic_id: id,
+                partition: 0,
+                leader: 1,
+                term: 1,
+                in_sync: vec![1, 2],
+                voters: vec![1, 2],
+            }],
+        })
+        .expect("report");
+        s.apply(&reassign).expect("reassign");
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(p.replicas, vec![3, 4]);
+        assert_eq!(p.initial, vec![1, 2], "the initial set never changes");
+    }
+
+    #[test]
+    fn retried_proposals_apply_once() {
+        let mut s = state(&[1]);
+        let create = Command::CreateTopic {
+            request_id: 5,
+            name: "t".into(),
+            config: TopicConfig::default(),
+            replication_factor: 1,
+            assignments: vec![vec![1]],
+        };
+        s.apply(&create).expect("create");
+        let add = Command::AddPartitions {
+            name: "t".into(),
+            from_count: Some(1),
+            assignments: vec![vec![1], vec![1]],
+        };
+        s.apply(&add).expect("add");
+        s.apply(&add).expect("a retried add is a no-op");
+        assert_eq!(s.topics["t"].meta.partitions, 3);
+        let id = s.topics["t"].meta.id;
+        let delete = Command::DeleteTopic {
+            name: "t".into(),
+            topic_id: Some(id),
+        };
+        s.apply(&delete).expect("delete");
+        s.apply(&create).expect("re-create under a new id");
+        s.apply(&delete)
+            .expect("a retried delete of the old incarnation is a no-op");
+        assert!(s.topics.contains_key("t"), "the new incarnation survives");
     }
 
     #[test]

@@ -46,6 +46,8 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
 const ALIVE_WITHIN: Duration = Duration::from_secs(3);
 /// How often leaders report and the controller checks its duties.
 const REPORT_EVERY: Duration = Duration::from_millis(200);
+/// How long a reassignment waits for a new replica to catch up before it retries.
+const LEARNER_CATCH_UP: Duration = Duration::from_secs(60);
 /// How long a leader keeps leadership before handing it to a caught-up preferred replica.
 const PREFERRED_AFTER: Duration = Duration::from_secs(5);
 
@@ -168,6 +170,7 @@ pub struct ClusterNode {
     /// Leader reports sent and not yet visible in the metadata, to avoid re-sending them.
     reported: Mutex<HashMap<u64, LeaderReport>>,
     liveness: Arc<Liveness>,
+    reporting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -247,6 +250,7 @@ impl ClusterNode {
             reconciling: tokio::sync::Mutex::new(()),
             reported: Mutex::new(HashMap::new()),
             liveness: Arc::new(Liveness::default()),
+            reporting: tokio::sync::Mutex::new(()),
         });
         {
             let weak = Arc::downgrade(&node);
@@ -456,9 +460,11 @@ impl ClusterNode {
         let reply = match req {
             ForwardRequest::Propose(cmd) => match self.propose_local(&cmd).await {
                 Ok(outcome) => ForwardReply::Outcome(outcome),
-                Err(None) => ForwardReply::NotLeader(
-                    self.meta_raft.metrics().borrow_watched().current_leader,
-                ),
+                // Not the leader: pass it on (a joining broker knows no leader address yet).
+                Err(None) => match self.propose(cmd).await {
+                    Ok(()) => ForwardReply::Outcome(Ok(())),
+                    Err(e) => ForwardReply::Error(e.to_string()),
+                },
                 Err(Some(e)) => ForwardReply::Error(e.to_string()),
             },
             ForwardRequest::Beat { from, quiet } => {
@@ -564,56 +570,58 @@ impl ClusterNode {
     pub async fn reconcile(&self, registry: &Registry) -> Result<()> {
         let _guard = self.reconciling.lock().await;
         let state = self.state();
-        let mut hosted = self.hosted.lock().await;
-        let mut wanted: HashMap<u64, (String, u64, u32, Vec<u32>)> = HashMap::new();
-        for t in state.topics.values() {
-            for (p, pm) in t.partitions.iter().enumerate() {
-                let group = partition_group(t.meta.id, p as u32);
-                // A replica the metadata moved away stays until the leader has removed it
-                // from the group (it reports the new voters in sync without this broker); a
-                // removed voter may never learn its removal from the group itself.
-                let moved_off = pm.leader.is_some_and(|l| l != self.id)
-                    && !pm.voters.is_empty()
-                    && !pm.voters.contains(&self.id);
-                if pm.replicas.contains(&self.id) || (hosted.contains_key(&group) && !moved_off) {
-                    wanted.insert(
-                        group,
-                        (
-                            t.meta.name.clone(),
-                            t.meta.id,
-                            p as u32,
-                            pm.replicas.clone(),
-                        ),
-                    );
+        // Decide under the lock, do the slow work (opening logs, stopping groups) outside it:
+        // the beat and leader loops need the lock too, and a broker whose beats stall for a
+        // large create or delete would look dead to its peers.
+        let (gone, to_start) = {
+            let mut hosted = self.hosted.lock().await;
+            let mut wanted: HashMap<u64, (String, u32)> = HashMap::new();
+            for t in state.topics.values() {
+                for (p, pm) in t.partitions.iter().enumerate() {
+                    let group = partition_group(t.meta.id, p as u32);
+                    // A replica the metadata moved away stays until the leader has removed it
+                    // from the group (it reports the new voters without this broker); a
+                    // removed voter may never learn its removal from the group itself.
+                    let moved_off = pm.leader.is_some_and(|l| l != self.id)
+                        && !pm.voters.is_empty()
+                        && !pm.voters.contains(&self.id);
+                    if pm.replicas.contains(&self.id) || (hosted.contains_key(&group) && !moved_off)
+                    {
+                        wanted.insert(group, (t.meta.name.clone(), p as u32));
+                    }
                 }
             }
-        }
+            let gone: Vec<(u64, Hosted)> = hosted
+                .keys()
+                .filter(|g| !wanted.contains_key(g))
+                .copied()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|g| hosted.remove(&g).map(|h| (g, h)))
+                .collect();
+            let to_start: Vec<(u64, String, u32)> = wanted
+                .into_iter()
+                .filter(|(g, _)| !hosted.contains_key(g))
+                .map(|(g, (name, p))| (g, name, p))
+                .collect();
+            (gone, to_start)
+        };
         // Stop replicas no longer wanted (topic deleted or moved away).
-        let gone: Vec<u64> = hosted
-            .keys()
-            .filter(|g| !wanted.contains_key(g))
-            .copied()
-            .collect();
-        for g in gone {
-            if let Some(h) = hosted.remove(&g) {
-                self.stop_replica(g, &h, true).await;
-            }
+        for (g, h) in gone {
+            self.stop_replica(g, &h, true).await;
         }
         // Start new ones.
-        for (group, (name, topic_id, p, replicas)) in &wanted {
-            if hosted.contains_key(group) {
-                continue;
-            }
-            let Some(t) = state.topics.get(name) else {
+        for (group, name, p) in to_start {
+            let Some(t) = state.topics.get(&name) else {
                 continue;
             };
-            match self.start_replica(t, *p, replicas, &state).await {
+            match self.start_replica(t, p, &state).await {
                 Ok(partition) => {
-                    hosted.insert(
-                        *group,
+                    self.hosted.lock().await.insert(
+                        group,
                         Hosted {
                             partition,
-                            topic_id: *topic_id,
+                            topic_id: t.meta.id,
                             leader_since: None,
                             changing: false,
                             prev_committed: u64::MAX,
@@ -625,6 +633,7 @@ impl ClusterNode {
                 }
             }
         }
+        let hosted = self.hosted.lock().await;
         // Publish the topic table.
         let mut topics = HashMap::new();
         for t in state.topics.values() {
@@ -676,7 +685,6 @@ impl ClusterNode {
         &self,
         t: &meta::TopicState,
         p: u32,
-        replicas: &[u32],
         state: &ClusterState,
     ) -> Result<Arc<Partition>> {
         let group = partition_group(t.meta.id, p);
@@ -711,16 +719,28 @@ impl ClusterNode {
             .is_initialized()
             .await
             .map_err(|e| raft_err("partition group", e))?;
+        // A replica restarted from existing data keeps its ticker off until it knows whether
+        // its group's leader declares the group quiet (see `quiet`): otherwise its election
+        // timer would depose every idle leader of the groups it shares.
+        if is_init {
+            raft.runtime_config().tick(false);
+        }
         if !is_init {
-            // Every initial replica initialises with the same membership: the entries are
-            // identical, so whichever is elected first leads. A replica added later by a
-            // reassignment joins as a learner instead and must not initialise.
-            let is_new_topic_replica = t
-                .partitions
-                .get(p as usize)
-                .is_some_and(|pm| pm.leader.is_none());
-            if is_new_topic_replica {
-                let members: BTreeMap<u64, BasicNode> = replicas
+            // Every initial replica initialises with the same membership, the one the topic
+            // was created with (`initial`, never changed): the entries are identical, so
+            // whichever is elected first leads. A replica added later by a reassignment is not
+            // in that set and joins as a learner instead; and since a reassignment is refused
+            // until the first leader is reported, two disjoint sets never both initialise.
+            let initial = t.partitions.get(p as usize).and_then(|pm| {
+                let set = if pm.initial.is_empty() {
+                    &pm.replicas
+                } else {
+                    &pm.initial
+                };
+                (pm.leader.is_none() && set.contains(&self.id)).then(|| set.clone())
+            });
+            if let Some(set) = initial {
+                let members: BTreeMap<u64, BasicNode> = set
                     .iter()
                     .filter_map(|r| {
                         state
@@ -744,7 +764,7 @@ impl ClusterNode {
                 sm,
                 group,
                 node_id: u64::from(self.id),
-                activity: Arc::new(Activity::default()),
+                activity: Arc::new(Activity::new(!is_init)),
                 liveness: Arc::clone(&self.liveness),
             },
             hwm_tx,
@@ -904,6 +924,8 @@ impl ClusterNode {
             }
             let node = Arc::clone(self);
             tokio::spawn(async move {
+                // One report in flight at a time, so they apply in the order they were made.
+                let _in_order = node.reporting.lock().await;
                 if let Err(e) = node
                     .propose(Command::Leaders {
                         reports: reports.clone(),
@@ -929,14 +951,29 @@ impl ClusterNode {
         changing: bool,
     ) {
         let a = &r.activity;
+        let tick = |on: bool| {
+            if a.set_ticking(on) {
+                r.raft.runtime_config().tick(on);
+            }
+        };
         if leading {
+            a.resolve_pending();
             if a.is_quiet() && a.quiet_leader().is_some() {
                 // Quiet as a follower, leader now (a transfer): wake up.
                 a.wake();
-                r.raft.runtime_config().tick(true);
+                tick(true);
                 return;
             }
-            if a.is_quiet() || changing || a.idle_for() < QUIET_AFTER {
+            if a.is_quiet() {
+                // Listed in the beats since `quiet_for`; stop heartbeating once the followers
+                // have had time to hear it and stop their own election timers.
+                if a.quiet_for() >= quiet::LEADER_SLEEP_DELAY {
+                    tick(false);
+                }
+                return;
+            }
+            if changing || a.idle_for() < QUIET_AFTER {
+                tick(true);
                 return;
             }
             let last = m.last_log_index;
@@ -953,26 +990,37 @@ impl ClusterNode {
                 });
             // Learners (a reassignment) keep the group awake until they are voters.
             let learners = m.membership_config.membership().learner_ids().count();
-            if all_caught_up && learners == 0 && a.set_quiet(None) {
-                r.raft.runtime_config().tick(false);
+            if all_caught_up && learners == 0 {
+                a.set_quiet(None);
             }
             return;
         }
+        // A follower sleeps only under the leader it follows (or has not heard of yet since a
+        // restart), while that leader's broker keeps declaring the group quiet in a term at
+        // least this replica's own.
+        let under = |l: u32| {
+            u64::from(l) != r.node_id
+                && m.current_leader.is_none_or(|cl| cl == u64::from(l))
+                && self.liveness.still_quiet(l, r.group, m.current_term)
+        };
         if a.is_quiet() {
-            // Stay asleep only while the leader's broker keeps declaring the group quiet; a
-            // deposed quiet leader (no quiet leader of its own) wakes at once.
-            let keep = a
-                .quiet_leader()
-                .is_some_and(|l| self.liveness.still_quiet(l, r.group));
-            if !keep {
+            if !a.quiet_leader().is_some_and(under) {
                 a.wake();
-                r.raft.runtime_config().tick(true);
+                tick(true);
             }
-        } else if let Some(l) = self.liveness.quiet_leader(r.group, m.current_term)
-            && u64::from(l) != r.node_id
-            && a.set_quiet(Some(l))
+            return;
+        }
+        if let Some(l) = self.liveness.quiet_leader(r.group, m.current_term)
+            && under(l)
         {
-            r.raft.runtime_config().tick(false);
+            a.resolve_pending();
+            a.set_quiet(Some(l));
+            tick(false);
+            return;
+        }
+        // A restarted replica that no beat claims wakes once the beats had time to arrive.
+        if !a.pending(quiet::BEAT_TIMEOUT) {
+            tick(true);
         }
     }
 
@@ -1036,10 +1084,22 @@ impl ClusterNode {
                 continue;
             }
             tracing::info!(group, learner = id, "adding a replica");
-            if let Err(e) = raft.add_learner(*id, node.clone(), true).await {
-                tracing::warn!(group, learner = id, error = %e, "adding a learner failed");
-                ok = false;
-                break;
+            // Bounded: a target broker that is down must not wedge the partition's
+            // reassignments; the next leader pass retries.
+            match tokio::time::timeout(LEARNER_CATCH_UP, raft.add_learner(*id, node.clone(), true))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(group, learner = id, error = %e, "adding a learner failed");
+                    ok = false;
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(group, learner = id, timeout = ?LEARNER_CATCH_UP, "a new replica did not catch up in time; retrying later");
+                    ok = false;
+                    break;
+                }
             }
         }
         if ok {
@@ -1158,7 +1218,10 @@ impl ClusterNode {
 
     /// Hands over leaderships (bounded wait), then stops every Raft group and checkpoints the
     /// logs.
-    pub async fn shutdown(&self) {
+    /// Hands every leadership this broker holds (partitions and metadata) to a caught-up
+    /// voter and waits for it (at most 3 s). Called while the gRPC port still serves, since
+    /// the Raft traffic of the handover runs over it.
+    pub async fn hand_over(&self) {
         let hosted: Vec<(u64, Arc<Partition>)> = self
             .hosted
             .lock()
@@ -1174,18 +1237,25 @@ impl ClusterNode {
                 continue;
             }
             let committed = m.cluster_committed.map_or(0, |c| c.index);
+            let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
             let to = m
                 .replication
                 .unwrap_or_default()
                 .into_iter()
                 .find_map(|(id, matched)| {
-                    (id != u64::from(self.id) && matched.is_some_and(|x| x.index >= committed))
-                        .then_some(id)
+                    (id != u64::from(self.id)
+                        && voters.contains(&id)
+                        && matched.is_some_and(|x| x.index >= committed))
+                    .then_some(id)
                 });
-            if let Some(to) = to
-                && r.raft.trigger().transfer_leader(to).await.is_ok()
-            {
-                transferring.push(r.raft.clone());
+            if let Some(to) = to {
+                // A quiet group must be awake to hand over.
+                if r.activity.set_ticking(true) {
+                    r.raft.runtime_config().tick(true);
+                }
+                if r.raft.trigger().transfer_leader(to).await.is_ok() {
+                    transferring.push(r.raft.clone());
+                }
             }
         }
         if let Some(to) = self.meta_transfer_target() {
@@ -1200,6 +1270,17 @@ impl ClusterNode {
                 .metrics(|m| m.state != ServerState::Leader, "leadership handed over")
                 .await;
         }
+    }
+
+    /// Stops every Raft group and checkpoints the logs (after [`ClusterNode::hand_over`]).
+    pub async fn shutdown(&self) {
+        let hosted: Vec<(u64, Arc<Partition>)> = self
+            .hosted
+            .lock()
+            .await
+            .iter()
+            .map(|(g, h)| (*g, Arc::clone(&h.partition)))
+            .collect();
         for (g, p) in hosted {
             let h = Hosted {
                 partition: p,

@@ -20,6 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+/// How long a quiet leader keeps its ticker (heartbeats) running after it first lists a group
+/// as quiet, so that its followers hear the beat and stop their election timers before the
+/// heartbeats stop.
+pub const LEADER_SLEEP_DELAY: Duration = Duration::from_millis(500);
+
 /// How often a broker sends its beat to every peer.
 pub const BEAT: Duration = Duration::from_millis(150);
 /// A peer not heard from for this long is treated as unreachable.
@@ -77,10 +82,11 @@ impl Liveness {
         })
     }
 
-    /// True while `peer`'s fresh beats still declare `group` quiet.
-    pub fn still_quiet(&self, peer: u32, group: u64) -> bool {
+    /// True while `peer`'s fresh beats still declare `group` quiet in a term of at least
+    /// `term` (a follower that has seen a later term must not sleep under an old leader).
+    pub fn still_quiet(&self, peer: u32, group: u64, term: u64) -> bool {
         lock(&self.quiet).get(&peer).is_some_and(|(at, groups)| {
-            at.elapsed() < BEAT_TIMEOUT && groups.iter().any(|(g, _)| *g == group)
+            at.elapsed() < BEAT_TIMEOUT && groups.iter().any(|(g, t)| *g == group && *t >= term)
         })
     }
 }
@@ -89,30 +95,71 @@ impl Liveness {
 #[derive(Debug)]
 pub struct Activity {
     quiet: AtomicBool,
+    /// Whether the group's ticker runs (elections, heartbeats).
+    ticking: AtomicBool,
+    /// A replica restarted from existing data: its ticker stays off until it knows whether its
+    /// group's leader declares the group quiet, so that it does not depose an idle leader.
+    pending: AtomicBool,
+    started: Instant,
     /// The leader broker whose beats keep this follower quiet.
     quiet_leader: Mutex<Option<u32>>,
+    quiet_since: Mutex<Instant>,
     last_write: Mutex<Instant>,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
+impl Activity {
+    /// A replica whose ticker is running (`ticking`), or one restarted from existing data whose
+    /// ticker is off until [`Activity::pending`] is resolved.
+    pub fn new(ticking: bool) -> Self {
+        let now = Instant::now();
         Self {
             quiet: AtomicBool::new(false),
+            ticking: AtomicBool::new(ticking),
+            pending: AtomicBool::new(!ticking),
+            started: now,
             quiet_leader: Mutex::new(None),
-            last_write: Mutex::new(Instant::now()),
+            quiet_since: Mutex::new(now),
+            last_write: Mutex::new(now),
         }
     }
-}
 
-impl Activity {
     pub fn is_quiet(&self) -> bool {
         self.quiet.load(Ordering::Acquire)
     }
 
-    /// Records a write; returns true when the group was quiet and must be woken.
+    pub fn is_ticking(&self) -> bool {
+        self.ticking.load(Ordering::Acquire)
+    }
+
+    /// Records whether the ticker runs now.
+    pub fn set_ticking(&self, on: bool) -> bool {
+        self.ticking.swap(on, Ordering::AcqRel) != on
+    }
+
+    /// True while a restarted replica has not decided yet; false (for good) once it has, or
+    /// once `grace` has passed since it started.
+    pub fn pending(&self, grace: Duration) -> bool {
+        if !self.pending.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.started.elapsed() >= grace {
+            self.pending.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    pub fn resolve_pending(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+
+    /// Records a write; returns true when the group was quiet (the caller wakes it).
     pub fn wrote(&self) -> bool {
         *lock(&self.last_write) = Instant::now();
-        self.quiet.swap(false, Ordering::AcqRel)
+        self.pending.store(false, Ordering::Release);
+        let was = self.quiet.swap(false, Ordering::AcqRel);
+        *lock(&self.quiet_leader) = None;
+        was
     }
 
     pub fn idle_for(&self) -> Duration {
@@ -122,12 +169,22 @@ impl Activity {
     /// Marks the group quiet (as leader: `leader` None; as follower: the leader's broker).
     pub fn set_quiet(&self, leader: Option<u32>) -> bool {
         *lock(&self.quiet_leader) = leader;
-        !self.quiet.swap(true, Ordering::AcqRel)
+        let changed = !self.quiet.swap(true, Ordering::AcqRel);
+        if changed {
+            *lock(&self.quiet_since) = Instant::now();
+        }
+        changed
+    }
+
+    /// How long the group has been quiet.
+    pub fn quiet_for(&self) -> Duration {
+        lock(&self.quiet_since).elapsed()
     }
 
     /// Marks the group awake; returns true if it was quiet.
     pub fn wake(&self) -> bool {
         *lock(&self.quiet_leader) = None;
+        self.pending.store(false, Ordering::Release);
         self.quiet.swap(false, Ordering::AcqRel)
     }
 
@@ -161,14 +218,18 @@ mod tests {
             None,
             "a follower in a later term stays awake"
         );
-        assert!(l.still_quiet(2, 7));
+        assert!(l.still_quiet(2, 7, 3));
+        assert!(
+            !l.still_quiet(2, 7, 4),
+            "not under a leader of an older term"
+        );
         l.beat_from(2, HashSet::new());
-        assert!(!l.still_quiet(2, 7));
+        assert!(!l.still_quiet(2, 7, 3));
     }
 
     #[test]
     fn a_write_wakes_a_quiet_group_once() {
-        let a = Activity::default();
+        let a = Activity::new(true);
         assert!(!a.wrote());
         assert!(a.set_quiet(None));
         assert!(a.is_quiet());
