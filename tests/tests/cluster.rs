@@ -766,7 +766,7 @@ async fn rolling_restart_under_load_fails_no_produce_and_loses_nothing() {
                     .expect("send");
                 pending.push((v, p, fut));
                 i += 1;
-                if i % 200 == 0 {
+                if i.is_multiple_of(200) {
                     tokio::task::yield_now().await;
                 }
             }
