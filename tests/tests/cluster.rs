@@ -185,6 +185,26 @@ async fn wait_caught_up(cluster: &ClusterProc, topic: &str, id: u32, hwm: u64) {
     }
 }
 
+/// A raw `acks=all` Produce of one record to partition 0 (no client, so no retries).
+fn one_record(topic: &str, value: &str) -> keel_proto::v1::ProduceRequest {
+    keel_proto::v1::ProduceRequest {
+        topic: topic.into(),
+        acks: keel_proto::v1::Acks::All as i32,
+        batches: vec![keel_proto::v1::ProduceBatch {
+            partition: Some(0),
+            data: Some(keel_proto::v1::produce_batch::Data::Records(
+                keel_proto::v1::RecordList {
+                    records: vec![keel_proto::v1::Record {
+                        value: Some(value.as_bytes().to_vec().into()),
+                        ..Default::default()
+                    }],
+                },
+            )),
+        }],
+        ..Default::default()
+    }
+}
+
 fn values(from: usize, to: usize) -> Vec<String> {
     (from..to).map(|i| format!("value-{i:06}")).collect()
 }
@@ -575,21 +595,8 @@ async fn network_partition_minority_stops_acknowledging_and_nothing_acknowledged
     let mut direct = cluster.node(leader).producer().await;
     let minority = direct
         .produce(keel_proto::v1::ProduceRequest {
-            topic: "split".into(),
-            acks: keel_proto::v1::Acks::All as i32,
             timeout_ms: 3000,
-            batches: vec![keel_proto::v1::ProduceBatch {
-                partition: Some(0),
-                data: Some(keel_proto::v1::produce_batch::Data::Records(
-                    keel_proto::v1::RecordList {
-                        records: vec![keel_proto::v1::Record {
-                            value: Some(b"minority-write".to_vec().into()),
-                            ..Default::default()
-                        }],
-                    },
-                )),
-            }],
-            ..Default::default()
+            ..one_record("split", "minority-write")
         })
         .await;
     assert!(
@@ -896,22 +903,7 @@ async fn an_idle_partition_goes_quiet_and_its_first_write_succeeds_without_retri
     // One raw Produce to the quiet leader, no client retries: it must succeed.
     let mut direct = cluster.node(leader).producer().await;
     let resp = direct
-        .produce(keel_proto::v1::ProduceRequest {
-            topic: "sleepy".into(),
-            acks: keel_proto::v1::Acks::All as i32,
-            batches: vec![keel_proto::v1::ProduceBatch {
-                partition: Some(0),
-                data: Some(keel_proto::v1::produce_batch::Data::Records(
-                    keel_proto::v1::RecordList {
-                        records: vec![keel_proto::v1::Record {
-                            value: Some(b"wake-up".to_vec().into()),
-                            ..Default::default()
-                        }],
-                    },
-                )),
-            }],
-            ..Default::default()
-        })
+        .produce(one_record("sleepy", "wake-up"))
         .await
         .expect("the first write to a quiet partition is accepted");
     assert_eq!(resp.into_inner().batches[0].base_offset, 100);

@@ -113,6 +113,40 @@ impl Topic {
     }
 }
 
+/// Checks a new topic's name.
+pub fn validate_create_name(name: &str) -> Result<()> {
+    validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))
+}
+
+/// A new topic's partition count: 0 means 1, at most [`MAX_PARTITIONS`].
+pub fn create_partitions(partitions: u32) -> Result<u32> {
+    let partitions = partitions.max(1);
+    if partitions > MAX_PARTITIONS {
+        return Err(BrokerError::invalid(
+            "partitions",
+            format!("{partitions} exceeds the limit of {MAX_PARTITIONS}"),
+        ));
+    }
+    Ok(partitions)
+}
+
+/// A new topic's replication factor: 0 means as many brokers as there are, at most 3; never
+/// more than there are brokers.
+pub fn create_replication_factor(requested: u32, live_brokers: u32) -> Result<u32> {
+    let rf = if requested == 0 {
+        live_brokers.clamp(1, 3)
+    } else {
+        requested
+    };
+    if rf > live_brokers {
+        return Err(BrokerError::invalid(
+            "replication_factor",
+            format!("{rf} exceeds the number of live brokers ({live_brokers})"),
+        ));
+    }
+    Ok(rf)
+}
+
 /// The topics of this broker.
 #[derive(Debug)]
 pub struct Registry {
@@ -218,25 +252,9 @@ impl Registry {
         config: &BTreeMap<String, String>,
         live_brokers: u32,
     ) -> Result<Arc<Topic>> {
-        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
-        let partitions = if partitions == 0 { 1 } else { partitions };
-        if partitions > MAX_PARTITIONS {
-            return Err(BrokerError::invalid(
-                "partitions",
-                format!("{partitions} exceeds the limit of {MAX_PARTITIONS}"),
-            ));
-        }
-        let rf = if replication_factor == 0 {
-            live_brokers.clamp(1, 3)
-        } else {
-            replication_factor
-        };
-        if rf > live_brokers {
-            return Err(BrokerError::invalid(
-                "replication_factor",
-                format!("{rf} exceeds the number of live brokers ({live_brokers})"),
-            ));
-        }
+        validate_create_name(name)?;
+        let partitions = create_partitions(partitions)?;
+        let rf = create_replication_factor(replication_factor, live_brokers)?;
         let topic_config = TopicConfig::new(config)?;
         let resolved = topic_config.resolve()?;
         let mut meta = self.meta.lock().await;

@@ -7,13 +7,15 @@ use std::time::Duration;
 use keel_proto::v1::{BrokerInfo, PartitionInfo, TopicInfo};
 use tokio::sync::watch;
 
-use keel_types::validate_topic_name;
 use openraft::async_runtime::WatchReceiver as _;
 
 use crate::cluster::meta::{Command, assign, load_of};
 use crate::cluster::{ClusterNode, RegistryHolder};
 use crate::error::{BrokerError, Result};
-use crate::registry::{MAX_PARTITIONS, Registry, Topic};
+use crate::registry::{
+    MAX_PARTITIONS, Registry, Topic, create_partitions, create_replication_factor,
+    validate_create_name,
+};
 use crate::topic_config::TopicConfig;
 
 /// Request limits, enforced before anything is allocated from a request's claims.
@@ -192,14 +194,8 @@ impl BrokerState {
                 .create(name, partitions, replication_factor, config, 1)
                 .await;
         };
-        validate_topic_name(name).map_err(|e| BrokerError::invalid("name", e.to_string()))?;
-        let partitions = if partitions == 0 { 1 } else { partitions };
-        if partitions > MAX_PARTITIONS {
-            return Err(BrokerError::invalid(
-                "partitions",
-                format!("{partitions} exceeds the limit of {MAX_PARTITIONS}"),
-            ));
-        }
+        validate_create_name(name)?;
+        let partitions = create_partitions(partitions)?;
         // Right after a cluster starts, its brokers may not all have registered yet.
         let members = c.metadata_members();
         let _ = self
@@ -210,17 +206,7 @@ impl BrokerState {
         let state = c.state();
         let brokers = state.placeable_brokers();
         let live = brokers.len() as u32;
-        let rf = if replication_factor == 0 {
-            live.clamp(1, 3)
-        } else {
-            replication_factor
-        };
-        if rf > live {
-            return Err(BrokerError::invalid(
-                "replication_factor",
-                format!("{rf} exceeds the number of brokers ({live})"),
-            ));
-        }
+        let rf = create_replication_factor(replication_factor, live)?;
         let topic_config = TopicConfig::new(config)?;
         let resolved = topic_config.resolve()?;
         if u64::from(resolved.min_insync_replicas) > u64::from(rf) {

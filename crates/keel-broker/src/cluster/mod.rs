@@ -1343,32 +1343,30 @@ impl ClusterNode {
         let Some(point) = point else {
             return Ok(0);
         };
+        let reached =
+            |what: &'static str,
+             id: fn(&openraft::RaftMetrics<keel_raft::KeelRaft>) -> Option<u64>| {
+                let raft = r.raft.clone();
+                async move {
+                    raft.wait(Some(Duration::from_secs(30)))
+                        .metrics(move |m| id(m).is_some_and(|i| i >= point.index), what)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| raft_err(what, e))
+                }
+            };
         r.raft
             .trigger()
             .snapshot()
             .await
             .map_err(|e| raft_err("retention snapshot", e))?;
-        r.raft
-            .wait(Some(Duration::from_secs(30)))
-            .metrics(
-                |m| m.snapshot.is_some_and(|s| s.index >= point.index),
-                "retention snapshot built",
-            )
-            .await
-            .map_err(|e| raft_err("retention snapshot", e))?;
+        reached("retention snapshot", |m| m.snapshot.map(|s| s.index)).await?;
         r.raft
             .trigger()
             .purge_log(point.index)
             .await
             .map_err(|e| raft_err("retention purge", e))?;
-        r.raft
-            .wait(Some(Duration::from_secs(30)))
-            .metrics(
-                |m| m.purged.is_some_and(|s| s.index >= point.index),
-                "retention purge done",
-            )
-            .await
-            .map_err(|e| raft_err("retention purge", e))?;
+        reached("retention purge", |m| m.purged.map(|s| s.index)).await?;
         let deleted = before.saturating_sub(p.log().size_bytes());
         tracing::info!(topic = %p.topic, partition = p.id, upto = %point, deleted, "retention purged the raft log");
         Ok(deleted)
