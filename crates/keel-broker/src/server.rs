@@ -14,6 +14,7 @@ use keel_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::cluster::ClusterNode;
 use crate::error::{BrokerError, Result};
@@ -164,6 +165,25 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    // A clustered broker serves the Raft traffic at once (its peers need it to elect and
+    // catch it up) but answers clients only once it has current metadata: before that it
+    // would describe an empty or stale cluster. Clients get UNAVAILABLE and try another broker.
+    let serving = Arc::new(AtomicBool::new(cluster.is_none()));
+    let gate = {
+        let serving = Arc::clone(&serving);
+        move |req: tonic::Request<()>| -> std::result::Result<tonic::Request<()>, tonic::Status> {
+            if serving.load(Ordering::Acquire) {
+                Ok(req)
+            } else {
+                Err(BrokerError::Unavailable {
+                    message: "the broker is starting: it is catching up with the cluster metadata"
+                        .into(),
+                    definite: true,
+                }
+                .to_status())
+            }
+        }
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -179,26 +199,30 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         .initial_stream_window_size(Some(4 << 20))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        .add_service(InterceptedService::new(
             AdminServiceServer::new(Admin(Arc::clone(&state)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(encode_max),
-        )
-        .add_service(
+            gate.clone(),
+        ))
+        .add_service(InterceptedService::new(
             ClusterServiceServer::new(Cluster(Arc::clone(&state)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(encode_max),
-        )
-        .add_service(
+            gate.clone(),
+        ))
+        .add_service(InterceptedService::new(
             ProduceServiceServer::new(Produce(Arc::clone(&state)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(encode_max),
-        )
-        .add_service(
+            gate.clone(),
+        ))
+        .add_service(InterceptedService::new(
             ConsumeServiceServer::new(Consume(Arc::clone(&state)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(encode_max),
-        );
+            gate.clone(),
+        ));
     let router = router.add_optional_service(cluster.as_ref().map(|c| c.raft_service()));
     let mut rx = shutdown_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
@@ -230,6 +254,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
     if let Some(c) = &cluster {
         c.wait_ready(&state.registry, Duration::from_secs(15)).await;
     }
+    serving.store(true, Ordering::Release);
     ready.store(true, Ordering::Release);
     tracing::info!(broker = config.id, grpc = %grpc_addr, metrics = %metrics_addr, advertise = %advertise, "broker ready");
     Ok(BrokerHandle {

@@ -58,6 +58,8 @@ enum ForwardRequest {
     Propose(Command),
     /// Which brokers the metadata leader hears from.
     Liveness,
+    /// The metadata leader's commit index: everything up to it is what the cluster knows now.
+    ReadIndex,
     /// A broker's periodic beat: it is alive, and leads these (group, term)s quietly.
     Beat { from: u32, quiet: Vec<(u64, u64)> },
 }
@@ -68,6 +70,8 @@ enum ForwardReply {
     NotLeader(Option<u64>),
     Liveness(BTreeMap<u32, bool>),
     Error(String),
+    /// The metadata leader's commit index (for a read-index catch-up).
+    Committed(u64),
 }
 
 /// Raft timing of partition groups. Elections start after 0.4–0.8 s without a leader, which
@@ -467,6 +471,15 @@ impl ClusterNode {
                 },
                 Err(Some(e)) => ForwardReply::Error(e.to_string()),
             },
+            ForwardRequest::ReadIndex => {
+                let m = self.meta_raft.metrics();
+                let m = m.borrow_watched();
+                if m.state == ServerState::Leader {
+                    ForwardReply::Committed(m.cluster_committed.map_or(0, |c| c.index))
+                } else {
+                    ForwardReply::NotLeader(m.current_leader)
+                }
+            }
             ForwardRequest::Beat { from, quiet } => {
                 self.liveness.beat_from(from, quiet.into_iter().collect());
                 ForwardReply::Outcome(Ok(()))
@@ -1378,23 +1391,73 @@ impl ClusterNode {
     /// answer "unknown topic" for a topic it simply has not replayed yet. A broker that cannot
     /// reach a metadata majority becomes ready anyway when the time is up, with what it has.
     pub async fn wait_ready(&self, registry: &Registry, timeout: Duration) {
-        let waited = self
-            .meta_raft
-            .wait(Some(timeout))
-            .metrics(
-                |m| {
-                    m.current_leader.is_some()
-                        && m.last_applied.map(|a| a.index) >= m.local_committed.map(|c| c.index)
-                },
-                "metadata caught up",
-            )
-            .await;
-        if let Err(e) = waited {
-            tracing::warn!(error = %e, "starting without current metadata (no metadata leader reachable)");
+        let deadline = Instant::now() + timeout;
+        let mut caught_up = false;
+        while !caught_up && Instant::now() < deadline {
+            caught_up = self.catch_up_once(deadline).await;
+            if !caught_up {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if !caught_up {
+            tracing::warn!("starting without current metadata (no metadata leader reachable)");
         }
         if let Err(e) = self.reconcile(registry).await {
             tracing::error!(error = %e, "reconcile failed");
         }
+    }
+
+    /// One read-index round: asks the metadata leader for its commit index and waits (until
+    /// `deadline`) until this broker has applied up to it. True when it has.
+    async fn catch_up_once(&self, deadline: Instant) -> bool {
+        let (leader, addr) = {
+            let m = self.meta_raft.metrics();
+            let m = m.borrow_watched();
+            let Some(l) = m.current_leader else {
+                return false;
+            };
+            let addr = m
+                .membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone());
+            (l, addr)
+        };
+        let index = if leader == u64::from(self.id) {
+            let m = self.meta_raft.metrics();
+            let m = m.borrow_watched();
+            m.cluster_committed.map_or(0, |c| c.index)
+        } else {
+            let Some(addr) = addr else {
+                return false;
+            };
+            let Ok(payload) = serde_json::to_vec(&ForwardRequest::ReadIndex) else {
+                return false;
+            };
+            let reply = self
+                .transport
+                .forward(
+                    &addr,
+                    leader,
+                    META_GROUP,
+                    Bytes::from(payload),
+                    Duration::from_secs(2),
+                )
+                .await;
+            match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
+                Ok(Ok(ForwardReply::Committed(i))) => i,
+                _ => return false,
+            }
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.meta_raft
+            .wait(Some(left))
+            .metrics(
+                move |m| m.last_applied.is_some_and(|a| a.index >= index),
+                "metadata applied up to the leader's commit",
+            )
+            .await
+            .is_ok()
     }
 
     /// The leader this broker knows for a hosted partition's group (id, address).
