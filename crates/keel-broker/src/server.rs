@@ -292,6 +292,7 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
         let mut flush_tick = tokio::time::interval(Duration::from_millis(100));
         let mut retention_tick = tokio::time::interval(retention_every);
         let mut gauge_tick = tokio::time::interval(Duration::from_secs(5));
+        let mut cluster_retention: Option<JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -306,17 +307,24 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
                     }).await;
                 }
                 _ = retention_tick.tick() => {
-                    // Replicated partitions delete through their Raft group (snapshot + purge).
-                    if let Some(c) = &state.cluster {
-                        for t in state.registry.list() {
-                            for p in t.local_partitions().filter(|p| p.raft().is_some()) {
-                                match c.retain(p, &t.config).await {
-                                    Ok(n) if n > 0 => metrics::counter!("keel_retention_deleted_bytes_total").increment(n),
-                                    Ok(_) => {}
-                                    Err(e) => tracing::warn!(topic = %p.topic, partition = p.id, error = %e, "retention failed"),
+                    // Replicated partitions delete through their Raft group (snapshot + purge),
+                    // in a task of its own so that a slow round never delays the interval
+                    // flushes of this loop; a round still running skips the next tick.
+                    if let Some(c) = &state.cluster
+                        && cluster_retention.as_ref().is_none_or(|t| t.is_finished())
+                    {
+                        let (c, state) = (Arc::clone(c), Arc::clone(&state));
+                        cluster_retention = Some(tokio::spawn(async move {
+                            for t in state.registry.list() {
+                                for p in t.local_partitions().filter(|p| p.raft().is_some()) {
+                                    match c.retain(p, &t.config).await {
+                                        Ok(n) if n > 0 => metrics::counter!("keel_retention_deleted_bytes_total").increment(n),
+                                        Ok(_) => {}
+                                        Err(e) => tracing::warn!(topic = %p.topic, partition = p.id, error = %e, "retention failed"),
+                                    }
                                 }
                             }
-                        }
+                        }));
                     }
                     let parts: Vec<_> = state.registry.all_partitions().into_iter().filter(|p| p.raft().is_none()).collect();
                     let _ = tokio::task::spawn_blocking(move || {

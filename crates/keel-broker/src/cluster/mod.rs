@@ -1405,6 +1405,42 @@ impl ClusterNode {
         if let Err(e) = self.reconcile(registry).await {
             tracing::error!(error = %e, "reconcile failed");
         }
+        if caught_up {
+            self.sweep_deleted_topics().await;
+        }
+    }
+
+    /// Removes the files of topics deleted while this broker was down: with metadata known to
+    /// be current, a topic directory whose id no topic has any more belongs to nobody.
+    async fn sweep_deleted_topics(&self) {
+        let mut live: BTreeSet<u64> = self.state().topics.values().map(|t| t.meta.id).collect();
+        // Topics of a single-node past of this data directory are not the cluster's to delete.
+        match crate::metadata::load(&self.data_dir, self.id) {
+            Ok(local) => live.extend(local.topics.values().map(|t| t.id)),
+            Err(_) => return,
+        }
+        let dir = self.data_dir.join("topics");
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return;
+            };
+            for e in entries.filter_map(std::result::Result::ok) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(id) = name
+                    .rsplit_once('-')
+                    .and_then(|(_, id)| id.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if !live.contains(&id) {
+                    tracing::info!(dir = %e.path().display(), "removing the files of a topic deleted while this broker was down");
+                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                        tracing::warn!(dir = %e.path().display(), error = %err, "could not remove a deleted topic's files");
+                    }
+                }
+            }
+        })
+        .await;
     }
 
     /// One read-index round: asks the metadata leader for its commit index and waits (until
