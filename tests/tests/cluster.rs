@@ -102,7 +102,18 @@ fn check_acknowledged(acks: &[(String, u64)], log: &BTreeMap<u64, String>) {
 }
 
 /// Stops every node gracefully, then compares the replicas' logs on disk up to `hwm`.
-fn assert_replicas_identical(cluster: &mut ClusterProc, topic: &str, hwm: u64) {
+async fn assert_replicas_identical(cluster: &mut ClusterProc, topic: &str, hwm: u64) {
+    // Every running replica first applies the whole committed prefix (leadership may have
+    // moved since, e.g. back to a preferred replica, leaving the old leader a follower).
+    let running: Vec<u32> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.is_started())
+        .map(|n| n.id)
+        .collect();
+    for id in running {
+        wait_caught_up(cluster, topic, id, hwm).await;
+    }
     for n in &mut cluster.nodes {
         if n.is_started() {
             assert!(
@@ -242,7 +253,7 @@ async fn leader_kill9_under_acks_all_loses_nothing_and_replicas_agree() {
     let hwm = log.len() as u64;
     wait_in_sync(&cluster, "orders", leader).await;
     wait_caught_up(&cluster, "orders", leader, hwm).await;
-    assert_replicas_identical(&mut cluster, "orders", hwm);
+    assert_replicas_identical(&mut cluster, "orders", hwm).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +286,7 @@ async fn killed_follower_catches_up_byte_identical() {
     let hwm = log.len() as u64;
     wait_in_sync(&cluster, "events", follower).await;
     wait_caught_up(&cluster, "events", follower, hwm).await;
-    assert_replicas_identical(&mut cluster, "events", hwm);
+    assert_replicas_identical(&mut cluster, "events", hwm).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,7 +448,9 @@ async fn follower_behind_retention_catches_up_by_snapshot() {
         assert_eq!(log.get(o), Some(v), "acknowledged {v} missing at {o}");
     }
     let hwm = first + log.len() as u64;
-    wait_caught_up(&cluster, "ret", follower, hwm).await;
+    for id in 1..=3 {
+        wait_caught_up(&cluster, "ret", id, hwm).await;
+    }
 
     for n in &mut cluster.nodes {
         assert!(n.terminate().success());
@@ -624,7 +637,7 @@ async fn network_partition_minority_stops_acknowledging_and_nothing_acknowledged
     let hwm = log.len() as u64;
     wait_in_sync(&cluster, "split", leader).await;
     wait_caught_up(&cluster, "split", leader, hwm).await;
-    assert_replicas_identical(&mut cluster, "split", hwm);
+    assert_replicas_identical(&mut cluster, "split", hwm).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

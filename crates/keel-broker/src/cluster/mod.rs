@@ -864,7 +864,15 @@ impl ClusterNode {
             let Some(pm) = t.partitions.get(h.partition.id as usize) else {
                 continue;
             };
-            let voter_list: Vec<u32> = voters.iter().map(|v| *v as u32).collect();
+            // Reported voters come from the committed membership: a replica deletes its data
+            // when it is reported gone, which must never happen on a change that may not
+            // commit.
+            let voter_list: Vec<u32> = m
+                .committed_membership_config
+                .membership()
+                .voter_ids()
+                .map(|v| v as u32)
+                .collect();
             let report = LeaderReport {
                 topic_id: h.topic_id,
                 partition: h.partition.id,
