@@ -472,12 +472,14 @@ impl ClusterNode {
                 Err(Some(e)) => ForwardReply::Error(e.to_string()),
             },
             ForwardRequest::ReadIndex => {
-                let m = self.meta_raft.metrics();
-                let m = m.borrow_watched();
-                if m.state == ServerState::Leader {
-                    ForwardReply::Committed(m.cluster_committed.map_or(0, |c| c.index))
-                } else {
-                    ForwardReply::NotLeader(m.current_leader)
+                match self
+                    .read_index(Instant::now() + Duration::from_secs(2))
+                    .await
+                {
+                    Some(i) => ForwardReply::Committed(i),
+                    None => ForwardReply::NotLeader(
+                        self.meta_raft.metrics().borrow_watched().current_leader,
+                    ),
                 }
             }
             ForwardRequest::Beat { from, quiet } => {
@@ -1413,42 +1415,21 @@ impl ClusterNode {
         if let Err(e) = self.reconcile(registry).await {
             tracing::error!(error = %e, "reconcile failed");
         }
-        if caught_up {
-            self.sweep_deleted_topics().await;
-        }
     }
 
-    /// Removes the files of topics deleted while this broker was down: with metadata known to
-    /// be current, a topic directory whose id no topic has any more belongs to nobody.
-    async fn sweep_deleted_topics(&self) {
-        let mut live: BTreeSet<u64> = self.state().topics.values().map(|t| t.meta.id).collect();
-        // Topics of a single-node past of this data directory are not the cluster's to delete.
-        match crate::metadata::load(&self.data_dir, self.id) {
-            Ok(local) => live.extend(local.topics.values().map(|t| t.id)),
-            Err(_) => return,
-        }
-        let dir = self.data_dir.join("topics");
-        let _ = tokio::task::spawn_blocking(move || {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                return;
-            };
-            for e in entries.filter_map(std::result::Result::ok) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some(id) = name
-                    .rsplit_once('-')
-                    .and_then(|(_, id)| id.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                if !live.contains(&id) {
-                    tracing::info!(dir = %e.path().display(), "removing the files of a topic deleted while this broker was down");
-                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                        tracing::warn!(dir = %e.path().display(), error = %err, "could not remove a deleted topic's files");
-                    }
-                }
-            }
-        })
-        .await;
+    /// The metadata leader's read index, confirmed by a quorum (None: not the leader, or no
+    /// quorum before `deadline`).
+    async fn read_index(&self, deadline: Instant) -> Option<u64> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = tokio::time::timeout(
+            left,
+            self.meta_raft
+                .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(read.index())
     }
 
     /// One read-index round: asks the metadata leader for its commit index and waits (until
@@ -1468,9 +1449,13 @@ impl ClusterNode {
             (l, addr)
         };
         let index = if leader == u64::from(self.id) {
-            let m = self.meta_raft.metrics();
-            let m = m.borrow_watched();
-            m.cluster_committed.map_or(0, |c| c.index)
+            // Right after a restart openraft may believe this broker still leads (from its
+            // stored vote) before any peer confirmed it: only a quorum-confirmed read index
+            // counts.
+            match self.read_index(deadline).await {
+                Some(i) => i,
+                None => return false,
+            }
         } else {
             let Some(addr) = addr else {
                 return false;
