@@ -94,10 +94,14 @@ impl Model {
         }
         out
     }
-    /// Mirrors `Log::truncate_to`: drop batches holding `offset` or after it.
-    fn truncate_to(&mut self, offset: u64) {
-        self.entries
-            .retain(|e| !(e.next_offset() > offset || e.base_offset >= offset));
+    /// Mirrors `Log::truncate_to`: drop batches holding `offset` or after it. Entries below
+    /// `first_index` (the log's first Raft index) were already deleted with their segments and
+    /// stay gone: the log keeps counting indexes after them (a Raft index is never reused),
+    /// even when a control entry among them sat at `offset`.
+    fn truncate_to(&mut self, offset: u64, first_index: u64) {
+        self.entries.retain(|e| {
+            e.raft_index < first_index || !(e.next_offset() > offset || e.base_offset >= offset)
+        });
         self.log_start = self.log_start.min(self.end());
     }
 }
@@ -224,8 +228,9 @@ proptest! {
                 }
                 Op::TruncateTo { at } => {
                     let offset = pick(at, m.log_start, m.end());
+                    let first_index = log.first_raft_index();
                     log.truncate_to(offset).expect("truncate");
-                    m.truncate_to(offset);
+                    m.truncate_to(offset, first_index);
                 }
                 Op::TruncateAfterIndex { at } => {
                     let first_idx = log.first_raft_index();
