@@ -3,6 +3,7 @@
 //! persisted, and bring a stopped or empty follower to the leader's log and offsets; the store
 //! without synchronous appends.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeMap;
@@ -645,22 +646,9 @@ impl StoreBuilder<KeelRaft, KeelLogStore, PartitionSm, tempfile::TempDir> for Sm
 
 type S = Suite<KeelRaft, KeelLogStore, PartitionSm, SmBuilder, tempfile::TempDir>;
 
-macro_rules! suite_cases {
-    ($($name:ident),* $(,)?) => {
-        mod suite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> io::Result<()> {
-                    let (_guard, store, sm) = SmBuilder.build().await.map_err(err)?;
-                    S::$name(store, sm).await
-                }
-            )*
-        }
-    };
-}
-
-suite_cases!(
+storage_suite_cases!(
+    suite,
+    SmBuilder;
     last_membership_in_log_initial,
     last_membership_in_log,
     last_membership_in_log_multi_step,

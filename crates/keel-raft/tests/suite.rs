@@ -1,6 +1,7 @@
 //! openraft's own storage conformance suite against the keel-log store: once through
 //! `Suite::test_all`, and once per case so a failure names the case.
 
+#[macro_use]
 mod support;
 
 use std::io;
@@ -23,25 +24,9 @@ async fn transfer_snapshot() -> io::Result<()> {
     S::transfer_snapshot(&Builder).await
 }
 
-macro_rules! suite_cases {
-    ($($name:ident),* $(,)?) => {
-        mod case {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> io::Result<()> {
-                    let (_guard, store, sm) = Builder
-                        .build()
-                        .await
-                        .map_err(|e| io::Error::other(e.to_string()))?;
-                    S::$name(store, sm).await
-                }
-            )*
-        }
-    };
-}
-
-suite_cases!(
+storage_suite_cases!(
+    case,
+    Builder;
     last_membership_in_log_initial,
     last_membership_in_log,
     last_membership_in_log_multi_step,

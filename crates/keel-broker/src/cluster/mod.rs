@@ -78,7 +78,7 @@ enum ForwardReply {
 /// bounds failover; heartbeats every 100 ms keep leases well inside that. Only active groups
 /// pay for this: idle ones are quiet (see [`quiet`]).
 fn partition_raft_config() -> Result<Arc<Config>> {
-    let c = Config {
+    raft_config(Config {
         cluster_name: "keel-partition".into(),
         heartbeat_interval: 100,
         election_timeout_min: 400,
@@ -87,30 +87,32 @@ fn partition_raft_config() -> Result<Arc<Config>> {
         // purges the log up to exactly that point.
         snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: 0,
-        // A replica that restarts or reconnects with a stale log must not bump the term and
-        // depose a healthy leader.
-        enable_pre_vote: Some(true),
         ..Config::default()
-    };
-    c.validate()
-        .map(Arc::new)
-        .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))
+    })
 }
 
 fn meta_raft_config() -> Result<Arc<Config>> {
-    let c = Config {
+    raft_config(Config {
         cluster_name: "keel-metadata".into(),
         heartbeat_interval: 150,
         election_timeout_min: 600,
         election_timeout_max: 1200,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
         max_in_snapshot_log_to_keep: 100,
-        enable_pre_vote: Some(true),
         ..Config::default()
-    };
-    c.validate()
-        .map(Arc::new)
-        .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))
+    })
+}
+
+/// Validates a group's config, with pre-vote on: a replica that restarts or reconnects with a
+/// stale log must not bump the term and depose a healthy leader.
+fn raft_config(c: Config) -> Result<Arc<Config>> {
+    Config {
+        enable_pre_vote: Some(true),
+        ..c
+    }
+    .validate()
+    .map(Arc::new)
+    .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))
 }
 
 fn raft_err(what: &str, e: impl std::fmt::Display) -> BrokerError {

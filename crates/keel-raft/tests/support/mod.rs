@@ -331,3 +331,24 @@ where
             .map_err(|e| StreamingError::Unreachable(unreachable(e)))
     }
 }
+
+/// One test per case of openraft's storage suite, so a failure names the case. `$builder`
+/// builds the store and state machine; a type alias `S` for the suite must be in scope.
+#[allow(unused_macros)] // only the suite test binaries use it
+macro_rules! storage_suite_cases {
+    ($module:ident, $builder:expr; $($name:ident),* $(,)?) => {
+        mod $module {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> io::Result<()> {
+                    let (_guard, store, sm) = $builder
+                        .build()
+                        .await
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                    S::$name(store, sm).await
+                }
+            )*
+        }
+    };
+}
