@@ -58,6 +58,7 @@ fn batch_req(topic: &str, partition: u32, batch: Bytes, acks: Acks) -> ProduceRe
         batches: vec![ProduceBatch {
             partition: Some(partition),
             data: Some(Data::RecordBatch(batch)),
+            producer: None,
         }],
     }
 }
@@ -71,6 +72,7 @@ fn records_req(topic: &str, partition: Option<u32>, records: Vec<Record>) -> Pro
         batches: vec![ProduceBatch {
             partition,
             data: Some(Data::Records(RecordList { records })),
+            producer: None,
         }],
     }
 }

@@ -231,6 +231,7 @@ fn one_record(topic: &str, value: &str) -> keel_proto::v1::ProduceRequest {
                     }],
                 },
             )),
+            producer: None,
         }],
         ..Default::default()
     }
@@ -261,6 +262,9 @@ async fn leader_kill9_under_acks_all_loses_nothing_and_replicas_agree() {
 
     let log = read_all(&client, "orders").await;
     check_acknowledged(&acks, &log);
+    // The producer is idempotent (the default): batches retried across the failover were
+    // written once.
+    assert_eq!(log.len(), 6000, "every record exactly once");
 
     // The old leader comes back as a follower and catches up.
     cluster.node(leader).restart();

@@ -53,6 +53,7 @@ async fn decoded_fetch_memory_is_bounded_by_max_bytes() {
             .map(|_| ProduceBatch {
                 partition: Some(0),
                 data: Some(Data::RecordBatch(batch.clone())),
+                producer: None,
             })
             .collect(),
     };

@@ -57,6 +57,25 @@ pub enum BrokerError {
     DecodeTooLarge { offset: u64, limit: u64 },
     #[error("corrupt record batch in batches[{index}]: {reason}")]
     CorruptBatch { index: usize, reason: String },
+    /// An idempotent batch whose sequence does not continue its producer's on this partition
+    /// (a gap, or a batch too old to be in the window): nothing was written.
+    #[error(
+        "out of order sequence for producer {producer_id} on {topic}/{partition}: expected base sequence {expected}, got {got}"
+    )]
+    OutOfOrderSequence {
+        topic: String,
+        partition: u32,
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
+    /// A newer incarnation (epoch) of the producer id exists: this one may not write.
+    #[error("producer {producer_id} epoch {epoch} is fenced by epoch {current}")]
+    ProducerFenced {
+        producer_id: i64,
+        epoch: i16,
+        current: i16,
+    },
     #[error("disk full: {0}")]
     DiskFull(String),
     #[error("storage error: {message}")]
@@ -97,6 +116,8 @@ impl BrokerError {
             Self::NotLeader { .. } => "NOT_LEADER",
             Self::TooLarge { .. } | Self::DecodeTooLarge { .. } => "MESSAGE_TOO_LARGE",
             Self::CorruptBatch { .. } => "CORRUPT_BATCH",
+            Self::OutOfOrderSequence { .. } => "OUT_OF_ORDER_SEQUENCE",
+            Self::ProducerFenced { .. } => "PRODUCER_FENCED",
             Self::DiskFull(_) => "DISK_FULL",
             Self::Storage { .. } => "STORAGE_ERROR",
             Self::Timeout(_) => "TIMEOUT",
@@ -114,6 +135,9 @@ impl BrokerError {
             | Self::CorruptBatch { .. } => Code::InvalidArgument,
             Self::UnknownTopic(_) | Self::UnknownPartition { .. } => Code::NotFound,
             Self::TopicExists(_) => Code::AlreadyExists,
+            Self::OutOfOrderSequence { .. } | Self::ProducerFenced { .. } => {
+                Code::FailedPrecondition
+            }
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
             Self::NotLeader { .. } | Self::ShuttingDown | Self::Unavailable { .. } => {
                 Code::Unavailable

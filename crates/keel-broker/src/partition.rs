@@ -7,6 +7,7 @@ use std::sync::{Arc, Once, Weak};
 
 use bytes::Bytes;
 use keel_log::{AppendInfo, Log, LogError, ReadLimit, ReadSlice};
+use keel_raft::producers::{ProducerTable, SeqBatch, Verdict};
 use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver as _;
@@ -14,7 +15,7 @@ use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
 use openraft::raft::ClientWriteResult;
 use openraft::type_config::alias::OneshotReceiverOf;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 
 use crate::cluster::quiet::{Activity, Liveness};
 use crate::cluster::sm::BrokerRaft;
@@ -33,6 +34,49 @@ pub struct Partition {
     /// advances it when its Raft group applies a committed batch.
     hwm_tx: watch::Sender<u64>,
     backend: Backend,
+    /// Serialises idempotent appends: the sequence check and the append must happen in the
+    /// same order for a producer, and what is appended but not committed must be visible to
+    /// the next check.
+    admission: AsyncMutex<Admission>,
+}
+
+/// A batch's idempotent-producer fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idempotent {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub first_seq: i32,
+    pub last_seq: i32,
+}
+
+/// The leader's view of idempotent producers beyond the applied state.
+#[derive(Debug, Default)]
+struct Admission {
+    /// Raft: the term these pending batches were appended in.
+    term: u64,
+    /// Raft: whether everything earlier terms left in the log is applied (then the applied
+    /// state plus `pending` is the whole log).
+    caught_up: bool,
+    /// Raft: batches this leader appended and that are not applied yet, oldest first.
+    pending: Vec<Idempotent>,
+    /// Local: the table of a single-node partition, where appending is committing.
+    local: ProducerTable,
+    last_expiry: Option<std::time::Instant>,
+}
+
+/// Producer ids idle longer than this are forgotten by partitions (Kafka's
+/// `producer.id.expiration.ms` defaults to a day); far longer than any delivery timeout.
+pub const PRODUCER_EXPIRY_MS: i64 = 24 * 60 * 60 * 1000;
+/// How often a partition sweeps its expired producers.
+const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an idempotent append waits for a new leader to apply what earlier terms left in
+/// its log, or for the duplicate it found in flight to commit.
+const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[derive(Debug)]
@@ -131,6 +175,8 @@ pub struct Appended {
 pub enum Pending {
     Local(AppendInfo),
     Raft(OneshotReceiverOf<KeelRaft, ClientWriteResult<KeelRaft>>),
+    /// A retried idempotent batch that is already written (and as durable as `acks` asks).
+    Duplicate(Appended),
 }
 
 impl Partition {
@@ -141,15 +187,19 @@ impl Partition {
         })?;
         let (hwm_tx, _) = watch::channel(log.log_end_offset());
         Ok(Self {
-            topic,
-            id,
-            log: Arc::new(log),
             hwm_tx,
             backend: Backend::Local {
                 flush_every_batch: AtomicBool::new(cfg.flush_every_batch()),
                 flush_wanted: Arc::new(Notify::new()),
                 flusher: Once::new(),
             },
+            admission: AsyncMutex::new(Admission {
+                local: producers_from_log(&log, &topic, id),
+                ..Admission::default()
+            }),
+            log: Arc::new(log),
+            topic,
+            id,
         })
     }
 
@@ -167,6 +217,7 @@ impl Partition {
             log: replica.store.log_arc(),
             hwm_tx,
             backend: Backend::Raft(replica),
+            admission: AsyncMutex::new(Admission::default()),
         }
     }
 
@@ -267,8 +318,188 @@ impl Partition {
         acks: AckLevel,
         index: usize,
     ) -> Result<Appended> {
-        let pending = self.append_only(batch, acks, index).await?;
+        let pending = self.append_only(batch, acks, index, None).await?;
         self.complete(pending, acks, index).await
+    }
+
+    /// Appends an idempotent producer's batch unless it is already in the log (then answers
+    /// with its original offsets) or does not continue the producer's sequence.
+    async fn append_idempotent(
+        self: &Arc<Self>,
+        batch: Bytes,
+        acks: AckLevel,
+        index: usize,
+        p: Idempotent,
+    ) -> Result<Pending> {
+        let mut adm = self.admission.lock().await;
+        let now = std::time::Instant::now();
+        let sweep = adm
+            .last_expiry
+            .is_none_or(|t| now.duration_since(t) > EXPIRY_SWEEP);
+        if sweep {
+            adm.last_expiry = Some(now);
+        }
+        let r = match &self.backend {
+            Backend::Raft(r) => r,
+            Backend::Local { .. } => {
+                if sweep {
+                    adm.local.expire(now_ms(), PRODUCER_EXPIRY_MS);
+                }
+                return match adm
+                    .local
+                    .check(p.producer_id, p.epoch, p.first_seq, p.last_seq)
+                {
+                    Verdict::Append => {
+                        let pending = self.append_plain(batch, acks, index).await?;
+                        if let Pending::Local(info) = &pending {
+                            adm.local.record(
+                                p.producer_id,
+                                p.epoch,
+                                SeqBatch {
+                                    first_seq: p.first_seq,
+                                    last_seq: p.last_seq,
+                                    base_offset: info.base_offset,
+                                    next_offset: info.next_offset,
+                                },
+                                now_ms(),
+                            );
+                        }
+                        Ok(pending)
+                    }
+                    Verdict::Duplicate(b) => {
+                        drop(adm);
+                        if acks == AckLevel::All {
+                            // It may have been appended but not fsynced yet.
+                            let log = Arc::clone(&self.log);
+                            tokio::task::spawn_blocking(move || log.flush())
+                                .await
+                                .map_err(|e| BrokerError::Internal(e.to_string()))?
+                                .map_err(|e| BrokerError::from_log(e, index))?;
+                            self.advance_hwm(b.next_offset);
+                        }
+                        Ok(Pending::Duplicate(Appended {
+                            base_offset: b.base_offset,
+                            next_offset: b.next_offset,
+                        }))
+                    }
+                    v => Err(self.refusal(p, v)),
+                };
+            }
+        };
+        if sweep {
+            r.sm.expire_producers(now_ms(), PRODUCER_EXPIRY_MS);
+        }
+        let term = r.raft.metrics().borrow_watched().current_term;
+        if adm.term != term {
+            adm.term = term;
+            adm.caught_up = false;
+            adm.pending.clear();
+        }
+        if !adm.caught_up {
+            // A new leader's log may end in batches of earlier terms that are committed only
+            // with its first entry: until those are applied, a retry of one would look new.
+            let applied = r
+                .raft
+                .wait(Some(ADMISSION_WAIT))
+                .metrics(
+                    |m| {
+                        m.current_term != term
+                            || m.last_applied.is_some_and(|l| l.leader_id.term == term)
+                    },
+                    "a new leader's earlier entries applied",
+                )
+                .await;
+            match applied {
+                Ok(m) if m.current_term == term => adm.caught_up = true,
+                _ => {
+                    return Err(BrokerError::Unavailable {
+                        message: format!(
+                            "{}/{}: the new leader has not applied its log yet",
+                            self.topic, self.id
+                        ),
+                        definite: true,
+                    });
+                }
+            }
+        }
+        let sm = &r.sm;
+        adm.pending
+            .retain(|q| !sm.producer_covers(q.producer_id, q.epoch, q.last_seq));
+        let mine: Vec<(i16, i32, i32)> = adm
+            .pending
+            .iter()
+            .filter(|q| q.producer_id == p.producer_id)
+            .map(|q| (q.epoch, q.first_seq, q.last_seq))
+            .collect();
+        match sm.check_producer(p.producer_id, p.epoch, p.first_seq, p.last_seq, &mine) {
+            Verdict::Append => {
+                let pending = self.append_plain(batch, acks, index).await?;
+                adm.pending.push(p);
+                Ok(pending)
+            }
+            Verdict::Duplicate(b) if !b.is_pending() => Ok(Pending::Duplicate(Appended {
+                base_offset: b.base_offset,
+                next_offset: b.next_offset,
+            })),
+            Verdict::Duplicate(_) => {
+                drop(adm);
+                self.await_duplicate(r, p, term).await
+            }
+            v => Err(self.refusal(p, v)),
+        }
+    }
+
+    /// Waits until a duplicate of a batch this leader appended commits, for its offsets.
+    async fn await_duplicate(&self, r: &RaftReplica, p: Idempotent, term: u64) -> Result<Pending> {
+        let mut hwm = r.sm.subscribe_high_watermark();
+        let deadline = tokio::time::Instant::now() + ADMISSION_WAIT;
+        loop {
+            if let Verdict::Duplicate(b) =
+                r.sm.check_producer(p.producer_id, p.epoch, p.first_seq, p.last_seq, &[])
+            {
+                return Ok(Pending::Duplicate(Appended {
+                    base_offset: b.base_offset,
+                    next_offset: b.next_offset,
+                }));
+            }
+            if r.raft.metrics().borrow_watched().current_term != term {
+                return Err(BrokerError::Unavailable {
+                    message: format!(
+                        "{}/{}: leadership changed while the first copy of this batch was being committed",
+                        self.topic, self.id
+                    ),
+                    definite: false,
+                });
+            }
+            let wait = tokio::time::timeout_at(deadline, hwm.changed());
+            match wait.await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    // Re-check the term on a slower beat if the watch is quiet.
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(BrokerError::Timeout(ADMISSION_WAIT.as_millis() as u64));
+                    }
+                }
+            }
+        }
+    }
+
+    fn refusal(&self, p: Idempotent, v: Verdict) -> BrokerError {
+        match v {
+            Verdict::Fenced { current } => BrokerError::ProducerFenced {
+                producer_id: p.producer_id,
+                epoch: p.epoch,
+                current,
+            },
+            Verdict::OutOfOrder { expected, got } => BrokerError::OutOfOrderSequence {
+                topic: self.topic.to_string(),
+                partition: self.id,
+                producer_id: p.producer_id,
+                expected,
+                got,
+            },
+            other => BrokerError::Internal(format!("unexpected producer verdict {other:?}")),
+        }
     }
 
     /// Appends a validated batch (a replicated partition: submits it to its Raft group, in
@@ -277,6 +508,19 @@ impl Partition {
     /// in the background, so acks=leader producers are not slowed and their records still
     /// show up).
     pub async fn append_only(
+        self: &Arc<Self>,
+        batch: Bytes,
+        acks: AckLevel,
+        index: usize,
+        producer: Option<Idempotent>,
+    ) -> Result<Pending> {
+        match producer {
+            Some(p) => self.append_idempotent(batch, acks, index, p).await,
+            None => self.append_plain(batch, acks, index).await,
+        }
+    }
+
+    async fn append_plain(
         self: &Arc<Self>,
         batch: Bytes,
         acks: AckLevel,
@@ -367,6 +611,7 @@ impl Partition {
         index: usize,
     ) -> Result<Appended> {
         match pending {
+            Pending::Duplicate(a) => Ok(a),
             Pending::Local(info) => {
                 let fsync = matches!(&self.backend, Backend::Local { flush_every_batch, .. } if flush_every_batch.load(Ordering::Acquire));
                 if acks == AckLevel::All && fsync {
@@ -487,6 +732,35 @@ impl Partition {
                 definite: true,
             })
     }
+}
+
+/// A single-node partition's producer table, rebuilt from the headers of its log (where
+/// appending is committing).
+fn producers_from_log(log: &Log, topic: &str, partition: u32) -> ProducerTable {
+    let mut table = ProducerTable::new();
+    let (first, next) = (log.first_raft_index(), log.next_raft_index());
+    for i in first..next {
+        match log.entry_header(i) {
+            Ok(h) if h.producer_id >= 0 && !h.attributes.control => table.record(
+                h.producer_id,
+                h.producer_epoch,
+                SeqBatch {
+                    first_seq: h.base_sequence,
+                    last_seq: keel_raft::producers::last_sequence(h.base_sequence, h.record_count),
+                    base_offset: h.base_offset,
+                    next_offset: h.next_offset(),
+                },
+                // Seen now: expiry runs on the broker's clock (see PartitionSm).
+                now_ms(),
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%topic, partition, index = i, error = %e, "cannot read a batch header while rebuilding producer state");
+            }
+        }
+    }
+    table.expire(now_ms(), PRODUCER_EXPIRY_MS);
+    table
 }
 
 /// The background flusher of one partition: after each wake-up, fsyncs everything appended so

@@ -155,6 +155,9 @@ pub struct Registry {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Serialises metadata changes and their persistence.
     meta: Mutex<ClusterMeta>,
+    /// The producers' current epochs (a copy of `meta.producers.epochs` readable without
+    /// waiting), for fencing on the produce path.
+    producer_epochs: std::sync::RwLock<BTreeMap<i64, i16>>,
 }
 
 fn topics_dir(data_dir: &Path) -> PathBuf {
@@ -203,6 +206,7 @@ impl Registry {
             data_dir: data_dir.to_path_buf(),
             broker_id,
             topics: RwLock::new(topics),
+            producer_epochs: std::sync::RwLock::new(meta.producers.epochs.clone()),
             meta: Mutex::new(meta),
         })
     }
@@ -242,6 +246,54 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(t.meta.name.clone(), Arc::clone(&t));
         t
+    }
+
+    /// Hands out a producer id and epoch (a single-node broker's own metadata; see
+    /// [`crate::metadata::ProducerIds::init`]), persisted before it is answered.
+    pub async fn init_producer(
+        &self,
+        request_id: u64,
+        instance: Option<&str>,
+        bump: Option<(i64, i16)>,
+    ) -> Result<(i64, i16)> {
+        let mut meta = self.meta.lock().await;
+        let mut next = meta.clone();
+        let grant = next
+            .producers
+            .init(request_id, instance, bump)
+            .map_err(|e| match e {
+                crate::metadata::InitRefusal::UnknownProducer(id) => BrokerError::invalid(
+                    "producer_id",
+                    format!("producer id {id} was never handed out"),
+                ),
+                crate::metadata::InitRefusal::Fenced {
+                    producer_id,
+                    epoch,
+                    current,
+                } => BrokerError::ProducerFenced {
+                    producer_id,
+                    epoch,
+                    current,
+                },
+            })?;
+        let data_dir = self.data_dir.clone();
+        let stored = next.clone();
+        blocking(move || metadata::store(&data_dir, &stored)).await?;
+        *self
+            .producer_epochs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next.producers.epochs.clone();
+        *meta = next;
+        Ok(grant)
+    }
+
+    /// The current epoch of a producer id that has one recorded (see [`Registry::init_producer`]).
+    pub fn producer_epoch(&self, producer_id: i64) -> Option<i16> {
+        self.producer_epochs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&producer_id)
+            .copied()
     }
 
     pub async fn create(

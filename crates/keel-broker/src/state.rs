@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use openraft::async_runtime::WatchReceiver as _;
 
-use crate::cluster::meta::{Command, assign, load_of};
+use crate::cluster::meta::{Command, Reply, assign, load_of};
 use crate::cluster::{ClusterNode, RegistryHolder};
 use crate::error::{BrokerError, Result};
 use crate::registry::{
@@ -114,6 +114,43 @@ impl BrokerState {
                 address: self.advertise.clone(),
                 alive: true,
             }],
+        }
+    }
+
+    /// Hands out an idempotent producer id and epoch (through the metadata group in a cluster).
+    pub async fn init_producer(
+        &self,
+        request_id: u64,
+        instance: Option<String>,
+        bump: Option<(i64, i16)>,
+    ) -> Result<(i64, i16)> {
+        let Some(c) = &self.cluster else {
+            return self
+                .registry
+                .init_producer(request_id, instance.as_deref(), bump)
+                .await;
+        };
+        match c
+            .propose_for_reply(Command::InitProducer {
+                request_id,
+                instance,
+                bump,
+            })
+            .await?
+        {
+            Reply::Producer { id, epoch } => Ok((id, epoch)),
+            Reply::Done => Err(BrokerError::Internal(
+                "the metadata group answered a producer request without an id".into(),
+            )),
+        }
+    }
+
+    /// The current epoch of a producer id, if the metadata records one (identities and bumped
+    /// ids); a batch with an older epoch is fenced.
+    pub fn producer_epoch(&self, producer_id: i64) -> Option<i16> {
+        match &self.cluster {
+            Some(c) => c.state().producers.epoch_of(producer_id),
+            None => self.registry.producer_epoch(producer_id),
         }
     }
 

@@ -43,6 +43,12 @@ impl From<AcksArg> for Acks {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Topic to use; created if missing.
@@ -70,6 +76,11 @@ pub struct BenchArgs {
     /// Batches in flight per producer.
     #[arg(long, default_value_t = 8)]
     pub in_flight: usize,
+    /// produce: stamp batches as an idempotent producer (a producer id per producer task and
+    /// per-partition sequence numbers) so the broker checks them for duplicates; e2e: the
+    /// batching producer's idempotence.
+    #[arg(long, value_enum, default_value = "off")]
+    pub idempotence: OnOff,
     /// e2e only: target produce rate in records/s.
     #[arg(long, default_value_t = 50_000)]
     pub rate: u64,
@@ -208,42 +219,32 @@ async fn produce(
 ) -> Result<(u64, u64, Duration, Histogram<u64>)> {
     let batch = template_batch(a.batch_size, a.record_size)?;
     let batches_total = a.records.div_ceil(a.batch_size as u64);
-    let producer = client.producer(ProducerConfig::default().acks(a.acks.into()))?;
+    let idempotent = a.idempotence == OnOff::On;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..a.producers {
         let share = batches_total / a.producers as u64
             + u64::from((p as u64) < batches_total % a.producers as u64);
-        let (producer, batch, topic, acks, in_flight) = (
-            producer.clone(),
-            batch.clone(),
-            a.topic.clone(),
-            Acks::from(a.acks),
-            a.in_flight,
-        );
         let partition = (p as u32) % partitions;
+        // Each producer task pipelines its batches over one ordered stream, as the batching
+        // producer does; both modes restamp every batch, so the client's work is the same.
+        let mut pipe = client
+            .batch_pipeline(&a.topic, partition, a.acks.into(), idempotent)
+            .await?;
+        let (batch, in_flight) = (batch.clone(), a.in_flight.max(1));
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram()?;
-            let mut pending = FuturesUnordered::new();
+            let mut sent_at = std::collections::VecDeque::new();
             let mut sent = 0u64;
-            loop {
-                while sent < share && pending.len() < in_flight {
-                    let (producer, batch, topic) = (producer.clone(), batch.clone(), topic.clone());
-                    pending.push(async move {
-                        let t = Instant::now();
-                        producer
-                            .send_batch(&topic, partition, batch, acks)
-                            .await
-                            .map(|_| t.elapsed())
-                    });
+            while sent < share || !sent_at.is_empty() {
+                while sent < share && sent_at.len() < in_flight {
+                    pipe.send(&batch)?;
+                    sent_at.push_back(Instant::now());
                     sent += 1;
                 }
-                match pending.next().await {
-                    Some(r) => {
-                        let lat = r?;
-                        hist.record(lat.as_micros().max(1) as u64)?;
-                    }
-                    None => break,
+                pipe.next_ack().await?;
+                if let Some(t) = sent_at.pop_front() {
+                    hist.record(t.elapsed().as_micros().max(1) as u64)?;
                 }
             }
             anyhow::Ok(hist)
@@ -330,6 +331,7 @@ async fn e2e(client: &Client, a: &BenchArgs, partitions: u32) -> Result<()> {
         consumer.seek(&a.topic, p, SeekTo::End).await?;
     }
     let config = ProducerConfig::default()
+        .idempotence(a.idempotence == OnOff::On)
         .acks(a.acks.into())
         .linger(Duration::from_millis(a.linger_ms))
         .batch_size((a.batch_size * (a.record_size + 32)).max(1024));

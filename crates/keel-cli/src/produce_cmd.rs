@@ -73,6 +73,13 @@ pub struct ProduceArgs {
     /// answers before assigning offsets).
     #[arg(long, short)]
     pub verbose: bool,
+    /// Turn off idempotent producing (on by default with --acks all: a batch retried after a
+    /// lost answer or a leader change is written once).
+    #[arg(long)]
+    pub no_idempotence: bool,
+    /// Stable producer identity: a later `keel produce` with the same one fences this one.
+    #[arg(long, value_name = "ID")]
+    pub instance_id: Option<String>,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -180,13 +187,14 @@ pub async fn run(a: ProduceArgs) -> Result<()> {
             if count == 1 { "" } else { "s" }
         );
     }
-    let producer = client
-        .producer(
-            ProducerConfig::default()
-                .acks(a.acks.into())
-                .linger(Duration::from_millis(5)),
-        )
-        .map_err(|e| explain(e, None))?;
+    let mut config = ProducerConfig::default()
+        .acks(a.acks.into())
+        .linger(Duration::from_millis(5))
+        .idempotence(!a.no_idempotence);
+    if let Some(id) = a.instance_id {
+        config = config.instance_id(id);
+    }
+    let producer = client.producer(config).map_err(|e| explain(e, None))?;
     let template = Template {
         topic: a.topic.clone(),
         partition: a.partition,

@@ -350,6 +350,40 @@ impl Client {
         }
     }
 
+    /// Asks the cluster for an idempotent producer id and epoch: for `instance`, its id with the
+    /// next epoch; with `bump` (the current id and epoch), the same id with the next epoch;
+    /// otherwise a fresh id. Retried safely (the request carries an id the broker recognises).
+    pub(crate) async fn init_producer(
+        &self,
+        instance: Option<&str>,
+        bump: Option<(i64, i16)>,
+    ) -> Result<(i64, i16)> {
+        let max = self.inner.config.max_message_size;
+        let req = keel_proto::v1::InitProducerRequest {
+            instance_id: instance.unwrap_or_default().to_owned(),
+            producer_id: bump.map(|b| b.0),
+            producer_epoch: bump.map_or(0, |b| i32::from(b.1)),
+            request_id: crate::util::random() | 1,
+        };
+        let resp = self
+            .call_any(true, |ch, t| {
+                let req = req.clone();
+                async move {
+                    crate::producer::produce_rpc(ch, max)
+                        .init_producer(with_timeout(req, t))
+                        .await
+                }
+            })
+            .await?;
+        let epoch = i16::try_from(resp.producer_epoch).map_err(|_| {
+            ClientError::Protocol(format!(
+                "InitProducer answered epoch {}, outside the i16 range",
+                resp.producer_epoch
+            ))
+        })?;
+        Ok((resp.producer_id, epoch))
+    }
+
     /// Address of the leader of a partition, refreshing the metadata if the cache has no usable
     /// leader. A leaderless partition is `Unavailable` (retriable: an election is running).
     pub(crate) async fn leader_for(&self, topic: &str, partition: u32) -> Result<String> {

@@ -59,6 +59,14 @@ pub enum ClientError {
     CorruptBatch { message: String, definite: bool },
     #[error("{message}")]
     DiskFull { message: String, definite: bool },
+    /// An idempotent batch did not continue its producer's sequence on the partition (nothing
+    /// was written). The producer retries it when an earlier batch of the partition is still
+    /// unresolved; otherwise the batch fails and the producer starts a new epoch.
+    #[error("{message}")]
+    OutOfOrderSequence { message: String, definite: bool },
+    /// A newer incarnation of this producer (same instance id) exists. Fatal for the producer.
+    #[error("{message}")]
+    ProducerFenced { message: String, definite: bool },
     #[error("{message}")]
     Storage { message: String, definite: bool },
     #[error("{message}")]
@@ -130,6 +138,8 @@ const REASONS: &[&str] = &[
     "MESSAGE_TOO_LARGE",
     "CORRUPT_BATCH",
     "DISK_FULL",
+    "OUT_OF_ORDER_SEQUENCE",
+    "PRODUCER_FENCED",
     "STORAGE_ERROR",
     "TIMEOUT",
     "SHUTTING_DOWN",
@@ -252,6 +262,8 @@ impl ClientError {
             Some("MESSAGE_TOO_LARGE") => Self::MessageTooLarge { message, definite },
             Some("CORRUPT_BATCH") => Self::CorruptBatch { message, definite },
             Some("DISK_FULL") => Self::DiskFull { message, definite },
+            Some("OUT_OF_ORDER_SEQUENCE") => Self::OutOfOrderSequence { message, definite },
+            Some("PRODUCER_FENCED") => Self::ProducerFenced { message, definite },
             Some("STORAGE_ERROR") => Self::Storage { message, definite },
             Some("TIMEOUT") => Self::Timeout { message, definite },
             Some("SHUTTING_DOWN") => Self::ShuttingDown { message, definite },
@@ -307,6 +319,8 @@ impl ClientError {
             | Self::MessageTooLarge { definite, .. }
             | Self::CorruptBatch { definite, .. }
             | Self::DiskFull { definite, .. }
+            | Self::OutOfOrderSequence { definite, .. }
+            | Self::ProducerFenced { definite, .. }
             | Self::Storage { definite, .. }
             | Self::Timeout { definite, .. }
             | Self::ShuttingDown { definite, .. }
@@ -334,6 +348,8 @@ impl ClientError {
             Self::MessageTooLarge { .. } => "MESSAGE_TOO_LARGE",
             Self::CorruptBatch { .. } => "CORRUPT_BATCH",
             Self::DiskFull { .. } => "DISK_FULL",
+            Self::OutOfOrderSequence { .. } => "OUT_OF_ORDER_SEQUENCE",
+            Self::ProducerFenced { .. } => "PRODUCER_FENCED",
             Self::Storage { .. } => "STORAGE_ERROR",
             Self::Timeout { .. } => "TIMEOUT",
             Self::ShuttingDown { .. } => "SHUTTING_DOWN",

@@ -91,5 +91,6 @@ pub use keel_proto::v1::{
 };
 pub use partitioner::{murmur2, partition_for_key};
 pub use producer::{
-    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+    Acks, BatchPipeline, DeliveryFuture, MAX_IDEMPOTENT_IN_FLIGHT, Producer, ProducerConfig,
+    ProducerRecord, RecordMetadata,
 };

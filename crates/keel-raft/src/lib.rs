@@ -14,6 +14,7 @@
 pub mod codec;
 mod log_store;
 pub mod network;
+pub mod producers;
 pub mod server;
 pub mod state_file;
 pub mod state_machine;

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::log_store::{KeelLogStore, blocking, log_err};
+use crate::producers::{ProducerTable, SeqBatch, Verdict, first_batch, last_sequence};
 use crate::state_file::StateFile;
 use crate::types::{
     AppendAck, Entry, KeelRaft, LogId, Payload, Snapshot, SnapshotMeta, StoredMembership, log_id,
@@ -46,10 +47,15 @@ use crate::types::{
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";
 
 /// The application data of a snapshot (`SnapshotData` is its JSON encoding).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotState {
     /// The partition offset that follows the snapshot's last entry.
     pub next_offset: u64,
+    /// The idempotent producers' state, as of the last applied entry when the snapshot was
+    /// built (at or after its point: re-applying the entries after the point changes nothing,
+    /// see [`ProducerTable`]).
+    #[serde(default)]
+    pub producers: ProducerTable,
 }
 
 impl SnapshotState {
@@ -96,6 +102,8 @@ struct State {
     memberships: Vec<StoredMembership>,
     /// The offset after the last applied data batch.
     next_offset: u64,
+    /// Idempotent producers, as of the last applied entry.
+    producers: ProducerTable,
     /// Where the next snapshot is cut, and the offset that follows that entry.
     point: Option<(LogId, u64)>,
     snapshot: Option<SnapshotRecord>,
@@ -164,6 +172,12 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Moves the high watermark up to `to`; never down.
 fn advance(hwm: &watch::Sender<u64>, to: u64) {
     hwm.send_if_modified(|v| {
@@ -187,6 +201,10 @@ impl PartitionSm {
     pub fn open(store: &KeelLogStore, hwm: watch::Sender<u64>) -> io::Result<Self> {
         let file = StateFile::new(store.dir(), SNAPSHOT_FILE);
         let record: Option<SnapshotRecord> = file.load(&**store.fs())?;
+        let producers = record
+            .as_ref()
+            .map(|r| r.state.producers.clone())
+            .unwrap_or_default();
         let (last_applied, membership, next_offset) = match &record {
             Some(r) => {
                 if let Some(last) = r.meta.last_log_id {
@@ -218,6 +236,7 @@ impl PartitionSm {
                     last_applied,
                     memberships: vec![membership],
                     next_offset,
+                    producers,
                     point: None,
                     snapshot: record,
                 }),
@@ -229,6 +248,45 @@ impl PartitionSm {
     /// The offset after the last applied data batch.
     pub fn applied_next_offset(&self) -> u64 {
         lock(&self.inner.state).next_offset
+    }
+
+    /// The verdict on an idempotent batch, against the committed producer state with `pending`
+    /// (this leader's appended, not yet applied batches of that producer, oldest first) laid
+    /// over it.
+    pub fn check_producer(
+        &self,
+        producer_id: i64,
+        epoch: i16,
+        first: i32,
+        last: i32,
+        pending: &[(i16, i32, i32)],
+    ) -> Verdict {
+        let st = lock(&self.inner.state);
+        if pending.is_empty() {
+            return st.producers.check(producer_id, epoch, first, last);
+        }
+        st.producers
+            .project(producer_id, pending)
+            .map_or_else(|| first_batch(first), |e| e.check(epoch, first, last))
+    }
+
+    /// Whether the applied state already reflects a batch `(epoch, ..=last)` of the producer.
+    pub fn producer_covers(&self, producer_id: i64, epoch: i16, last: i32) -> bool {
+        lock(&self.inner.state)
+            .producers
+            .covers(producer_id, epoch, last)
+    }
+
+    /// Forgets producers idle longer than `max_idle_ms`; returns how many.
+    pub fn expire_producers(&self, now_ms: i64, max_idle_ms: i64) -> usize {
+        lock(&self.inner.state)
+            .producers
+            .expire(now_ms, max_idle_ms)
+    }
+
+    /// How many idempotent producers the applied state knows.
+    pub fn producer_count(&self) -> usize {
+        lock(&self.inner.state).producers.len()
     }
 
     /// The log id of the last applied entry (or of the snapshot, if nothing was applied since).
@@ -374,6 +432,23 @@ impl PartitionSm {
                     );
                 }
                 st.next_offset = h.next_offset();
+                if h.producer_id >= 0 && !h.attributes.control {
+                    let first = h.base_sequence;
+                    st.producers.record(
+                        h.producer_id,
+                        h.producer_epoch,
+                        SeqBatch {
+                            first_seq: first,
+                            last_seq: last_sequence(first, h.record_count),
+                            base_offset: h.base_offset,
+                            next_offset: h.next_offset(),
+                        },
+                        // This replica's clock, not the producer's: a producer clock far behind
+                        // must not expire its own state at once. Replayed entries count as seen
+                        // now, which only keeps producers longer.
+                        wall_ms(),
+                    );
+                }
                 AppendAck {
                     base_offset: h.base_offset,
                     next_offset: h.next_offset(),
@@ -433,7 +508,10 @@ impl PartitionSm {
                 last_log_id: point,
                 last_membership: st.membership_at(point),
             },
-            state: SnapshotState { next_offset },
+            state: SnapshotState {
+                next_offset,
+                producers: st.producers.clone(),
+            },
         };
         if let Some((point, next_offset)) = st.point {
             return Ok(Ok(at(Some(point), next_offset)));
@@ -521,12 +599,12 @@ impl RaftStateMachine<KeelRaft> for PartitionSm {
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
         let state = SnapshotState::decode(&snapshot)?;
+        let next_offset = state.next_offset;
         if let Some(last) = meta.last_log_id {
             // Before openraft purges the log up to `last` (it waits for this install).
-            self.inner
-                .store
-                .set_snapshot_offset(last, state.next_offset);
+            self.inner.store.set_snapshot_offset(last, next_offset);
         }
+        let producers = state.producers.clone();
         let record = SnapshotRecord {
             meta: meta.clone(),
             state,
@@ -539,12 +617,13 @@ impl RaftStateMachine<KeelRaft> for PartitionSm {
             let mut st = lock(&self.inner.state);
             st.last_applied = meta.last_log_id;
             st.memberships = vec![meta.last_membership.clone()];
-            st.next_offset = state.next_offset;
+            st.next_offset = next_offset;
+            st.producers = producers;
             st.point = None;
             st.snapshot = Some(record);
         }
-        advance(&self.inner.hwm, state.next_offset);
-        tracing::info!(snapshot = ?meta.last_log_id, next_offset = state.next_offset, "installed partition snapshot");
+        advance(&self.inner.hwm, next_offset);
+        tracing::info!(snapshot = ?meta.last_log_id, next_offset, "installed partition snapshot");
         Ok(())
     }
 

@@ -512,6 +512,108 @@ async fn snapshot_point_for_offset_stops_before_the_offset() -> io::Result<()> {
     Ok(())
 }
 
+/// An entry with an idempotent producer's batch.
+fn idempotent(term: u64, index: u64, producer_id: i64, seq: i32, records: usize) -> Entry {
+    let mut b = keel_log::batch::BatchBuilder::new(keel_log::batch::Compression::None).producer(
+        keel_log::batch::ProducerInfo {
+            producer_id,
+            producer_epoch: 0,
+            base_sequence: seq,
+        },
+    );
+    for i in 0..records {
+        b.push(&keel_log::batch::RecordRef {
+            timestamp: 7,
+            key: None,
+            value: Some(format!("p{index}-{i}").as_bytes()),
+            headers: &[],
+        })
+        .expect("push");
+    }
+    Entry {
+        log_id: log_id(term, index),
+        payload: Payload::Normal(keel_raft::BatchData::new(b.build().expect("build"))),
+    }
+}
+
+#[tokio::test]
+async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io::Result<()> {
+    use keel_raft::producers::{SeqBatch, Verdict};
+    let dir = tempfile::tempdir()?;
+    let mut store = KeelLogStore::open(dir.path(), small_config())?;
+    let (tx, _) = watch::channel(0);
+    let mut sm = PartitionSm::open(&store, tx)?;
+    // Producer 7 writes batches of 2 records with sequences 0, 2, 4, ...; producer 8 one batch.
+    let mut entries = vec![membership(1, 0, &[1])];
+    entries.extend((1..9).map(|i| idempotent(1, i, 7, (i as i32 - 1) * 2, 2)));
+    entries.push(idempotent(1, 9, 8, 100, 1));
+    entries.push(normal(1, 10, 3));
+    append(&mut store, entries).await?;
+    apply_from_log(&mut store, &mut sm, 0, 11).await?;
+    let dup = |sm: &PartitionSm, seq: i32| sm.check_producer(7, 0, seq, seq + 1, &[]);
+    assert_eq!(
+        dup(&sm, 14),
+        Verdict::Duplicate(SeqBatch {
+            first_seq: 14,
+            last_seq: 15,
+            base_offset: 14,
+            next_offset: 16
+        })
+    );
+    assert!(
+        matches!(dup(&sm, 4), Verdict::OutOfOrder { .. }),
+        "evicted from the window"
+    );
+    assert_eq!(sm.check_producer(7, 0, 16, 16, &[]), Verdict::Append);
+    assert_eq!(sm.producer_count(), 2);
+
+    // A restart replays the log into the same state.
+    drop(sm);
+    let (tx, _) = watch::channel(0);
+    let mut again = PartitionSm::open(&store, tx)?;
+    assert_eq!(again.producer_count(), 0);
+    apply_from_log(&mut store, &mut again, 0, 11).await?;
+    assert_eq!(
+        dup(&again, 14),
+        Verdict::Duplicate(SeqBatch {
+            first_seq: 14,
+            last_seq: 15,
+            base_offset: 14,
+            next_offset: 16
+        })
+    );
+
+    // A snapshot cut at the retention boundary (before the window) carries the state, and a
+    // follower that installs it and re-applies the entries after the point agrees.
+    assert_eq!(again.set_snapshot_point_for_offset(6)?, Some(log_id(1, 3)));
+    let snap = again.get_snapshot_builder().await.build_snapshot().await?;
+    let dir2 = tempfile::tempdir()?;
+    let mut store2 = KeelLogStore::open(dir2.path(), small_config())?;
+    let (tx2, _) = watch::channel(0);
+    let mut follower = PartitionSm::open(&store2, tx2)?;
+    follower
+        .install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await?;
+    store2.purge(log_id(1, 3)).await?;
+    assert_eq!(dup(&follower, 14), dup(&again, 14));
+    assert_eq!(follower.producer_count(), 2);
+    let rest = store
+        .get_log_reader()
+        .await
+        .try_get_log_entries(4..11)
+        .await?;
+    append(&mut store2, rest).await?;
+    apply_from_log(&mut store2, &mut follower, 4, 11).await?;
+    for seq in (0..18).step_by(2) {
+        assert_eq!(dup(&follower, seq), dup(&again, seq), "sequence {seq}");
+    }
+    assert_eq!(
+        follower.check_producer(8, 0, 100, 100, &[]),
+        again.check_producer(8, 0, 100, 100, &[])
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn snapshot_is_persisted_restored_and_installed() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -553,7 +655,7 @@ async fn snapshot_is_persisted_restored_and_installed() -> io::Result<()> {
     assert_eq!(snap.meta.last_log_id, Some(log_id(1, 8)));
     assert_eq!(*snap.meta.last_membership.log_id(), Some(log_id(1, 0)));
     let state: SnapshotState = serde_json::from_slice(&snap.snapshot).map_err(err)?;
-    assert_eq!(state, SnapshotState { next_offset: 16 });
+    assert_eq!(state.next_offset, 16);
     assert_eq!(sm.snapshot_point(), None);
     // Without a new point a build returns the current snapshot; a covered point is ignored.
     assert!(!sm.set_snapshot_point(log_id(1, 5), 10)?);

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::metadata::TopicMeta;
+use crate::metadata::{InitRefusal, ProducerIds, TopicMeta};
 use crate::topic_config::TopicConfig;
 
 /// Raft group id of the metadata group; partition groups use [`partition_group`].
@@ -62,6 +62,8 @@ pub struct ClusterState {
     pub brokers: BTreeMap<u32, BrokerMeta>,
     pub next_topic_id: u64,
     pub topics: BTreeMap<String, TopicState>,
+    #[serde(default)]
+    pub producers: ProducerIds,
 }
 
 /// A report from a partition leader.
@@ -125,6 +127,12 @@ pub enum Command {
     Leaders {
         reports: Vec<LeaderReport>,
     },
+    /// Hands out an idempotent producer id and epoch (see [`ProducerIds::init`]).
+    InitProducer {
+        request_id: u64,
+        instance: Option<String>,
+        bump: Option<(i64, i16)>,
+    },
 }
 
 /// Why a command was refused when applied (same answer on every broker).
@@ -133,10 +141,18 @@ pub enum Refusal {
     TopicExists(String),
     UnknownTopic(String),
     Invalid { field: String, message: String },
+    Producer(InitRefusal),
+}
+
+/// What an applied command answers beyond success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    Producer { id: i64, epoch: i16 },
 }
 
 /// The outcome of applying one command.
-pub type Outcome = Result<(), Refusal>;
+pub type Outcome = Result<Reply, Refusal>;
 
 impl ClusterState {
     /// The initial state: the given brokers and no topics.
@@ -149,6 +165,22 @@ impl ClusterState {
 
     /// Applies a command. Refused commands change nothing.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        if let Command::InitProducer {
+            request_id,
+            instance,
+            bump,
+        } = cmd
+        {
+            return self
+                .producers
+                .init(*request_id, instance.as_deref(), *bump)
+                .map(|(id, epoch)| Reply::Producer { id, epoch })
+                .map_err(Refusal::Producer);
+        }
+        self.apply_change(cmd).map(|()| Reply::Done)
+    }
+
+    fn apply_change(&mut self, cmd: &Command) -> Result<(), Refusal> {
         match cmd {
             Command::RegisterBroker { id, address } => {
                 let b = self.brokers.entry(*id).or_insert_with(|| BrokerMeta {
@@ -281,6 +313,8 @@ impl ClusterState {
                 b.decommissioning = true;
                 Ok(())
             }
+            // Answered by `apply`.
+            Command::InitProducer { .. } => Ok(()),
             Command::Leaders { reports } => {
                 for r in reports {
                     let Some(t) = self.topics.values_mut().find(|t| t.meta.id == r.topic_id) else {
@@ -308,7 +342,7 @@ impl ClusterState {
             .ok_or_else(|| Refusal::UnknownTopic(name.to_owned()))
     }
 
-    fn check_assignments(&self, assignments: &[Vec<u32>]) -> Outcome {
+    fn check_assignments(&self, assignments: &[Vec<u32>]) -> Result<(), Refusal> {
         for (p, replicas) in assignments.iter().enumerate() {
             let distinct: BTreeSet<u32> = replicas.iter().copied().collect();
             if replicas.is_empty() || distinct.len() != replicas.len() {
@@ -471,7 +505,11 @@ mod tests {
         };
         s.apply(&create).expect("create");
         let before = s.clone();
-        assert_eq!(s.apply(&create), Ok(()), "a retried create is recognised");
+        assert_eq!(
+            s.apply(&create),
+            Ok(Reply::Done),
+            "a retried create is recognised"
+        );
         let other = Command::CreateTopic {
             request_id: 9,
             name: "t".into(),

@@ -19,7 +19,7 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::meta::{ClusterState, Command, Outcome};
+use super::meta::{ClusterState, Command, Outcome, Reply};
 
 /// How many outcomes of recent commands are kept for their proposers to collect.
 const OUTCOMES_KEPT: usize = 4096;
@@ -180,7 +180,7 @@ impl RaftStateMachine<KeelRaft> for MetadataSm {
                             Err(e) => {
                                 // Every replica decodes the same bytes, so they all skip it.
                                 tracing::error!(index = entry.log_id.index, error = %e, "undecodable metadata command skipped");
-                                Ok(())
+                                Ok(Reply::Done)
                             }
                         };
                         g.outcomes.insert(entry.log_id.index, outcome);

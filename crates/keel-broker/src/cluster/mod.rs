@@ -32,10 +32,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
+use crate::metadata::InitRefusal;
 use crate::partition::{Partition, RaftReplica};
 use crate::registry::{Placement, Registry, Topic};
 use crate::topic_config::Resolved;
-use meta::{ClusterState, Command, LeaderReport, META_GROUP, Refusal, partition_group};
+use meta::{ClusterState, Command, LeaderReport, META_GROUP, Refusal, Reply, partition_group};
 use meta_sm::{MetadataSm, encode_command};
 use quiet::{Activity, BEAT, Liveness, QUIET_AFTER};
 use sm::{BrokerRaft, BrokerSm};
@@ -66,7 +67,7 @@ enum ForwardRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum ForwardReply {
-    Outcome(std::result::Result<(), Refusal>),
+    Outcome(std::result::Result<Reply, Refusal>),
     NotLeader(Option<u64>),
     Liveness(BTreeMap<u32, bool>),
     Error(String),
@@ -133,6 +134,19 @@ fn refusal(r: Refusal) -> BrokerError {
     match r {
         Refusal::TopicExists(t) => BrokerError::TopicExists(t),
         Refusal::UnknownTopic(t) => BrokerError::UnknownTopic(t),
+        Refusal::Producer(InitRefusal::UnknownProducer(id)) => BrokerError::InvalidArgument {
+            field: "producer_id",
+            message: format!("producer id {id} was never handed out"),
+        },
+        Refusal::Producer(InitRefusal::Fenced {
+            producer_id,
+            epoch,
+            current,
+        }) => BrokerError::ProducerFenced {
+            producer_id,
+            epoch,
+            current,
+        },
         Refusal::Invalid { field, message } => BrokerError::InvalidArgument {
             field: match field.as_str() {
                 "replicas" => "replicas",
@@ -351,7 +365,7 @@ impl ClusterNode {
                 )
                 .await;
             match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
-                Ok(Ok(ForwardReply::Outcome(r))) => return r.map_err(refusal),
+                Ok(Ok(ForwardReply::Outcome(r))) => return r.map(drop).map_err(refusal),
                 Ok(Ok(ForwardReply::NotLeader(Some(l)))) => {
                     let s = self.state();
                     if let Some(b) = s.brokers.get(&(l as u32)) {
@@ -387,6 +401,11 @@ impl ClusterNode {
     /// Proposes a metadata command and waits until it is applied (on the metadata leader, which
     /// may be another broker); returns its outcome.
     pub async fn propose(&self, cmd: Command) -> Result<()> {
+        self.propose_for_reply(cmd).await.map(drop)
+    }
+
+    /// [`ClusterNode::propose`], returning what the command answered.
+    pub async fn propose_for_reply(&self, cmd: Command) -> Result<Reply> {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         let mut metrics = self.meta_raft.metrics();
         loop {
@@ -439,13 +458,13 @@ impl ClusterNode {
     async fn propose_local(
         &self,
         cmd: &Command,
-    ) -> std::result::Result<std::result::Result<(), Refusal>, Option<BrokerError>> {
+    ) -> std::result::Result<std::result::Result<Reply, Refusal>, Option<BrokerError>> {
         let data = encode_command(cmd).map_err(|e| Some(BrokerError::Internal(e.to_string())))?;
         match self.meta_raft.client_write(data).await {
             Ok(resp) => Ok(self
                 .meta_sm
                 .take_outcome(resp.log_id.index)
-                .unwrap_or(Ok(()))),
+                .unwrap_or(Ok(Reply::Done))),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
             Err(e) => Err(Some(raft_err("metadata group", e))),
         }
@@ -467,8 +486,8 @@ impl ClusterNode {
             ForwardRequest::Propose(cmd) => match self.propose_local(&cmd).await {
                 Ok(outcome) => ForwardReply::Outcome(outcome),
                 // Not the leader: pass it on (a joining broker knows no leader address yet).
-                Err(None) => match self.propose(cmd).await {
-                    Ok(()) => ForwardReply::Outcome(Ok(())),
+                Err(None) => match self.propose_for_reply(cmd).await {
+                    Ok(r) => ForwardReply::Outcome(Ok(r)),
                     Err(e) => ForwardReply::Error(e.to_string()),
                 },
                 Err(Some(e)) => ForwardReply::Error(e.to_string()),
@@ -486,7 +505,7 @@ impl ClusterNode {
             }
             ForwardRequest::Beat { from, quiet } => {
                 self.liveness.beat_from(from, quiet.into_iter().collect());
-                ForwardReply::Outcome(Ok(()))
+                ForwardReply::Outcome(Ok(Reply::Done))
             }
             ForwardRequest::Liveness => match self.local_liveness() {
                 Some(l) => ForwardReply::Liveness(l),

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::Stream;
 use keel_log::batch::{
-    BatchBuilder, BatchError, Compression, DEFAULT_MAX_DECOMPRESSED, RecordRef, validate_records,
+    BatchBuilder, BatchError, Compression, DEFAULT_MAX_DECOMPRESSED, ProducerInfo, RecordRef,
+    validate_records,
 };
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::produce_service_server::ProduceService;
@@ -19,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{BrokerError, Result};
-use crate::partition::{AckLevel, Appended, Partition, Pending};
+use crate::partition::{AckLevel, Appended, Idempotent, Partition, Pending};
 use crate::registry::Topic;
 use crate::state::Shared;
 
@@ -38,6 +39,63 @@ struct Prepared {
     source: usize,
     /// For plain records: the input positions of its records within the source batch.
     positions: Option<Vec<usize>>,
+    producer: Option<Idempotent>,
+}
+
+/// Longest accepted `instance_id`.
+const MAX_INSTANCE_ID: usize = 255;
+
+/// Checks a batch's idempotent-producer fields; `None` for a plain batch.
+fn idempotent(
+    st: &crate::state::BrokerState,
+    index: usize,
+    producer_id: i64,
+    epoch: i64,
+    base_sequence: i64,
+    records: u32,
+) -> Result<Option<Idempotent>> {
+    if producer_id < 0 {
+        return Ok(None);
+    }
+    let bad = |field: &'static str, what: String| {
+        Err(BrokerError::invalid(
+            field,
+            format!("batches[{index}]: {what}"),
+        ))
+    };
+    let Ok(epoch) = i16::try_from(epoch) else {
+        return bad("producer_epoch", format!("{epoch} is outside 0..=32767"));
+    };
+    if epoch < 0 {
+        return bad("producer_epoch", format!("{epoch} is outside 0..=32767"));
+    }
+    let Ok(first) = i32::try_from(base_sequence) else {
+        return bad(
+            "base_sequence",
+            format!("{base_sequence} is outside 0..=2147483647"),
+        );
+    };
+    if first < 0 {
+        return bad(
+            "base_sequence",
+            format!("{first} is outside 0..=2147483647"),
+        );
+    }
+    if let Some(current) = st.producer_epoch(producer_id)
+        && epoch < current
+    {
+        return Err(BrokerError::ProducerFenced {
+            producer_id,
+            epoch,
+            current,
+        });
+    }
+    Ok(Some(Idempotent {
+        producer_id,
+        epoch,
+        first_seq: first,
+        last_seq: keel_raft::producers::last_sequence(first, records),
+    }))
 }
 
 struct Plan {
@@ -118,6 +176,14 @@ impl Produce {
                     ));
                 }
                 Some(Data::RecordBatch(bytes)) => {
+                    if b.producer.is_some() {
+                        return Err(BrokerError::invalid(
+                            "batches.producer",
+                            format!(
+                                "batches[{i}]: an encoded record_batch carries its producer fields in its header"
+                            ),
+                        ));
+                    }
                     let pid = b.partition.ok_or_else(|| {
                         BrokerError::invalid(
                             "batches.partition",
@@ -177,6 +243,14 @@ impl Produce {
                             ),
                         ));
                     }
+                    let producer = idempotent(
+                        st,
+                        i,
+                        header.producer_id,
+                        i64::from(header.producer_epoch),
+                        i64::from(header.base_sequence),
+                        header.record_count,
+                    )?;
                     sources.push(None);
                     batches.push(Prepared {
                         partition,
@@ -184,6 +258,7 @@ impl Produce {
                         records: header.record_count,
                         source: i,
                         positions: None,
+                        producer,
                     });
                 }
                 Some(Data::Records(list)) => {
@@ -203,6 +278,35 @@ impl Produce {
                             ),
                         ));
                     }
+                    let producer = match &b.producer {
+                        None => None,
+                        Some(f) => {
+                            if b.partition.is_none() {
+                                return Err(BrokerError::invalid(
+                                    "batches.partition",
+                                    format!(
+                                        "batches[{i}]: an idempotent records batch needs an explicit partition"
+                                    ),
+                                ));
+                            }
+                            idempotent(
+                                st,
+                                i,
+                                f.producer_id.max(0),
+                                i64::from(f.producer_epoch),
+                                i64::from(f.base_sequence),
+                                list.records.len() as u32,
+                            )?
+                        }
+                    };
+                    if let Some(f) = &b.producer
+                        && f.producer_id < 0
+                    {
+                        return Err(BrokerError::invalid(
+                            "batches.producer.producer_id",
+                            format!("batches[{i}]: {} is negative", f.producer_id),
+                        ));
+                    }
                     sources.push(Some(list.records.len()));
                     encode_records(
                         &topic,
@@ -210,6 +314,7 @@ impl Produce {
                         i,
                         list.records,
                         max_message,
+                        producer,
                         &mut batches,
                     )?;
                 }
@@ -230,7 +335,7 @@ impl Produce {
         for b in &plan.batches {
             match b
                 .partition
-                .append_only(b.bytes.clone(), plan.acks, b.source)
+                .append_only(b.bytes.clone(), plan.acks, b.source, b.producer)
                 .await
             {
                 Ok(info) => infos.push(info),
@@ -329,6 +434,7 @@ fn encode_records(
     source: usize,
     records: Vec<Record>,
     max_message: u64,
+    producer: Option<Idempotent>,
     out: &mut Vec<Prepared>,
 ) -> Result<()> {
     let count = topic.partition_count();
@@ -354,7 +460,18 @@ fn encode_records(
     let now = now_ms();
     for (pid, idxs) in by_partition {
         let partition = Arc::clone(topic.partition(pid)?);
-        let mut builder = BatchBuilder::new(Compression::None);
+        let fresh = || {
+            let b = BatchBuilder::new(Compression::None);
+            match producer {
+                Some(p) => b.producer(ProducerInfo {
+                    producer_id: p.producer_id,
+                    producer_epoch: p.epoch,
+                    base_sequence: p.first_seq,
+                }),
+                None => b,
+            }
+        };
+        let mut builder = fresh();
         let mut members: Vec<usize> = Vec::new();
         let flush =
             |builder: BatchBuilder, members: Vec<usize>, out: &mut Vec<Prepared>| -> Result<()> {
@@ -376,6 +493,7 @@ fn encode_records(
                     records,
                     source,
                     positions: Some(members),
+                    producer,
                 });
                 Ok(())
             };
@@ -404,7 +522,16 @@ fn encode_records(
                     .sum::<usize>()
                 + 64;
             if !builder.is_empty() && (builder.size_bytes() + size) as u64 > max_message {
-                let full = std::mem::replace(&mut builder, BatchBuilder::new(Compression::None));
+                if producer.is_some() {
+                    // One sequence range is one batch.
+                    return Err(BrokerError::TooLarge {
+                        what: "idempotent records batch",
+                        size: (builder.size_bytes() + size) as u64,
+                        limit: max_message,
+                        setting: "max.message.bytes",
+                    });
+                }
+                let full = std::mem::replace(&mut builder, fresh());
                 flush(full, std::mem::take(&mut members), out)?;
             }
             builder
@@ -435,6 +562,60 @@ impl ProduceService for Produce {
         metrics::histogram!("keel_request_duration_seconds", "rpc" => "Produce")
             .record(started.elapsed().as_secs_f64());
         Ok(Response::new(resp))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn init_producer(
+        &self,
+        req: Request<InitProducerRequest>,
+    ) -> Result<Response<InitProducerResponse>, Status> {
+        let req = req.into_inner();
+        if self.0.is_shutting_down() {
+            return Err(BrokerError::ShuttingDown.into());
+        }
+        if req.instance_id.len() > MAX_INSTANCE_ID {
+            return Err(BrokerError::invalid(
+                "instance_id",
+                format!(
+                    "{} bytes exceed the limit of {MAX_INSTANCE_ID}",
+                    req.instance_id.len()
+                ),
+            )
+            .into());
+        }
+        if req.instance_id.chars().any(char::is_control) {
+            return Err(
+                BrokerError::invalid("instance_id", "control characters are not allowed").into(),
+            );
+        }
+        let bump = match req.producer_id {
+            None => None,
+            Some(id) => {
+                let epoch = i16::try_from(req.producer_epoch)
+                    .ok()
+                    .filter(|e| *e >= 0)
+                    .ok_or_else(|| {
+                        BrokerError::invalid(
+                            "producer_epoch",
+                            format!("{} is outside 0..=32767", req.producer_epoch),
+                        )
+                    })?;
+                if id <= 0 {
+                    return Err(BrokerError::invalid(
+                        "producer_id",
+                        format!("{id} is not a producer id (they start at 1)"),
+                    )
+                    .into());
+                }
+                Some((id, epoch))
+            }
+        };
+        let instance = (!req.instance_id.is_empty()).then_some(req.instance_id);
+        let (producer_id, epoch) = self.0.init_producer(req.request_id, instance, bump).await?;
+        Ok(Response::new(InitProducerResponse {
+            producer_id,
+            producer_epoch: i32::from(epoch),
+        }))
     }
 
     type ProduceStreamStream = ResponseStream;

@@ -50,6 +50,11 @@ pub(crate) struct ProducerBatch {
     pub(crate) last_error: Option<ClientError>,
     /// Buffer memory held until the batch completes: this is the producer's back-pressure.
     pub(crate) permit: Option<OwnedSemaphorePermit>,
+    /// Idempotent producing: the epoch and first sequence number stamped into the batch,
+    /// assigned when it is first sent and kept across retries.
+    pub(crate) sequence: Option<(i16, i32)>,
+    /// An attempt ended without a definite answer: the batch may be in the log.
+    pub(crate) maybe_written: bool,
 }
 
 impl ProducerBatch {
@@ -202,6 +207,8 @@ impl Accumulator {
                     retry_at: None,
                     last_error: None,
                     permit: None,
+                    sequence: None,
+                    maybe_written: false,
                 })
             }
         };
@@ -294,6 +301,41 @@ impl Accumulator {
         let q = self.queue_mut(&batch.topic.clone(), batch.partition);
         q.in_flight = q.in_flight.saturating_sub(1);
         insert_ordered(&mut q.queue, batch);
+    }
+
+    /// Whether a batch of this partition created before `id` waits in the queue (a retry).
+    pub(crate) fn has_queued_before(&self, topic: &str, partition: u32, id: u64) -> bool {
+        self.queue(topic, partition)
+            .is_some_and(|q| q.queue.front().is_some_and(|b| b.id < id))
+    }
+
+    /// Takes out every queued batch that `pred` selects (for the producer to fail them).
+    pub(crate) fn take_queued(
+        &mut self,
+        mut pred: impl FnMut(&ProducerBatch) -> bool,
+    ) -> Vec<ProducerBatch> {
+        let mut out = Vec::new();
+        for q in self.topics.values_mut().flat_map(|t| t.values_mut()) {
+            let mut i = 0;
+            while i < q.queue.len() {
+                if pred(&q.queue[i])
+                    && let Some(b) = q.queue.remove(i)
+                {
+                    out.push(b);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Every queued batch (for the producer to renumber them).
+    pub(crate) fn queued_mut(&mut self) -> impl Iterator<Item = &mut ProducerBatch> {
+        self.topics
+            .values_mut()
+            .flat_map(|t| t.values_mut())
+            .flat_map(|q| q.queue.iter_mut())
     }
 
     /// Records that a batch taken by `drain` is no longer in flight and is finished (acknowledged

@@ -6,12 +6,24 @@
 //! `max_in_flight` requests per partition. Retriable failures are retried with backoff until
 //! `delivery_timeout`.
 //!
-//! Without idempotence (not implemented yet), a retry after an ambiguous failure (a timeout or a
-//! broken connection) can write a batch twice, and with `max_in_flight > 1` a retried batch can
-//! land after a later one. Set `max_in_flight` to 1 for strict per-partition order.
+//! **Idempotence** is on by default with `acks = All` (as in Kafka 3+): the producer gets a
+//! producer id and epoch from the cluster ([`ProducerConfig::instance_id`] keeps one identity
+//! across restarts and fences older incarnations), numbers each partition's records from 0, and
+//! the partition leader writes a retried batch only once, answering the retry with the original
+//! offsets. Batches of a partition are written in order even across retries. A batch that fails
+//! for good leaves a gap in its partition's sequence: the producer then waits for its requests
+//! in flight, starts a new epoch and renumbers the batches not yet written (any whose earlier
+//! attempt may have been written fail instead, with the error of that attempt).
+//!
+//! Without idempotence (or with `acks` other than `All`), a retry after an ambiguous failure (a
+//! timeout or a broken connection) can write a batch twice, and with `max_in_flight > 1` a
+//! retried batch can land after a later one.
 
 mod accumulator;
+mod pipeline;
 mod sender;
+
+pub use pipeline::BatchPipeline;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -97,7 +109,18 @@ pub struct ProducerConfig {
     pub retry_backoff_max: Duration,
     /// Time from `send` until a record fails for good if it could not be acknowledged.
     pub delivery_timeout: Duration,
+    /// Idempotent producing (see the module docs). Takes effect with `acks = All` only, and then
+    /// needs `max_in_flight` of at most 5.
+    pub idempotence: bool,
+    /// A stable identity for an idempotent producer (e.g. a service instance name): a producer
+    /// started with the same one gets the same producer id with a newer epoch, and this one's
+    /// writes then fail with [`ClientError::ProducerFenced`].
+    pub instance_id: Option<String>,
 }
+
+/// The most requests an idempotent producer may have in flight per partition: the broker
+/// remembers this many batches per producer to recognise retries.
+pub const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -112,6 +135,8 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
             delivery_timeout: Duration::from_secs(120),
+            idempotence: true,
+            instance_id: None,
         }
     }
 }
@@ -157,6 +182,21 @@ impl ProducerConfig {
         self
     }
 
+    pub fn idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
+        self
+    }
+
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Whether batches are sent idempotently.
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotence && self.acks == Acks::All
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ClientError::InvalidInput(m));
         if self.batch_size == 0 {
@@ -177,6 +217,18 @@ impl ProducerConfig {
         }
         if self.delivery_timeout <= self.linger {
             return bad("delivery_timeout must be longer than linger".into());
+        }
+        if self.is_idempotent() && self.max_in_flight > MAX_IDEMPOTENT_IN_FLIGHT {
+            return bad(format!(
+                "max_in_flight must be at most {MAX_IDEMPOTENT_IN_FLIGHT} with idempotence (or turn idempotence off)"
+            ));
+        }
+        if self
+            .instance_id
+            .as_ref()
+            .is_some_and(|i| i.is_empty() || i.len() > 255)
+        {
+            return bad("instance_id must be 1 to 255 bytes".into());
         }
         Ok(())
     }
@@ -527,6 +579,7 @@ impl Producer {
                     batches: vec![ProduceBatch {
                         partition: Some(partition),
                         data: Some(produce_batch::Data::RecordBatch(encoded_batch.clone())),
+                        producer: None,
                     }],
                 };
                 async move { produce_rpc(ch, max).produce(with_timeout(req, t)).await }
@@ -586,6 +639,19 @@ mod tests {
                 .max_in_flight(0)
                 .validate()
                 .is_err()
+        );
+        assert!(
+            ProducerConfig::default()
+                .max_in_flight(6)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            ProducerConfig::default()
+                .max_in_flight(6)
+                .idempotence(false)
+                .validate()
+                .is_ok()
         );
         assert!(
             ProducerConfig::default()

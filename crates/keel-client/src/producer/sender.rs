@@ -15,7 +15,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::accumulator::ProducerBatch;
+use bytes::Bytes;
+use keel_log::batch::{ProducerInfo, set_producer};
+
+use super::accumulator::{BatchData, ProducerBatch};
 use super::{Acks, ProducerConfig, RecordMetadata, Shared, produce_rpc};
 use crate::client::Client;
 use crate::error::{ClientError, Tp};
@@ -36,6 +39,35 @@ enum Event {
         error: ClientError,
     },
     MetadataRefreshed,
+    /// The answer to an `InitProducer` request.
+    ProducerInit(Result<(i64, i16), ClientError>),
+}
+
+/// An idempotent producer's identity and sequence numbers.
+struct Idempotence {
+    /// Producer id and epoch, once the cluster handed them out.
+    id: Option<(i64, i16)>,
+    /// Next sequence number per partition (in the current epoch).
+    next_seq: HashMap<(Arc<str>, u32), i32>,
+    initializing: bool,
+    init_not_before: Instant,
+    init_attempts: u32,
+    /// A batch failed for good with a sequence number: the epoch must change before anything
+    /// more is sent (a new epoch restarts every partition at 0).
+    reset_wanted: bool,
+    /// A newer incarnation exists: every batch fails with this.
+    fenced: Option<ClientError>,
+    /// Partitions whose batch starting at this sequence number failed for good with a
+    /// definite error: nothing after it can have been written either (the broker only writes
+    /// the next sequence), so once the partition has nothing in flight the later batches are
+    /// renumbered from there, without a new epoch.
+    rewinds: HashMap<(Arc<str>, u32), i32>,
+}
+
+impl Idempotence {
+    fn ready(&self) -> bool {
+        self.id.is_some() && !self.reset_wanted && !self.initializing
+    }
 }
 
 struct Conn {
@@ -63,6 +95,7 @@ pub(crate) struct Sender {
     refreshing: bool,
     refresh_wanted: bool,
     refresh_not_before: Instant,
+    idem: Option<Idempotence>,
 }
 
 impl Sender {
@@ -70,7 +103,6 @@ impl Sender {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Self {
             client,
-            config,
             shared,
             conns: HashMap::new(),
             next_conn: 0,
@@ -81,34 +113,262 @@ impl Sender {
             refreshing: false,
             refresh_wanted: false,
             refresh_not_before: Instant::now(),
+            idem: config.is_idempotent().then(|| Idempotence {
+                id: None,
+                next_seq: HashMap::new(),
+                initializing: false,
+                init_not_before: Instant::now(),
+                init_attempts: 0,
+                reset_wanted: false,
+                fenced: None,
+                rewinds: HashMap::new(),
+            }),
+            config,
         }
+    }
+
+    /// Whether batches can be sent now: not while an idempotent producer has no id yet or is
+    /// changing epochs. Starts that work when it is due.
+    fn idempotence_ready(&mut self, now: Instant, wake_at: &mut Option<Instant>) -> bool {
+        let in_flight = self.in_flight.len();
+        let Some(idem) = &mut self.idem else {
+            return true;
+        };
+        if idem.fenced.is_some() || idem.ready() {
+            return true;
+        }
+        // A new epoch restarts the sequences: only once nothing of the old one is in flight.
+        if idem.initializing || (idem.reset_wanted && in_flight > 0) {
+            return false;
+        }
+        if now < idem.init_not_before {
+            let at = idem.init_not_before;
+            *wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+            return false;
+        }
+        idem.initializing = true;
+        let bump = if idem.reset_wanted { idem.id } else { None };
+        let client = self.client.clone();
+        let instance = self.config.instance_id.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let r = client.init_producer(instance.as_deref(), bump).await;
+            let _ = events.send(Event::ProducerInit(r));
+        });
+        false
+    }
+
+    /// Stamps a batch with its producer id, epoch and first sequence number on its first send.
+    fn sequence(&mut self, batch: &mut ProducerBatch) -> Result<(), ClientError> {
+        let Some(idem) = &mut self.idem else {
+            return Ok(());
+        };
+        let Some((producer_id, epoch)) = idem.id else {
+            return Err(ClientError::InvalidInput(
+                "idempotent producer has no producer id".into(),
+            ));
+        };
+        if batch.sequence.is_some() {
+            return Ok(());
+        }
+        let count = batch.records.len() as u32;
+        let next = idem
+            .next_seq
+            .entry((Arc::clone(&batch.topic), batch.partition))
+            .or_insert(0);
+        let first = *next;
+        *next = next_sequence(first, count);
+        batch.sequence = Some((epoch, first));
+        let info = ProducerInfo {
+            producer_id,
+            producer_epoch: epoch,
+            base_sequence: first,
+        };
+        match &mut batch.data {
+            BatchData::Open(builder) => builder.set_producer(info),
+            BatchData::Built(bytes) => {
+                let mut restamped = bytes.to_vec();
+                set_producer(&mut restamped, info).map_err(|e| {
+                    ClientError::InvalidInput(format!("cannot renumber a record batch: {e}"))
+                })?;
+                *bytes = Bytes::from(restamped);
+            }
+            BatchData::Taken => {}
+        }
+        Ok(())
+    }
+
+    fn on_producer_init(&mut self, r: Result<(i64, i16), ClientError>) {
+        let Some(idem) = &mut self.idem else {
+            return;
+        };
+        idem.initializing = false;
+        match r {
+            Ok(id) => {
+                let resetting = idem.reset_wanted;
+                tracing::debug!(producer_id = id.0, epoch = id.1, resetting, "producer id");
+                idem.id = Some(id);
+                idem.init_attempts = 0;
+                idem.reset_wanted = false;
+                idem.next_seq.clear();
+                if resetting {
+                    self.renumber();
+                }
+            }
+            Err(e @ ClientError::ProducerFenced { .. }) => {
+                idem.fenced = Some(e);
+            }
+            Err(e) => {
+                idem.init_attempts += 1;
+                let wait = backoff(
+                    self.config.retry_backoff,
+                    self.config.retry_backoff_max,
+                    idem.init_attempts,
+                );
+                tracing::debug!(error = %e, "InitProducer failed; retrying");
+                idem.init_not_before = Instant::now() + wait;
+            }
+        }
+    }
+
+    /// After an epoch change: batches that were numbered in the old epoch get new numbers when
+    /// sent, except those an earlier attempt may have written, which fail (renumbering them
+    /// could write them twice).
+    fn renumber(&mut self) {
+        let doubtful = {
+            let mut state = lock(&self.shared.state);
+            let doubtful = state
+                .acc
+                .take_queued(|b| b.sequence.is_some() && b.maybe_written);
+            for b in state.acc.queued_mut() {
+                b.sequence = None;
+            }
+            doubtful
+        };
+        for mut b in doubtful {
+            // Numbered in the old epoch, which is over: failing it leaves no gap to close.
+            b.sequence = None;
+            let err = b.last_error.clone().unwrap_or_else(|| ClientError::Unavailable {
+                message: "the outcome of an earlier attempt is unknown and the producer changed epochs".into(),
+                definite: false,
+            });
+            let err = delivery_timeout(&b, Some(err));
+            self.fail(b, err, false);
+        }
+    }
+
+    /// A numbered batch fails for good: its partition's sequence now has a gap. Without doubt
+    /// about its attempts, the partition renumbers from it; otherwise only a new epoch helps.
+    fn gave_up(&mut self, batch: &ProducerBatch) {
+        let (Some(idem), Some((epoch, first))) = (&mut self.idem, batch.sequence) else {
+            return;
+        };
+        if batch.maybe_written || idem.id.is_none_or(|(_, e)| e != epoch) {
+            idem.reset_wanted = true;
+            return;
+        }
+        idem.rewinds
+            .entry((Arc::clone(&batch.topic), batch.partition))
+            .and_modify(|s| {
+                if sequence_before(first, *s) {
+                    *s = first;
+                }
+            })
+            .or_insert(first);
+    }
+
+    /// Renumbers the partitions waiting for it once nothing of theirs is in flight.
+    fn apply_rewinds(&mut self) {
+        let Some(idem) = &mut self.idem else {
+            return;
+        };
+        if idem.rewinds.is_empty() {
+            return;
+        }
+        let due: Vec<((Arc<str>, u32), i32)> = idem
+            .rewinds
+            .iter()
+            .filter(|((t, p), _)| {
+                !self
+                    .in_flight
+                    .values()
+                    .any(|f| f.batch.partition == *p && f.batch.topic == *t)
+            })
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut state = lock(&self.shared.state);
+        for ((topic, partition), first) in due {
+            idem.rewinds.remove(&(Arc::clone(&topic), partition));
+            idem.next_seq.insert((Arc::clone(&topic), partition), first);
+            for b in state.acc.queued_mut() {
+                if b.partition == partition
+                    && b.topic == topic
+                    && b.sequence.is_some_and(|(_, s)| !sequence_before(s, first))
+                {
+                    // Sent after the failed batch: refused, never written.
+                    b.sequence = None;
+                    b.maybe_written = false;
+                }
+            }
+        }
+    }
+
+    /// Whether a batch of the same partition created before this one is still unresolved (in
+    /// flight or queued for a retry): then an out-of-order answer only means that one has not
+    /// been written yet.
+    fn earlier_unresolved(&self, batch: &ProducerBatch) -> bool {
+        self.in_flight.values().any(|f| {
+            f.batch.id < batch.id
+                && f.batch.partition == batch.partition
+                && f.batch.topic == batch.topic
+        }) || lock(&self.shared.state).acc.has_queued_before(
+            &batch.topic,
+            batch.partition,
+            batch.id,
+        )
     }
 
     pub(crate) async fn run(mut self) {
         loop {
             let now = Instant::now();
             let flush = self.shared.flushing();
+            let mut wake_at = None;
+            let ready = self.idempotence_ready(now, &mut wake_at);
+            self.apply_rewinds();
+            let rewinding: Vec<(Arc<str>, u32)> = self
+                .idem
+                .as_ref()
+                .map(|i| i.rewinds.keys().cloned().collect())
+                .unwrap_or_default();
             let drained = {
                 let mut state = lock(&self.shared.state);
                 let metadata = read(&self.client.inner.metadata);
-                state
-                    .acc
-                    .drain(now, flush, |t, p| match metadata.route(t, p) {
+                state.acc.drain(now, flush, |t, p| {
+                    if !ready || rewinding.iter().any(|(rt, rp)| **rt == *t && *rp == p) {
+                        return None;
+                    }
+                    match metadata.route(t, p) {
                         Route::Leader { address, .. } => Some(address),
                         _ => None,
-                    })
+                    }
+                })
             };
             for batch in drained.expired {
                 let err = delivery_timeout(&batch, None);
                 self.fail(batch, err, false);
             }
-            if drained.need_metadata {
+            if drained.need_metadata && ready {
                 self.refresh_wanted = true;
             }
             for (addr, batch) in drained.sendable {
                 self.dispatch(addr, batch, now);
             }
-            let mut wake_at = drained.next_wakeup;
+            if let Some(w) = drained.next_wakeup {
+                wake_at = Some(wake_at.map_or(w, |x: Instant| x.min(w)));
+            }
             self.expire_requests(now, &mut wake_at);
             self.maybe_refresh(now, &mut wake_at);
 
@@ -141,6 +401,12 @@ impl Sender {
     }
 
     fn dispatch(&mut self, addr: String, mut batch: ProducerBatch, now: Instant) {
+        if let Some(err) = self.idem.as_ref().and_then(|i| i.fenced.clone()) {
+            return self.fail(batch, err, true);
+        }
+        if let Err(e) = self.sequence(&mut batch) {
+            return self.fail(batch, e, true);
+        }
         let bytes = match batch.encoded() {
             Ok(b) => b,
             Err(e) => return self.fail(batch, e, true),
@@ -159,6 +425,7 @@ impl Sender {
             batches: vec![ProduceBatch {
                 partition: Some(batch.partition),
                 data: Some(produce_batch::Data::RecordBatch(bytes)),
+                producer: None,
             }],
         };
         if tx.send(req).is_err() {
@@ -281,6 +548,7 @@ impl Sender {
                     }
                 }
             }
+            Event::ProducerInit(r) => self.on_producer_init(r),
             Event::MetadataRefreshed => {
                 self.refreshing = false;
                 self.refresh_not_before = Instant::now() + self.config.retry_backoff;
@@ -344,6 +612,44 @@ impl Sender {
         if err.invalidates_metadata() {
             self.refresh_wanted = true;
         }
+        if self.idem.is_some() && batch.sequence.is_some() {
+            if !err.is_definite() {
+                batch.maybe_written = true;
+            }
+            match &err {
+                ClientError::ProducerFenced { .. } => {
+                    if let Some(idem) = &mut self.idem {
+                        idem.fenced = Some(err.clone());
+                    }
+                    return self.fail(batch, err, true);
+                }
+                ClientError::OutOfOrderSequence { .. } => {
+                    let rewinding = self.idem.as_ref().is_some_and(|i| {
+                        i.rewinds
+                            .keys()
+                            .any(|(t, p)| *t == batch.topic && *p == batch.partition)
+                    });
+                    if rewinding {
+                        // Behind a batch that failed for good: certainly not written.
+                        batch.maybe_written = false;
+                    } else if !self.earlier_unresolved(&batch) {
+                        // A gap nothing in flight explains (e.g. the partition forgot an idle
+                        // producer): only a new epoch closes it. A batch that may already be
+                        // written cannot be renumbered and fails.
+                        if let Some(idem) = &mut self.idem {
+                            idem.reset_wanted = true;
+                        }
+                        if batch.maybe_written {
+                            return self.fail(batch, err, true);
+                        }
+                    }
+                    // Otherwise an earlier batch of the partition is not written yet: this one
+                    // follows it once it is.
+                    return self.retry(batch, err);
+                }
+                _ => {}
+            }
+        }
         // Unknown topic or partition right after a topic change usually means the leader has
         // not caught up with the metadata yet; Kafka retries these too.
         let retriable = err.is_retriable()
@@ -354,6 +660,11 @@ impl Sender {
         if !retriable {
             return self.fail(batch, err, true);
         }
+        self.retry(batch, err)
+    }
+
+    /// Queues a batch for another attempt after a backoff, unless its delivery time is up.
+    fn retry(&mut self, mut batch: ProducerBatch, err: ClientError) {
         let now = Instant::now();
         if now.duration_since(batch.created) >= self.config.delivery_timeout {
             let err = delivery_timeout(&batch, Some(err));
@@ -396,6 +707,9 @@ impl Sender {
     }
 
     fn fail(&mut self, batch: ProducerBatch, err: ClientError, was_in_flight: bool) {
+        if !matches!(err, ClientError::ProducerFenced { .. }) {
+            self.gave_up(&batch);
+        }
         self.finish(&batch, was_in_flight);
         tracing::debug!(topic = %batch.topic, partition = batch.partition, error = %err, "batch failed");
         for r in batch.records {
@@ -409,6 +723,18 @@ impl Sender {
         // Published under the lock so that values never go backwards.
         self.shared.min_incomplete.send_replace(min);
     }
+}
+
+/// Whether sequence `a` comes before `b` (within half the circular sequence space).
+fn sequence_before(a: i32, b: i32) -> bool {
+    let d = (i64::from(b) - i64::from(a)).rem_euclid(i64::from(i32::MAX) + 1);
+    d != 0 && d < (i64::from(i32::MAX) + 1) / 2
+}
+
+/// The sequence number after a batch of `count` records starting at `first` (wrapping after
+/// `i32::MAX`, as the broker expects).
+fn next_sequence(first: i32, count: u32) -> i32 {
+    ((i64::from(first) + i64::from(count)).rem_euclid(i64::from(i32::MAX) + 1)) as i32
 }
 
 fn delivery_timeout(batch: &ProducerBatch, err: Option<ClientError>) -> ClientError {

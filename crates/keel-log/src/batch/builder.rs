@@ -60,6 +60,11 @@ impl BatchBuilder {
         self
     }
 
+    /// Sets the producer fields of a builder already in use (before `build`).
+    pub fn set_producer(&mut self, producer: ProducerInfo) {
+        self.producer = producer;
+    }
+
     pub fn timestamp_type(mut self, t: TimestampType) -> Self {
         self.timestamp_type = t;
         self
@@ -130,6 +135,19 @@ impl BatchBuilder {
         finish(header, &mut out)?;
         Ok(out)
     }
+}
+
+/// Rewrites the producer fields of an encoded batch and its CRC (a producer that restarts its
+/// sequences re-stamps batches it had already encoded). Checks the header first.
+pub fn set_producer(batch: &mut [u8], producer: ProducerInfo) -> Result<(), BatchError> {
+    let mut header = BatchHeader::parse(batch)?;
+    if header.total_len() != batch.len() {
+        return Err(BatchError::Truncated { what: "batch" });
+    }
+    header.producer_id = producer.producer_id;
+    header.producer_epoch = producer.producer_epoch;
+    header.base_sequence = producer.base_sequence;
+    finish(header, batch)
 }
 
 /// Encodes a control batch: an opaque payload (e.g. a Raft membership change) that takes no

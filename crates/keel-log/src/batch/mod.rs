@@ -11,7 +11,7 @@ mod header;
 mod record;
 mod varint;
 
-pub use builder::{BatchBuilder, ProducerInfo, control_batch};
+pub use builder::{BatchBuilder, ProducerInfo, control_batch, set_producer};
 pub use compression::Compression;
 pub use header::{
     Attributes, BatchHeader, HEADER_LEN, LENGTH_PREFIX, MAGIC_V1, NO_PRODUCER_ID, STAMP_END,

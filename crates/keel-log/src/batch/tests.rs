@@ -170,3 +170,27 @@ fn header_rejects_bad_fields() {
         Err(BatchError::Truncated { .. })
     ));
 }
+
+#[test]
+fn set_producer_restamps_fields_and_crc() {
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(&RecordRef {
+        timestamp: 5,
+        key: None,
+        value: Some(b"v"),
+        headers: &[],
+    })
+    .expect("push");
+    let mut bytes = b.build().expect("build");
+    let info = ProducerInfo {
+        producer_id: 9,
+        producer_epoch: 2,
+        base_sequence: 40,
+    };
+    set_producer(&mut bytes, info).expect("restamp");
+    let h = validate_records(&bytes, 1 << 20).expect("still valid");
+    assert_eq!(
+        (h.producer_id, h.producer_epoch, h.base_sequence),
+        (9, 2, 40)
+    );
+}
