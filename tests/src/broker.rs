@@ -121,6 +121,20 @@ impl BrokerProc {
         });
     }
 
+    /// Whether `/readyz` answers 200 within `timeout` (polling).
+    pub fn ready_within(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if http_get(&self.http, "/readyz").is_some_and(|(c, _)| c == 200) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the stopped process again on the same ports and data, without waiting.
     pub fn relaunch(&mut self) {
         assert!(self.child.is_none(), "stop the broker first");

@@ -64,13 +64,20 @@ impl ClusterProc {
                 BrokerProc::launch_on(&dir.join(format!("node-{id}")), id, a.clone(), &args)
             })
             .collect::<Vec<_>>();
-        for n in &nodes {
-            n.wait_ready();
-        }
         let c = Self {
             dir: dir.to_path_buf(),
             nodes,
         };
+        for n in &c.nodes {
+            if !n.ready_within(Duration::from_secs(30)) {
+                let logs = c.preserve_logs();
+                panic!(
+                    "broker {} was not ready within 30 s of the cluster's start; logs in {}",
+                    n.id,
+                    logs.display()
+                );
+            }
+        }
         c.wait_all_alive(n as usize);
         c
     }

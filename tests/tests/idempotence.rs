@@ -463,8 +463,24 @@ async fn lost_responses_are_retried_without_duplicates() {
         proxy.dropped()
     );
     producer.close().await.expect("close");
+
+    // Without idempotence the client does not resend what may have been written: the record
+    // fails with an error that says so, and nothing is duplicated.
+    let plain = client
+        .producer(config.idempotence(false))
+        .expect("producer");
+    proxy.drop_next_response();
+    let lost = plain
+        .send(ProducerRecord::new("lossy", "not-retried").partition(0))
+        .await
+        .expect("send")
+        .await
+        .expect_err("the answer was lost");
+    assert!(!lost.is_definite(), "{lost:?}");
+    plain.close().await.expect("close");
+    acked.push(("not-retried".into(), (rounds * 10) as u64));
     let log = read_all(&client, "lossy").await;
-    assert_eq!(log.len(), rounds * 10, "every record exactly once");
+    assert_eq!(log.len(), rounds * 10 + 1, "every record exactly once");
     let distinct: BTreeSet<&String> = log.values().collect();
     assert_eq!(distinct.len(), log.len(), "no record written twice");
     for (i, (v, o)) in acked.iter().enumerate() {

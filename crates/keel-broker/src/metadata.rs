@@ -87,7 +87,21 @@ impl ProducerIds {
         }
         let known = instance.and_then(|i| self.instances.get(i).copied());
         let grant = match (known, bump) {
-            (Some(id), _) => self.next_epoch(id),
+            // A new incarnation of the identity.
+            (Some(id), None) => self.next_epoch(id),
+            // An incarnation restarting its sequences: only the current one may, or a zombie
+            // could take the identity back from its replacement.
+            (Some(id), Some((bump_id, epoch))) => {
+                let current = self.epochs.get(&id).copied().unwrap_or(0);
+                if bump_id != id || epoch != current {
+                    return Err(InitRefusal::Fenced {
+                        producer_id: bump_id,
+                        epoch,
+                        current,
+                    });
+                }
+                self.next_epoch(id)
+            }
             (None, Some((id, epoch))) => {
                 if id <= 0 || id >= self.next_id.max(1) {
                     return Err(InitRefusal::UnknownProducer(id));
@@ -222,6 +236,16 @@ mod producer_id_tests {
         assert_eq!(
             p.init(7, None, Some((99, 0))),
             Err(InitRefusal::UnknownProducer(99))
+        );
+        // An identity's older incarnation cannot bump itself past its replacement.
+        assert_eq!(p.init(9, Some("svc-a"), Some((3, 1))), Ok((3, 2)));
+        assert_eq!(
+            p.init(10, Some("svc-a"), Some((3, 1))),
+            Err(InitRefusal::Fenced {
+                producer_id: 3,
+                epoch: 1,
+                current: 2
+            })
         );
         p.epochs.insert(2, i16::MAX);
         assert_eq!(p.init(8, None, Some((2, i16::MAX))), Ok((4, 0)));

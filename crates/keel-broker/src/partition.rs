@@ -7,7 +7,7 @@ use std::sync::{Arc, Once, Weak};
 
 use bytes::Bytes;
 use keel_log::{AppendInfo, Log, LogError, ReadLimit, ReadSlice};
-use keel_raft::producers::{ProducerTable, SeqBatch, Verdict};
+use keel_raft::producers::{EXPIRY_MS, ProducerTable, SeqBatch, Verdict};
 use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver as _;
@@ -57,16 +57,17 @@ struct Admission {
     /// Raft: whether everything earlier terms left in the log is applied (then the applied
     /// state plus `pending` is the whole log).
     caught_up: bool,
-    /// Raft: batches this leader appended and that are not applied yet, oldest first.
-    pending: Vec<Idempotent>,
+    /// Raft: batches this broker appended as leader that are not applied yet, oldest first,
+    /// with the term they were checked in.
+    pending: Vec<(Idempotent, u64)>,
+    /// Raft: after a term change, the log end when this leader caught up; once applied past
+    /// it, pending batches of earlier terms that are still not applied were never appended.
+    old_until: Option<u64>,
     /// Local: the table of a single-node partition, where appending is committing.
     local: ProducerTable,
     last_expiry: Option<std::time::Instant>,
 }
 
-/// Producer ids idle longer than this are forgotten by partitions (Kafka's
-/// `producer.id.expiration.ms` defaults to a day); far longer than any delivery timeout.
-pub const PRODUCER_EXPIRY_MS: i64 = 24 * 60 * 60 * 1000;
 /// How often a partition sweeps its expired producers.
 const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long an idempotent append waits for a new leader to apply what earlier terms left in
@@ -168,6 +169,13 @@ pub enum AckLevel {
 pub struct Appended {
     pub base_offset: u64,
     pub next_offset: u64,
+}
+
+/// What the admission of an idempotent batch decided.
+enum Admitted {
+    Written(Pending),
+    /// A duplicate of a batch this leader appended in this term and not yet committed.
+    InFlight(u64),
 }
 
 /// An append in progress: appended locally, or submitted to the Raft group.
@@ -324,6 +332,10 @@ impl Partition {
 
     /// Appends an idempotent producer's batch unless it is already in the log (then answers
     /// with its original offsets) or does not continue the producer's sequence.
+    ///
+    /// Once the check passed, the append and the bookkeeping that makes a retry recognisable
+    /// must both happen: callers must not drop this future midway (the produce handlers run
+    /// appends in tasks of their own, which a cancelled request does not stop).
     async fn append_idempotent(
         self: &Arc<Self>,
         batch: Bytes,
@@ -331,73 +343,105 @@ impl Partition {
         index: usize,
         p: Idempotent,
     ) -> Result<Pending> {
+        let admitted = match &self.backend {
+            Backend::Raft(_) => self.admit_raft(batch, p).await?,
+            Backend::Local { .. } => self.admit_local(batch, acks, index, p).await?,
+        };
+        match admitted {
+            Admitted::Written(pending) => Ok(pending),
+            Admitted::InFlight(term) => {
+                let r = self.raft().ok_or_else(|| {
+                    BrokerError::Internal("in-flight duplicate on a local partition".into())
+                })?;
+                self.await_duplicate(r, p, term).await
+            }
+        }
+    }
+
+    /// A single-node partition: appending is committing, so the table is updated at once.
+    async fn admit_local(
+        self: &Arc<Self>,
+        batch: Bytes,
+        acks: AckLevel,
+        index: usize,
+        p: Idempotent,
+    ) -> Result<Admitted> {
         let mut adm = self.admission.lock().await;
         let now = std::time::Instant::now();
-        let sweep = adm
+        if adm
             .last_expiry
-            .is_none_or(|t| now.duration_since(t) > EXPIRY_SWEEP);
-        if sweep {
+            .is_none_or(|t| now.duration_since(t) > EXPIRY_SWEEP)
+        {
             adm.last_expiry = Some(now);
+            adm.local.expire(now_ms(), EXPIRY_MS);
         }
-        let r = match &self.backend {
-            Backend::Raft(r) => r,
-            Backend::Local { .. } => {
-                if sweep {
-                    adm.local.expire(now_ms(), PRODUCER_EXPIRY_MS);
+        match adm
+            .local
+            .check(p.producer_id, p.epoch, p.first_seq, p.last_seq)
+        {
+            Verdict::Append => {
+                let pending = self.append_plain(batch, acks, index).await?;
+                if let Pending::Local(info) = &pending {
+                    adm.local.record(
+                        p.producer_id,
+                        p.epoch,
+                        SeqBatch {
+                            first_seq: p.first_seq,
+                            last_seq: p.last_seq,
+                            base_offset: info.base_offset,
+                            next_offset: info.next_offset,
+                        },
+                        now_ms(),
+                    );
                 }
-                return match adm
-                    .local
-                    .check(p.producer_id, p.epoch, p.first_seq, p.last_seq)
-                {
-                    Verdict::Append => {
-                        let pending = self.append_plain(batch, acks, index).await?;
-                        if let Pending::Local(info) = &pending {
-                            adm.local.record(
-                                p.producer_id,
-                                p.epoch,
-                                SeqBatch {
-                                    first_seq: p.first_seq,
-                                    last_seq: p.last_seq,
-                                    base_offset: info.base_offset,
-                                    next_offset: info.next_offset,
-                                },
-                                now_ms(),
-                            );
-                        }
-                        Ok(pending)
-                    }
-                    Verdict::Duplicate(b) => {
-                        drop(adm);
-                        if acks == AckLevel::All {
-                            // It may have been appended but not fsynced yet.
-                            let log = Arc::clone(&self.log);
-                            tokio::task::spawn_blocking(move || log.flush())
-                                .await
-                                .map_err(|e| BrokerError::Internal(e.to_string()))?
-                                .map_err(|e| BrokerError::from_log(e, index))?;
-                            self.advance_hwm(b.next_offset);
-                        }
-                        Ok(Pending::Duplicate(Appended {
-                            base_offset: b.base_offset,
-                            next_offset: b.next_offset,
-                        }))
-                    }
-                    v => Err(self.refusal(p, v)),
-                };
+                Ok(Admitted::Written(pending))
             }
-        };
-        if sweep {
-            r.sm.expire_producers(now_ms(), PRODUCER_EXPIRY_MS);
+            Verdict::Duplicate(b) => {
+                drop(adm);
+                if acks == AckLevel::All && self.flushes_every_batch() {
+                    // The first copy may be appended but not fsynced yet.
+                    let log = Arc::clone(&self.log);
+                    tokio::task::spawn_blocking(move || log.flush())
+                        .await
+                        .map_err(|e| BrokerError::Internal(e.to_string()))?
+                        .map_err(|e| BrokerError::from_log(e, index))?;
+                    self.advance_hwm(b.next_offset);
+                }
+                Ok(Admitted::Written(Pending::Duplicate(Appended {
+                    base_offset: b.base_offset,
+                    next_offset: b.next_offset,
+                })))
+            }
+            v => Err(self.refusal(p, v)),
         }
+    }
+
+    fn flushes_every_batch(&self) -> bool {
+        matches!(&self.backend, Backend::Local { flush_every_batch, .. } if flush_every_batch.load(Ordering::Acquire))
+    }
+
+    /// A replicated partition's leader: the applied producer state plus what this leader
+    /// appended and is not applied yet.
+    async fn admit_raft(self: &Arc<Self>, batch: Bytes, p: Idempotent) -> Result<Admitted> {
+        let r = self
+            .raft()
+            .ok_or_else(|| BrokerError::Internal("not a replicated partition".into()))?;
+        let mut adm = self.admission.lock().await;
+        r.activity.wrote();
+        if r.activity.set_ticking(true) {
+            r.raft.runtime_config().tick(true);
+        }
+        // Before reading the term: renewing the lease may take a heartbeat round, during
+        // which leadership can move.
+        r.fresh_lease().await;
         let term = r.raft.metrics().borrow_watched().current_term;
         if adm.term != term {
             adm.term = term;
             adm.caught_up = false;
-            adm.pending.clear();
         }
         if !adm.caught_up {
-            // A new leader's log may end in batches of earlier terms that are committed only
-            // with its first entry: until those are applied, a retry of one would look new.
+            // A new leader's log may end in batches of earlier terms that commit only with its
+            // first entry: until those are applied, a retry of one would look new.
             let applied = r
                 .raft
                 .wait(Some(ADMISSION_WAIT))
@@ -410,7 +454,13 @@ impl Partition {
                 )
                 .await;
             match applied {
-                Ok(m) if m.current_term == term => adm.caught_up = true,
+                Ok(m) if m.current_term == term => {
+                    adm.caught_up = true;
+                    // Batches this broker appended in earlier terms are in the log below this
+                    // index if they are anywhere; once it is applied, the ones not applied
+                    // were never appended.
+                    adm.old_until = Some(r.store.log().next_raft_index());
+                }
                 _ => {
                     return Err(BrokerError::Unavailable {
                         message: format!(
@@ -423,28 +473,51 @@ impl Partition {
             }
         }
         let sm = &r.sm;
-        adm.pending
-            .retain(|q| !sm.producer_covers(q.producer_id, q.epoch, q.last_seq));
-        let mine: Vec<(i16, i32, i32)> = adm
-            .pending
-            .iter()
-            .filter(|q| q.producer_id == p.producer_id)
-            .map(|q| (q.epoch, q.first_seq, q.last_seq))
-            .collect();
-        match sm.check_producer(p.producer_id, p.epoch, p.first_seq, p.last_seq, &mine) {
+        let applied_next = sm.last_applied().map_or(0, |l| l.index + 1);
+        let old_done = adm.old_until.is_some_and(|u| applied_next >= u);
+        if old_done {
+            adm.old_until = None;
+        }
+        let verdict = sm.with_producers(|table| {
+            adm.pending.retain(|(q, t)| {
+                let applied = table.covers(q.producer_id, q.epoch, q.last_seq);
+                let never_appended = old_done && *t != term;
+                !(applied || never_appended)
+            });
+            let mine: Vec<(i16, i32, i32)> = adm
+                .pending
+                .iter()
+                .filter(|(q, _)| q.producer_id == p.producer_id)
+                .map(|(q, _)| (q.epoch, q.first_seq, q.last_seq))
+                .collect();
+            check_with_pending(table, p, &mine)
+        });
+        match verdict {
             Verdict::Append => {
-                let pending = self.append_plain(batch, acks, index).await?;
-                adm.pending.push(p);
-                Ok(pending)
+                let (responder, rx) = ProgressResponder::complete_only();
+                r.raft
+                    .client_write_ff(BatchData::new(batch), Some(responder))
+                    .await
+                    .map_err(|e| BrokerError::Unavailable {
+                        message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
+                        definite: true,
+                    })?;
+                adm.pending.push((p, term));
+                if r.raft.metrics().borrow_watched().current_term != term {
+                    // Leadership moved while submitting: where the batch went is unknown, so
+                    // the next check waits for this leader's log to be applied again.
+                    adm.caught_up = false;
+                    adm.term = 0;
+                }
+                Ok(Admitted::Written(Pending::Raft(rx)))
             }
-            Verdict::Duplicate(b) if !b.is_pending() => Ok(Pending::Duplicate(Appended {
-                base_offset: b.base_offset,
-                next_offset: b.next_offset,
-            })),
-            Verdict::Duplicate(_) => {
-                drop(adm);
-                self.await_duplicate(r, p, term).await
+            Verdict::Duplicate(b) if !b.is_pending() => {
+                Ok(Admitted::Written(Pending::Duplicate(Appended {
+                    base_offset: b.base_offset,
+                    next_offset: b.next_offset,
+                })))
             }
+            Verdict::Duplicate(_) => Ok(Admitted::InFlight(term)),
             v => Err(self.refusal(p, v)),
         }
     }
@@ -462,24 +535,19 @@ impl Partition {
                     next_offset: b.next_offset,
                 }));
             }
+            let not_yet = |why: &str| BrokerError::Unavailable {
+                message: format!(
+                    "{}/{}: the first copy of this batch is not committed yet ({why}); retry it",
+                    self.topic, self.id
+                ),
+                definite: false,
+            };
             if r.raft.metrics().borrow_watched().current_term != term {
-                return Err(BrokerError::Unavailable {
-                    message: format!(
-                        "{}/{}: leadership changed while the first copy of this batch was being committed",
-                        self.topic, self.id
-                    ),
-                    definite: false,
-                });
+                return Err(not_yet("leadership changed"));
             }
-            let wait = tokio::time::timeout_at(deadline, hwm.changed());
-            match wait.await {
+            match tokio::time::timeout_at(deadline, hwm.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    // Re-check the term on a slower beat if the watch is quiet.
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(BrokerError::Timeout(ADMISSION_WAIT.as_millis() as u64));
-                    }
-                }
+                Ok(Err(_)) | Err(_) => return Err(not_yet("timed out waiting")),
             }
         }
     }
@@ -734,11 +802,35 @@ impl Partition {
     }
 }
 
-/// A single-node partition's producer table, rebuilt from the headers of its log (where
-/// appending is committing).
+/// The verdict on `p` against `table` with this leader's `pending` batches of the producer
+/// laid over it.
+fn check_with_pending(
+    table: &ProducerTable,
+    p: Idempotent,
+    pending: &[(i16, i32, i32)],
+) -> Verdict {
+    if pending.is_empty() {
+        return table.check(p.producer_id, p.epoch, p.first_seq, p.last_seq);
+    }
+    table.project(p.producer_id, pending).map_or_else(
+        || keel_raft::producers::first_batch(p.first_seq),
+        |e| e.check(p.epoch, p.first_seq, p.last_seq),
+    )
+}
+
+/// How many of a single-node partition's last batches are read at start-up to rebuild its
+/// producer table. A producer whose last batch is further back is forgotten, which is safe:
+/// its next batch does not start at 0, is refused, and the client starts a new epoch.
+const PRODUCER_SCAN_BATCHES: u64 = 65_536;
+
+/// A single-node partition's producer table, rebuilt from the headers of its last batches
+/// (appending is committing there).
 fn producers_from_log(log: &Log, topic: &str, partition: u32) -> ProducerTable {
     let mut table = ProducerTable::new();
-    let (first, next) = (log.first_raft_index(), log.next_raft_index());
+    let next = log.next_raft_index();
+    let first = log
+        .first_raft_index()
+        .max(next.saturating_sub(PRODUCER_SCAN_BATCHES));
     for i in first..next {
         match log.entry_header(i) {
             Ok(h) if h.producer_id >= 0 && !h.attributes.control => table.record(
@@ -759,7 +851,7 @@ fn producers_from_log(log: &Log, topic: &str, partition: u32) -> ProducerTable {
             }
         }
     }
-    table.expire(now_ms(), PRODUCER_EXPIRY_MS);
+    table.expire(now_ms(), EXPIRY_MS);
     table
 }
 

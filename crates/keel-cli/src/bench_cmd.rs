@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// batching producer's idempotence.
     #[arg(long, value_enum, default_value = "off")]
     pub idempotence: OnOff,
+    /// produce: send each batch as its own unary Produce call (up to --in-flight at once, not
+    /// ordered) instead of one ordered stream per producer; not with --idempotence on.
+    #[arg(long)]
+    pub unary: bool,
     /// e2e only: target produce rate in records/s.
     #[arg(long, default_value_t = 50_000)]
     pub rate: u64,
@@ -155,6 +159,11 @@ fn report(
 }
 
 fn validate(a: &BenchArgs) -> Result<()> {
+    if a.unary && a.idempotence == OnOff::On {
+        bail!(
+            "--unary sends batches unordered, which idempotent producing cannot: drop one of them"
+        );
+    }
     if a.records == 0 || a.batch_size == 0 || a.producers == 0 || a.in_flight == 0 || a.rate == 0 {
         bail!("--records, --batch-size, --producers, --in-flight and --rate must be at least 1");
     }
@@ -226,6 +235,18 @@ async fn produce(
         let share = batches_total / a.producers as u64
             + u64::from((p as u64) < batches_total % a.producers as u64);
         let partition = (p as u32) % partitions;
+        if a.unary {
+            tasks.push(tokio::spawn(unary_producer(
+                client.clone(),
+                a.topic.clone(),
+                partition,
+                a.acks.into(),
+                batch.clone(),
+                share,
+                a.in_flight.max(1),
+            )));
+            continue;
+        }
         // Each producer task pipelines its batches over one ordered stream, as the batching
         // producer does; both modes restamp every batch, so the client's work is the same.
         let mut pipe = client
@@ -257,6 +278,39 @@ async fn produce(
     let elapsed = started.elapsed();
     let records = batches_total * a.batch_size as u64;
     Ok((records, batches_total * batch.len() as u64, elapsed, hist))
+}
+
+/// One producer task of `--unary`: concurrent unary Produce calls of the same batch.
+async fn unary_producer(
+    client: Client,
+    topic: String,
+    partition: u32,
+    acks: Acks,
+    batch: Bytes,
+    share: u64,
+    in_flight: usize,
+) -> Result<Histogram<u64>> {
+    let producer = client.producer(ProducerConfig::default().acks(acks).idempotence(false))?;
+    let mut hist = histogram()?;
+    let mut pending = FuturesUnordered::new();
+    let mut sent = 0u64;
+    loop {
+        while sent < share && pending.len() < in_flight {
+            let (producer, batch, topic) = (producer.clone(), batch.clone(), topic.clone());
+            pending.push(async move {
+                let t = Instant::now();
+                producer
+                    .send_batch(&topic, partition, batch, acks)
+                    .await
+                    .map(|_| t.elapsed())
+            });
+            sent += 1;
+        }
+        match pending.next().await {
+            Some(r) => hist.record(r?.as_micros().max(1) as u64)?,
+            None => return Ok(hist),
+        }
+    }
 }
 
 pub async fn run(cmd: BenchCommand, client: Client) -> Result<()> {

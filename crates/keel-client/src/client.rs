@@ -352,18 +352,20 @@ impl Client {
 
     /// Asks the cluster for an idempotent producer id and epoch: for `instance`, its id with the
     /// next epoch; with `bump` (the current id and epoch), the same id with the next epoch;
-    /// otherwise a fresh id. Retried safely (the request carries an id the broker recognises).
+    /// otherwise a fresh id. Retried safely: the broker answers a repeated `request_id` (keep it
+    /// across retries) with the same grant.
     pub(crate) async fn init_producer(
         &self,
         instance: Option<&str>,
         bump: Option<(i64, i16)>,
+        request_id: u64,
     ) -> Result<(i64, i16)> {
         let max = self.inner.config.max_message_size;
         let req = keel_proto::v1::InitProducerRequest {
             instance_id: instance.unwrap_or_default().to_owned(),
             producer_id: bump.map(|b| b.0),
             producer_epoch: bump.map_or(0, |b| i32::from(b.1)),
-            request_id: crate::util::random() | 1,
+            request_id,
         };
         let resp = self
             .call_any(true, |ch, t| {

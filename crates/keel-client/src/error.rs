@@ -335,6 +335,107 @@ impl ClientError {
         }
     }
 
+    /// The same error, no longer claiming that nothing was written (an earlier attempt of the
+    /// same request may have been).
+    pub fn indefinite(self) -> Self {
+        match self {
+            Self::InvalidArgument { message, .. } => Self::InvalidArgument {
+                message,
+                definite: false,
+            },
+            Self::InvalidConfig { message, .. } => Self::InvalidConfig {
+                message,
+                definite: false,
+            },
+            Self::UnknownTopic { message, .. } => Self::UnknownTopic {
+                message,
+                definite: false,
+            },
+            Self::UnknownPartition { message, .. } => Self::UnknownPartition {
+                message,
+                definite: false,
+            },
+            Self::TopicExists { message, .. } => Self::TopicExists {
+                message,
+                definite: false,
+            },
+            Self::OffsetOutOfRange {
+                message,
+                log_start_offset,
+                high_watermark,
+                ..
+            } => Self::OffsetOutOfRange {
+                message,
+                log_start_offset,
+                high_watermark,
+                definite: false,
+            },
+            Self::NotLeader {
+                message, leader, ..
+            } => Self::NotLeader {
+                message,
+                leader,
+                definite: false,
+            },
+            Self::MessageTooLarge { message, .. } => Self::MessageTooLarge {
+                message,
+                definite: false,
+            },
+            Self::CorruptBatch { message, .. } => Self::CorruptBatch {
+                message,
+                definite: false,
+            },
+            Self::DiskFull { message, .. } => Self::DiskFull {
+                message,
+                definite: false,
+            },
+            Self::OutOfOrderSequence { message, .. } => Self::OutOfOrderSequence {
+                message,
+                definite: false,
+            },
+            Self::ProducerFenced { message, .. } => Self::ProducerFenced {
+                message,
+                definite: false,
+            },
+            Self::Storage { message, .. } => Self::Storage {
+                message,
+                definite: false,
+            },
+            Self::Timeout { message, .. } => Self::Timeout {
+                message,
+                definite: false,
+            },
+            Self::ShuttingDown { message, .. } => Self::ShuttingDown {
+                message,
+                definite: false,
+            },
+            Self::Internal { message, .. } => Self::Internal {
+                message,
+                definite: false,
+            },
+            Self::Unavailable { message, .. } => Self::Unavailable {
+                message,
+                definite: false,
+            },
+            Self::Status {
+                code,
+                reason,
+                message,
+                ..
+            } => Self::Status {
+                code,
+                reason,
+                message,
+                definite: false,
+            },
+            other if other.is_definite() => Self::DeliveryTimeout {
+                elapsed_ms: 0,
+                last_error: Some(Box::new(other)),
+            },
+            other => other,
+        }
+    }
+
     /// The broker's reason string, when the error came from a broker.
     pub fn reason(&self) -> Option<&str> {
         Some(match self {

@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 /// per partition, so every batch it could still retry is in the window.
 pub const WINDOW: usize = 5;
 
+/// A partition forgets a producer that wrote nothing to it for this long (Kafka's
+/// `producer.id.expiration.ms` default, a day); far longer than any delivery timeout.
+pub const EXPIRY_MS: i64 = 24 * 60 * 60 * 1000;
+
 /// Sequence numbers run from 0 to `i32::MAX` and then wrap to 0, as in Kafka.
 const SEQ_SPACE: i64 = i32::MAX as i64 + 1;
 
@@ -148,6 +152,20 @@ impl ProducerEntry {
             }
             return;
         }
+        // Re-applied after a snapshot taken later than its point: offsets only grow along the
+        // log, so a batch that starts before the newest known one ends is from the past.
+        // (Offsets, not sequences, decide this: sequences restart when a replica forgot the
+        // producer.)
+        if !batch.is_pending()
+            && self
+                .batches
+                .iter()
+                .rev()
+                .find(|b| !b.is_pending())
+                .is_some_and(|b| batch.base_offset < b.next_offset)
+        {
+            return;
+        }
         match self.last_seq() {
             Some(last) if batch.first_seq == next_sequence(last) => {
                 self.batches.push_back(batch);
@@ -155,10 +173,10 @@ impl ProducerEntry {
                     self.batches.pop_front();
                 }
             }
-            // Re-applied after a snapshot that already covers it.
-            Some(last) if at_or_before(batch.last_seq, last) => {}
-            // A gap: the leader admitted it without knowing the earlier batches (their state had
-            // expired there). What follows continues from this batch.
+            // A pending projection of a batch the window has moved past.
+            Some(last) if batch.is_pending() && at_or_before(batch.last_seq, last) => {}
+            // A gap: the leader admitted it without knowing the earlier batches (it had
+            // forgotten the producer, which then started over). What follows continues here.
             _ => self.batches = VecDeque::from([batch]),
         }
     }

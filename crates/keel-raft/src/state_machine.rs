@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::log_store::{KeelLogStore, blocking, log_err};
-use crate::producers::{ProducerTable, SeqBatch, Verdict, first_batch, last_sequence};
+use crate::producers::{EXPIRY_MS, ProducerTable, SeqBatch, Verdict, first_batch, last_sequence};
 use crate::state_file::StateFile;
 use crate::types::{
     AppendAck, Entry, KeelRaft, LogId, Payload, Snapshot, SnapshotMeta, StoredMembership, log_id,
@@ -104,6 +104,8 @@ struct State {
     next_offset: u64,
     /// Idempotent producers, as of the last applied entry.
     producers: ProducerTable,
+    /// When expired producers were last swept (every replica sweeps on its own clock).
+    swept: Option<std::time::Instant>,
     /// Where the next snapshot is cut, and the offset that follows that entry.
     point: Option<(LogId, u64)>,
     snapshot: Option<SnapshotRecord>,
@@ -172,6 +174,9 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How often applying sweeps expired producers.
+const PRODUCER_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -237,6 +242,7 @@ impl PartitionSm {
                     memberships: vec![membership],
                     next_offset,
                     producers,
+                    swept: None,
                     point: None,
                     snapshot: record,
                 }),
@@ -268,6 +274,11 @@ impl PartitionSm {
         st.producers
             .project(producer_id, pending)
             .map_or_else(|| first_batch(first), |e| e.check(epoch, first, last))
+    }
+
+    /// Runs `f` on the applied producer state (one lock for several questions).
+    pub fn with_producers<R>(&self, f: impl FnOnce(&ProducerTable) -> R) -> R {
+        f(&lock(&self.inner.state).producers)
     }
 
     /// Whether the applied state already reflects a batch `(epoch, ..=last)` of the producer.
@@ -468,6 +479,14 @@ impl PartitionSm {
             }
         };
         st.last_applied = Some(entry.log_id);
+        let now = std::time::Instant::now();
+        if st
+            .swept
+            .is_none_or(|t| now.duration_since(t) > PRODUCER_SWEEP)
+        {
+            st.swept = Some(now);
+            st.producers.expire(wall_ms(), EXPIRY_MS);
+        }
         drop(st);
         // Before the producer hears back, so a consumer can read what was acknowledged.
         advance(&self.inner.hwm, ack.next_offset);

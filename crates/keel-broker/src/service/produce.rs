@@ -63,6 +63,12 @@ fn idempotent(
             format!("batches[{index}]: {what}"),
         ))
     };
+    if producer_id == 0 {
+        return bad(
+            "producer_id",
+            "0 is not a producer id (ids start at 1; get one with InitProducer)".into(),
+        );
+    }
     let Ok(epoch) = i16::try_from(epoch) else {
         return bad("producer_epoch", format!("{epoch} is outside 0..=32767"));
     };
@@ -289,24 +295,25 @@ impl Produce {
                                     ),
                                 ));
                             }
+                            if f.producer_id < 1 {
+                                return Err(BrokerError::invalid(
+                                    "batches.producer.producer_id",
+                                    format!(
+                                        "batches[{i}]: {} is not a producer id (they start at 1)",
+                                        f.producer_id
+                                    ),
+                                ));
+                            }
                             idempotent(
                                 st,
                                 i,
-                                f.producer_id.max(0),
+                                f.producer_id,
                                 i64::from(f.producer_epoch),
                                 i64::from(f.base_sequence),
                                 list.records.len() as u32,
                             )?
                         }
                     };
-                    if let Some(f) = &b.producer
-                        && f.producer_id < 0
-                    {
-                        return Err(BrokerError::invalid(
-                            "batches.producer.producer_id",
-                            format!("batches[{i}]: {} is negative", f.producer_id),
-                        ));
-                    }
                     sources.push(Some(list.records.len()));
                     encode_records(
                         &topic,
@@ -557,8 +564,15 @@ impl ProduceService for Produce {
         let req = req.into_inner();
         let correlation_id = req.correlation_id;
         let plan = self.plan(req)?;
-        let infos = Self::append_all(&plan).await?;
-        let resp = Self::finish(plan, infos, correlation_id).await?;
+        // In a task of its own: a client that cancels the call must not stop an append midway
+        // (an idempotent batch appended but not yet tracked would be written again on retry).
+        let (plan, infos) = tokio::spawn(async move {
+            let infos = Self::append_all(&plan).await;
+            (plan, infos)
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("append task: {e}")))?;
+        let resp = Self::finish(plan, infos?, correlation_id).await?;
         metrics::histogram!("keel_request_duration_seconds", "rpc" => "Produce")
             .record(started.elapsed().as_secs_f64());
         Ok(Response::new(resp))
@@ -633,6 +647,17 @@ impl ProduceService for Produce {
         >(self.0.limits.max_in_flight_per_stream);
         let this = self.clone();
         let mut shutdown = self.0.shutdown.clone();
+        // Validation (CRC and record checks of every batch) runs in its own task per request,
+        // so a stream's requests are checked on all cores; the appends then happen strictly in
+        // stream order in the appender below.
+        type Planned = (
+            tokio::task::JoinHandle<Result<Plan>>,
+            oneshot::Sender<ProduceResponse>,
+            u64,
+            Instant,
+        );
+        let (plan_tx, mut plan_rx) =
+            mpsc::channel::<Planned>(self.0.limits.max_in_flight_per_stream);
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
@@ -655,14 +680,31 @@ impl ProduceService for Produce {
                 if pending_tx.send(Ok(rx)).await.is_err() {
                     break;
                 }
+                let planner = this.clone();
+                let plan = tokio::spawn(async move { planner.plan(req) });
+                if plan_tx
+                    .send((plan, tx, correlation_id, started))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some((plan, tx, correlation_id, started)) = plan_rx.recv().await {
                 let failed = move |e: BrokerError| ProduceResponse {
                     correlation_id,
                     batches: Vec::new(),
                     error: Some(e.to_proto()),
                 };
+                let plan = plan
+                    .await
+                    .map_err(|e| BrokerError::Internal(format!("validating a request: {e}")))
+                    .and_then(|p| p);
                 // Appends happen here, in stream order; waiting for fsync runs concurrently so
                 // later requests share the next group commit.
-                match this.plan(req) {
+                match plan {
                     Err(e) => {
                         let _ = tx.send(failed(e));
                     }

@@ -15,9 +15,10 @@
 //! in flight, starts a new epoch and renumbers the batches not yet written (any whose earlier
 //! attempt may have been written fail instead, with the error of that attempt).
 //!
-//! Without idempotence (or with `acks` other than `All`), a retry after an ambiguous failure (a
-//! timeout or a broken connection) can write a batch twice, and with `max_in_flight > 1` a
-//! retried batch can land after a later one.
+//! Without idempotence (turned off, or `acks` other than `All`), the producer retries only
+//! failures the broker reports as definite (nothing written); an ambiguous one (a timeout, a
+//! broken connection) fails the batch's records with that error, since they may or may not have
+//! been written. With `max_in_flight > 1` a retried batch can then land after a later one.
 
 mod accumulator;
 mod pipeline;
@@ -226,9 +227,9 @@ impl ProducerConfig {
         if self
             .instance_id
             .as_ref()
-            .is_some_and(|i| i.is_empty() || i.len() > 255)
+            .is_some_and(|i| i.is_empty() || i.len() > 255 || i.chars().any(char::is_control))
         {
-            return bad("instance_id must be 1 to 255 bytes".into());
+            return bad("instance_id must be 1 to 255 bytes without control characters".into());
         }
         Ok(())
     }

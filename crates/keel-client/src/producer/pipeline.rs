@@ -40,7 +40,10 @@ impl Client {
         idempotent: bool,
     ) -> Result<BatchPipeline> {
         let producer = if idempotent {
-            Some(self.init_producer(None, None).await?)
+            Some(
+                self.init_producer(None, None, crate::util::random() | 1)
+                    .await?,
+            )
         } else {
             None
         };

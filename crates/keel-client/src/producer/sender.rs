@@ -52,6 +52,9 @@ struct Idempotence {
     initializing: bool,
     init_not_before: Instant,
     init_attempts: u32,
+    /// The id of the InitProducer request under way, kept across its retries so that a bump
+    /// whose answer was lost is not applied twice (which would fence this producer).
+    init_request: Option<u64>,
     /// A batch failed for good with a sequence number: the epoch must change before anything
     /// more is sent (a new epoch restarts every partition at 0).
     reset_wanted: bool,
@@ -119,6 +122,7 @@ impl Sender {
                 initializing: false,
                 init_not_before: Instant::now(),
                 init_attempts: 0,
+                init_request: None,
                 reset_wanted: false,
                 fenced: None,
                 rewinds: HashMap::new(),
@@ -148,11 +152,16 @@ impl Sender {
         }
         idem.initializing = true;
         let bump = if idem.reset_wanted { idem.id } else { None };
+        let request_id = *idem
+            .init_request
+            .get_or_insert_with(|| crate::util::random() | 1);
         let client = self.client.clone();
         let instance = self.config.instance_id.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
-            let r = client.init_producer(instance.as_deref(), bump).await;
+            let r = client
+                .init_producer(instance.as_deref(), bump, request_id)
+                .await;
             let _ = events.send(Event::ProducerInit(r));
         });
         false
@@ -205,6 +214,7 @@ impl Sender {
         idem.initializing = false;
         match r {
             Ok(id) => {
+                idem.init_request = None;
                 let resetting = idem.reset_wanted;
                 tracing::debug!(producer_id = id.0, epoch = id.1, resetting, "producer id");
                 idem.id = Some(id);
@@ -215,7 +225,11 @@ impl Sender {
                     self.renumber();
                 }
             }
-            Err(e @ ClientError::ProducerFenced { .. }) => {
+            // Fenced, or refused for a reason a retry cannot fix (an invalid instance id, a
+            // broker without idempotence): every batch fails with it.
+            Err(e) if !e.is_retriable() => {
+                tracing::warn!(error = %e, "InitProducer refused; the producer cannot send");
+                idem.init_request = None;
                 idem.fenced = Some(e);
             }
             Err(e) => {
@@ -302,15 +316,23 @@ impl Sender {
         let mut state = lock(&self.shared.state);
         for ((topic, partition), first) in due {
             idem.rewinds.remove(&(Arc::clone(&topic), partition));
-            idem.next_seq.insert((Arc::clone(&topic), partition), first);
-            for b in state.acc.queued_mut() {
-                if b.partition == partition
+            let behind = |b: &ProducerBatch| {
+                b.partition == partition
                     && b.topic == topic
                     && b.sequence.is_some_and(|(_, s)| !sequence_before(s, first))
-                {
-                    // Sent after the failed batch: refused, never written.
+            };
+            // An attempt without a definite answer may still be on its way to the broker (a
+            // timed-out request is not cancelled there), and would fit the renumbered
+            // sequence: only a new epoch, which fences it, makes renumbering safe then.
+            if state.acc.queued_mut().any(|b| behind(b) && b.maybe_written) {
+                idem.reset_wanted = true;
+                continue;
+            }
+            idem.next_seq.insert((Arc::clone(&topic), partition), first);
+            for b in state.acc.queued_mut() {
+                if behind(b) {
+                    // Sent after the failed batch and refused each time: never written.
                     b.sequence = None;
-                    b.maybe_written = false;
                 }
             }
         }
@@ -514,7 +536,9 @@ impl Sender {
                             "produce answer for {} has no batch ack",
                             Tp(&f.batch.topic, f.batch.partition)
                         ));
-                        self.fail(f.batch, err, true);
+                        let mut batch = f.batch;
+                        batch.maybe_written = true;
+                        self.fail(batch, err, true);
                     }
                 }
             }
@@ -630,8 +654,8 @@ impl Sender {
                             .any(|(t, p)| *t == batch.topic && *p == batch.partition)
                     });
                     if rewinding {
-                        // Behind a batch that failed for good: certainly not written.
-                        batch.maybe_written = false;
+                        // Behind a batch that failed for good: renumbered once the partition
+                        // has nothing in flight.
                     } else if !self.earlier_unresolved(&batch) {
                         // A gap nothing in flight explains (e.g. the partition forgot an idle
                         // producer): only a new epoch closes it. A batch that may already be
@@ -657,7 +681,10 @@ impl Sender {
                 err,
                 ClientError::UnknownPartition { .. } | ClientError::UnknownTopic { .. }
             );
-        if !retriable {
+        // Resending a batch that may have been written is safe only when the broker can
+        // recognise it (idempotence); otherwise the record fails with the indefinite error.
+        let safe = self.idem.is_some() || err.is_definite();
+        if !retriable || !safe {
             return self.fail(batch, err, true);
         }
         self.retry(batch, err)
@@ -710,6 +737,12 @@ impl Sender {
         if !matches!(err, ClientError::ProducerFenced { .. }) {
             self.gave_up(&batch);
         }
+        // The last answer may be definite while an earlier attempt may have been written.
+        let err = if batch.maybe_written {
+            err.indefinite()
+        } else {
+            err
+        };
         self.finish(&batch, was_in_flight);
         tracing::debug!(topic = %batch.topic, partition = batch.partition, error = %err, "batch failed");
         for r in batch.records {
