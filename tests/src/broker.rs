@@ -26,8 +26,29 @@ pub fn keel_bin() -> PathBuf {
     bin
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released) below the kernel's ephemeral range
+/// (32768–60999 by default). A port from `bind(:0)` comes from that range, and between
+/// releasing it and the broker binding it, any outgoing connection (brokers open many to each
+/// other) can take it as its source port, which made a broker fail to start now and then.
+/// Ports are taken in turn from a per-process starting point, so concurrent tests of one
+/// process never pick the same one and different processes rarely do; each is checked free.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919).wrapping_add(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()),
+    );
+    let _ = NEXT.compare_exchange(0, seed % SPAN + 1, Ordering::AcqRel, Ordering::Acquire);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::AcqRel) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

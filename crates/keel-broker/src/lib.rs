@@ -6,6 +6,7 @@
 pub mod cluster;
 mod conn;
 pub mod error;
+pub mod groups;
 mod http;
 pub mod metadata;
 pub mod partition;

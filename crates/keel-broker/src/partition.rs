@@ -49,6 +49,21 @@ pub struct Idempotent {
     pub last_seq: i32,
 }
 
+/// A batch this broker submitted as leader and has not seen applied.
+#[derive(Debug)]
+struct PendingBatch {
+    p: Idempotent,
+    /// The term it was checked in.
+    term: u64,
+    submitted: std::time::Instant,
+    /// Set when its write came back refused (openraft's "not the leader"): never appended.
+    refused: Arc<AtomicBool>,
+}
+
+/// A pending batch this old that is still not applied, while the leader hears from a
+/// majority, was never appended: an appended one commits within a heartbeat round then.
+const PENDING_STALE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The leader's view of idempotent producers beyond the applied state.
 #[derive(Debug, Default)]
 struct Admission {
@@ -59,7 +74,7 @@ struct Admission {
     caught_up: bool,
     /// Raft: batches this broker appended as leader that are not applied yet, oldest first,
     /// with the term they were checked in.
-    pending: Vec<(Idempotent, u64)>,
+    pending: Vec<PendingBatch>,
     /// Raft: after a term change, the log end when this leader caught up; once applied past
     /// it, pending batches of earlier terms that are still not applied were never appended.
     old_until: Option<u64>,
@@ -182,7 +197,12 @@ enum Admitted {
 #[derive(Debug)]
 pub enum Pending {
     Local(AppendInfo),
-    Raft(OneshotReceiverOf<KeelRaft, ClientWriteResult<KeelRaft>>),
+    /// With, for an idempotent batch, the flag that tells the leader's admission the write was
+    /// refused (so a retry of it is new, not a duplicate in flight).
+    Raft(
+        OneshotReceiverOf<KeelRaft, ClientWriteResult<KeelRaft>>,
+        Option<Arc<AtomicBool>>,
+    ),
     /// A retried idempotent batch that is already written (and as durable as `acks` asks).
     Duplicate(Appended),
 }
@@ -478,17 +498,26 @@ impl Partition {
         if old_done {
             adm.old_until = None;
         }
+        let quorum_fresh = r
+            .raft
+            .metrics()
+            .borrow_watched()
+            .last_quorum_acked
+            .as_ref()
+            .is_some_and(|t| (**t).elapsed() < std::time::Duration::from_secs(1));
         let verdict = sm.with_producers(|table| {
-            adm.pending.retain(|(q, t)| {
-                let applied = table.covers(q.producer_id, q.epoch, q.last_seq);
-                let never_appended = old_done && *t != term;
+            adm.pending.retain(|b| {
+                let applied = table.covers(b.p.producer_id, b.p.epoch, b.p.last_seq);
+                let never_appended = (old_done && b.term != term)
+                    || b.refused.load(Ordering::Acquire)
+                    || (quorum_fresh && b.submitted.elapsed() > PENDING_STALE);
                 !(applied || never_appended)
             });
             let mine: Vec<(i16, i32, i32)> = adm
                 .pending
                 .iter()
-                .filter(|(q, _)| q.producer_id == p.producer_id)
-                .map(|(q, _)| (q.epoch, q.first_seq, q.last_seq))
+                .filter(|b| b.p.producer_id == p.producer_id)
+                .map(|b| (b.p.epoch, b.p.first_seq, b.p.last_seq))
                 .collect();
             check_with_pending(table, p, &mine)
         });
@@ -502,14 +531,20 @@ impl Partition {
                         message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
                         definite: true,
                     })?;
-                adm.pending.push((p, term));
+                let refused = Arc::new(AtomicBool::new(false));
+                adm.pending.push(PendingBatch {
+                    p,
+                    term,
+                    submitted: std::time::Instant::now(),
+                    refused: Arc::clone(&refused),
+                });
                 if r.raft.metrics().borrow_watched().current_term != term {
                     // Leadership moved while submitting: where the batch went is unknown, so
                     // the next check waits for this leader's log to be applied again.
                     adm.caught_up = false;
                     adm.term = 0;
                 }
-                Ok(Admitted::Written(Pending::Raft(rx)))
+                Ok(Admitted::Written(Pending::Raft(rx, Some(refused))))
             }
             Verdict::Duplicate(b) if !b.is_pending() => {
                 Ok(Admitted::Written(Pending::Duplicate(Appended {
@@ -609,7 +644,7 @@ impl Partition {
                         message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
                         definite: true,
                     })?;
-                return Ok(Pending::Raft(rx));
+                return Ok(Pending::Raft(rx, None));
             }
             Backend::Local {
                 flush_every_batch, ..
@@ -690,19 +725,24 @@ impl Partition {
                     next_offset: info.next_offset,
                 })
             }
-            Pending::Raft(rx) => match rx.await {
+            Pending::Raft(rx, refused) => match rx.await {
                 Ok(Ok(resp)) => Ok(Appended {
                     base_offset: resp.data.base_offset,
                     next_offset: resp.data.next_offset,
                 }),
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(BrokerError::NotLeader {
-                    topic: self.topic.to_string(),
-                    partition: self.id,
-                    leader: f
-                        .leader_id
-                        .zip(f.leader_node.map(|n| n.addr))
-                        .map(|(id, a)| (id as u32, a)),
-                }),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(r) = &refused {
+                        r.store(true, Ordering::Release);
+                    }
+                    Err(BrokerError::NotLeader {
+                        topic: self.topic.to_string(),
+                        partition: self.id,
+                        leader: f
+                            .leader_id
+                            .zip(f.leader_node.map(|n| n.addr))
+                            .map(|(id, a)| (id as u32, a)),
+                    })
+                }
                 // Discarded entries (a truncation or a purge over a pending write) cannot be
                 // told apart here, and a purged one may have committed: not definite.
                 Ok(Err(e)) => Err(BrokerError::Unavailable {
