@@ -11,6 +11,7 @@
 //! that will own it.
 
 pub mod assign;
+pub mod offsets;
 pub mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +21,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use assign::assign;
+pub use offsets::{CommitError, Committed, OffsetsRecord, OffsetsState};
 pub use reconcile::{GroupError, GroupState, Heartbeat, MemberState, Step, next_step};
 
 /// The unit of assignment. Ordered by topic, then partition, so every iteration over sets of
