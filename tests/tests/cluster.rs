@@ -169,17 +169,15 @@ async fn assert_replicas_identical(cluster: &mut ClusterProc, topic: &str, hwm: 
     }
 }
 
-/// Waits until the partition leader reports broker `id` in sync for partition 0. Only the
-/// leader's own answer counts: a broker that just restarted may still be replaying an older
-/// metadata log that says otherwise.
+/// Waits until the partition leader reports broker `id` in sync for partition 0. Only a
+/// leader's own answer counts (brokers are ready only once their metadata is current, but a
+/// follower's view of the leader's report can lag).
 async fn wait_in_sync(cluster: &ClusterProc, topic: &str, id: u32) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        for n in cluster
-            .nodes
-            .iter()
-            .filter(|n| n.is_started() && n.id != id)
-        {
+        for n in cluster.nodes.iter().filter(|n| n.is_started()) {
+            // Broker `id` itself leading counts too: the preferred-leader hand-back gives the
+            // leadership back to it once it has caught up, and then nobody else reports it.
             if let Some(t) = cluster.describe_on(n.id, topic).await
                 && t.partitions[0].leader == n.id
                 && t.partitions[0].in_sync.contains(&id)
@@ -187,10 +185,13 @@ async fn wait_in_sync(cluster: &ClusterProc, topic: &str, id: u32) {
                 return;
             }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "broker {id} never caught up on {topic}"
-        );
+        if std::time::Instant::now() >= deadline {
+            let logs = cluster.preserve_logs();
+            panic!(
+                "broker {id} never caught up on {topic}; broker logs in {}",
+                logs.display()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -48,6 +48,11 @@ pub struct ProducerIds {
     pub instances: BTreeMap<String, i64>,
     /// Answers to recent requests, so a retried request gets the same answer.
     pub recent: std::collections::VecDeque<(u64, i64, i16)>,
+    /// The last grant of each id that has an epoch recorded, with its request id: a retried
+    /// bump must get its answer however many other requests came in between (a second bump
+    /// would fence the very producer that asked).
+    #[serde(default)]
+    pub last_grant: BTreeMap<i64, (u64, i16)>,
 }
 
 /// Why a producer could not be (re)initialised.
@@ -86,6 +91,13 @@ impl ProducerIds {
             return Ok((id, epoch));
         }
         let known = instance.and_then(|i| self.instances.get(i).copied());
+        if request_id != 0
+            && let Some(id) = known.or(bump.map(|b| b.0))
+            && let Some(&(r, epoch)) = self.last_grant.get(&id)
+            && r == request_id
+        {
+            return Ok((id, epoch));
+        }
         let grant = match (known, bump) {
             // A new incarnation of the identity.
             (Some(id), None) => self.next_epoch(id),
@@ -126,6 +138,9 @@ impl ProducerIds {
         };
         if let Some(i) = instance {
             self.instances.insert(i.to_owned(), grant.0);
+        }
+        if self.epochs.contains_key(&grant.0) {
+            self.last_grant.insert(grant.0, (request_id, grant.1));
         }
         self.recent.push_back((request_id, grant.0, grant.1));
         while self.recent.len() > RECENT_INITS {
@@ -237,6 +252,11 @@ mod producer_id_tests {
             p.init(7, None, Some((99, 0))),
             Err(InitRefusal::UnknownProducer(99))
         );
+        // A retried bump gets its answer even after many other requests.
+        for r in 100..400 {
+            assert!(p.init(r, None, None).is_ok());
+        }
+        assert_eq!(p.init(5, None, Some((1, 0))), Ok((1, 1)));
         // An identity's older incarnation cannot bump itself past its replacement.
         assert_eq!(p.init(9, Some("svc-a"), Some((3, 1))), Ok((3, 2)));
         assert_eq!(
@@ -248,6 +268,6 @@ mod producer_id_tests {
             })
         );
         p.epochs.insert(2, i16::MAX);
-        assert_eq!(p.init(8, None, Some((2, i16::MAX))), Ok((4, 0)));
+        assert_eq!(p.init(8, None, Some((2, i16::MAX))), Ok((304, 0)));
     }
 }

@@ -55,14 +55,9 @@ struct PendingBatch {
     p: Idempotent,
     /// The term it was checked in.
     term: u64,
-    submitted: std::time::Instant,
     /// Set when its write came back refused (openraft's "not the leader"): never appended.
     refused: Arc<AtomicBool>,
 }
-
-/// A pending batch this old that is still not applied, while the leader hears from a
-/// majority, was never appended: an appended one commits within a heartbeat round then.
-const PENDING_STALE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The leader's view of idempotent producers beyond the applied state.
 #[derive(Debug, Default)]
@@ -498,19 +493,13 @@ impl Partition {
         if old_done {
             adm.old_until = None;
         }
-        let quorum_fresh = r
-            .raft
-            .metrics()
-            .borrow_watched()
-            .last_quorum_acked
-            .as_ref()
-            .is_some_and(|t| (**t).elapsed() < std::time::Duration::from_secs(1));
         let verdict = sm.with_producers(|table| {
             adm.pending.retain(|b| {
                 let applied = table.covers(b.p.producer_id, b.p.epoch, b.p.last_seq);
-                let never_appended = (old_done && b.term != term)
-                    || b.refused.load(Ordering::Acquire)
-                    || (quorum_fresh && b.submitted.elapsed() > PENDING_STALE);
+                // Not by age: an appended batch can take arbitrarily long to commit and apply,
+                // and dropping it early would let a retry append a second copy.
+                let never_appended =
+                    (old_done && b.term != term) || b.refused.load(Ordering::Acquire);
                 !(applied || never_appended)
             });
             let mine: Vec<(i16, i32, i32)> = adm
@@ -535,7 +524,6 @@ impl Partition {
                 adm.pending.push(PendingBatch {
                     p,
                     term,
-                    submitted: std::time::Instant::now(),
                     refused: Arc::clone(&refused),
                 });
                 if r.raft.metrics().borrow_watched().current_term != term {

@@ -197,6 +197,11 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         .max_concurrent_streams(Some(1024))
         .initial_connection_window_size(Some(8 << 20))
         .initial_stream_window_size(Some(4 << 20))
+        // Peers share this port: after a network partition heals, the requests a peer gave up
+        // on during it arrive as a burst of stream resets, and h2's default limit (20) would
+        // make the broker drop the whole peer connection again. Still bounded against
+        // rapid-reset floods.
+        .http2_max_pending_accept_reset_streams(Some(256))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InterceptedService::new(

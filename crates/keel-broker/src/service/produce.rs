@@ -564,15 +564,15 @@ impl ProduceService for Produce {
         let req = req.into_inner();
         let correlation_id = req.correlation_id;
         let plan = self.plan(req)?;
-        // In a task of its own: a client that cancels the call must not stop an append midway
-        // (an idempotent batch appended but not yet tracked would be written again on retry).
-        let (plan, infos) = tokio::spawn(async move {
-            let infos = Self::append_all(&plan).await;
-            (plan, infos)
+        // In a task of its own: a client that cancels the call must not stop a request midway
+        // (an idempotent batch appended but not yet tracked would be written again on retry,
+        // and an append whose completion nobody awaits may never be flushed or committed).
+        let resp = tokio::spawn(async move {
+            let infos = Self::append_all(&plan).await?;
+            Self::finish(plan, infos, correlation_id).await
         })
         .await
-        .map_err(|e| BrokerError::Internal(format!("append task: {e}")))?;
-        let resp = Self::finish(plan, infos?, correlation_id).await?;
+        .map_err(|e| BrokerError::Internal(format!("produce task: {e}")))??;
         metrics::histogram!("keel_request_duration_seconds", "rpc" => "Produce")
             .record(started.elapsed().as_secs_f64());
         Ok(Response::new(resp))

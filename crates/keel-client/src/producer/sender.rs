@@ -221,13 +221,24 @@ impl Sender {
                 idem.init_attempts = 0;
                 idem.reset_wanted = false;
                 idem.next_seq.clear();
+                // Sequences of the old epoch mean nothing in the new one.
+                idem.rewinds.clear();
                 if resetting {
                     self.renumber();
                 }
             }
             // Fenced, or refused for a reason a retry cannot fix (an invalid instance id, a
-            // broker without idempotence): every batch fails with it.
-            Err(e) if !e.is_retriable() => {
+            // broker without idempotence): every batch fails with it. Anything else (a full
+            // disk, an internal error) may pass: retried until the records' delivery timeout.
+            Err(
+                e @ (ClientError::ProducerFenced { .. }
+                | ClientError::InvalidArgument { .. }
+                | ClientError::InvalidConfig { .. }
+                | ClientError::Status {
+                    code: tonic::Code::Unimplemented,
+                    ..
+                }),
+            ) => {
                 tracing::warn!(error = %e, "InitProducer refused; the producer cannot send");
                 idem.init_request = None;
                 idem.fenced = Some(e);
@@ -358,8 +369,9 @@ impl Sender {
             let now = Instant::now();
             let flush = self.shared.flushing();
             let mut wake_at = None;
-            let ready = self.idempotence_ready(now, &mut wake_at);
+            // Rewinds first: one may decide that a new epoch is needed, which readiness starts.
             self.apply_rewinds();
+            let ready = self.idempotence_ready(now, &mut wake_at);
             let rewinding: Vec<(Arc<str>, u32)> = self
                 .idem
                 .as_ref()
