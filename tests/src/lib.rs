@@ -4,3 +4,4 @@ pub mod broker;
 pub mod cluster;
 pub mod log_util;
 pub mod proxy;
+pub mod records;

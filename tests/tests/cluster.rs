@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use keel_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
 use keel_tests::cluster::{ClusterProc, NetPartition, committed_prefix, replica_batches};
+use keel_tests::records::read_partition;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -65,37 +66,7 @@ async fn produce_all(client: &Client, topic: &str, values: Vec<String>) -> Vec<(
 
 /// Reads partition 0 from the beginning up to its high watermark.
 async fn read_all(client: &Client, topic: &str) -> BTreeMap<u64, String> {
-    let mut consumer = client.consumer(ConsumerConfig::default());
-    consumer.assign(&[(topic, 0)]);
-    consumer
-        .seek(topic, 0, SeekTo::Beginning)
-        .await
-        .expect("seek");
-    let mut out = BTreeMap::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let recs = consumer
-            .poll(Duration::from_millis(500))
-            .await
-            .expect("poll");
-        for r in recs {
-            let v =
-                String::from_utf8(r.value.map(|b| b.to_vec()).unwrap_or_default()).expect("utf8");
-            assert!(
-                out.insert(r.offset, v).is_none(),
-                "offset {} delivered twice",
-                r.offset
-            );
-        }
-        let hwm = consumer.high_watermark(topic, 0).unwrap_or(0);
-        if hwm > 0 && consumer.position(topic, 0) == Some(hwm) {
-            return out;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reading {topic} timed out"
-        );
-    }
+    read_partition(client, topic, 0, true).await
 }
 
 /// Every acknowledged record is at its offset, offsets run 0..n with no gap.
@@ -717,39 +688,6 @@ async fn a_joining_broker_takes_over_a_decommissioned_brokers_replicas() {
 }
 
 /// Reads partition `p` from the beginning up to its high watermark: offset → value.
-async fn read_partition(client: &Client, topic: &str, p: u32) -> BTreeMap<u64, String> {
-    let mut consumer = client.consumer(ConsumerConfig::default());
-    consumer.assign(&[(topic, p)]);
-    consumer
-        .seek(topic, p, SeekTo::Beginning)
-        .await
-        .expect("seek");
-    let mut out = BTreeMap::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        for r in consumer
-            .poll(Duration::from_millis(500))
-            .await
-            .expect("poll")
-        {
-            let v =
-                String::from_utf8(r.value.map(|b| b.to_vec()).unwrap_or_default()).expect("utf8");
-            assert!(
-                out.insert(r.offset, v).is_none(),
-                "offset {} delivered twice",
-                r.offset
-            );
-        }
-        let hwm = consumer.high_watermark(topic, p).unwrap_or(0);
-        if consumer.position(topic, p) == Some(hwm) && (hwm > 0 || out.is_empty()) {
-            return out;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reading {topic}/{p} timed out"
-        );
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_under_load_fails_no_produce_and_loses_nothing() {
@@ -849,7 +787,7 @@ async fn rolling_restart_under_load_fails_no_produce_and_loses_nothing() {
     );
 
     for p in 0..3u32 {
-        let log = read_partition(&client, "roll", p).await;
+        let log = read_partition(&client, "roll", p, false).await;
         let offsets: Vec<u64> = log.keys().copied().collect();
         assert_eq!(
             offsets,

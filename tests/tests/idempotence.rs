@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_client::{Client, ClientError, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
+use keel_client::{Client, ClientError, ProducerConfig, ProducerRecord};
 use keel_log::batch::{BatchBuilder, Compression, ProducerInfo, RecordRef};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::produce_service_client::ProduceServiceClient;
@@ -16,6 +16,7 @@ use keel_proto::v1::{
 use keel_tests::broker::{BrokerProc, free_port};
 use keel_tests::cluster::ClusterProc;
 use keel_tests::proxy::FaultProxy;
+use keel_tests::records::read_partition;
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -147,35 +148,8 @@ async fn wait_log_end(cluster: &ClusterProc, topic: &str, want: u64) {
     }
 }
 
-/// Reads partition 0 from the start to its high watermark, as (offset, value).
 async fn read_all(client: &Client, topic: &str) -> BTreeMap<u64, String> {
-    let mut consumer = client.consumer(ConsumerConfig::default());
-    consumer.assign(&[(topic, 0)]);
-    consumer
-        .seek(topic, 0, SeekTo::Beginning)
-        .await
-        .expect("seek");
-    let mut out = BTreeMap::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        for r in consumer
-            .poll(Duration::from_millis(500))
-            .await
-            .expect("poll")
-        {
-            let v =
-                String::from_utf8(r.value.map(|b| b.to_vec()).unwrap_or_default()).expect("utf8");
-            out.insert(r.offset, v);
-        }
-        let hwm = consumer.high_watermark(topic, 0).unwrap_or(0);
-        if hwm > 0 && consumer.position(topic, 0) == Some(hwm) {
-            return out;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reading {topic} timed out"
-        );
-    }
+    read_partition(client, topic, 0, true).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

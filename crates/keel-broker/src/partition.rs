@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once, Weak};
 
 use bytes::Bytes;
-use keel_log::{AppendInfo, Log, LogError, ReadLimit, ReadSlice};
+use keel_log::{AppendInfo, Clock, Log, LogError, ReadLimit, ReadSlice, SystemClock};
 use keel_raft::producers::{EXPIRY_MS, ProducerTable, SeqBatch, Verdict};
 use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
 use openraft::Instant as _;
@@ -83,12 +83,6 @@ const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long an idempotent append waits for a new leader to apply what earlier terms left in
 /// its log, or for the duplicate it found in flight to commit.
 const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 #[derive(Debug)]
 enum Backend {
@@ -388,7 +382,7 @@ impl Partition {
             .is_none_or(|t| now.duration_since(t) > EXPIRY_SWEEP)
         {
             adm.last_expiry = Some(now);
-            adm.local.expire(now_ms(), EXPIRY_MS);
+            adm.local.expire(SystemClock.now_ms(), EXPIRY_MS);
         }
         match adm
             .local
@@ -406,7 +400,7 @@ impl Partition {
                             base_offset: info.base_offset,
                             next_offset: info.next_offset,
                         },
-                        now_ms(),
+                        SystemClock.now_ms(),
                     );
                 }
                 Ok(Admitted::Written(pending))
@@ -508,7 +502,7 @@ impl Partition {
                 .filter(|b| b.p.producer_id == p.producer_id)
                 .map(|b| (b.p.epoch, b.p.first_seq, b.p.last_seq))
                 .collect();
-            check_with_pending(table, p, &mine)
+            table.check_with_pending(p.producer_id, p.epoch, p.first_seq, p.last_seq, &mine)
         });
         match verdict {
             Verdict::Append => {
@@ -551,7 +545,7 @@ impl Partition {
         let deadline = tokio::time::Instant::now() + ADMISSION_WAIT;
         loop {
             if let Verdict::Duplicate(b) =
-                r.sm.check_producer(p.producer_id, p.epoch, p.first_seq, p.last_seq, &[])
+                r.sm.with_producers(|t| t.check(p.producer_id, p.epoch, p.first_seq, p.last_seq))
             {
                 return Ok(Pending::Duplicate(Appended {
                     base_offset: b.base_offset,
@@ -830,22 +824,6 @@ impl Partition {
     }
 }
 
-/// The verdict on `p` against `table` with this leader's `pending` batches of the producer
-/// laid over it.
-fn check_with_pending(
-    table: &ProducerTable,
-    p: Idempotent,
-    pending: &[(i16, i32, i32)],
-) -> Verdict {
-    if pending.is_empty() {
-        return table.check(p.producer_id, p.epoch, p.first_seq, p.last_seq);
-    }
-    table.project(p.producer_id, pending).map_or_else(
-        || keel_raft::producers::first_batch(p.first_seq),
-        |e| e.check(p.epoch, p.first_seq, p.last_seq),
-    )
-}
-
 /// How many of a single-node partition's last batches are read at start-up to rebuild its
 /// producer table. A producer whose last batch is further back is forgotten, which is safe:
 /// its next batch does not start at 0, is refused, and the client starts a new epoch.
@@ -871,7 +849,7 @@ fn producers_from_log(log: &Log, topic: &str, partition: u32) -> ProducerTable {
                     next_offset: h.next_offset(),
                 },
                 // Seen now: expiry runs on the broker's clock (see PartitionSm).
-                now_ms(),
+                SystemClock.now_ms(),
             ),
             Ok(_) => {}
             Err(e) => {
@@ -879,7 +857,7 @@ fn producers_from_log(log: &Log, topic: &str, partition: u32) -> ProducerTable {
             }
         }
     }
-    table.expire(now_ms(), EXPIRY_MS);
+    table.expire(SystemClock.now_ms(), EXPIRY_MS);
     table
 }
 

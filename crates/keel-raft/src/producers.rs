@@ -14,7 +14,11 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use keel_log::batch::sequence::{self, at_or_before};
 use serde::{Deserialize, Serialize};
+
+/// The last sequence number of a batch of `count` records starting at `first`.
+pub use keel_log::batch::sequence::last as last_sequence;
 
 /// Batches remembered per producer. A client may have at most this many requests in flight
 /// per partition, so every batch it could still retry is in the window.
@@ -24,24 +28,11 @@ pub const WINDOW: usize = 5;
 /// `producer.id.expiration.ms` default, a day); far longer than any delivery timeout.
 pub const EXPIRY_MS: i64 = 24 * 60 * 60 * 1000;
 
-/// Sequence numbers run from 0 to `i32::MAX` and then wrap to 0, as in Kafka.
-const SEQ_SPACE: i64 = i32::MAX as i64 + 1;
-
 /// Stands for "not known yet" in the offsets of a batch appended but not yet committed.
 const PENDING: u64 = u64::MAX;
 
-/// The last sequence number of a batch of `count` records starting at `first`.
-pub fn last_sequence(first: i32, count: u32) -> i32 {
-    ((i64::from(first) + i64::from(count.max(1)) - 1).rem_euclid(SEQ_SPACE)) as i32
-}
-
 fn next_sequence(s: i32) -> i32 {
-    if s == i32::MAX { 0 } else { s + 1 }
-}
-
-/// Whether `a` is at or before `b` in the circular sequence space (within half of it).
-fn at_or_before(a: i32, b: i32) -> bool {
-    (i64::from(b) - i64::from(a)).rem_euclid(SEQ_SPACE) < SEQ_SPACE / 2
+    sequence::next(s, 1)
 }
 
 /// One written batch of a producer.
@@ -274,6 +265,23 @@ impl ProducerTable {
             }
         }
         entry
+    }
+
+    /// The verdict on a batch with `pending` (the leader's appended, not yet applied batches
+    /// of that producer, oldest first) laid over the table.
+    pub fn check_with_pending(
+        &self,
+        producer_id: i64,
+        epoch: i16,
+        first: i32,
+        last: i32,
+        pending: &[(i16, i32, i32)],
+    ) -> Verdict {
+        if pending.is_empty() {
+            return self.check(producer_id, epoch, first, last);
+        }
+        self.project(producer_id, pending)
+            .map_or_else(|| first_batch(first), |e| e.check(epoch, first, last))
     }
 
     /// Whether a pending batch is now reflected by the committed state (so the leader can stop

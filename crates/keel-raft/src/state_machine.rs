@@ -31,13 +31,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::{Stream, StreamExt};
 use keel_log::batch::BatchHeader;
+use keel_log::{Clock, SystemClock};
 use openraft::OptionalSend;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::log_store::{KeelLogStore, blocking, log_err};
-use crate::producers::{EXPIRY_MS, ProducerTable, SeqBatch, Verdict, first_batch, last_sequence};
+use crate::producers::{EXPIRY_MS, ProducerTable, SeqBatch, last_sequence};
 use crate::state_file::StateFile;
 use crate::types::{
     AppendAck, Entry, KeelRaft, LogId, Payload, Snapshot, SnapshotMeta, StoredMembership, log_id,
@@ -177,12 +178,6 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 /// How often applying sweeps expired producers.
 const PRODUCER_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// Moves the high watermark up to `to`; never down.
 fn advance(hwm: &watch::Sender<u64>, to: u64) {
     hwm.send_if_modified(|v| {
@@ -256,43 +251,9 @@ impl PartitionSm {
         lock(&self.inner.state).next_offset
     }
 
-    /// The verdict on an idempotent batch, against the committed producer state with `pending`
-    /// (this leader's appended, not yet applied batches of that producer, oldest first) laid
-    /// over it.
-    pub fn check_producer(
-        &self,
-        producer_id: i64,
-        epoch: i16,
-        first: i32,
-        last: i32,
-        pending: &[(i16, i32, i32)],
-    ) -> Verdict {
-        let st = lock(&self.inner.state);
-        if pending.is_empty() {
-            return st.producers.check(producer_id, epoch, first, last);
-        }
-        st.producers
-            .project(producer_id, pending)
-            .map_or_else(|| first_batch(first), |e| e.check(epoch, first, last))
-    }
-
     /// Runs `f` on the applied producer state (one lock for several questions).
     pub fn with_producers<R>(&self, f: impl FnOnce(&ProducerTable) -> R) -> R {
         f(&lock(&self.inner.state).producers)
-    }
-
-    /// Whether the applied state already reflects a batch `(epoch, ..=last)` of the producer.
-    pub fn producer_covers(&self, producer_id: i64, epoch: i16, last: i32) -> bool {
-        lock(&self.inner.state)
-            .producers
-            .covers(producer_id, epoch, last)
-    }
-
-    /// Forgets producers idle longer than `max_idle_ms`; returns how many.
-    pub fn expire_producers(&self, now_ms: i64, max_idle_ms: i64) -> usize {
-        lock(&self.inner.state)
-            .producers
-            .expire(now_ms, max_idle_ms)
     }
 
     /// How many idempotent producers the applied state knows.
@@ -457,7 +418,7 @@ impl PartitionSm {
                         // This replica's clock, not the producer's: a producer clock far behind
                         // must not expire its own state at once. Replayed entries count as seen
                         // now, which only keeps producers longer.
-                        wall_ms(),
+                        SystemClock.now_ms(),
                     );
                 }
                 AppendAck {
@@ -485,7 +446,7 @@ impl PartitionSm {
             .is_none_or(|t| now.duration_since(t) > PRODUCER_SWEEP)
         {
             st.swept = Some(now);
-            st.producers.expire(wall_ms(), EXPIRY_MS);
+            st.producers.expire(SystemClock.now_ms(), EXPIRY_MS);
         }
         drop(st);
         // Before the producer hears back, so a consumer can read what was acknowledged.

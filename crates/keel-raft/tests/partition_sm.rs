@@ -550,7 +550,7 @@ async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io
     entries.push(normal(1, 10, 3));
     append(&mut store, entries).await?;
     apply_from_log(&mut store, &mut sm, 0, 11).await?;
-    let dup = |sm: &PartitionSm, seq: i32| sm.check_producer(7, 0, seq, seq + 1, &[]);
+    let dup = |sm: &PartitionSm, seq: i32| sm.with_producers(|t| t.check(7, 0, seq, seq + 1));
     assert_eq!(
         dup(&sm, 14),
         Verdict::Duplicate(SeqBatch {
@@ -564,7 +564,10 @@ async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io
         matches!(dup(&sm, 4), Verdict::OutOfOrder { .. }),
         "evicted from the window"
     );
-    assert_eq!(sm.check_producer(7, 0, 16, 16, &[]), Verdict::Append);
+    assert_eq!(
+        sm.with_producers(|t| t.check(7, 0, 16, 16)),
+        Verdict::Append
+    );
     assert_eq!(sm.producer_count(), 2);
 
     // A restart replays the log into the same state.
@@ -608,8 +611,8 @@ async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io
         assert_eq!(dup(&follower, seq), dup(&again, seq), "sequence {seq}");
     }
     assert_eq!(
-        follower.check_producer(8, 0, 100, 100, &[]),
-        again.check_producer(8, 0, 100, 100, &[])
+        follower.with_producers(|t| t.check(8, 0, 100, 100)),
+        again.with_producers(|t| t.check(8, 0, 100, 100))
     );
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! sequence numbers, exactly as the batching producer does.
 
 use bytes::Bytes;
-use keel_log::batch::{BatchHeader, ProducerInfo, set_producer};
+use keel_log::batch::{BatchHeader, ProducerInfo, sequence, set_producer};
 use keel_proto::v1::{BatchAck, ProduceBatch, ProduceRequest, ProduceResponse, produce_batch};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -81,8 +81,7 @@ impl BatchPipeline {
         let info = match self.producer {
             Some((producer_id, producer_epoch)) => {
                 let first = self.next_seq;
-                self.next_seq = ((i64::from(first) + i64::from(header.record_count))
-                    .rem_euclid(i64::from(i32::MAX) + 1)) as i32;
+                self.next_seq = sequence::next(first, header.record_count);
                 ProducerInfo {
                     producer_id,
                     producer_epoch,

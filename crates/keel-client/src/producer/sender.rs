@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use bytes::Bytes;
-use keel_log::batch::{ProducerInfo, set_producer};
+use keel_log::batch::{ProducerInfo, sequence, set_producer};
 
 use super::accumulator::{BatchData, ProducerBatch};
 use super::{Acks, ProducerConfig, RecordMetadata, Shared, produce_rpc};
@@ -186,7 +186,7 @@ impl Sender {
             .entry((Arc::clone(&batch.topic), batch.partition))
             .or_insert(0);
         let first = *next;
-        *next = next_sequence(first, count);
+        *next = sequence::next(first, count);
         batch.sequence = Some((epoch, first));
         let info = ProducerInfo {
             producer_id,
@@ -770,16 +770,9 @@ impl Sender {
     }
 }
 
-/// Whether sequence `a` comes before `b` (within half the circular sequence space).
+/// Whether sequence `a` comes strictly before `b`.
 fn sequence_before(a: i32, b: i32) -> bool {
-    let d = (i64::from(b) - i64::from(a)).rem_euclid(i64::from(i32::MAX) + 1);
-    d != 0 && d < (i64::from(i32::MAX) + 1) / 2
-}
-
-/// The sequence number after a batch of `count` records starting at `first` (wrapping after
-/// `i32::MAX`, as the broker expects).
-fn next_sequence(first: i32, count: u32) -> i32 {
-    ((i64::from(first) + i64::from(count)).rem_euclid(i64::from(i32::MAX) + 1)) as i32
+    a != b && sequence::at_or_before(a, b)
 }
 
 fn delivery_timeout(batch: &ProducerBatch, err: Option<ClientError>) -> ClientError {

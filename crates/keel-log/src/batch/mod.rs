@@ -9,6 +9,7 @@ mod compression;
 mod crc;
 mod header;
 mod record;
+pub mod sequence;
 mod varint;
 
 pub use builder::{BatchBuilder, ProducerInfo, control_batch, set_producer};

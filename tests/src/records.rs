@@ -1,0 +1,46 @@
+//! Reading a partition back through the Rust client, for tests that check what was written.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use keel_client::{Client, ConsumerConfig, SeekTo};
+
+/// Reads partition `p` of `topic` from its start up to its high watermark, as (offset, UTF-8
+/// value), asserting that no offset is delivered twice. With `require_data`, a high watermark
+/// of 0 does not end the read (right after a leader change it can read 0 for a moment).
+pub async fn read_partition(
+    client: &Client,
+    topic: &str,
+    p: u32,
+    require_data: bool,
+) -> BTreeMap<u64, String> {
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    consumer.assign(&[(topic, p)]);
+    consumer
+        .seek(topic, p, SeekTo::Beginning)
+        .await
+        .expect("seek");
+    let mut out = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for r in consumer
+            .poll(Duration::from_millis(500))
+            .await
+            .expect("poll")
+        {
+            let v =
+                String::from_utf8(r.value.map(|b| b.to_vec()).unwrap_or_default()).expect("utf8");
+            assert!(
+                out.insert(r.offset, v).is_none(),
+                "offset {} delivered twice",
+                r.offset
+            );
+        }
+        let hwm = consumer.high_watermark(topic, p).unwrap_or(0);
+        let enough = hwm > 0 || (!require_data && out.is_empty());
+        if enough && consumer.position(topic, p) == Some(hwm) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "reading {topic}/{p} timed out");
+    }
+}
