@@ -2,12 +2,12 @@
 //! subscriptions wait on.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Once, Weak};
 
 use bytes::Bytes;
 use keel_log::{AppendInfo, Clock, Log, LogError, ReadLimit, ReadSlice, SystemClock};
-use keel_raft::producers::{EXPIRY_MS, ProducerTable, SeqBatch, Verdict};
+use keel_raft::producers::{ProducerTable, SeqBatch, Verdict};
 use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver as _;
@@ -38,6 +38,9 @@ pub struct Partition {
     /// same order for a producer, and what is appended but not committed must be visible to
     /// the next check.
     admission: AsyncMutex<Admission>,
+    /// The topic's `producer.id.expiration.ms` (a replicated partition's state machine keeps
+    /// its own copy).
+    producer_expiry_ms: AtomicI64,
 }
 
 /// A batch's idempotent-producer fields.
@@ -211,9 +214,10 @@ impl Partition {
                 flusher: Once::new(),
             },
             admission: AsyncMutex::new(Admission {
-                local: producers_from_log(&log, &topic, id),
+                local: producers_from_log(&log, &topic, id, expiry_ms(cfg)),
                 ..Admission::default()
             }),
+            producer_expiry_ms: AtomicI64::new(expiry_ms(cfg)),
             log: Arc::new(log),
             topic,
             id,
@@ -235,6 +239,7 @@ impl Partition {
             hwm_tx,
             backend: Backend::Raft(replica),
             admission: AsyncMutex::new(Admission::default()),
+            producer_expiry_ms: AtomicI64::new(keel_raft::producers::EXPIRY_MS),
         }
     }
 
@@ -266,8 +271,13 @@ impl Partition {
             Backend::Local {
                 flush_every_batch, ..
             } => flush_every_batch.store(cfg.flush_every_batch(), Ordering::Release),
-            Backend::Raft(r) => r.store.set_sync_appends(cfg.flush_every_batch()),
+            Backend::Raft(r) => {
+                r.store.set_sync_appends(cfg.flush_every_batch());
+                r.sm.set_producer_expiry_ms(expiry_ms(cfg));
+            }
         }
+        self.producer_expiry_ms
+            .store(expiry_ms(cfg), Ordering::Relaxed);
         let mut log_cfg = cfg.log_config();
         if self.raft().is_some() {
             // The Raft group owns deletion: retention goes through a snapshot and a purge.
@@ -382,7 +392,8 @@ impl Partition {
             .is_none_or(|t| now.duration_since(t) > EXPIRY_SWEEP)
         {
             adm.last_expiry = Some(now);
-            adm.local.expire(SystemClock.now_ms(), EXPIRY_MS);
+            let expiry = self.producer_expiry_ms.load(Ordering::Relaxed);
+            adm.local.expire(SystemClock.now_ms(), expiry);
         }
         match adm
             .local
@@ -824,6 +835,10 @@ impl Partition {
     }
 }
 
+fn expiry_ms(cfg: &Resolved) -> i64 {
+    i64::try_from(cfg.producer_expiration_ms).unwrap_or(i64::MAX)
+}
+
 /// How many of a single-node partition's last batches are read at start-up to rebuild its
 /// producer table. A producer whose last batch is further back is forgotten, which is safe:
 /// its next batch does not start at 0, is refused, and the client starts a new epoch.
@@ -831,7 +846,7 @@ const PRODUCER_SCAN_BATCHES: u64 = 65_536;
 
 /// A single-node partition's producer table, rebuilt from the headers of its last batches
 /// (appending is committing there).
-fn producers_from_log(log: &Log, topic: &str, partition: u32) -> ProducerTable {
+fn producers_from_log(log: &Log, topic: &str, partition: u32, expiry_ms: i64) -> ProducerTable {
     let mut table = ProducerTable::new();
     let next = log.next_raft_index();
     let first = log
@@ -857,7 +872,7 @@ fn producers_from_log(log: &Log, topic: &str, partition: u32) -> ProducerTable {
             }
         }
     }
-    table.expire(SystemClock.now_ms(), EXPIRY_MS);
+    table.expire(SystemClock.now_ms(), expiry_ms);
     table
 }
 

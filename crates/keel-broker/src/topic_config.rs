@@ -31,6 +31,10 @@ pub struct Resolved {
     /// `flush.ms`: with `flush.messages` above 1, fsync at least this often (`None`: leave it
     /// to the OS).
     pub flush_ms: Option<u64>,
+    /// `producer.id.expiration.ms`: a partition forgets an idempotent producer that wrote
+    /// nothing to it for this long (Kafka has it per broker; per topic lets a topic with rare
+    /// writers keep its producers longer).
+    pub producer_expiration_ms: u64,
 }
 
 /// Known keys, their defaults and what they accept.
@@ -64,6 +68,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "-1",
         "-1 (leave flushing to the OS) or milliseconds >= 1; used when flush.messages > 1",
     ),
+    ("producer.id.expiration.ms", "86400000", "milliseconds >= 1"),
 ];
 
 fn parse_i64(key: &str, v: &str) -> Result<i64> {
@@ -200,6 +205,13 @@ impl TopicConfig {
                 expect("flush.messages"),
             )?,
             flush_ms: optional_positive("flush.ms", &v("flush.ms"), expect("flush.ms"))?,
+            producer_expiration_ms: ranged(
+                "producer.id.expiration.ms",
+                &v("producer.id.expiration.ms"),
+                1,
+                i64::MAX as u64,
+                expect("producer.id.expiration.ms"),
+            )?,
         })
     }
 
@@ -277,6 +289,19 @@ mod tests {
             r2.log_config().flush,
             FlushPolicy::Interval(Duration::from_millis(50))
         );
+    }
+
+    #[test]
+    fn producer_expiration_is_a_topic_config() {
+        let r = TopicConfig::new(&set(&[]))
+            .expect("valid")
+            .resolve()
+            .expect("valid");
+        assert_eq!(r.producer_expiration_ms, 86_400_000);
+        let c = TopicConfig::new(&set(&[("producer.id.expiration.ms", "60000")])).expect("valid");
+        assert_eq!(c.resolve().expect("valid").producer_expiration_ms, 60_000);
+        let e = TopicConfig::new(&set(&[("producer.id.expiration.ms", "0")])).expect_err("0");
+        assert!(e.to_string().contains("producer.id.expiration.ms"), "{e}");
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub use keel_log::batch::sequence::last as last_sequence;
 /// per partition, so every batch it could still retry is in the window.
 pub const WINDOW: usize = 5;
 
-/// A partition forgets a producer that wrote nothing to it for this long (Kafka's
+/// The default of the topic config `producer.id.expiration.ms`: a partition forgets a producer
+/// that wrote nothing to it for this long (Kafka's
 /// `producer.id.expiration.ms` default, a day); far longer than any delivery timeout.
 pub const EXPIRY_MS: i64 = 24 * 60 * 60 * 1000;
 

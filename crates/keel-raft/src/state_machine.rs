@@ -107,6 +107,8 @@ struct State {
     producers: ProducerTable,
     /// When expired producers were last swept (every replica sweeps on its own clock).
     swept: Option<std::time::Instant>,
+    /// How long a producer may write nothing here before it is forgotten.
+    producer_expiry_ms: i64,
     /// Where the next snapshot is cut, and the offset that follows that entry.
     point: Option<(LogId, u64)>,
     snapshot: Option<SnapshotRecord>,
@@ -238,6 +240,7 @@ impl PartitionSm {
                     next_offset,
                     producers,
                     swept: None,
+                    producer_expiry_ms: EXPIRY_MS,
                     point: None,
                     snapshot: record,
                 }),
@@ -254,6 +257,12 @@ impl PartitionSm {
     /// Runs `f` on the applied producer state (one lock for several questions).
     pub fn with_producers<R>(&self, f: impl FnOnce(&ProducerTable) -> R) -> R {
         f(&lock(&self.inner.state).producers)
+    }
+
+    /// Sets how long a producer may write nothing before it is forgotten (the topic's
+    /// `producer.id.expiration.ms`); applied from the next sweep.
+    pub fn set_producer_expiry_ms(&self, ms: i64) {
+        lock(&self.inner.state).producer_expiry_ms = ms.max(1);
     }
 
     /// How many idempotent producers the applied state knows.
@@ -446,7 +455,8 @@ impl PartitionSm {
             .is_none_or(|t| now.duration_since(t) > PRODUCER_SWEEP)
         {
             st.swept = Some(now);
-            st.producers.expire(SystemClock.now_ms(), EXPIRY_MS);
+            let expiry = st.producer_expiry_ms;
+            st.producers.expire(SystemClock.now_ms(), expiry);
         }
         drop(st);
         // Before the producer hears back, so a consumer can read what was acknowledged.
