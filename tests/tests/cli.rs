@@ -323,7 +323,11 @@ fn topic_commands_and_their_json() {
         ),
         "{text}"
     );
-    assert!(text.contains("\nretention.ms         3600000\n"), "{text}");
+    // The key column is as wide as the longest key (producer.id.expiration.ms).
+    assert!(
+        text.contains("\nretention.ms               3600000\n"),
+        "{text}"
+    );
 
     // alter
     let out = keel(

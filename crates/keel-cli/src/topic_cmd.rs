@@ -13,7 +13,8 @@ use crate::output::{OutputOpts, id_list, print_json, print_text, table};
 /// Config keys as documented in `--help` (the broker validates them).
 const CONFIG_HELP: &str = "Topic config (repeatable). Keys: retention.ms, retention.bytes, \
     segment.bytes, segment.ms, cleanup.policy, max.message.bytes, min.insync.replicas, \
-    flush.messages, flush.ms; `keel topic describe` shows every value, defaults included";
+    flush.messages, flush.ms, producer.id.expiration.ms; `keel topic describe` shows every \
+    value, defaults included";
 
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
@@ -88,7 +89,7 @@ pub struct AlterArgs {
     pub name: String,
     /// Set a config key (repeatable). Keys: retention.ms, retention.bytes, segment.bytes,
     /// segment.ms, cleanup.policy, max.message.bytes, min.insync.replicas, flush.messages,
-    /// flush.ms.
+    /// flush.ms, producer.id.expiration.ms.
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub configs: Vec<(String, String)>,
     /// Reset a config key to its default (repeatable).
