@@ -340,3 +340,27 @@ impl Drop for NetPartition {
         self.remove();
     }
 }
+
+/// A client of every broker of `cluster`.
+pub async fn client(cluster: &ClusterProc) -> keel_client::Client {
+    keel_client::Client::connect(&cluster.broker_list())
+        .await
+        .expect("connect to the cluster")
+}
+
+/// Three brokers in `dir`, a client, and a topic with default config.
+pub async fn cluster_with_topic(
+    dir: &Path,
+    topic: &str,
+    partitions: u32,
+    replication_factor: u32,
+) -> (ClusterProc, keel_client::Client) {
+    let cluster = ClusterProc::start(dir, 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic(topic, partitions, replication_factor, BTreeMap::new())
+        .await
+        .expect("create topic");
+    (cluster, client)
+}

@@ -3,7 +3,25 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use keel_client::{Client, ConsumerConfig, SeekTo};
+use keel_log::batch::{BatchBuilder, Compression, ProducerInfo, RecordRef};
+
+/// One encoded batch of `values` (no keys or headers, timestamp 1 700 000 000 000) with the
+/// given codec and producer fields (`ProducerInfo::default()`: not idempotent).
+pub fn encode_batch(values: &[&str], codec: Compression, producer: ProducerInfo) -> Bytes {
+    let mut b = BatchBuilder::new(codec).producer(producer);
+    for v in values {
+        b.push(&RecordRef {
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(v.as_bytes()),
+            headers: &[],
+        })
+        .expect("push");
+    }
+    Bytes::from(b.build().expect("build"))
+}
 
 /// Reads partition `p` of `topic` from its start up to its high watermark, as (offset, UTF-8
 /// value), asserting that no offset is delivered twice. With `require_data`, a high watermark

@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchBuilder, BatchIter, Compression, RecordRef, decode_records};
+use keel_log::batch::{BatchIter, Compression, ProducerInfo, decode_records};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::*;
 use keel_tests::broker::{BrokerProc, http_get};
+use keel_tests::records::encode_batch;
 use tonic::Code;
 
 fn topic_req(name: &str, partitions: u32, config: &[(&str, &str)]) -> CreateTopicRequest {
@@ -36,17 +37,7 @@ fn encoded(values: &[&str]) -> Bytes {
 }
 
 fn encoded_with(values: &[&str], codec: Compression) -> Bytes {
-    let mut b = BatchBuilder::new(codec);
-    for v in values {
-        b.push(&RecordRef {
-            timestamp: 1_700_000_000_000,
-            key: None,
-            value: Some(v.as_bytes()),
-            headers: &[],
-        })
-        .expect("push");
-    }
-    Bytes::from(b.build().expect("build"))
+    encode_batch(values, codec, ProducerInfo::default())
 }
 
 fn batch_req(topic: &str, partition: u32, batch: Bytes, acks: Acks) -> ProduceRequest {

@@ -6,33 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use keel_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
-use keel_tests::cluster::{ClusterProc, NetPartition, committed_prefix, replica_batches};
+use keel_tests::cluster::{
+    ClusterProc, NetPartition, client, cluster_with_topic, committed_prefix, replica_batches,
+};
 use keel_tests::records::read_partition;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Three brokers in `dir`, a client, and a topic with default config.
-async fn cluster_with_topic(
-    dir: &std::path::Path,
-    topic: &str,
-    partitions: u32,
-    replication_factor: u32,
-) -> (ClusterProc, Client) {
-    let cluster = ClusterProc::start(dir, 3);
-    let client = client(&cluster).await;
-    client
-        .admin()
-        .create_topic(topic, partitions, replication_factor, BTreeMap::new())
-        .await
-        .expect("create topic");
-    (cluster, client)
-}
-
-async fn client(cluster: &ClusterProc) -> Client {
-    Client::connect(&cluster.broker_list())
-        .await
-        .expect("connect to the cluster")
-}
 
 fn producer_config() -> ProducerConfig {
     ProducerConfig::default()

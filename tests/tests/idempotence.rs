@@ -7,36 +7,28 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_client::{Client, ClientError, ProducerConfig, ProducerRecord};
-use keel_log::batch::{BatchBuilder, Compression, ProducerInfo, RecordRef};
+use keel_log::batch::{Compression, ProducerInfo};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::produce_service_client::ProduceServiceClient;
 use keel_proto::v1::{
     Acks, InitProducerRequest, ProduceBatch, ProduceRequest, ProducerFields, Record, RecordList,
 };
 use keel_tests::broker::{BrokerProc, free_port};
-use keel_tests::cluster::ClusterProc;
+use keel_tests::cluster::{ClusterProc, cluster_with_topic};
 use keel_tests::proxy::FaultProxy;
-use keel_tests::records::read_partition;
+use keel_tests::records::{encode_batch, read_partition};
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn batch(producer_id: i64, epoch: i16, seq: i32, values: &[String]) -> Bytes {
-    let mut b = BatchBuilder::new(Compression::None).producer(ProducerInfo {
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    let producer = ProducerInfo {
         producer_id,
         producer_epoch: epoch,
         base_sequence: seq,
-    });
-    for v in values {
-        b.push(&RecordRef {
-            timestamp: 1,
-            key: None,
-            value: Some(v.as_bytes()),
-            headers: &[],
-        })
-        .expect("push");
-    }
-    Bytes::from(b.build().expect("build"))
+    };
+    encode_batch(&values, Compression::None, producer)
 }
 
 fn values(from: usize, to: usize) -> Vec<String> {
@@ -155,15 +147,8 @@ async fn read_all(client: &Client, topic: &str) -> BTreeMap<u64, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_deduplicated_across_failover_and_a_full_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cluster = ClusterProc::start(dir.path(), 3);
-    let client = Client::connect(&cluster.broker_list())
-        .await
-        .expect("connect");
-    client
-        .admin()
-        .create_topic("idem", 1, 3, BTreeMap::new())
-        .await
-        .expect("create topic");
+    // The client is made again after the whole-cluster restart below.
+    let (mut cluster, _) = cluster_with_topic(dir.path(), "idem", 1, 3).await;
     let mut any = cluster.nodes[0].producer().await;
     let (pid, epoch) = init(&mut any, "").await;
     assert!(
@@ -244,15 +229,7 @@ async fn retries_are_deduplicated_across_failover_and_a_full_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_incarnation_fences_the_older_one() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = ClusterProc::start(dir.path(), 3);
-    let client = Client::connect(&cluster.broker_list())
-        .await
-        .expect("connect");
-    client
-        .admin()
-        .create_topic("fence", 1, 3, BTreeMap::new())
-        .await
-        .expect("create topic");
+    let (cluster, client) = cluster_with_topic(dir.path(), "fence", 1, 3).await;
     let mut p = cluster.nodes[1].producer().await;
     let (pid, e0) = init(&mut p, "billing-1").await;
     assert_eq!(
