@@ -11,6 +11,7 @@ const FILES: &[&str] = &[
     "keel/v1/cluster.proto",
     "keel/v1/produce.proto",
     "keel/v1/consume.proto",
+    "keel/v1/groups.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -76,6 +76,24 @@ pub enum BrokerError {
         epoch: i16,
         current: i16,
     },
+    /// A group request reached a broker that does not coordinate the group.
+    #[error("this broker is not the coordinator of group {group:?}")]
+    NotCoordinator {
+        group: String,
+        coordinator: Option<(u32, String)>,
+    },
+    #[error("{0}")]
+    UnknownMember(String),
+    #[error("{0}")]
+    FencedMember(String),
+    #[error("{0}")]
+    InconsistentStrategy(String),
+    #[error("group {group:?} has {members} active members; stop them first")]
+    GroupNotEmpty { group: String, members: usize },
+    #[error("unknown group {0:?}")]
+    UnknownGroup(String),
+    #[error("{0}")]
+    OffsetBackwards(String),
     #[error("disk full: {0}")]
     DiskFull(String),
     #[error("storage error: {message}")]
@@ -118,6 +136,13 @@ impl BrokerError {
             Self::CorruptBatch { .. } => "CORRUPT_BATCH",
             Self::OutOfOrderSequence { .. } => "OUT_OF_ORDER_SEQUENCE",
             Self::ProducerFenced { .. } => "PRODUCER_FENCED",
+            Self::NotCoordinator { .. } => "NOT_COORDINATOR",
+            Self::UnknownMember(_) => "UNKNOWN_MEMBER",
+            Self::FencedMember(_) => "FENCED_MEMBER",
+            Self::InconsistentStrategy(_) => "INCONSISTENT_STRATEGY",
+            Self::GroupNotEmpty { .. } => "GROUP_NOT_EMPTY",
+            Self::UnknownGroup(_) => "UNKNOWN_GROUP",
+            Self::OffsetBackwards(_) => "OFFSET_BACKWARDS",
             Self::DiskFull(_) => "DISK_FULL",
             Self::Storage { .. } => "STORAGE_ERROR",
             Self::Timeout(_) => "TIMEOUT",
@@ -135,13 +160,19 @@ impl BrokerError {
             | Self::CorruptBatch { .. } => Code::InvalidArgument,
             Self::UnknownTopic(_) | Self::UnknownPartition { .. } => Code::NotFound,
             Self::TopicExists(_) => Code::AlreadyExists,
-            Self::OutOfOrderSequence { .. } | Self::ProducerFenced { .. } => {
-                Code::FailedPrecondition
-            }
+            Self::OutOfOrderSequence { .. }
+            | Self::ProducerFenced { .. }
+            | Self::UnknownMember(_)
+            | Self::FencedMember(_)
+            | Self::InconsistentStrategy(_)
+            | Self::GroupNotEmpty { .. }
+            | Self::OffsetBackwards(_) => Code::FailedPrecondition,
+            Self::UnknownGroup(_) => Code::NotFound,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
-            Self::NotLeader { .. } | Self::ShuttingDown | Self::Unavailable { .. } => {
-                Code::Unavailable
-            }
+            Self::NotLeader { .. }
+            | Self::NotCoordinator { .. }
+            | Self::ShuttingDown
+            | Self::Unavailable { .. } => Code::Unavailable,
             Self::TooLarge { .. } | Self::DecodeTooLarge { .. } | Self::DiskFull(_) => {
                 Code::ResourceExhausted
             }
@@ -207,6 +238,10 @@ impl BrokerError {
         match self {
             Self::NotLeader {
                 leader: Some((id, addr)),
+                ..
+            }
+            | Self::NotCoordinator {
+                coordinator: Some((id, addr)),
                 ..
             } => {
                 insert(md, "keel-leader-id", &id.to_string());

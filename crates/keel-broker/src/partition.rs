@@ -338,6 +338,43 @@ impl Partition {
         })
     }
 
+    /// The Raft term this replica is in (0 for a single-node partition).
+    pub fn current_term(&self) -> u64 {
+        self.raft()
+            .map_or(0, |r| r.raft.metrics().borrow_watched().current_term)
+    }
+
+    /// On a leader, waits until it has applied an entry of its own term, so that everything
+    /// earlier leaders committed is applied here too; returns the term. Readers that rebuild
+    /// state from the log (the group coordinator) need this before they answer.
+    pub async fn wait_leader_caught_up(&self) -> Result<u64> {
+        let Some(r) = self.raft() else {
+            return Ok(0);
+        };
+        let term = self.current_term();
+        let applied = r
+            .raft
+            .wait(Some(ADMISSION_WAIT))
+            .metrics(
+                |m| {
+                    m.current_term != term
+                        || m.last_applied.is_some_and(|l| l.leader_id.term == term)
+                },
+                "a new leader's earlier entries applied",
+            )
+            .await;
+        match applied {
+            Ok(m) if m.current_term == term => Ok(term),
+            _ => Err(BrokerError::Unavailable {
+                message: format!(
+                    "{}/{}: the new leader has not applied its log yet",
+                    self.topic, self.id
+                ),
+                definite: true,
+            }),
+        }
+    }
+
     /// Appends a validated batch and waits for the durability `acks` asks for.
     pub async fn append(
         self: &Arc<Self>,

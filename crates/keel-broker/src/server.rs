@@ -10,6 +10,7 @@ use std::time::Duration;
 use keel_proto::v1::admin_service_server::AdminServiceServer;
 use keel_proto::v1::cluster_service_server::ClusterServiceServer;
 use keel_proto::v1::consume_service_server::ConsumeServiceServer;
+use keel_proto::v1::groups_service_server::GroupsServiceServer;
 use keel_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,7 +20,9 @@ use tonic::service::interceptor::InterceptedService;
 use crate::cluster::ClusterNode;
 use crate::error::{BrokerError, Result};
 use crate::registry::Registry;
-use crate::service::{admin::Admin, cluster::Cluster, consume::Consume, produce::Produce};
+use crate::service::{
+    admin::Admin, cluster::Cluster, consume::Consume, groups::Groups, produce::Produce,
+};
 use crate::state::{BrokerState, Limits, Shared};
 
 /// Everything a broker needs to start.
@@ -37,6 +40,9 @@ pub struct BrokerConfig {
     pub join: Option<String>,
     pub retention_check_interval: Duration,
     pub limits: Limits,
+    /// How long the committed offsets of a group without members are kept after its last
+    /// commit.
+    pub offsets_retention_ms: i64,
 }
 
 impl BrokerConfig {
@@ -51,6 +57,7 @@ impl BrokerConfig {
             join: None,
             retention_check_interval: Duration::from_secs(300),
             limits: Limits::default(),
+            offsets_retention_ms: crate::groups::coordinator::DEFAULT_OFFSETS_RETENTION_MS,
         }
     }
 }
@@ -149,6 +156,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         limits: config.limits,
         shutdown: shutdown_rx.clone(),
         cluster: cluster.clone(),
+        groups: crate::groups::coordinator::Coordinator::new(config.offsets_retention_ms),
     });
 
     let max = config.limits.max_request_bytes;
@@ -159,6 +167,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         "keel.v1.ClusterService",
         "keel.v1.ProduceService",
         "keel.v1.ConsumeService",
+        "keel.v1.GroupsService",
         "",
     ] {
         health_reporter
@@ -227,6 +236,12 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(encode_max),
             gate.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            GroupsServiceServer::new(Groups(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(encode_max),
+            gate.clone(),
         ));
     let router = router.add_optional_service(cluster.as_ref().map(|c| c.raft_service()));
     let mut rx = shutdown_rx.clone();
@@ -241,6 +256,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         Arc::clone(&state),
         config.retention_check_interval,
     ));
+    tasks.push(spawn_group_sweep(Arc::clone(&state)));
     if let Some(c) = &cluster {
         tasks.push(c.spawn_loops(
             Arc::clone(&state) as Arc<dyn crate::cluster::RegistryHolder>,
@@ -289,6 +305,29 @@ fn default_advertise(bound: SocketAddr) -> String {
         .unwrap_or_else(|| "localhost".to_owned());
     tracing::warn!(listen = %bound, advertise = %host, "listening on a wildcard address without --advertise; telling clients to use this host's name (set --advertise to the address clients can reach)");
     format!("{host}:{}", bound.port())
+}
+
+/// Group sessions expire on time, patterns pick up new topics, and a broker that became the
+/// leader of an offsets partition takes its groups over, without waiting for a request.
+fn spawn_group_sweep(state: Shared) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shutdown = state.shutdown.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_housekeeping = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    let housekeeping = last_housekeeping.elapsed() >= Duration::from_secs(10);
+                    if housekeeping {
+                        last_housekeeping = tokio::time::Instant::now();
+                    }
+                    state.groups.sweep(&state, housekeeping).await;
+                }
+            }
+        }
+    })
 }
 
 fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> {

@@ -60,6 +60,8 @@ pub struct BrokerState {
     pub shutdown: watch::Receiver<bool>,
     /// Set on a clustered broker (started with `--initial-cluster` or `--join`).
     pub cluster: Option<Arc<ClusterNode>>,
+    /// The consumer groups this broker coordinates.
+    pub groups: crate::groups::coordinator::Coordinator,
 }
 
 impl RegistryHolder for BrokerState {
@@ -281,6 +283,12 @@ impl BrokerState {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        if name == crate::groups::coordinator::OFFSETS_TOPIC {
+            return Err(BrokerError::invalid(
+                "name",
+                "__consumer_offsets is internal: deleting it would delete every group's offsets",
+            ));
+        }
         let Some(c) = &self.cluster else {
             return self.registry.delete(name).await;
         };
@@ -390,6 +398,32 @@ impl BrokerState {
         })
         .await?;
         self.registry.get(name)
+    }
+
+    /// Lets a partition's records below `before` be deleted: at once on a single node, by
+    /// every replica's next retention round in a cluster.
+    pub async fn delete_records_before(
+        &self,
+        name: &str,
+        partition: u32,
+        before: u64,
+    ) -> Result<()> {
+        let topic = self.registry.lookup("topic", name)?;
+        let Some(c) = &self.cluster else {
+            let p = Arc::clone(topic.partition(partition)?);
+            return tokio::task::spawn_blocking(move || p.log().delete_before(before))
+                .await
+                .map_err(|e| BrokerError::Internal(e.to_string()))?
+                .map(|_| ())
+                .map_err(|e| BrokerError::from_log(e, 0));
+        };
+        c.propose(Command::DeleteRecords {
+            name: name.to_owned(),
+            topic_id: topic.meta.id,
+            partition,
+            before,
+        })
+        .await
     }
 
     /// Marks broker `id` as leaving and moves each of its replicas to the least loaded other

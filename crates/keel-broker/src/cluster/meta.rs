@@ -46,6 +46,11 @@ pub struct PartitionMeta {
     /// both initialise it (as a reassignment before the first election could otherwise cause).
     #[serde(default)]
     pub initial: Vec<u32>,
+    /// Records below this offset may be deleted on every replica (the next retention round
+    /// does it): set by the group coordinator after it wrote a compacted image of its offsets
+    /// partition. Only ever grows.
+    #[serde(default)]
+    pub delete_before: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +131,14 @@ pub enum Command {
     },
     Leaders {
         reports: Vec<LeaderReport>,
+    },
+    /// Lets retention delete a partition's records below `before` (Kafka's DeleteRecords).
+    DeleteRecords {
+        name: String,
+        /// The incarnation meant, so a retry never touches a re-created topic.
+        topic_id: u64,
+        partition: u32,
+        before: u64,
     },
     /// Hands out an idempotent producer id and epoch (see [`ProducerIds::init`]).
     InitProducer {
@@ -303,6 +316,21 @@ impl ClusterState {
                 }
                 p.replicas.clone_from(replicas);
                 p.in_sync.retain(|b| replicas.contains(b));
+                Ok(())
+            }
+            Command::DeleteRecords {
+                name,
+                topic_id,
+                partition,
+                before,
+            } => {
+                let t = self.topic_mut(name)?;
+                if t.meta.id != *topic_id {
+                    return Err(Refusal::UnknownTopic(name.clone()));
+                }
+                if let Some(p) = t.partitions.get_mut(*partition as usize) {
+                    p.delete_before = p.delete_before.max(*before);
+                }
                 Ok(())
             }
             Command::Decommission { id } => {

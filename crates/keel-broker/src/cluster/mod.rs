@@ -1371,12 +1371,15 @@ impl ClusterNode {
         };
         let (log, sm) = (Arc::clone(p.log()), r.sm.clone());
         let (ms, bytes) = (cfg.retention_ms, cfg.retention_bytes);
-        if ms.is_none() && bytes.is_none() {
+        let floor = self.delete_floor(p, r.group);
+        if ms.is_none() && bytes.is_none() && floor <= log.log_start_offset() {
             return Ok(0);
         }
         let before = log.size_bytes();
         let point = blocking(move || {
-            let start = log.retention_boundary(ms.map(Duration::from_millis), bytes);
+            let start = log
+                .retention_boundary(ms.map(Duration::from_millis), bytes)
+                .max(floor.min(log.log_end_offset()));
             if start <= log.log_start_offset() {
                 return Ok(None);
             }
@@ -1414,6 +1417,17 @@ impl ClusterNode {
         let deleted = before.saturating_sub(p.log().size_bytes());
         tracing::info!(topic = %p.topic, partition = p.id, upto = %point, deleted, "retention purged the raft log");
         Ok(deleted)
+    }
+
+    /// The offset below which the metadata lets this partition's records go (DeleteRecords).
+    fn delete_floor(&self, p: &Partition, group: u64) -> u64 {
+        let state = self.state();
+        state
+            .topics
+            .get(p.topic.as_ref())
+            .filter(|t| partition_group(t.meta.id, p.id) == group)
+            .and_then(|t| t.partitions.get(p.id as usize))
+            .map_or(0, |pm| pm.delete_before)
     }
 
     /// Waits (at most `timeout`) until this broker knows the current metadata: the metadata

@@ -11,6 +11,8 @@
 //! that will own it.
 
 pub mod assign;
+pub mod coordinator;
+pub mod live;
 pub mod offsets;
 pub mod reconcile;
 

@@ -4,4 +4,5 @@
 pub mod admin;
 pub mod cluster;
 pub mod consume;
+pub mod groups;
 pub mod produce;

@@ -126,6 +126,12 @@ impl Produce {
         if st.is_shutting_down() {
             return Err(BrokerError::ShuttingDown);
         }
+        if req.topic == crate::groups::coordinator::OFFSETS_TOPIC {
+            return Err(BrokerError::invalid(
+                "topic",
+                "__consumer_offsets is internal: only group coordinators write to it",
+            ));
+        }
         let topic = st.registry.lookup("topic", &req.topic)?;
         let acks = match Acks::try_from(req.acks) {
             Ok(Acks::Unspecified | Acks::All) => AckLevel::All,
