@@ -77,6 +77,27 @@ async fn coordinator(brokers: &[String], group: &str) -> (u32, GroupsServiceClie
     }
 }
 
+/// Waits until every offsets partition is led by its preferred replica, so that coordinators
+/// stay put (a leader hands its partition back to the preferred replica a few seconds after
+/// it is back in sync).
+async fn wait_coordinators_settled(cluster: &keel_tests::cluster::ClusterProc) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(t) = cluster.describe("__consumer_offsets").await
+            && t.partitions.iter().all(|p| {
+                p.replicas.first() == Some(&p.leader) && p.in_sync.len() == p.replicas.len()
+            })
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the offsets partitions did not settle on their preferred leaders"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A group member speaking the protocol by hand: it gives up revoked partitions at once.
 struct Member {
     group: String,
@@ -223,6 +244,8 @@ async fn group_protocol_fencing_failover_and_restart_keep_commits() {
     let (mut cluster, _client) = cluster_with_topic(dir.path(), "orders", 6, 3).await;
     let brokers = cluster.broker_list();
     let g = "billing";
+    coordinator(&brokers, g).await;
+    wait_coordinators_settled(&cluster).await;
     let (coord_id, mut c) = coordinator(&brokers, g).await;
 
     let (mut a, mut b, mut m3) = (
@@ -364,6 +387,7 @@ async fn group_protocol_fencing_failover_and_restart_keep_commits() {
         cluster.node(id).kill9();
     }
     cluster.restart_stopped();
+    wait_coordinators_settled(&cluster).await;
     assert_eq!(
         fetch_all(&brokers, g).await,
         want,
@@ -386,17 +410,27 @@ async fn group_protocol_fencing_failover_and_restart_keep_commits() {
     assert_eq!(r.offsets.len(), 6);
     assert!(r.offsets.iter().all(|o| o.offset == 0));
     assert!(fetch_all(&brokers, g).await.values().all(|o| *o == 0));
-    let listed: Vec<String> = connect(&brokers[2])
-        .await
-        .expect("connect")
-        .list_groups(ListGroupsRequest { local_only: false })
-        .await
-        .expect("list")
-        .into_inner()
-        .groups
-        .into_iter()
-        .map(|l| l.group_id)
-        .collect();
+    let mut lister = connect(&brokers[2]).await.expect("connect");
+    let deadline = Instant::now() + WAIT;
+    let listed: Vec<String> = loop {
+        match lister
+            .list_groups(ListGroupsRequest { local_only: false })
+            .await
+        {
+            Ok(r) => {
+                break r
+                    .into_inner()
+                    .groups
+                    .into_iter()
+                    .map(|l| l.group_id)
+                    .collect();
+            }
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("list: {e}"),
+        }
+    };
     assert!(listed.contains(&g.to_owned()), "{listed:?}");
     c.delete_group(DeleteGroupRequest { group_id: g.into() })
         .await
@@ -576,4 +610,136 @@ async fn patterns_static_members_and_bad_input_on_one_broker() {
     broker.wait_ready();
     let got = fetch_all(&brokers, "offline").await;
     assert_eq!(got.get(&("audit".to_owned(), 0)), Some(&7));
+}
+
+/// Like a real client: follows the coordinator when it moves (a preferred-leader hand-back
+/// moves it a few seconds after the offsets topic is created) and rejoins when the new one
+/// does not know the member.
+async fn beat_following(
+    m: &mut Member,
+    c: &mut GroupsServiceClient<Channel>,
+    brokers: &[String],
+) -> GroupHeartbeatResponse {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match m.beat(c).await {
+            Ok(r) => return r,
+            Err(e) if reason(&e) == "UNKNOWN_MEMBER" => {
+                m.id.clear();
+                m.epoch = 0;
+            }
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                *c = coordinator(brokers, &m.group).await.1;
+            }
+            Err(e) => panic!("heartbeat: {e}"),
+        }
+        assert!(Instant::now() < deadline, "no heartbeat got through");
+    }
+}
+
+async fn commit_following(
+    m: &mut Member,
+    c: &mut GroupsServiceClient<Channel>,
+    brokers: &[String],
+    offsets: &[(&str, u32, u64)],
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match commit(c, &m.group.clone(), Some(m), offsets).await {
+            Ok(()) => return,
+            Err(e) if e.code() == tonic::Code::Unavailable || reason(&e) == "UNKNOWN_MEMBER" => {
+                beat_following(m, c, brokers).await;
+                beat_following(m, c, brokers).await;
+            }
+            Err(e) => panic!("commit: {e}"),
+        }
+        assert!(Instant::now() < deadline, "no commit got through");
+    }
+}
+
+fn fnv1a(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_log_is_compacted_and_empty_groups_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = keel_tests::cluster::ClusterProc::start_with(
+        dir.path(),
+        3,
+        &[
+            "--offsets-compact-records",
+            "100",
+            "--retention-check-interval-ms",
+            "200",
+            "--offsets-retention-ms",
+            "3000",
+        ],
+    );
+    let client = keel_tests::cluster::client(&cluster).await;
+    client
+        .admin()
+        .create_topic("t", 4, 3, BTreeMap::new())
+        .await
+        .expect("create");
+    let brokers = cluster.broker_list();
+    let (_, mut c) = coordinator(&brokers, "busy").await;
+    let mut m = Member::new("busy", &["t"], &[]);
+    converge(&mut c, &mut [&mut m], "t", 4).await;
+    commit(&mut c, "idle", None, &[("t", 0, 1)])
+        .await
+        .expect("idle commit");
+
+    // Enough commits for several compacted images.
+    let mut want = BTreeMap::new();
+    for i in 0..400u64 {
+        let p = (i % 4) as u32;
+        commit_following(&mut m, &mut c, &brokers, &[("t", p, i)]).await;
+        want.insert(("t".to_owned(), p), i);
+        if i % 50 == 0 {
+            beat_following(&mut m, &mut c, &brokers).await;
+        }
+    }
+    let shard = fnv1a("busy") % 8;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        beat_following(&mut m, &mut c, &brokers).await;
+        let mut starts = Vec::new();
+        for id in 1..=3 {
+            let t = cluster
+                .describe_on(id, "__consumer_offsets")
+                .await
+                .expect("offsets topic");
+            starts.push(t.partitions[shard as usize].log_start_offset);
+        }
+        if starts.iter().all(|s| *s > 0) {
+            println!("offsets partition {shard} log start on each replica: {starts:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the offsets log was never cut: {starts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(fetch_all(&brokers, "busy").await, want);
+
+    // The member-less group expires; the busy one (it has a member) does not.
+    let deadline = Instant::now() + WAIT;
+    while !fetch_all(&brokers, "idle").await.is_empty() {
+        beat_following(&mut m, &mut c, &brokers).await;
+        assert!(Instant::now() < deadline, "the empty group never expired");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(fetch_all(&brokers, "busy").await, want);
+
+    // The image is all a new coordinator needs, also after a whole-cluster restart.
+    drop(c);
+    for id in 1..=3 {
+        cluster.node(id).kill9();
+    }
+    cluster.restart_stopped();
+    assert_eq!(fetch_all(&brokers, "busy").await, want);
 }

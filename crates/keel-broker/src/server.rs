@@ -43,6 +43,8 @@ pub struct BrokerConfig {
     /// How long the committed offsets of a group without members are kept after its last
     /// commit.
     pub offsets_retention_ms: i64,
+    /// Offsets records after which a coordinator writes a compacted image.
+    pub offsets_compact_records: u64,
 }
 
 impl BrokerConfig {
@@ -58,6 +60,7 @@ impl BrokerConfig {
             retention_check_interval: Duration::from_secs(300),
             limits: Limits::default(),
             offsets_retention_ms: crate::groups::coordinator::DEFAULT_OFFSETS_RETENTION_MS,
+            offsets_compact_records: crate::groups::coordinator::DEFAULT_COMPACT_RECORDS,
         }
     }
 }
@@ -156,7 +159,10 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         limits: config.limits,
         shutdown: shutdown_rx.clone(),
         cluster: cluster.clone(),
-        groups: crate::groups::coordinator::Coordinator::new(config.offsets_retention_ms),
+        groups: crate::groups::coordinator::Coordinator::new(
+            config.offsets_retention_ms,
+            config.offsets_compact_records,
+        ),
     });
 
     let max = config.limits.max_request_bytes;

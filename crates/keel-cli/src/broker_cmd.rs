@@ -39,6 +39,15 @@ pub struct BrokerArgs {
     /// How often retention runs, in ms [default: 300000]. [env: KEEL_RETENTION_CHECK_INTERVAL_MS]
     #[arg(long, env = "KEEL_RETENTION_CHECK_INTERVAL_MS")]
     pub retention_check_interval_ms: Option<u64>,
+    /// How long the committed offsets of a consumer group without members are kept after its
+    /// last commit, in ms [default: 604800000, 7 days]. [env: KEEL_OFFSETS_RETENTION_MS]
+    #[arg(long, env = "KEEL_OFFSETS_RETENTION_MS")]
+    pub offsets_retention_ms: Option<u64>,
+    /// A group coordinator writes a compacted image of its offsets partition (and lets the log
+    /// before it go) after this many records [default: 50000].
+    /// [env: KEEL_OFFSETS_COMPACT_RECORDS]
+    #[arg(long, env = "KEEL_OFFSETS_COMPACT_RECORDS")]
+    pub offsets_compact_records: Option<u64>,
     /// Log as JSON lines instead of text. [env: KEEL_LOG_JSON]
     #[arg(long, env = "KEEL_LOG_JSON")]
     pub log_json: bool,
@@ -55,6 +64,8 @@ struct FileConfig {
     initial_cluster: Option<String>,
     join: Option<String>,
     retention_check_interval_ms: Option<u64>,
+    offsets_retention_ms: Option<u64>,
+    offsets_compact_records: Option<u64>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -116,6 +127,21 @@ impl BrokerArgs {
                 bail!("--retention-check-interval-ms must be at least 1");
             }
             cfg.retention_check_interval = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.offsets_retention_ms.or(file.offsets_retention_ms) {
+            if ms == 0 || ms > i64::MAX as u64 {
+                bail!("--offsets-retention-ms must be at least 1");
+            }
+            cfg.offsets_retention_ms = ms as i64;
+        }
+        if let Some(n) = self
+            .offsets_compact_records
+            .or(file.offsets_compact_records)
+        {
+            if n < 100 {
+                bail!("--offsets-compact-records must be at least 100");
+            }
+            cfg.offsets_compact_records = n;
         }
         Ok(cfg)
     }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use keel_log::batch::{BatchBuilder, BatchIter, Compression, RecordRef, decode_records};
 use keel_proto::v1::consume_service_client::ConsumeServiceClient;
 use keel_proto::v1::{ListOffsetsRequest, StartPosition, list_offsets_request};
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Mutex as AsyncMutex, RwLock, RwLockReadGuard};
 
 use super::live::{Catalog, LiveGroup, MembershipError};
 use super::{OffsetsRecord, OffsetsState, TopicPartition};
@@ -36,7 +36,7 @@ const OFFSETS_SEGMENT_BYTES: &str = "16777216";
 /// (Kafka's `offsets.retention.minutes`, 7 days).
 pub const DEFAULT_OFFSETS_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// A compacted image is written once this many records were folded since the last one.
-const COMPACT_AFTER_RECORDS: u64 = 50_000;
+pub const DEFAULT_COMPACT_RECORDS: u64 = 50_000;
 /// How long a peer is given to answer a high-watermark or offset lookup.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -56,6 +56,16 @@ pub struct Shard {
     pub partition: Arc<Partition>,
     term: u64,
     pub inner: AsyncMutex<ShardState>,
+    /// Writes share it; compaction takes it alone.
+    writers: RwLock<()>,
+}
+
+impl Shard {
+    /// Held by a writer from its check of the state to the end of its write, so compaction
+    /// never runs in between.
+    pub async fn writing(&self) -> RwLockReadGuard<'_, ()> {
+        self.writers.read().await
+    }
 }
 
 #[derive(Debug, Default)]
@@ -137,11 +147,12 @@ pub struct Coordinator {
     clock: Instant,
     peers: Mutex<HashMap<String, tonic::transport::Channel>>,
     pub offsets_retention_ms: i64,
+    compact_records: u64,
 }
 
 impl Default for Coordinator {
     fn default() -> Self {
-        Self::new(DEFAULT_OFFSETS_RETENTION_MS)
+        Self::new(DEFAULT_OFFSETS_RETENTION_MS, DEFAULT_COMPACT_RECORDS)
     }
 }
 
@@ -169,13 +180,14 @@ pub fn membership_err(e: MembershipError) -> BrokerError {
 }
 
 impl Coordinator {
-    pub fn new(offsets_retention_ms: i64) -> Self {
+    pub fn new(offsets_retention_ms: i64, compact_records: u64) -> Self {
         Self {
             shards: Mutex::new(HashMap::new()),
             creating: AsyncMutex::new(()),
             clock: Instant::now(),
             peers: Mutex::new(HashMap::new()),
             offsets_retention_ms,
+            compact_records,
         }
     }
 
@@ -256,6 +268,7 @@ impl Coordinator {
             partition: Arc::clone(&partition),
             term,
             inner: AsyncMutex::new(ShardState::default()),
+            writers: RwLock::new(()),
         });
         let shard = {
             let mut shards = lock(&self.shards);
@@ -298,8 +311,15 @@ impl Coordinator {
     }
 
     /// Appends records to the shard's partition (committed by a majority before it returns)
-    /// and folds them back.
+    /// and folds them back. Callers that check the state before writing hold
+    /// [`Shard::writing`] across both.
     pub async fn write(&self, shard: &Shard, records: &[OffsetsRecord]) -> Result<()> {
+        let _shared = shard.writers.read().await;
+        self.append(shard, records).await
+    }
+
+    /// [`Coordinator::write`] for a caller that already holds [`Shard::writing`].
+    pub async fn append(&self, shard: &Shard, records: &[OffsetsRecord]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -407,32 +427,37 @@ impl Coordinator {
 
     /// Writes the compacted image of a shard once enough records piled up since the last one,
     /// then deletes the log before it (on every replica, through the metadata group).
+    ///
+    /// Exclusive with every other write of the shard: the image is the state folded up to
+    /// offset `start`, and a commit appended between `start` and the image would otherwise be
+    /// undone by the image's resets when the log is folded again.
     async fn compact(&self, state: &BrokerState, shard: &Shard) -> Result<()> {
-        let image = {
-            let inner = shard.inner.lock().await;
-            if inner.since_image < COMPACT_AFTER_RECORDS {
+        let _exclusive = shard.writers.write().await;
+        let (image, start) = {
+            let mut inner = shard.inner.lock().await;
+            inner.catch_up(&shard.partition)?;
+            if inner.since_image < self.compact_records {
                 return Ok(());
             }
-            inner.offsets.compacted()
+            (inner.offsets.compacted(), inner.folded_to)
         };
-        let start = shard.partition.high_watermark();
-        // One batch per group at most, so no batch exceeds the size limit.
+        // One batch per group, so no batch exceeds the size limit however many groups there
+        // are; a crash midway leaves the old log in place, which still folds correctly.
         let mut by_group: BTreeMap<String, Vec<OffsetsRecord>> = BTreeMap::new();
         for r in image {
             by_group.entry(r.group().to_owned()).or_default().push(r);
         }
         for records in by_group.values() {
-            self.write(shard, records).await?;
+            self.append(shard, records).await?;
         }
-        // Everything folded before `start` is now also in the image written after it.
         state
             .delete_records_before(&shard.partition.topic, shard.partition.id, start)
             .await?;
-        let mut inner = shard.inner.lock().await;
-        inner.since_image = 0;
+        shard.inner.lock().await.since_image = 0;
         tracing::info!(
             partition = shard.partition.id,
             before = start,
+            groups = by_group.len(),
             "compacted an offsets partition"
         );
         Ok(())

@@ -230,6 +230,7 @@ impl Groups {
         }
         let st = &self.0;
         let shard = st.groups.shard(st, &r.group_id).await?;
+        let _writing = shard.writing().await;
         {
             let mut inner = shard.inner.lock().await;
             inner.catch_up(&shard.partition)?;
@@ -263,7 +264,7 @@ impl Groups {
                 committed_at_ms: now,
             })
             .collect();
-        st.groups.write(&shard, &records).await
+        st.groups.append(&shard, &records).await
     }
 
     async fn fetch_inner(&self, r: FetchOffsetsRequest) -> Result<FetchOffsetsResponse> {
@@ -328,12 +329,25 @@ impl Groups {
         if !r.local_only
             && let Ok(topic) = st.registry.get(OFFSETS_TOPIC)
         {
-            let peers: BTreeMap<u32, String> = topic
-                .placement
-                .iter()
-                .filter_map(|pl| pl.leader.clone())
-                .filter(|(id, _)| *id != st.id)
-                .collect();
+            // Every partition's coordinator must be asked: a listing that silently left one
+            // out would look complete.
+            let mut peers: BTreeMap<u32, String> = BTreeMap::new();
+            for p in 0..topic.partition_count() {
+                let leader = match topic.partition(p) {
+                    Ok(_) => continue,
+                    Err(BrokerError::NotLeader { leader, .. }) => leader,
+                    Err(e) => return Err(e),
+                };
+                let Some((id, address)) = leader else {
+                    return Err(BrokerError::Unavailable {
+                        message: format!(
+                            "partition {p} of {OFFSETS_TOPIC} has no known leader; retry"
+                        ),
+                        definite: true,
+                    });
+                };
+                peers.insert(id, address);
+            }
             for (id, address) in peers {
                 let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
                     .map_err(|e| BrokerError::Internal(e.to_string()))?
@@ -471,12 +485,13 @@ impl Groups {
     async fn delete_inner(&self, r: DeleteGroupRequest) -> Result<()> {
         check_id("group_id", &r.group_id, true)?;
         let (shard, known) = self.check_inactive(&r.group_id).await?;
+        let _writing = shard.writing().await;
         if !known {
             return Err(BrokerError::UnknownGroup(r.group_id));
         }
         let st = &self.0;
         st.groups
-            .write(
+            .append(
                 &shard,
                 &[OffsetsRecord::DeleteGroup {
                     group: r.group_id.clone(),
@@ -506,6 +521,7 @@ impl Groups {
             ));
         }
         let (shard, _) = self.check_inactive(&r.group_id).await?;
+        let _writing = shard.writing().await;
         let lookups = (0..topic.partition_count()).map(|p| {
             let tp = TopicPartition::new(r.topic.clone(), p);
             async move {
@@ -531,7 +547,7 @@ impl Groups {
         let offsets = futures::future::try_join_all(lookups).await?;
         let at_ms = now_wall_ms();
         st.groups
-            .write(
+            .append(
                 &shard,
                 &[OffsetsRecord::Reset {
                     group: r.group_id.clone(),
