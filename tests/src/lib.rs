@@ -2,6 +2,7 @@
 
 pub mod broker;
 pub mod cluster;
+pub mod consumer;
 pub mod log_util;
 pub mod proxy;
 pub mod records;

@@ -177,6 +177,14 @@ impl Live {
         self.lines.try_recv().ok()
     }
 
+    /// SIGTERM, then the exit code.
+    fn terminate(self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.finish()
+    }
+
     /// Closes stdin and waits for the exit code.
     fn finish(mut self) -> Option<i32> {
         drop(self.stdin.take());
@@ -964,6 +972,11 @@ fn usage_errors_help_and_groups() {
         &["consume", "t", "--from-timestamp", "yesterday"],
         &["consume", "t", "-n", "many"],
         &["consume", "t", "--timeout-ms", "-5"],
+        &["consume", "t", "--group", "g", "--partition", "0"],
+        &["consume", "t", "--group", "g", "--offset", "3"],
+        &["consume", "t", "--group", "g", "--from-timestamp", "0"],
+        &["consume", "t", "--instance-id", "x"],
+        &["consume", "t", "--group", "g", "--strategy", "foo"],
         &["cluster"],
         &["cluster", "status", "--output", "xml"],
         &["group"],
@@ -992,55 +1005,11 @@ fn usage_errors_help_and_groups() {
         keel_alone(args).usage_error();
     }
 
-    // Consumer groups are not there yet: exit 1, one line, no broker needed.
-    for args in [
-        &["group", "list"][..],
-        &["group", "list", "--output", "json"],
-        &["group", "describe", "g"],
-        &["group", "describe", "g", "--output", "json"],
-        &["group", "delete", "g"],
-        &[
-            "group",
-            "reset-offsets",
-            "g",
-            "--topic",
-            "t",
-            "--to-earliest",
-        ],
-        &[
-            "group",
-            "reset-offsets",
-            "g",
-            "--topic",
-            "t",
-            "--to-offset",
-            "5",
-        ],
-        &[
-            "group",
-            "reset-offsets",
-            "g",
-            "--topic",
-            "t",
-            "--to-timestamp",
-            "2024-05-01T12:00:00Z",
-        ],
-        &["consume", "t", "--group", "g"],
-        &[
-            "consume",
-            "t",
-            "--group",
-            "g",
-            "--no-commit",
-            "--from-beginning",
-        ],
-    ] {
-        assert_eq!(
-            keel_alone(args).fails(),
-            "keel: consumer groups are not available yet",
-            "{args:?}"
-        );
-    }
+    // An invalid pattern fails before any broker is contacted.
+    let err = keel_alone(&["consume", "a.#x", "--group", "g"])
+        .fails()
+        .to_owned();
+    assert!(err.contains("invalid topic pattern"), "{err}");
 
     // --help documents every flag and its default.
     for (args, wants) in [
@@ -1131,4 +1100,154 @@ fn usage_errors_help_and_groups() {
             assert!(text.contains(w), "{args:?} --help lacks {w:?}:\n{text}");
         }
     }
+}
+
+#[test]
+fn group_commands_against_a_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProc::start(dir.path(), 1);
+    keel(&b, &["topic", "create", "t", "--partitions", "3"]).ok();
+    for p in ["0", "1", "2"] {
+        let input: String = (0..10).map(|i| format!("v{p}-{i}\n")).collect();
+        keel_in(&b, &["produce", "t", "--partition", p], input.as_bytes()).ok();
+    }
+    let out = keel(
+        &b,
+        &[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--from-beginning",
+            "-n",
+            "30",
+        ],
+    );
+    out.ok();
+    assert_eq!(out.stdout.lines().count(), 30);
+
+    let list: serde_json::Value =
+        serde_json::from_str(keel(&b, &["group", "list", "--output", "json"]).ok()).expect("json");
+    assert_eq!(list["groups"][0]["group"], "g", "{list}");
+    assert_eq!(list["groups"][0]["state"], "empty");
+    assert_eq!(list["groups"][0]["members"], 0);
+
+    let d: serde_json::Value =
+        serde_json::from_str(keel(&b, &["group", "describe", "g", "--output", "json"]).ok())
+            .expect("json");
+    assert_eq!(d["group"], "g");
+    assert_eq!(d["state"], "empty");
+    assert_eq!(d["members"], serde_json::json!([]));
+    let offsets = d["offsets"].as_array().expect("offsets");
+    assert_eq!(offsets.len(), 3, "{d}");
+    for o in offsets {
+        assert_eq!(o["topic"], "t");
+        assert_eq!(o["committed"], o["log_end_offset"], "{o}");
+        assert_eq!(o["lag"], 0);
+        assert!(o["member"].is_null());
+    }
+    let table = keel(&b, &["group", "describe", "g"]).ok().to_owned();
+    assert!(table.contains("LAG") || table.contains("lag"), "{table}");
+
+    // A live member blocks resets and deletion with a clear error.
+    let live = Live::start(&b, &["consume", "t", "--group", "g"]);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let d: serde_json::Value =
+            serde_json::from_str(keel(&b, &["group", "describe", "g", "--output", "json"]).ok())
+                .expect("json");
+        if d["members"].as_array().is_some_and(|m| m.len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the consumer never joined");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = keel(
+        &b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+        ],
+    )
+    .fails()
+    .to_owned();
+    assert!(err.contains("active members"), "{err}");
+    let err = keel(&b, &["group", "delete", "g"]).fails().to_owned();
+    assert!(err.contains("active members"), "{err}");
+    assert_eq!(
+        live.terminate(),
+        Some(0),
+        "SIGTERM ends a group consumer cleanly"
+    );
+
+    // Resets, also backwards, once the group is empty.
+    keel(
+        &b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+        ],
+    )
+    .ok();
+    let lag = |b: &BrokerProc| -> u64 {
+        let d: serde_json::Value =
+            serde_json::from_str(keel(b, &["group", "describe", "g", "--output", "json"]).ok())
+                .expect("json");
+        d["offsets"]
+            .as_array()
+            .expect("offsets")
+            .iter()
+            .map(|o| o["lag"].as_u64().expect("lag"))
+            .sum()
+    };
+    assert_eq!(lag(&b), 30);
+    keel(
+        &b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-offset",
+            "5",
+        ],
+    )
+    .ok();
+    assert_eq!(lag(&b), 15, "5 behind on each of 3 partitions");
+    keel(
+        &b,
+        &["group", "reset-offsets", "g", "--topic", "t", "--to-latest"],
+    )
+    .ok();
+    assert_eq!(lag(&b), 0);
+    // Re-reading after a reset to earliest gets everything again.
+    keel(
+        &b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+        ],
+    )
+    .ok();
+    let out = keel(&b, &["consume", "t", "--group", "g", "-n", "30"]);
+    assert_eq!(out.ok().lines().count(), 30);
+
+    keel(&b, &["group", "delete", "g"]).ok();
+    let err = keel(&b, &["group", "describe", "g"]).fails().to_owned();
+    assert!(err.contains("unknown group"), "{err}");
+    let err = keel(&b, &["group", "delete", "nope"]).fails().to_owned();
+    assert!(err.contains("unknown group"), "{err}");
 }

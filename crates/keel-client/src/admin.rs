@@ -17,7 +17,7 @@ use crate::error::{ClientError, Result};
 /// Admin operations, from [`Client::admin`].
 #[derive(Debug, Clone)]
 pub struct Admin {
-    client: Client,
+    pub(crate) client: Client,
 }
 
 fn admin_rpc(ch: Channel, max: usize) -> AdminServiceClient<Channel> {

@@ -19,6 +19,7 @@ use tonic::{Request, Status};
 use crate::admin::Admin;
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::{ClientError, Result, Tp};
+use crate::group::Coordinators;
 use crate::metadata::{MetadataCache, Route};
 use crate::producer::{Producer, ProducerConfig};
 use crate::util::{backoff, backoff_cap, lock, read, write};
@@ -98,6 +99,7 @@ pub(crate) struct Inner {
     refresh: tokio::sync::Mutex<()>,
     /// Index of the broker that answered last, so "any broker" calls reuse a warm connection.
     preferred: AtomicUsize,
+    pub(crate) coordinators: Coordinators,
 }
 
 impl std::fmt::Debug for Client {
@@ -146,6 +148,7 @@ impl Client {
                 metadata: RwLock::new(MetadataCache::default()),
                 refresh: tokio::sync::Mutex::new(()),
                 preferred: AtomicUsize::new(0),
+                coordinators: Coordinators::default(),
             }),
         })
     }

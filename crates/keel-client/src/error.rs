@@ -117,6 +117,35 @@ pub enum ClientError {
     },
     #[error("the producer is closed")]
     ProducerClosed,
+    #[error("the group consumer is closed")]
+    ConsumerClosed,
+    /// A group call reached a broker that does not coordinate the group. Retried by the client
+    /// (it asks `FindCoordinator` or follows `coordinator`); seen only when retries ran out.
+    #[error("{message}")]
+    NotCoordinator {
+        message: String,
+        coordinator: Option<LeaderHint>,
+        definite: bool,
+    },
+    /// The coordinator does not know this group member (its session expired, or it left): the
+    /// member has lost its partitions and must rejoin.
+    #[error("{message}")]
+    UnknownMember { message: String, definite: bool },
+    /// A commit for a partition the member no longer owns, or a commit from outside the group
+    /// protocol while the group has members.
+    #[error("{message}")]
+    FencedMember { message: String, definite: bool },
+    /// Deleting a group or resetting its offsets while it has members.
+    #[error("{message}")]
+    GroupNotEmpty { message: String, definite: bool },
+    #[error("{message}")]
+    UnknownGroup { message: String, definite: bool },
+    /// A member asked for another assignment strategy than the group uses.
+    #[error("{message}")]
+    InconsistentStrategy { message: String, definite: bool },
+    /// A commit would move a committed offset backwards (only a reset may).
+    #[error("{message}")]
+    OffsetBackwards { message: String, definite: bool },
     /// A consumer has no position for a partition and `auto_offset_reset` is `None`.
     #[error("no valid offset for {topic}/{partition} and auto_offset_reset is none{}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
     NoOffset {
@@ -144,6 +173,13 @@ const REASONS: &[&str] = &[
     "TIMEOUT",
     "SHUTTING_DOWN",
     "INTERNAL",
+    "NOT_COORDINATOR",
+    "UNKNOWN_MEMBER",
+    "FENCED_MEMBER",
+    "GROUP_NOT_EMPTY",
+    "UNKNOWN_GROUP",
+    "INCONSISTENT_STRATEGY",
+    "OFFSET_BACKWARDS",
 ];
 
 /// What a broker error says, independent of whether it came as a `Status` or inside a stream
@@ -268,6 +304,17 @@ impl ClientError {
             Some("TIMEOUT") => Self::Timeout { message, definite },
             Some("SHUTTING_DOWN") => Self::ShuttingDown { message, definite },
             Some("INTERNAL") => Self::Internal { message, definite },
+            Some("NOT_COORDINATOR") => Self::NotCoordinator {
+                message,
+                coordinator: leader,
+                definite,
+            },
+            Some("UNKNOWN_MEMBER") => Self::UnknownMember { message, definite },
+            Some("FENCED_MEMBER") => Self::FencedMember { message, definite },
+            Some("GROUP_NOT_EMPTY") => Self::GroupNotEmpty { message, definite },
+            Some("UNKNOWN_GROUP") => Self::UnknownGroup { message, definite },
+            Some("INCONSISTENT_STRATEGY") => Self::InconsistentStrategy { message, definite },
+            Some("OFFSET_BACKWARDS") => Self::OffsetBackwards { message, definite },
             Some(other) => Self::Status {
                 code,
                 reason: Some(other.to_owned()),
@@ -296,6 +343,7 @@ impl ClientError {
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::NotLeader { .. }
+            | Self::NotCoordinator { .. }
             | Self::ShuttingDown { .. }
             | Self::Unavailable { .. }
             | Self::Timeout { .. } => true,
@@ -326,11 +374,19 @@ impl ClientError {
             | Self::ShuttingDown { definite, .. }
             | Self::Internal { definite, .. }
             | Self::Unavailable { definite, .. }
+            | Self::NotCoordinator { definite, .. }
+            | Self::UnknownMember { definite, .. }
+            | Self::FencedMember { definite, .. }
+            | Self::GroupNotEmpty { definite, .. }
+            | Self::UnknownGroup { definite, .. }
+            | Self::InconsistentStrategy { definite, .. }
+            | Self::OffsetBackwards { definite, .. }
             | Self::Status { definite, .. } => *definite,
             Self::DeliveryTimeout { .. } | Self::CorruptData { .. } | Self::Protocol(_) => false,
             Self::InvalidInput(_)
             | Self::RecordTooLarge { .. }
             | Self::ProducerClosed
+            | Self::ConsumerClosed
             | Self::NoOffset { .. } => true,
         }
     }
@@ -417,6 +473,39 @@ impl ClientError {
                 message,
                 definite: false,
             },
+            Self::NotCoordinator {
+                message,
+                coordinator,
+                ..
+            } => Self::NotCoordinator {
+                message,
+                coordinator,
+                definite: false,
+            },
+            Self::UnknownMember { message, .. } => Self::UnknownMember {
+                message,
+                definite: false,
+            },
+            Self::FencedMember { message, .. } => Self::FencedMember {
+                message,
+                definite: false,
+            },
+            Self::GroupNotEmpty { message, .. } => Self::GroupNotEmpty {
+                message,
+                definite: false,
+            },
+            Self::UnknownGroup { message, .. } => Self::UnknownGroup {
+                message,
+                definite: false,
+            },
+            Self::InconsistentStrategy { message, .. } => Self::InconsistentStrategy {
+                message,
+                definite: false,
+            },
+            Self::OffsetBackwards { message, .. } => Self::OffsetBackwards {
+                message,
+                definite: false,
+            },
             Self::Status {
                 code,
                 reason,
@@ -455,6 +544,13 @@ impl ClientError {
             Self::Timeout { .. } => "TIMEOUT",
             Self::ShuttingDown { .. } => "SHUTTING_DOWN",
             Self::Internal { .. } => "INTERNAL",
+            Self::NotCoordinator { .. } => "NOT_COORDINATOR",
+            Self::UnknownMember { .. } => "UNKNOWN_MEMBER",
+            Self::FencedMember { .. } => "FENCED_MEMBER",
+            Self::GroupNotEmpty { .. } => "GROUP_NOT_EMPTY",
+            Self::UnknownGroup { .. } => "UNKNOWN_GROUP",
+            Self::InconsistentStrategy { .. } => "INCONSISTENT_STRATEGY",
+            Self::OffsetBackwards { .. } => "OFFSET_BACKWARDS",
             Self::Status {
                 reason: Some(r), ..
             } => r.as_str(),
@@ -468,6 +564,21 @@ impl ClientError {
             Self::NotLeader { leader, .. } => leader.as_ref(),
             _ => None,
         }
+    }
+
+    /// The coordinator named by a `NOT_COORDINATOR` error.
+    pub fn coordinator_hint(&self) -> Option<&LeaderHint> {
+        match self {
+            Self::NotCoordinator { coordinator, .. } => coordinator.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// True when a group member has lost its membership or some of its partitions
+    /// (`UNKNOWN_MEMBER`, `FENCED_MEMBER`): what it consumed since its last commit will be
+    /// consumed again by whichever member gets those partitions.
+    pub fn is_membership_lost(&self) -> bool {
+        matches!(self, Self::UnknownMember { .. } | Self::FencedMember { .. })
     }
 
     /// True when cached routing may be wrong: the client refreshes metadata before retrying.
@@ -603,6 +714,63 @@ mod tests {
             })
         );
         assert_eq!(e.reason(), Some("NOT_LEADER"));
+    }
+
+    #[test]
+    fn group_reasons() {
+        let e = ClientError::from_status(&status(
+            Code::Unavailable,
+            &[
+                ("keel-error", "NOT_COORDINATOR"),
+                ("keel-definite", "true"),
+                ("keel-leader-id", "3"),
+                ("keel-leader-address", "127.0.0.1:9294"),
+            ],
+        ));
+        assert!(matches!(e, ClientError::NotCoordinator { .. }), "{e:?}");
+        assert!(e.is_retriable());
+        assert!(e.is_definite());
+        // Not a partition's leader: the partition routing cache must not take it.
+        assert_eq!(e.leader_hint(), None);
+        assert!(!e.invalidates_metadata());
+        assert_eq!(
+            e.coordinator_hint(),
+            Some(&LeaderHint {
+                id: 3,
+                address: Some("127.0.0.1:9294".into())
+            })
+        );
+        for (reason, code) in [
+            ("UNKNOWN_MEMBER", Code::FailedPrecondition),
+            ("FENCED_MEMBER", Code::FailedPrecondition),
+        ] {
+            let e = ClientError::from_status(&status(code, &[("keel-error", reason)]));
+            assert!(e.is_membership_lost(), "{e:?}");
+            assert!(!e.is_retriable());
+            assert!(e.is_definite());
+        }
+        let e =
+            ClientError::from_status(&status(Code::NotFound, &[("keel-error", "UNKNOWN_GROUP")]));
+        assert!(matches!(
+            e,
+            ClientError::UnknownGroup { definite: true, .. }
+        ));
+        assert!(!e.is_membership_lost());
+        let e = ClientError::from_status(&status(
+            Code::FailedPrecondition,
+            &[
+                ("keel-error", "OFFSET_BACKWARDS"),
+                ("keel-definite", "true"),
+            ],
+        ))
+        .indefinite();
+        assert!(matches!(
+            e,
+            ClientError::OffsetBackwards {
+                definite: false,
+                ..
+            }
+        ));
     }
 
     #[test]

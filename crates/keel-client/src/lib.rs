@@ -1,7 +1,8 @@
 //! Keel's async Rust client.
 //!
 //! A [`Client`] holds one HTTP/2 connection per broker and a cache of partition leaders. From it
-//! come an [`Admin`] for topics, a batching [`Producer`], and [`Consumer`]s. Requests that any
+//! come an [`Admin`] for topics and groups, a batching [`Producer`], [`Consumer`]s of assigned
+//! partitions, and [`GroupConsumer`]s that share a subscription as members of a consumer group. Requests that any
 //! broker can answer go to any broker; produce and fetch requests go to the partition leader,
 //! following the leader hints brokers return and retrying retriable errors on their own.
 //!
@@ -65,6 +66,45 @@
 //! # }
 //! ```
 //!
+//! # Consuming as a group
+//!
+//! Members of a group share the partitions of the topics they subscribe to; the group's
+//! coordinator assigns them and keeps how far the group got (its committed offsets).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use keel_client::{Client, GroupConfig, OffsetReset, RebalanceListener};
+//!
+//! struct Log;
+//!
+//! impl RebalanceListener for Log {
+//!     fn on_assigned(&mut self, partitions: &[(String, u32)]) {
+//!         println!("now consuming {partitions:?}");
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), keel_client::ClientError> {
+//! let client = Client::connect(&["127.0.0.1:9292"]).await?;
+//! // `order.#` is a pattern: every topic named `order` or `order.<anything>`.
+//! let config = GroupConfig::new("billing")
+//!     .subscribe(["payments", "order.#"])
+//!     .auto_offset_reset(OffsetReset::Earliest);
+//! let mut consumer = client.group_consumer(config)?;
+//! consumer.set_rebalance_listener(Box::new(Log));
+//! for _ in 0..100 {
+//!     // At least once: records are processed before the next `poll`, and auto-commit only
+//!     // commits what earlier polls returned.
+//!     for record in consumer.poll(Duration::from_secs(1)).await? {
+//!         println!("{}/{} @{}", record.topic, record.partition, record.offset);
+//!     }
+//! }
+//! // Commits, and leaves so the other members take over at once.
+//! consumer.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Errors and retries
 //!
 //! Every failure is a [`ClientError`], mapped from the broker's `keel-error` reason.
@@ -76,6 +116,7 @@ mod admin;
 mod client;
 mod consumer;
 mod error;
+mod group;
 mod metadata;
 mod partitioner;
 mod producer;
@@ -85,9 +126,12 @@ pub use admin::Admin;
 pub use client::{Client, ClientConfig, OffsetSpec};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, RecordStream, SeekTo};
 pub use error::{ClientError, LeaderHint, Result};
+pub use group::{CommitFuture, GroupConfig, GroupConsumer, RebalanceListener, ResetTo, is_pattern};
 pub use keel_log::batch::Compression;
 pub use keel_proto::v1::{
-    BatchAck, BrokerInfo, DescribeClusterResponse, ListOffsetsResponse, PartitionInfo, TopicInfo,
+    BatchAck, BrokerInfo, CommittedOffset, DescribeClusterResponse, DescribeGroupResponse,
+    GroupListing, GroupMember, GroupPartitionOffset, ListOffsetsResponse, PartitionInfo, TopicInfo,
+    TopicPartitions,
 };
 pub use partitioner::{murmur2, partition_for_key};
 pub use producer::{

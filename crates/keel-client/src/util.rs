@@ -42,7 +42,9 @@ pub(crate) const LEADER_CHANGE_BACKOFF_MAX: Duration = Duration::from_millis(200
 pub(crate) fn backoff_cap(err: &crate::ClientError, max: Duration) -> Duration {
     if matches!(
         err,
-        crate::ClientError::NotLeader { .. } | crate::ClientError::Unavailable { .. }
+        crate::ClientError::NotLeader { .. }
+            | crate::ClientError::NotCoordinator { .. }
+            | crate::ClientError::Unavailable { .. }
     ) {
         max.min(LEADER_CHANGE_BACKOFF_MAX)
     } else {

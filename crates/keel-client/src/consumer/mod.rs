@@ -254,13 +254,15 @@ impl Consumer {
                 Tp(topic, partition)
             )));
         }
+        // The lookup owns a client clone: borrowing `self` across the await would make this
+        // future `!Send` (the consumer is not `Sync`).
+        let client = self.client.clone();
         let offset = match to {
             SeekTo::Offset(o) => o,
-            SeekTo::Beginning => self.lookup(topic, partition, OffsetSpec::Earliest).await?,
-            SeekTo::End => self.lookup(topic, partition, OffsetSpec::Latest).await?,
+            SeekTo::Beginning => lookup(client, topic, partition, OffsetSpec::Earliest).await?,
+            SeekTo::End => lookup(client, topic, partition, OffsetSpec::Latest).await?,
             SeekTo::Timestamp(ts) => {
-                self.lookup(topic, partition, OffsetSpec::Timestamp(ts))
-                    .await?
+                lookup(client, topic, partition, OffsetSpec::Timestamp(ts)).await?
             }
         };
         if let Some(s) = self.state_mut(topic, partition) {
@@ -270,14 +272,6 @@ impl Consumer {
             s.attempts = 0;
         }
         Ok(())
-    }
-
-    async fn lookup(&self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<u64> {
-        Ok(self
-            .client
-            .list_offsets(topic, partition, spec)
-            .await?
-            .offset)
     }
 
     /// Returns the records available on the assigned partitions, waiting up to `timeout` for
@@ -665,6 +659,10 @@ impl Consumer {
             start,
         )
     }
+}
+
+async fn lookup(client: Client, topic: &str, partition: u32, spec: OffsetSpec) -> Result<u64> {
+    Ok(client.list_offsets(topic, partition, spec).await?.offset)
 }
 
 #[cfg(test)]

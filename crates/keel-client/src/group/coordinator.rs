@@ -1,0 +1,285 @@
+//! Routing group calls to their coordinator: a cache of group → coordinator address, filled by
+//! `FindCoordinator` (any broker answers) and corrected by `NOT_COORDINATOR` hints.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use keel_proto::v1::groups_service_client::GroupsServiceClient;
+use keel_proto::v1::{
+    CommitOffsetsRequest, CommittedOffset, FetchOffsetsRequest, FindCoordinatorRequest,
+    GroupHeartbeatRequest, GroupHeartbeatResponse, LeaveGroupRequest, OffsetCommit,
+    TopicPartitions,
+};
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::client::{Client, unary, with_timeout};
+use crate::error::{ClientError, Result};
+use crate::util::{backoff, backoff_cap, lock};
+
+/// Where each group's coordinator was last found.
+#[derive(Debug, Default)]
+pub(crate) struct Coordinators {
+    addresses: Mutex<HashMap<String, String>>,
+}
+
+impl Coordinators {
+    fn get(&self, group: &str) -> Option<String> {
+        lock(&self.addresses).get(group).cloned()
+    }
+
+    fn set(&self, group: &str, addr: String) {
+        lock(&self.addresses).insert(group.to_owned(), addr);
+    }
+
+    fn forget(&self, group: &str) {
+        lock(&self.addresses).remove(group);
+    }
+}
+
+pub(crate) fn groups_rpc(ch: Channel, max: usize) -> GroupsServiceClient<Channel> {
+    GroupsServiceClient::new(ch)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+}
+
+impl Client {
+    /// Asks any broker which broker coordinates `group`, and caches the answer.
+    pub(crate) async fn find_coordinator(&self, group: &str) -> Result<String> {
+        let max = self.inner.config.max_message_size;
+        let resp = self
+            .call_any(true, |ch, t| {
+                let req = FindCoordinatorRequest {
+                    group_id: group.to_owned(),
+                };
+                async move {
+                    groups_rpc(ch, max)
+                        .find_coordinator(with_timeout(req, t))
+                        .await
+                }
+            })
+            .await?;
+        if resp.coordinator_id == 0 || resp.coordinator_address.is_empty() {
+            // The coordinator's partition is electing a leader: worth retrying shortly.
+            return Err(ClientError::Unavailable {
+                message: format!("group {group:?} has no coordinator right now"),
+                definite: true,
+            });
+        }
+        self.inner
+            .coordinators
+            .set(group, resp.coordinator_address.clone());
+        Ok(resp.coordinator_address)
+    }
+
+    /// Runs a request on `group`'s coordinator until `deadline`: finds the coordinator when it
+    /// is not cached, follows `NOT_COORDINATOR` hints, and retries retriable errors with
+    /// backoff. A request that may have had an effect is retried only when `idempotent`.
+    pub(crate) async fn call_coordinator<T, F, Fut>(
+        &self,
+        group: &str,
+        deadline: Instant,
+        idempotent: bool,
+        mut call: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let cfg = &self.inner.config;
+        let coordinators = &self.inner.coordinators;
+        let mut attempt = 0u32;
+        loop {
+            let addr = match coordinators.get(group) {
+                Some(a) => Ok(a),
+                None => tokio::time::timeout_at(deadline, self.find_coordinator(group))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ClientError::timeout(format!(
+                            "no coordinator found for group {group:?} in time"
+                        )))
+                    }),
+            };
+            let result = match addr {
+                Ok(addr) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self.channel(&addr) {
+                        Ok(ch) => unary(&addr, remaining, call(ch, remaining)).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let err = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            match err.coordinator_hint().and_then(|h| h.address.clone()) {
+                Some(addr) => coordinators.set(group, addr),
+                // Any retriable failure may mean the coordinator moved (or its broker is down):
+                // ask again rather than hammer the same broker.
+                None if err.is_retriable() => coordinators.forget(group),
+                None => {}
+            }
+            attempt += 1;
+            if !err.is_retriable() || !(idempotent || err.is_definite()) {
+                return Err(err);
+            }
+            let wait = backoff(
+                cfg.retry_backoff,
+                backoff_cap(&err, cfg.retry_backoff_max),
+                attempt,
+            );
+            if Instant::now() + wait >= deadline {
+                return Err(err);
+            }
+            tracing::debug!(group, error = %err, "retrying group request");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    pub(crate) async fn group_heartbeat(
+        &self,
+        req: GroupHeartbeatRequest,
+        deadline: Instant,
+    ) -> Result<GroupHeartbeatResponse> {
+        let max = self.inner.config.max_message_size;
+        let group = req.group_id.clone();
+        // A repeated heartbeat is harmless: the coordinator trusts only reports made with the
+        // member's current epoch, and a join repeated after a lost answer only leaves a member
+        // that expires with its session.
+        self.call_coordinator(&group, deadline, true, |ch, t| {
+            let req = req.clone();
+            async move { groups_rpc(ch, max).heartbeat(with_timeout(req, t)).await }
+        })
+        .await
+    }
+
+    pub(crate) async fn leave_group(
+        &self,
+        group: &str,
+        member_id: &str,
+        temporary: bool,
+        deadline: Instant,
+    ) -> Result<()> {
+        let max = self.inner.config.max_message_size;
+        let req = LeaveGroupRequest {
+            group_id: group.to_owned(),
+            member_id: member_id.to_owned(),
+            temporary,
+        };
+        match self
+            .call_coordinator(group, deadline, true, |ch, t| {
+                let req = req.clone();
+                async move { groups_rpc(ch, max).leave_group(with_timeout(req, t)).await }
+            })
+            .await
+        {
+            // Already gone (a retry after a lost answer, or the session had expired): the
+            // member is out either way.
+            Ok(_) | Err(ClientError::UnknownMember { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits as `member_id` (empty: from outside the group protocol). Committing the same
+    /// offsets twice is harmless, so ambiguous failures are retried.
+    pub(crate) async fn commit_group_offsets(
+        &self,
+        group: &str,
+        member_id: &str,
+        member_epoch: u64,
+        offsets: Vec<OffsetCommit>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let max = self.inner.config.max_message_size;
+        let req = CommitOffsetsRequest {
+            group_id: group.to_owned(),
+            member_id: member_id.to_owned(),
+            member_epoch,
+            offsets,
+        };
+        self.call_coordinator(group, deadline, true, |ch, t| {
+            let req = req.clone();
+            async move {
+                groups_rpc(ch, max)
+                    .commit_offsets(with_timeout(req, t))
+                    .await
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Committed offsets of `group` for `partitions` (empty: every committed partition).
+    pub(crate) async fn fetch_group_offsets(
+        &self,
+        group: &str,
+        partitions: Vec<TopicPartitions>,
+        deadline: Instant,
+    ) -> Result<Vec<CommittedOffset>> {
+        let max = self.inner.config.max_message_size;
+        let req = FetchOffsetsRequest {
+            group_id: group.to_owned(),
+            partitions,
+        };
+        let resp = self
+            .call_coordinator(group, deadline, true, |ch, t| {
+                let req = req.clone();
+                async move {
+                    groups_rpc(ch, max)
+                        .fetch_offsets(with_timeout(req, t))
+                        .await
+                }
+            })
+            .await?;
+        Ok(resp.offsets)
+    }
+}
+
+/// `(topic, partition)` pairs grouped by topic, as the API takes them.
+pub(crate) fn by_topic<'a>(
+    partitions: impl IntoIterator<Item = (&'a str, u32)>,
+) -> Vec<TopicPartitions> {
+    let mut out: Vec<TopicPartitions> = Vec::new();
+    for (topic, partition) in partitions {
+        match out.iter_mut().find(|t| t.topic == topic) {
+            Some(t) => {
+                if !t.partitions.contains(&partition) {
+                    t.partitions.push(partition);
+                }
+            }
+            None => out.push(TopicPartitions {
+                topic: topic.to_owned(),
+                partitions: vec![partition],
+            }),
+        }
+    }
+    out
+}
+
+/// The inverse of [`by_topic`].
+pub(crate) fn flatten(list: &[TopicPartitions]) -> impl Iterator<Item = (String, u32)> + '_ {
+    list.iter()
+        .flat_map(|t| t.partitions.iter().map(|&p| (t.topic.clone(), p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_by_topic_round_trips() {
+        let tps = by_topic([("a", 0), ("b", 1), ("a", 2), ("a", 0)]);
+        assert_eq!(tps.len(), 2);
+        assert_eq!(tps[0].partitions, vec![0, 2]);
+        let back: Vec<(String, u32)> = flatten(&tps).collect();
+        assert_eq!(
+            back,
+            vec![("a".into(), 0), ("a".into(), 2), ("b".into(), 1)]
+        );
+    }
+}
