@@ -735,6 +735,23 @@ async fn offsets_log_is_compacted_and_empty_groups_expire() {
     }
     assert_eq!(fetch_all(&brokers, "busy").await, want);
 
+    // The coordinator exports the group's lag to Prometheus.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (id, _) = coordinator(&brokers, "busy").await;
+        let metrics = keel_tests::broker::http_get(&cluster.node(id).http, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        if metrics.contains("keel_consumer_group_lag_sum{group=\"busy\"}")
+            && metrics
+                .contains("keel_consumer_group_lag{group=\"busy\",topic=\"t\",partition=\"0\"}")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no lag metrics for the group");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // The image is all a new coordinator needs, also after a whole-cluster restart.
     drop(c);
     for id in 1..=3 {

@@ -24,6 +24,10 @@ pub enum BenchCommand {
     Consume(BenchArgs),
     /// Produce at a fixed rate while consuming, measuring produce-to-consume latency.
     E2e(BenchArgs),
+    /// Consumer-group commit round trips (one member, one commit in flight).
+    Commit(BenchArgs),
+    /// Time from a group member's crash until the others own every partition again.
+    Rebalance(BenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -94,6 +98,20 @@ pub struct BenchArgs {
     /// Topic configs for a topic this command creates (KEY=VALUE, repeatable).
     #[arg(long = "config", value_name = "KEY=VALUE")]
     pub configs: Vec<String>,
+    /// consume: read as members of this consumer group (a fresh group when only
+    /// --consumers is given); commit, rebalance: the group to use [default: a fresh one].
+    #[arg(long)]
+    pub group: Option<String>,
+    /// consume: members of the group sharing the topic (implies a group); rebalance: members
+    /// before one crashes.
+    #[arg(long)]
+    pub consumers: Option<usize>,
+    /// Group members' session timeout in ms (rebalance: how long a crash takes to notice).
+    #[arg(long, default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+    /// rebalance: crashes to measure.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -115,11 +133,11 @@ struct Report {
     latency_ms: Latency,
 }
 
-fn histogram() -> Result<Histogram<u64>> {
+pub(crate) fn histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).context("creating histogram")
 }
 
-fn report(
+pub(crate) fn report(
     records: u64,
     bytes: u64,
     elapsed: Duration,
@@ -336,7 +354,20 @@ pub async fn run(cmd: BenchCommand, client: Client) -> Result<()> {
                 fill.records = a.records - available;
                 produce(&client, &fill, partitions).await?;
             }
+            if a.group.is_some() || a.consumers.is_some() {
+                return crate::bench_group::group_consume(&client, &a).await;
+            }
             consume(&client, &a, partitions).await
+        }
+        BenchCommand::Commit(a) => {
+            validate(&a)?;
+            ensure_topic(&client, &a).await?;
+            crate::bench_group::commit(&client, &a).await
+        }
+        BenchCommand::Rebalance(a) => {
+            validate(&a)?;
+            let partitions = ensure_topic(&client, &a).await?;
+            crate::bench_group::rebalance(&client, &a, partitions).await
         }
         BenchCommand::E2e(a) => {
             validate(&a)?;

@@ -3,6 +3,7 @@
 //! Exit status: 0 success, 1 failure (one line on stderr), 2 usage error.
 
 mod bench_cmd;
+mod bench_group;
 mod broker_cmd;
 mod cluster_cmd;
 mod common;
