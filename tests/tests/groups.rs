@@ -598,6 +598,23 @@ async fn patterns_static_members_and_bad_input_on_one_broker() {
         .await
         .expect_err("internal topic");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = admin
+        .add_partitions(AddPartitionsRequest {
+            name: "__consumer_offsets".into(),
+            partitions: 16,
+        })
+        .await
+        .expect_err("internal topic");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = admin
+        .alter_topic_config(AlterTopicConfigRequest {
+            name: "__consumer_offsets".into(),
+            set: [("retention.ms".to_owned(), "1000".to_owned())].into(),
+            remove: vec![],
+        })
+        .await
+        .expect_err("internal topic");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 
     // A member-less commit works for a group without members, and survives a restart.
     commit(&mut c, "offline", None, &[("audit", 0, 7)])

@@ -355,7 +355,7 @@ pub async fn run(cmd: BenchCommand, client: Client) -> Result<()> {
                 produce(&client, &fill, partitions).await?;
             }
             if a.group.is_some() || a.consumers.is_some() {
-                return crate::bench_group::group_consume(&client, &a).await;
+                return crate::bench_group::group_consume(&client, &a, partitions).await;
             }
             consume(&client, &a, partitions).await
         }

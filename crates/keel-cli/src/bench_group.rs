@@ -30,17 +30,27 @@ fn member_config(a: &BenchArgs, group: &str) -> GroupConfig {
         .session_timeout(Duration::from_millis(a.session_timeout_ms))
 }
 
-/// `--consumers` members of one group read `--records` records between them; throughput is
-/// over the whole run, joining included (so one member and three pay the same start-up).
-pub async fn group_consume(client: &Client, a: &BenchArgs) -> Result<()> {
+/// `--consumers` members of one group read `--records` records between them. Throughput is
+/// measured from the moment the group is stable (every member joined and owns its share) to
+/// the last record, counting only the records read in that time, so joining and the first
+/// rebalances do not count against more members.
+pub async fn group_consume(client: &Client, a: &BenchArgs, partitions: u32) -> Result<()> {
     let group = fresh_group(a, "consume");
+    let members = a.consumers.unwrap_or(1).max(1);
     let total = Arc::new(AtomicU64::new(0));
+    let counted = Arc::new(AtomicU64::new(0));
     let bytes = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for _ in 0..a.consumers.unwrap_or(1).max(1) {
+    for _ in 0..members {
         let (client, cfg) = (client.clone(), member_config(a, &group));
-        let (total, bytes, want) = (Arc::clone(&total), Arc::clone(&bytes), a.records);
+        let (total, counted, bytes, go, want) = (
+            Arc::clone(&total),
+            Arc::clone(&counted),
+            Arc::clone(&bytes),
+            Arc::clone(&go),
+            a.records,
+        );
         tasks.push(tokio::spawn(async move {
             let mut member = client.group_consumer(cfg)?;
             let mut hist = histogram()?;
@@ -50,32 +60,51 @@ pub async fn group_consume(client: &Client, a: &BenchArgs) -> Result<()> {
                 if batch.is_empty() {
                     continue;
                 }
-                hist.record(t.elapsed().as_micros().max(1) as u64)?;
                 total.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                bytes.fetch_add(
-                    batch
-                        .iter()
-                        .map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64)
-                        .sum(),
-                    Ordering::Relaxed,
-                );
+                if go.load(Ordering::Acquire) {
+                    hist.record(t.elapsed().as_micros().max(1) as u64)?;
+                    counted.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    bytes.fetch_add(
+                        batch
+                            .iter()
+                            .map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64)
+                            .sum(),
+                        Ordering::Relaxed,
+                    );
+                }
             }
-            let elapsed = started.elapsed();
+            let done = Instant::now();
             member.close().await?;
-            anyhow::Ok((hist, elapsed))
+            anyhow::Ok((hist, done))
         }));
     }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !settled(client, &group, members, partitions).await {
+        if Instant::now() > deadline {
+            bail!("the group did not settle with {members} members within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    go.store(true, Ordering::Release);
+    let started = Instant::now();
+    let before = total.load(Ordering::Relaxed);
+    if before >= a.records / 2 {
+        bail!(
+            "{before} of {} records were read before the group settled; use more --records",
+            a.records
+        );
+    }
     let mut hist = histogram()?;
-    let mut elapsed = Duration::ZERO;
+    let mut finished = started;
     for t in tasks {
-        let (h, e) = t.await??;
+        let (h, done) = t.await??;
         hist.add(&h)?;
-        elapsed = elapsed.max(e);
+        finished = finished.max(done);
     }
     report(
-        total.load(Ordering::Relaxed),
+        counted.load(Ordering::Relaxed),
         bytes.load(Ordering::Relaxed),
-        elapsed,
+        finished.duration_since(started),
         &hist,
         a.json,
         "group consume",

@@ -201,7 +201,8 @@ pub async fn run(a: ConsumeArgs) -> Result<()> {
 
 /// `consume --group`: prints what the group assigns and, after each batch is printed and
 /// flushed, commits exactly what was printed (so `-n` stopping half-way through a batch leaves
-/// the rest for the next consumer).
+/// the rest for the next consumer). A write that fails half-way (the reader went away) commits
+/// only the records whose text was written in full.
 async fn run_group(a: &ConsumeArgs, client: Client, group: String) -> Result<()> {
     let topic = a.topic.as_str();
     if !is_pattern(topic) {
@@ -228,6 +229,9 @@ async fn run_group(a: &ConsumeArgs, client: Client, group: String) -> Result<()>
     if let Some(s) = &a.strategy {
         config = config.strategy(s.clone());
     }
+    // Unbuffered, so that what a write reports written has reached the reader's pipe (or the
+    // file) and nothing is left in a buffer that a failure would lose: commits follow it.
+    let mut stdout = unbuffered_stdout()?;
     let mut consumer = client.group_consumer(config).map_err(|e| match e {
         // An invalid pattern or group id, caught before anything was sent.
         ClientError::InvalidInput(m) => usage(m),
@@ -242,8 +246,7 @@ async fn run_group(a: &ConsumeArgs, client: Client, group: String) -> Result<()>
     let idle = a.timeout_ms.map(Duration::from_millis);
     let mut printed = 0u64;
     let mut last_record = Instant::now();
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut stdout = std::io::stdout();
+    let mut batch = Batch::default();
     let result: Result<()> = async {
         while printed < limit {
             let wait = match idle {
@@ -265,26 +268,32 @@ async fn run_group(a: &ConsumeArgs, client: Client, group: String) -> Result<()>
                 continue;
             }
             last_record = Instant::now();
-            buf.clear();
-            let mut next: BTreeMap<(Arc<str>, u32), u64> = BTreeMap::new();
+            batch.clear();
             for r in records
                 .iter()
                 .take(usize::try_from(limit - printed).unwrap_or(usize::MAX))
             {
-                a.format.render(r, &mut buf);
+                batch.push(&a.format, r);
                 printed += 1;
-                note(&mut next, r);
             }
-            match stdout.write_all(&buf).and_then(|()| stdout.flush()) {
-                Ok(()) => {}
-                // The reader went away (`| head`): what it got is what it read; commit that.
+            let (written, outcome) = write_counting(&mut stdout, &batch.buf);
+            // Only records whose text was written in full count as printed: after a failed
+            // write that is a prefix of the batch (possibly empty).
+            let done = batch.written(written);
+            match outcome {
+                Ok(()) => commit_printed(&mut consumer, &done, a.no_commit).await?,
+                // The reader went away (`| head`): commit what it got, and stop.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    commit_printed(&mut consumer, &next, a.no_commit).await?;
+                    commit_printed(&mut consumer, &done, a.no_commit).await?;
                     return Ok(());
                 }
-                Err(e) => return Err(e).context("writing to stdout"),
+                Err(e) => {
+                    if let Err(c) = commit_printed(&mut consumer, &done, a.no_commit).await {
+                        tracing::warn!(error = %c, "committing what was printed failed");
+                    }
+                    return Err(e).context("writing to stdout");
+                }
             }
-            commit_printed(&mut consumer, &next, a.no_commit).await?;
         }
         Ok(())
     }
@@ -298,15 +307,83 @@ async fn run_group(a: &ConsumeArgs, client: Client, group: String) -> Result<()>
     Ok(())
 }
 
-/// Records the offset after `r` as its partition's next.
-fn note(next: &mut BTreeMap<(Arc<str>, u32), u64>, r: &ConsumerRecord) {
-    let e = next.entry((r.topic.clone(), r.partition)).or_insert(0);
-    *e = (*e).max(r.offset + 1);
+/// The next offset to commit for each partition.
+type NextOffsets = BTreeMap<(Arc<str>, u32), u64>;
+
+/// A batch of rendered records, and where each one's text ends.
+#[derive(Debug, Default)]
+struct Batch {
+    buf: Vec<u8>,
+    /// Per record in `buf` order: the end of its text in `buf`, its partition and the offset
+    /// after it.
+    ends: Vec<(usize, (Arc<str>, u32), u64)>,
 }
 
+impl Batch {
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.ends.clear();
+    }
+
+    fn push(&mut self, format: &RecordFormat, r: &ConsumerRecord) {
+        format.render(r, &mut self.buf);
+        self.ends
+            .push((self.buf.len(), (r.topic.clone(), r.partition), r.offset + 1));
+    }
+
+    /// The next offset of each partition, counting only the records whose text is entirely
+    /// within the first `written` bytes of `buf`.
+    fn written(&self, written: usize) -> NextOffsets {
+        let mut next = NextOffsets::new();
+        for (end, part, after) in &self.ends {
+            if *end > written {
+                break;
+            }
+            let e = next.entry(part.clone()).or_insert(0);
+            *e = (*e).max(*after);
+        }
+        next
+    }
+}
+
+/// Standard output without a user-space buffer (a duplicate of its descriptor), so that bytes
+/// a write accepted have left the process.
+fn unbuffered_stdout() -> Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("opening stdout")?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// Writes all of `buf` and flushes; returns how many bytes were written, also when it fails.
+fn write_counting(w: &mut impl Write, buf: &[u8]) -> (usize, std::io::Result<()>) {
+    let mut done = 0;
+    while done < buf.len() {
+        match w.write(&buf[done..]) {
+            Ok(0) => {
+                return (
+                    done,
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "failed to write the whole batch",
+                    )),
+                );
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (done, Err(e)),
+        }
+    }
+    (done, w.flush())
+}
+
+/// Commits `next`. Entries the group has already committed past (a late commit of a
+/// partition's previous owner) are left out, and the rest committed.
 async fn commit_printed(
     consumer: &mut keel_client::GroupConsumer,
-    next: &BTreeMap<(Arc<str>, u32), u64>,
+    next: &NextOffsets,
     no_commit: bool,
 ) -> Result<()> {
     if no_commit || next.is_empty() {
@@ -314,15 +391,158 @@ async fn commit_printed(
     }
     let offsets: Vec<(&str, u32, u64, &str)> =
         next.iter().map(|((t, p), o)| (&**t, *p, *o, "")).collect();
-    match consumer.commit_offsets_sync(&offsets).await {
+    match consumer.commit_offsets_forward_sync(&offsets).await {
         Ok(()) => Ok(()),
         // The partitions went to another member (this one's session expired, say): it starts
-        // from the last commit, so these records are printed again there; or that member has
-        // already committed past them. Keep consuming what the group assigns now.
+        // from the last commit, so these records are printed again there; or (rarely, as the
+        // client drops entries the group is already past and retries) that member committed
+        // past them meanwhile. Keep consuming what the group assigns now.
         Err(e) if e.is_membership_lost() || matches!(e, ClientError::OffsetBackwards { .. }) => {
             tracing::warn!(error = %explain_msg(&e, None), "commit refused; the partitions moved to another member");
             Ok(())
         }
         Err(e) => Err(explain(e, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(topic: &Arc<str>, partition: u32, offset: u64, value: &str) -> ConsumerRecord {
+        ConsumerRecord {
+            topic: topic.clone(),
+            partition,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: Some(value.as_bytes().to_vec().into()),
+            headers: Vec::new(),
+        }
+    }
+
+    fn batch() -> (Batch, Arc<str>) {
+        let t: Arc<str> = Arc::from("t");
+        let format = parse_format("%p:%o:%v").expect("format");
+        let mut b = Batch::default();
+        // Two partitions interleaved, as a poll returns them.
+        for r in [
+            rec(&t, 0, 10, "a"),
+            rec(&t, 1, 20, "bb"),
+            rec(&t, 0, 11, "c"),
+            rec(&t, 1, 21, "d"),
+        ] {
+            b.push(&format, &r);
+        }
+        (b, t)
+    }
+
+    #[test]
+    fn only_records_written_in_full_are_committed() {
+        let (b, t) = batch();
+        let text = String::from_utf8(b.buf.clone()).expect("utf-8");
+        assert_eq!(text, "0:10:a\n1:20:bb\n0:11:c\n1:21:d\n");
+        let at = |n: usize| -> Vec<(u32, u64)> {
+            b.written(n)
+                .into_iter()
+                .map(|((topic, p), o)| {
+                    assert_eq!(topic, t);
+                    (p, o)
+                })
+                .collect()
+        };
+        assert_eq!(at(0), vec![]);
+        // Half of the first line.
+        assert_eq!(at(3), vec![]);
+        // The first line without its newline is not printed yet.
+        assert_eq!(at(6), vec![]);
+        assert_eq!(at(7), vec![(0, 11)]);
+        // Into the third record: partition 1's first record is in, partition 0's second not.
+        assert_eq!(at(20), vec![(0, 11), (1, 21)]);
+        assert_eq!(at(b.buf.len() - 1), vec![(0, 12), (1, 21)]);
+        assert_eq!(at(b.buf.len()), vec![(0, 12), (1, 22)]);
+    }
+
+    /// Accepts up to `room` bytes, a few at a time (with an interruption), then fails.
+    struct Pipe {
+        got: Vec<u8>,
+        room: usize,
+        interrupted: bool,
+        flushes: usize,
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.interrupted {
+                self.interrupted = true;
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(self.room - self.got.len()).min(5);
+            if n == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_reports_how_much_was_written() {
+        let (b, _) = batch();
+        let mut pipe = Pipe {
+            got: Vec::new(),
+            room: 18,
+            interrupted: false,
+            flushes: 0,
+        };
+        let (n, r) = write_counting(&mut pipe, &b.buf);
+        assert_eq!(n, 18);
+        assert_eq!(pipe.got, b.buf[..18]);
+        assert_eq!(
+            r.expect_err("broken pipe").kind(),
+            std::io::ErrorKind::BrokenPipe
+        );
+        assert_eq!(pipe.flushes, 0);
+        // Two whole lines made it.
+        assert_eq!(b.written(n).len(), 2);
+        assert_eq!(
+            b.written(n).values().copied().collect::<Vec<_>>(),
+            vec![11, 21]
+        );
+
+        let mut pipe = Pipe {
+            got: Vec::new(),
+            room: usize::MAX,
+            interrupted: false,
+            flushes: 0,
+        };
+        let (n, r) = write_counting(&mut pipe, &b.buf);
+        assert!(r.is_ok());
+        assert_eq!(n, b.buf.len());
+        assert_eq!(pipe.got, b.buf);
+        assert_eq!(pipe.flushes, 1);
+    }
+
+    #[test]
+    fn a_write_of_nothing_is_an_error() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Ok(0)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (n, r) = write_counting(&mut Full, b"x\n");
+        assert_eq!(n, 0);
+        assert_eq!(r.expect_err("zero").kind(), std::io::ErrorKind::WriteZero);
+        // An empty batch writes nothing and succeeds.
+        assert!(matches!(write_counting(&mut Full, b""), (0, Ok(()))));
     }
 }

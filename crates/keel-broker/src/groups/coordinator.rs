@@ -16,7 +16,7 @@ use bytes::Bytes;
 use keel_log::batch::{BatchBuilder, BatchIter, Compression, RecordRef, decode_records};
 use keel_proto::v1::consume_service_client::ConsumeServiceClient;
 use keel_proto::v1::{ListOffsetsRequest, StartPosition, list_offsets_request};
-use tokio::sync::{Mutex as AsyncMutex, RwLock, RwLockReadGuard};
+use tokio::sync::{Mutex as AsyncMutex, OwnedRwLockReadGuard, RwLock};
 
 use super::live::{Catalog, LiveGroup, MembershipError};
 use super::{OffsetsRecord, OffsetsState, TopicPartition};
@@ -56,17 +56,31 @@ pub struct Shard {
     pub partition: Arc<Partition>,
     term: u64,
     pub inner: AsyncMutex<ShardState>,
-    /// Writes share it; compaction takes it alone.
-    writers: RwLock<()>,
+    /// Writes share it; compaction takes it alone. One lock per offsets partition across
+    /// leadership terms, so a compaction begun in an earlier term of this broker cannot
+    /// interleave with commits of a later one.
+    writers: Arc<RwLock<()>>,
+    /// Groups created before this (monotonic ms) hand out only claimed partitions; see
+    /// `LiveGroup::holding_until`. 0 when the partition was empty at load (no earlier
+    /// coordinator can have had members with commits).
+    pub hold_until_ms: u64,
 }
 
 impl Shard {
     /// Held by a writer from its check of the state to the end of its write, so compaction
-    /// never runs in between.
-    pub async fn writing(&self) -> RwLockReadGuard<'_, ()> {
-        self.writers.read().await
+    /// never runs in between. Owned, so that a writer running in a task of its own keeps it
+    /// even if the request that started it is cancelled.
+    pub async fn writing(&self) -> OwnedRwLockReadGuard<()> {
+        Arc::clone(&self.writers).read_owned().await
     }
 }
+
+/// How long a coordinator that took over holds back partitions no member claims.
+const TAKEOVER_HOLD_MS: u64 = 5_000;
+/// Bounds on the sweep's own writes, so one stuck partition never stalls the others.
+const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A shard that is not loaded within this is skipped by a sweep (tried again next time).
+const SWEEP_LOAD_TIMEOUT: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Default)]
 pub struct ShardState {
@@ -76,6 +90,12 @@ pub struct ShardState {
     /// Records folded since the last compacted image.
     since_image: u64,
     pub groups: BTreeMap<String, LiveGroup>,
+    /// When (wall clock) this state was loaded, and when each group last had members here:
+    /// a group's offsets expire only after it has been empty for the retention, counted no
+    /// earlier than the load (members of a coordinator that just took over have not rejoined
+    /// yet, which must not look like an empty group).
+    loaded_at_ms: i64,
+    last_active_ms: HashMap<String, i64>,
 }
 
 impl ShardState {
@@ -143,6 +163,8 @@ impl ShardState {
 #[derive(Debug)]
 pub struct Coordinator {
     shards: Mutex<HashMap<u32, Arc<Shard>>>,
+    locks: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
+    housekeeping: AsyncMutex<()>,
     creating: AsyncMutex<()>,
     clock: Instant,
     peers: Mutex<HashMap<String, tonic::transport::Channel>>,
@@ -183,6 +205,8 @@ impl Coordinator {
     pub fn new(offsets_retention_ms: i64, compact_records: u64) -> Self {
         Self {
             shards: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            housekeeping: AsyncMutex::new(()),
             creating: AsyncMutex::new(()),
             clock: Instant::now(),
             peers: Mutex::new(HashMap::new()),
@@ -227,7 +251,7 @@ impl Coordinator {
     /// The broker coordinating `group`, if its partition has a leader: `(id, address)`.
     pub async fn find(&self, state: &BrokerState, group: &str) -> Result<Option<(u32, String)>> {
         let topic = self.offsets_topic(state).await?;
-        let p = shard_of(group, topic.partition_count());
+        let p = shard_of(group, OFFSETS_PARTITIONS);
         match topic.partition(p) {
             Ok(_) => Ok(Some((state.id, state.advertise.clone()))),
             Err(BrokerError::NotLeader { leader, .. }) => Ok(leader),
@@ -239,7 +263,7 @@ impl Coordinator {
     /// its leader; `NOT_COORDINATOR` if another broker leads it.
     pub async fn shard(&self, state: &BrokerState, group: &str) -> Result<Arc<Shard>> {
         let topic = self.offsets_topic(state).await?;
-        let p = shard_of(group, topic.partition_count());
+        let p = shard_of(group, OFFSETS_PARTITIONS);
         self.shard_at(&topic, p, group).await
     }
 
@@ -264,11 +288,20 @@ impl Coordinator {
         }
         // A new leader must see everything earlier leaders committed before it answers.
         let term = partition.wait_leader_caught_up().await?;
+        let writers = Arc::clone(lock(&self.locks).entry(p).or_default());
         let shard = Arc::new(Shard {
+            hold_until_ms: if partition.high_watermark() > 0 {
+                self.now_ms() + TAKEOVER_HOLD_MS
+            } else {
+                0
+            },
             partition: Arc::clone(&partition),
             term,
-            inner: AsyncMutex::new(ShardState::default()),
-            writers: RwLock::new(()),
+            inner: AsyncMutex::new(ShardState {
+                loaded_at_ms: now_wall_ms(),
+                ..ShardState::default()
+            }),
+            writers,
         });
         let shard = {
             let mut shards = lock(&self.shards);
@@ -293,16 +326,33 @@ impl Coordinator {
         Ok(shard)
     }
 
-    /// Loads every offsets partition this broker leads (a new leader takes over at once, not
-    /// on its first request) and returns their shards. Does not create the topic.
-    pub async fn led_shards(&self, state: &BrokerState) -> Vec<Arc<Shard>> {
+    /// Loads every offsets partition this broker leads and returns their shards; fails if
+    /// one cannot be loaded (a listing must not silently leave it out). Does not create the
+    /// topic.
+    pub async fn led_shards(&self, state: &BrokerState) -> Result<Vec<Arc<Shard>>> {
+        let Ok(topic) = state.registry.get(OFFSETS_TOPIC) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for p in 0..topic.partition_count() {
+            if topic.partition(p).is_ok() {
+                out.push(self.shard_at(&topic, p, "").await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The shards a sweep can work on now: a new leader takes its groups over at once, not on
+    /// its first request; one still catching up is left for the next sweep.
+    async fn sweepable_shards(&self, state: &BrokerState) -> Vec<Arc<Shard>> {
         let Ok(topic) = state.registry.get(OFFSETS_TOPIC) else {
             return Vec::new();
         };
         let mut out = Vec::new();
         for p in 0..topic.partition_count() {
             if topic.partition(p).is_ok()
-                && let Ok(s) = self.shard_at(&topic, p, "").await
+                && let Ok(Ok(s)) =
+                    tokio::time::timeout(SWEEP_LOAD_TIMEOUT, self.shard_at(&topic, p, "")).await
             {
                 out.push(s);
             }
@@ -380,49 +430,97 @@ impl Coordinator {
         });
     }
 
-    /// Runs every few hundred milliseconds: expires sessions, follows topic changes, and
-    /// (less often) expires old groups' offsets and writes compacted images.
-    pub async fn sweep(&self, state: &BrokerState, housekeeping: bool) {
+    /// Runs every few hundred milliseconds: expires sessions and follows topic changes;
+    /// with `housekeeping`, also (in a task of its own, so a slow write never delays session
+    /// expiry) expires old groups' offsets, writes compacted images and exports lag.
+    pub async fn sweep(&self, state: &Arc<BrokerState>, housekeeping: bool) {
         self.prune(state);
         let catalog = catalog(state);
         let now = self.now_ms();
-        for shard in self.led_shards(state).await {
-            let mut writes = Vec::new();
-            {
-                let mut inner = shard.inner.lock().await;
-                if let Err(e) = inner.catch_up(&shard.partition) {
-                    tracing::warn!(error = %e, "coordinator could not fold its offsets partition");
-                    continue;
+        let wall = now_wall_ms();
+        let mut expired: Vec<(Arc<Shard>, Vec<OffsetsRecord>)> = Vec::new();
+        for shard in self.sweepable_shards(state).await {
+            let mut inner = shard.inner.lock().await;
+            if let Err(e) = inner.catch_up(&shard.partition) {
+                tracing::warn!(error = %e, "coordinator could not fold its offsets partition");
+                continue;
+            }
+            let ShardState {
+                groups,
+                last_active_ms,
+                ..
+            } = &mut *inner;
+            for (name, g) in groups.iter_mut() {
+                for m in g.expire(now, &catalog) {
+                    tracing::info!(group = %name, member = %m, "member session expired");
                 }
-                for (name, g) in inner.groups.iter_mut() {
-                    for m in g.expire(now, &catalog) {
-                        tracing::info!(group = %name, member = %m, "member session expired");
-                    }
-                    g.refresh(&catalog);
-                }
-                inner.groups.retain(|_, g| !g.is_empty());
-                if housekeeping {
-                    let groups = &inner.groups;
-                    for group in inner.offsets.expired_groups(
-                        now_wall_ms(),
-                        self.offsets_retention_ms,
-                        |g| groups.contains_key(g),
-                    ) {
-                        tracing::info!(group = %group, "deleting the offsets of an empty group past retention");
-                        writes.push(OffsetsRecord::DeleteGroup { group });
-                    }
+                g.refresh(now, &catalog);
+                if !g.is_empty() {
+                    last_active_ms.insert(name.clone(), wall);
                 }
             }
-            if let Err(e) = self.write(&shard, &writes).await {
-                tracing::warn!(error = %e, "could not delete expired group offsets");
-            }
-            if housekeeping && let Err(e) = self.compact(state, &shard).await {
-                tracing::warn!(error = %e, "could not compact an offsets partition");
+            groups.retain(|_, g| !g.is_empty());
+            if housekeeping {
+                let retention = self.offsets_retention_ms;
+                let since = inner.loaded_at_ms;
+                let (groups, last_active) = (&inner.groups, &inner.last_active_ms);
+                let deletions: Vec<OffsetsRecord> = inner
+                    .offsets
+                    .expired_groups(wall, retention, |g| {
+                        groups.contains_key(g)
+                            || last_active
+                                .get(g)
+                                .copied()
+                                .unwrap_or(since)
+                                .max(since)
+                                .saturating_add(retention)
+                                > wall
+                    })
+                    .into_iter()
+                    .map(|group| OffsetsRecord::DeleteGroup { group })
+                    .collect();
+                drop(inner);
+                expired.push((shard, deletions));
             }
         }
-        if housekeeping {
-            self.export_lag(state).await;
+        if !housekeeping {
+            return;
         }
+        // At most one housekeeping round at a time.
+        let Ok(_one) = self.housekeeping.try_lock() else {
+            return;
+        };
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            let groups = &state.groups;
+            let Ok(_one) = groups.housekeeping.try_lock() else {
+                return;
+            };
+            for (shard, deletions) in expired {
+                for d in &deletions {
+                    tracing::info!(group = %d.group(), "deleting the offsets of a group empty for longer than the retention");
+                }
+                match tokio::time::timeout(HOUSEKEEPING_TIMEOUT, groups.write(&shard, &deletions))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not delete expired group offsets")
+                    }
+                    Err(_) => tracing::warn!("deleting expired group offsets timed out"),
+                }
+                match tokio::time::timeout(HOUSEKEEPING_TIMEOUT, groups.compact(&state, &shard))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not compact an offsets partition")
+                    }
+                    Err(_) => tracing::warn!("compacting an offsets partition timed out"),
+                }
+            }
+            groups.export_lag(&state).await;
+        });
     }
 
     /// Writes the compacted image of a shard once enough records piled up since the last one,
@@ -432,22 +530,42 @@ impl Coordinator {
     /// offset `start`, and a commit appended between `start` and the image would otherwise be
     /// undone by the image's resets when the log is folded again.
     async fn compact(&self, state: &BrokerState, shard: &Shard) -> Result<()> {
+        let same_term = || shard.partition.current_term() == shard.term;
+        if !same_term() {
+            return Ok(());
+        }
         let _exclusive = shard.writers.write().await;
         let (image, start) = {
             let mut inner = shard.inner.lock().await;
             inner.catch_up(&shard.partition)?;
-            if inner.since_image < self.compact_records {
+            if inner.since_image < self.compact_records || !same_term() {
                 return Ok(());
             }
             (inner.offsets.compacted(), inner.folded_to)
         };
-        // One batch per group, so no batch exceeds the size limit however many groups there
-        // are; a crash midway leaves the old log in place, which still folds correctly.
-        let mut by_group: BTreeMap<String, Vec<OffsetsRecord>> = BTreeMap::new();
+        // Batches of at most ~512 KiB of JSON, so a group with many partitions never makes
+        // a batch over the 1 MiB limit (a crash midway leaves the old log, which still folds
+        // to the same state).
+        let mut batches: Vec<Vec<OffsetsRecord>> = vec![Vec::new()];
+        let mut size = 0usize;
         for r in image {
-            by_group.entry(r.group().to_owned()).or_default().push(r);
+            let len = serde_json::to_vec(&r).map_or(0, |v| v.len()) + 32;
+            if size + len > 512 << 10 && batches.last().is_some_and(|b| !b.is_empty()) {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(b) = batches.last_mut() {
+                b.push(r);
+            }
         }
-        for records in by_group.values() {
+        for records in &batches {
+            if !same_term() {
+                return Err(BrokerError::Unavailable {
+                    message: "leadership moved during compaction".into(),
+                    definite: false,
+                });
+            }
             self.append(shard, records).await?;
         }
         state
@@ -457,7 +575,7 @@ impl Coordinator {
         tracing::info!(
             partition = shard.partition.id,
             before = start,
-            groups = by_group.len(),
+            batches = batches.len(),
             "compacted an offsets partition"
         );
         Ok(())
@@ -467,6 +585,9 @@ impl Coordinator {
     /// for the groups this broker coordinates.
     async fn export_lag(&self, state: &BrokerState) {
         for shard in self.shards() {
+            if shard.partition.current_term() != shard.term {
+                continue;
+            }
             let groups: Vec<(String, BTreeMap<TopicPartition, u64>)> = {
                 let inner = shard.inner.lock().await;
                 inner

@@ -102,6 +102,14 @@ pub struct LiveGroup {
     statics: BTreeMap<String, String>,
     /// The subscribed partitions the current target was computed from.
     partitions: Catalog,
+    /// Until then (a coordinator that just took over) only partitions some member claims to
+    /// hold are handed out: the owners of the others are probably still consuming them under
+    /// the old coordinator and will rejoin within a heartbeat interval.
+    hold_until_ms: u64,
+    /// Partitions members claimed while the hold lasts.
+    hold_claims: BTreeSet<TopicPartition>,
+    /// The current target leaves out unclaimed partitions because of the hold.
+    held_back: bool,
 }
 
 impl LiveGroup {
@@ -110,6 +118,12 @@ impl LiveGroup {
             name: name.into(),
             ..Self::default()
         }
+    }
+
+    /// A group on a coordinator that just took over: see `hold_until_ms`.
+    pub fn holding_until(mut self, until_ms: u64) -> Self {
+        self.hold_until_ms = until_ms;
+        self
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -181,8 +195,11 @@ impl LiveGroup {
             }
             req.member_id.clone()
         };
-        if retarget || self.resolve(catalog) != self.partitions {
-            self.retarget(catalog);
+        if retarget
+            || self.resolve(catalog) != self.partitions
+            || (self.held_back && now_ms >= self.hold_until_ms)
+        {
+            self.retarget(catalog, now_ms);
         }
         let hb = self
             .state
@@ -236,7 +253,13 @@ impl LiveGroup {
 
     /// A member leaves. A static member leaving `temporary` keeps its place (and partitions)
     /// until its session times out, so a restart does not move anything.
-    pub fn leave(&mut self, member_id: &str, temporary: bool, catalog: &Catalog) -> bool {
+    pub fn leave(
+        &mut self,
+        member_id: &str,
+        temporary: bool,
+        now_ms: u64,
+        catalog: &Catalog,
+    ) -> bool {
         let Some(m) = self.members.get(member_id) else {
             return false;
         };
@@ -244,7 +267,7 @@ impl LiveGroup {
             return true;
         }
         self.remove(member_id);
-        self.retarget(catalog);
+        self.retarget(catalog, now_ms);
         true
     }
 
@@ -270,18 +293,19 @@ impl LiveGroup {
             self.remove(id);
         }
         if !gone.is_empty() {
-            self.retarget(catalog);
+            self.retarget(catalog, now_ms);
         }
         gone
     }
 
     /// Recomputes the target if the subscribed topics or their partition counts changed (a
     /// topic created that a pattern matches, partitions added, a topic deleted).
-    pub fn refresh(&mut self, catalog: &Catalog) -> bool {
-        if self.members.is_empty() || self.resolve(catalog) == self.partitions {
+    pub fn refresh(&mut self, now_ms: u64, catalog: &Catalog) -> bool {
+        let hold_over = self.held_back && now_ms >= self.hold_until_ms;
+        if self.members.is_empty() || (!hold_over && self.resolve(catalog) == self.partitions) {
             return false;
         }
-        self.retarget(catalog);
+        self.retarget(catalog, now_ms);
         true
     }
 
@@ -329,7 +353,7 @@ impl LiveGroup {
             .collect()
     }
 
-    fn retarget(&mut self, catalog: &Catalog) {
+    fn retarget(&mut self, catalog: &Catalog, now_ms: u64) {
         let partitions = self.resolve(catalog);
         let specs: Vec<MemberSpec> = self
             .members
@@ -359,7 +383,26 @@ impl LiveGroup {
         for (id, tp) in extra {
             previous.entry(id).or_default().insert(tp);
         }
-        let target = assign(self.strategy, &specs, &partitions, &previous);
+        let mut target = assign(self.strategy, &specs, &partitions, &previous);
+        self.held_back = false;
+        if now_ms < self.hold_until_ms {
+            for m in self.members.values() {
+                self.hold_claims.extend(m.claimed.iter().cloned());
+            }
+            let held = self
+                .state
+                .members()
+                .flat_map(|(_, m)| m.assigned().iter().chain(m.revoking()));
+            let mut allowed = self.hold_claims.clone();
+            allowed.extend(held.cloned());
+            for share in target.values_mut() {
+                let before = share.len();
+                share.retain(|tp| allowed.contains(tp));
+                self.held_back |= share.len() != before;
+            }
+        } else {
+            self.hold_claims.clear();
+        }
         for m in self.members.values_mut() {
             m.claimed.clear();
         }
@@ -478,10 +521,10 @@ mod tests {
         let a = beat(&mut g, &a, 1, &cat).expect("a");
         assert_eq!(a.assignment.len(), 2);
         cat.insert("order.us".into(), 3);
-        assert!(g.refresh(&cat));
+        assert!(g.refresh(3, &cat));
         let a = beat(&mut g, &a, 2, &cat).expect("a");
         assert_eq!(a.assignment.len(), 5);
-        assert!(!g.refresh(&cat));
+        assert!(!g.refresh(3, &cat));
     }
 
     #[test]
@@ -511,8 +554,8 @@ mod tests {
             g.check_commit("a", std::slice::from_ref(&gone)),
             Err(MembershipError::NotOwner { .. })
         ));
-        assert!(g.leave("a", false, &cat));
-        assert!(g.leave("b", false, &cat));
+        assert!(g.leave("a", false, 4, &cat));
+        assert!(g.leave("b", false, 4, &cat));
         assert!(g.check_commit("", &[tp0]).is_ok());
     }
 
@@ -557,6 +600,60 @@ mod tests {
         assert_eq!(b2.assignment, theirs);
         assert!(b2.revoke.is_empty());
         assert!(!g.members().contains_key("s1"));
+    }
+
+    #[test]
+    fn a_new_coordinator_hands_out_only_claimed_partitions_at_first() {
+        let cat = catalog(&[("t", 4)]);
+        let mut g = LiveGroup::new("g").holding_until(1000);
+        let claim: BTreeSet<TopicPartition> =
+            [TopicPartition::new("t", 0), TopicPartition::new("t", 1)].into();
+        let a = g
+            .heartbeat(
+                HeartbeatRequest {
+                    member_id: String::new(),
+                    member_epoch: 0,
+                    instance_id: None,
+                    subscription: Some(sub(&["t"], &[])),
+                    owned: claim.clone(),
+                    session_timeout_ms: 5000,
+                    strategy: None,
+                },
+                10,
+                &cat,
+                || "a".into(),
+            )
+            .expect("rejoin");
+        assert_eq!(
+            a.assignment, claim,
+            "only what it claims while others may rejoin"
+        );
+        // Another old member rejoins with its partitions.
+        let claim_b: BTreeSet<TopicPartition> = [TopicPartition::new("t", 2)].into();
+        let b = g
+            .heartbeat(
+                HeartbeatRequest {
+                    member_id: String::new(),
+                    member_epoch: 0,
+                    instance_id: None,
+                    subscription: Some(sub(&["t"], &[])),
+                    owned: claim_b.clone(),
+                    session_timeout_ms: 5000,
+                    strategy: None,
+                },
+                20,
+                &cat,
+                || "b".into(),
+            )
+            .expect("rejoin");
+        assert!(b.assignment.is_subset(&claim_b));
+        // After the hold, the unclaimed partition is assigned too.
+        assert!(g.refresh(1000, &cat));
+        let a = beat(&mut g, &a, 1001, &cat).expect("a");
+        let b = beat(&mut g, &b, 1001, &cat).expect("b");
+        let a = beat(&mut g, &a, 1002, &cat).expect("a");
+        let b = beat(&mut g, &b, 1002, &cat).expect("b");
+        assert_eq!(a.assignment.len() + b.assignment.len(), 4);
     }
 
     #[test]

@@ -4,10 +4,24 @@ use keel_proto::v1::admin_service_server::AdminService;
 use keel_proto::v1::*;
 use tonic::{Request, Response, Status};
 
+use crate::error::BrokerError;
+use crate::groups::coordinator::OFFSETS_TOPIC;
 use crate::state::Shared;
 
 #[derive(Debug, Clone)]
 pub struct Admin(pub Shared);
+
+/// The offsets topic is created and configured by the brokers: more partitions would move
+/// groups away from their offsets, and retention would delete commits.
+fn not_internal(field: &'static str, name: &str) -> Result<(), BrokerError> {
+    if name == OFFSETS_TOPIC {
+        return Err(BrokerError::invalid(
+            field,
+            "__consumer_offsets is internal: the brokers create and configure it",
+        ));
+    }
+    Ok(())
+}
 
 #[tonic::async_trait]
 impl AdminService for Admin {
@@ -17,6 +31,7 @@ impl AdminService for Admin {
         req: Request<CreateTopicRequest>,
     ) -> Result<Response<CreateTopicResponse>, Status> {
         let r = req.into_inner();
+        not_internal("name", &r.name)?;
         let config: BTreeMap<String, String> = r.config.into_iter().collect();
         let topic = self
             .0
@@ -64,6 +79,7 @@ impl AdminService for Admin {
         req: Request<AlterTopicConfigRequest>,
     ) -> Result<Response<AlterTopicConfigResponse>, Status> {
         let r = req.into_inner();
+        not_internal("name", &r.name)?;
         let set: BTreeMap<String, String> = r.set.into_iter().collect();
         let topic = self.0.alter_config(&r.name, &set, &r.remove).await?;
         Ok(Response::new(AlterTopicConfigResponse {
@@ -76,6 +92,7 @@ impl AdminService for Admin {
         req: Request<AddPartitionsRequest>,
     ) -> Result<Response<AddPartitionsResponse>, Status> {
         let r = req.into_inner();
+        not_internal("name", &r.name)?;
         let topic = self.0.add_partitions(&r.name, r.partitions).await?;
         Ok(Response::new(AddPartitionsResponse {
             topic: Some(self.0.topic_info(&topic)),

@@ -2,6 +2,7 @@
 //! group's coordinator (`groups::coordinator`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::groups_service_server::GroupsService;
@@ -10,7 +11,9 @@ use keel_types::{TopicPattern, validate_topic_name};
 use tonic::{Request, Response, Status};
 
 use crate::error::{BrokerError, Result};
-use crate::groups::coordinator::{OFFSETS_TOPIC, by_topic, catalog, membership_err, now_wall_ms};
+use crate::groups::coordinator::{
+    OFFSETS_TOPIC, Shard, by_topic, catalog, membership_err, now_wall_ms,
+};
 use crate::groups::live::{HeartbeatRequest, LiveGroup, Subscription};
 use crate::groups::{OffsetsRecord, Strategy, TopicPartition};
 use crate::state::Shared;
@@ -168,10 +171,9 @@ impl Groups {
         let catalog = catalog(st);
         let now = st.groups.now_ms();
         let mut inner = shard.inner.lock().await;
-        let group = inner
-            .groups
-            .entry(r.group_id.clone())
-            .or_insert_with(|| LiveGroup::new(r.group_id.clone()));
+        let group = inner.groups.entry(r.group_id.clone()).or_insert_with(|| {
+            LiveGroup::new(r.group_id.clone()).holding_until(shard.hold_until_ms)
+        });
         let ans = group
             .heartbeat(
                 HeartbeatRequest {
@@ -195,7 +197,7 @@ impl Groups {
             member_id: ans.member_id,
             member_epoch: ans.member_epoch,
             group_epoch: ans.group_epoch,
-            heartbeat_interval_ms: (session / 3).min(3000),
+            heartbeat_interval_ms: (session / 6).min(3000),
             assignment: to_proto(&ans.assignment),
             revoke: to_proto(&ans.revoke),
             pending: to_proto(&ans.pending),
@@ -228,43 +230,50 @@ impl Groups {
             }
             tps.push(TopicPartition::new(o.topic.clone(), o.partition));
         }
-        let st = &self.0;
-        let shard = st.groups.shard(st, &r.group_id).await?;
-        let _writing = shard.writing().await;
-        {
-            let mut inner = shard.inner.lock().await;
-            inner.catch_up(&shard.partition)?;
-            match inner.groups.get(&r.group_id) {
-                Some(g) => g.check_commit(&r.member_id, &tps).map_err(membership_err)?,
-                None if r.member_id.is_empty() => {}
-                None => {
-                    return Err(BrokerError::UnknownMember(format!(
-                        "member {:?} is not a member of group {:?}; rejoin with an empty member id",
-                        r.member_id, r.group_id
-                    )));
+        let st = Arc::clone(&self.0);
+        let shard = st.groups.shard(&st, &r.group_id).await?;
+        // In a task of its own: once appended, the commit must stay covered by the writers'
+        // lock until it is applied, even if this request is cancelled (a compaction in
+        // between would otherwise fold without it and then undo it).
+        tokio::spawn(async move {
+            let _writing = shard.writing().await;
+            {
+                let mut inner = shard.inner.lock().await;
+                inner.catch_up(&shard.partition)?;
+                match inner.groups.get(&r.group_id) {
+                    Some(g) => g.check_commit(&r.member_id, &tps).map_err(membership_err)?,
+                    None if r.member_id.is_empty() => {}
+                    None => {
+                        return Err(BrokerError::UnknownMember(format!(
+                            "member {:?} is not a member of group {:?}; rejoin with an empty member id",
+                            r.member_id, r.group_id
+                        )));
+                    }
+                }
+                for (o, tp) in r.offsets.iter().zip(&tps) {
+                    inner
+                        .offsets
+                        .check_commit(&r.group_id, tp, o.offset)
+                        .map_err(|e| BrokerError::OffsetBackwards(e.to_string()))?;
                 }
             }
-            for (o, tp) in r.offsets.iter().zip(&tps) {
-                inner
-                    .offsets
-                    .check_commit(&r.group_id, tp, o.offset)
-                    .map_err(|e| BrokerError::OffsetBackwards(e.to_string()))?;
-            }
-        }
-        let now = now_wall_ms();
-        let records: Vec<OffsetsRecord> = r
-            .offsets
-            .into_iter()
-            .zip(tps)
-            .map(|(o, tp)| OffsetsRecord::Commit {
-                group: r.group_id.clone(),
-                partition: tp,
-                offset: o.offset,
-                metadata: o.metadata,
-                committed_at_ms: now,
-            })
-            .collect();
-        st.groups.append(&shard, &records).await
+            let now = now_wall_ms();
+            let records: Vec<OffsetsRecord> = r
+                .offsets
+                .into_iter()
+                .zip(tps)
+                .map(|(o, tp)| OffsetsRecord::Commit {
+                    group: r.group_id.clone(),
+                    partition: tp,
+                    offset: o.offset,
+                    metadata: o.metadata,
+                    committed_at_ms: now,
+                })
+                .collect();
+            st.groups.append(&shard, &records).await
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("commit task: {e}")))?
     }
 
     async fn fetch_inner(&self, r: FetchOffsetsRequest) -> Result<FetchOffsetsResponse> {
@@ -294,14 +303,12 @@ impl Groups {
     }
 
     /// The groups this broker coordinates.
-    async fn local_groups(&self) -> Vec<GroupListing> {
+    async fn local_groups(&self) -> Result<Vec<GroupListing>> {
         let st = &self.0;
         let mut out = Vec::new();
-        for shard in st.groups.led_shards(st).await {
+        for shard in st.groups.led_shards(st).await? {
             let mut inner = shard.inner.lock().await;
-            if inner.catch_up(&shard.partition).is_err() {
-                continue;
-            }
+            inner.catch_up(&shard.partition)?;
             let mut names: BTreeSet<String> = inner.offsets.groups().map(str::to_owned).collect();
             names.extend(
                 inner
@@ -320,12 +327,12 @@ impl Groups {
                 });
             }
         }
-        out
+        Ok(out)
     }
 
     async fn list_inner(&self, r: ListGroupsRequest) -> Result<ListGroupsResponse> {
         let st = &self.0;
-        let mut groups = self.local_groups().await;
+        let mut groups = self.local_groups().await?;
         if !r.local_only
             && let Ok(topic) = st.registry.get(OFFSETS_TOPIC)
         {
@@ -462,49 +469,47 @@ impl Groups {
     }
 
     /// Refuses admin changes to a group with members; returns whether it has any offsets.
-    async fn check_inactive(
-        &self,
-        group: &str,
-    ) -> Result<(std::sync::Arc<crate::groups::coordinator::Shard>, bool)> {
-        let st = &self.0;
-        let shard = st.groups.shard(st, group).await?;
-        let known = {
-            let mut inner = shard.inner.lock().await;
-            inner.catch_up(&shard.partition)?;
-            if let Some(g) = inner.groups.get(group).filter(|g| !g.is_empty()) {
-                return Err(BrokerError::GroupNotEmpty {
-                    group: group.to_owned(),
-                    members: g.members().len(),
-                });
-            }
-            inner.offsets.group_offsets(group).is_some()
-        };
-        Ok((shard, known))
+    /// Called with the shard's writers' lock held, so the check and the write that follows
+    /// it are not separated by a compaction.
+    async fn check_inactive(shard: &Shard, group: &str) -> Result<bool> {
+        let mut inner = shard.inner.lock().await;
+        inner.catch_up(&shard.partition)?;
+        if let Some(g) = inner.groups.get(group).filter(|g| !g.is_empty()) {
+            return Err(BrokerError::GroupNotEmpty {
+                group: group.to_owned(),
+                members: g.members().len(),
+            });
+        }
+        Ok(inner.offsets.group_offsets(group).is_some())
     }
 
     async fn delete_inner(&self, r: DeleteGroupRequest) -> Result<()> {
         check_id("group_id", &r.group_id, true)?;
-        let (shard, known) = self.check_inactive(&r.group_id).await?;
-        let _writing = shard.writing().await;
-        if !known {
-            return Err(BrokerError::UnknownGroup(r.group_id));
-        }
-        let st = &self.0;
-        st.groups
-            .append(
-                &shard,
-                &[OffsetsRecord::DeleteGroup {
-                    group: r.group_id.clone(),
-                }],
-            )
-            .await?;
-        tracing::info!(group = %r.group_id, "group deleted");
-        Ok(())
+        let st = Arc::clone(&self.0);
+        let shard = st.groups.shard(&st, &r.group_id).await?;
+        tokio::spawn(async move {
+            let _writing = shard.writing().await;
+            if !Self::check_inactive(&shard, &r.group_id).await? {
+                return Err(BrokerError::UnknownGroup(r.group_id));
+            }
+            st.groups
+                .append(
+                    &shard,
+                    &[OffsetsRecord::DeleteGroup {
+                        group: r.group_id.clone(),
+                    }],
+                )
+                .await?;
+            tracing::info!(group = %r.group_id, "group deleted");
+            Ok(())
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("delete task: {e}")))?
     }
 
     async fn reset_inner(&self, r: ResetOffsetsRequest) -> Result<ResetOffsetsResponse> {
         check_id("group_id", &r.group_id, true)?;
-        let st = &self.0;
+        let st = Arc::clone(&self.0);
         let topic = st.registry.lookup("topic", &r.topic)?;
         let to = r.to.ok_or_else(|| {
             BrokerError::invalid("to", "one of position, offset or timestamp_ms is required")
@@ -520,55 +525,63 @@ impl Groups {
                 format!("unknown value {p}"),
             ));
         }
-        let (shard, _) = self.check_inactive(&r.group_id).await?;
-        let _writing = shard.writing().await;
-        let lookups = (0..topic.partition_count()).map(|p| {
-            let tp = TopicPartition::new(r.topic.clone(), p);
-            async move {
-                let spec = match to {
-                    reset_offsets_request::To::Position(pos) => {
-                        list_offsets_request::Spec::Position(pos)
-                    }
-                    reset_offsets_request::To::TimestampMs(ts) => {
-                        list_offsets_request::Spec::TimestampMs(ts)
-                    }
-                    reset_offsets_request::To::Offset(_) => {
-                        list_offsets_request::Spec::Position(StartPosition::Latest as i32)
-                    }
-                };
-                let (found, start, hwm) = st.groups.list_offset(st, &tp, spec).await?;
-                let offset = match to {
-                    reset_offsets_request::To::Offset(o) => o.clamp(start, hwm),
-                    _ => found,
-                };
-                Ok::<_, BrokerError>((tp, offset))
-            }
-        });
-        let offsets = futures::future::try_join_all(lookups).await?;
-        let at_ms = now_wall_ms();
-        st.groups
-            .append(
-                &shard,
-                &[OffsetsRecord::Reset {
-                    group: r.group_id.clone(),
-                    offsets: offsets.clone(),
-                    at_ms,
-                }],
-            )
-            .await?;
-        tracing::info!(group = %r.group_id, topic = %r.topic, "group offsets reset");
-        Ok(ResetOffsetsResponse {
-            offsets: offsets
-                .into_iter()
-                .map(|(tp, offset)| CommittedOffset {
-                    topic: tp.topic,
-                    partition: tp.partition,
-                    offset,
-                    metadata: String::new(),
-                    committed_at_ms: at_ms,
-                })
-                .collect(),
+        let shard = st.groups.shard(&st, &r.group_id).await?;
+        tokio::spawn(async move {
+            let _writing = shard.writing().await;
+            Self::check_inactive(&shard, &r.group_id).await?;
+            let st = &st;
+            let lookups = (0..topic.partition_count()).map(|p| {
+                let tp = TopicPartition::new(r.topic.clone(), p);
+                async move {
+                    let spec = match to {
+                        reset_offsets_request::To::Position(pos) => {
+                            list_offsets_request::Spec::Position(pos)
+                        }
+                        reset_offsets_request::To::TimestampMs(ts) => {
+                            list_offsets_request::Spec::TimestampMs(ts)
+                        }
+                        reset_offsets_request::To::Offset(_) => {
+                            list_offsets_request::Spec::Position(StartPosition::Latest as i32)
+                        }
+                    };
+                    let (found, start, hwm) = st.groups.list_offset(st, &tp, spec).await?;
+                    let offset = match to {
+                        // Not `clamp`: a leader that just took over may briefly report a
+                        // start above its high watermark.
+                        reset_offsets_request::To::Offset(o) => o.max(start).min(hwm),
+                        _ => found,
+                    };
+                    Ok::<_, BrokerError>((tp, offset))
+                }
+            });
+            let offsets = futures::future::try_join_all(lookups).await?;
+            let at_ms = now_wall_ms();
+            st.groups
+                .append(
+                    &shard,
+                    &[OffsetsRecord::Reset {
+                        group: r.group_id.clone(),
+                        offsets: offsets.clone(),
+                        at_ms,
+                    }],
+                )
+                .await?;
+            tracing::info!(group = %r.group_id, topic = %r.topic, "group offsets reset");
+            Ok(ResetOffsetsResponse {
+                offsets: offsets
+                    .into_iter()
+                    .map(|(tp, offset)| CommittedOffset {
+                        topic: tp.topic,
+                        partition: tp.partition,
+                        offset,
+                        metadata: String::new(),
+                        committed_at_ms: at_ms,
+                    })
+                    .collect(),
+            })
         })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("reset task: {e}")))?
     }
 }
 
@@ -605,10 +618,11 @@ impl GroupsService for Groups {
         let st = &self.0;
         let shard = st.groups.shard(st, &r.group_id).await?;
         let catalog = catalog(st);
+        let now = st.groups.now_ms();
         let mut inner = shard.inner.lock().await;
         // Leaving twice (a retried call) is not an error.
         if let Some(g) = inner.groups.get_mut(&r.group_id)
-            && g.leave(&r.member_id, r.temporary, &catalog)
+            && g.leave(&r.member_id, r.temporary, now, &catalog)
         {
             tracing::info!(group = %r.group_id, member = %r.member_id, temporary = r.temporary, "member left");
         }

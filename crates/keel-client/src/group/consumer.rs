@@ -61,6 +61,23 @@ impl Shared {
     }
 }
 
+/// Keeps partitions `poll` is starting in [`Membership::starting`] until they are adopted; if
+/// the start fails or is cancelled, gives them up (and has the heartbeat task report the ones
+/// revoked meanwhile as gone).
+struct StartGuard {
+    shared: Arc<Shared>,
+    generation: u64,
+    parts: Vec<Part>,
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if lock(&self.shared.state).start_abandoned(self.generation, &self.parts) {
+            self.shared.wake_heartbeat.notify_one();
+        }
+    }
+}
+
 /// Marks `poll` active for as long as it runs, also when its future is dropped half-way.
 struct PollGuard(Arc<Shared>);
 
@@ -91,6 +108,17 @@ enum CommitKind {
     Positions,
     /// Offsets the caller chose: sent as given.
     Explicit,
+    /// Offsets the caller chose, as the least the group's offsets should be: handled like
+    /// `Positions` (entries the group is already at or past are dropped).
+    Forward,
+}
+
+impl CommitKind {
+    /// Whether entries the group's committed offset is already at or past are dropped (rather
+    /// than sent, or failing the whole commit with `OFFSET_BACKWARDS`).
+    fn drops_stale(self) -> bool {
+        matches!(self, Self::Positions | Self::Forward)
+    }
 }
 
 struct CommitJob {
@@ -326,18 +354,26 @@ impl GroupConsumer {
     }
 
     /// Commits `(topic, partition, next offset to consume, metadata)` as given, and waits for
-    /// the answer. All or none are committed.
+    /// the answer. All or none are committed: if the group's offset of one partition is already
+    /// past the one given (a late commit of its previous owner, say), the commit fails with
+    /// [`ClientError::OffsetBackwards`] and nothing is committed. See
+    /// [`commit_offsets_forward_sync`](Self::commit_offsets_forward_sync) for a commit that
+    /// skips those entries instead.
     pub async fn commit_offsets_sync(&mut self, offsets: &[(&str, u32, u64, &str)]) -> Result<()> {
-        let offsets = offsets
-            .iter()
-            .map(|&(topic, partition, offset, metadata)| OffsetCommit {
-                topic: topic.to_owned(),
-                partition,
-                offset,
-                metadata: metadata.to_owned(),
-            })
-            .collect();
-        self.enqueue(offsets, CommitKind::Explicit).await
+        self.enqueue(commits(offsets), CommitKind::Explicit).await
+    }
+
+    /// Moves the group's committed offsets forward to at least `(topic, partition, next offset
+    /// to consume, metadata)`, and waits for the answer. Entries the group is already at or past
+    /// (another member, or this one earlier, committed as far or further) are left out rather
+    /// than failing the commit; the others are committed together. Like the commits of
+    /// positions, so it suits committing what was processed: a partition whose previous owner
+    /// committed past this member's offset keeps the higher offset.
+    pub async fn commit_offsets_forward_sync(
+        &mut self,
+        offsets: &[(&str, u32, u64, &str)],
+    ) -> Result<()> {
+        self.enqueue(commits(offsets), CommitKind::Forward).await
     }
 
     /// Commits (with `auto_commit`), calls the listener's `on_revoked` for every partition,
@@ -509,6 +545,20 @@ impl GroupConsumer {
         generation: u64,
         poll_deadline: Instant,
     ) -> Result<bool> {
+        // Only what is still granted; held in `starting` (reported as owned) until adopted or
+        // given up, also when this future is dropped or fails half-way.
+        let Some(parts) = lock(&self.shared.state).begin_start(generation, &parts) else {
+            return Ok(false);
+        };
+        if parts.is_empty() {
+            // All revoked since the plan: plan again.
+            return Ok(true);
+        }
+        let _starting = StartGuard {
+            shared: self.shared.clone(),
+            generation,
+            parts: parts.clone(),
+        };
         let budget = self.client.config().request_timeout;
         let now = Instant::now();
         let deadline = poll_deadline.max(now + MIN_LOOKUP_TIME).min(now + budget);
@@ -583,8 +633,17 @@ impl GroupConsumer {
         starts: Vec<(Part, u64)>,
         committed: &[CommittedOffset],
     ) -> Result<bool> {
-        if !lock(&self.shared.state).adopted(generation, &parts) {
+        // Partitions revoked while their offsets were looked up are not started: the
+        // coordinator may hand them to another member as soon as they are reported gone.
+        let Some(parts) = lock(&self.shared.state).adopted(generation, &parts) else {
             return Ok(false);
+        };
+        if parts.len() < starts.len() {
+            // Some were given up: report them gone at once.
+            self.shared.wake_heartbeat.notify_one();
+        }
+        if parts.is_empty() {
+            return Ok(true);
         }
         let mut all = self.consumer.assignment();
         all.extend(parts.iter().cloned());
@@ -595,10 +654,16 @@ impl GroupConsumer {
                 known.remove(p);
             }
             for c in committed {
-                known.insert((c.topic.clone(), c.partition), c.offset);
+                let p = (c.topic.clone(), c.partition);
+                if parts.contains(&p) {
+                    known.insert(p, c.offset);
+                }
             }
         }
         for ((topic, partition), offset) in starts {
+            if !parts.iter().any(|p| p.0 == topic && p.1 == partition) {
+                continue;
+            }
             self.consumer
                 .seek(&topic, partition, SeekTo::Offset(offset))
                 .await?;
@@ -608,6 +673,18 @@ impl GroupConsumer {
         }
         Ok(true)
     }
+}
+
+fn commits(offsets: &[(&str, u32, u64, &str)]) -> Vec<OffsetCommit> {
+    offsets
+        .iter()
+        .map(|&(topic, partition, offset, metadata)| OffsetCommit {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            metadata: metadata.to_owned(),
+        })
+        .collect()
 }
 
 /// Failures that starting a partition waits out: the coordinator or a leader is moving, or the
@@ -630,7 +707,9 @@ impl Drop for GroupConsumer {
 
 /// Keeps the membership alive: joins, heartbeats every `heartbeat_interval_ms` (at once when
 /// woken), rejoins after a loss once `poll` has dropped the old partitions, and leaves when
-/// `poll` has not been called for `max_poll_interval`.
+/// `poll` has not been called for `max_poll_interval`. Once `session_timeout` has passed since
+/// the last heartbeat that got an answer was sent, it takes the partitions as lost (the
+/// coordinator may have removed the member by then), whether or not a heartbeat is out.
 async fn heartbeat_loop(
     client: Client,
     shared: Arc<Shared>,
@@ -641,21 +720,25 @@ async fn heartbeat_loop(
     let cfg = client.config().clone();
     let group = template.group_id.as_str();
     let mut next = Instant::now();
-    let mut last_ok = Instant::now();
     let mut failures = 0u32;
     loop {
         let now = Instant::now();
-        let (phase, generation, member_id, interval) = {
+        let (phase, generation, member_id, interval, lease_end) = {
             let s = lock(&shared.state);
             (
                 s.phase,
                 s.generation,
                 s.member_id.clone(),
                 s.heartbeat_interval,
+                s.lease_expiry(session_timeout),
             )
         };
         if phase == Phase::Stopped {
             return;
+        }
+        if lease_end.is_some_and(|t| t <= now) {
+            lease_expired(&shared, group, generation);
+            continue;
         }
         let overdue_at = {
             let c = lock(&shared.clock);
@@ -677,17 +760,36 @@ async fn heartbeat_loop(
             continue;
         }
         if phase == Phase::Active && next <= now {
-            let (req, generation) = {
+            let (req, generation, lease_end) = {
                 let s = lock(&shared.state);
-                (s.heartbeat_request(&template), s.generation)
+                (
+                    s.heartbeat_request(&template),
+                    s.generation,
+                    s.lease_expiry(session_timeout),
+                )
             };
-            let joining = req.member_id.is_empty();
             let deadline = now + cfg.request_timeout.min(session_timeout);
-            match client.group_heartbeat(req, deadline).await {
+            let sent_at = Instant::now();
+            let call = client.group_heartbeat(req, deadline);
+            // A heartbeat that is still out when the lease runs out does not keep the
+            // partitions: the coordinator may have removed the member before it arrived.
+            let result = match lease_end {
+                Some(t) => tokio::select! {
+                    r = call => Some(r),
+                    () = tokio::time::sleep_until(t) => None,
+                },
+                None => Some(call.await),
+            };
+            let Some(result) = result else {
+                lease_expired(&shared, group, generation);
+                failures += 1;
+                next = Instant::now() + backoff(cfg.retry_backoff, cfg.retry_backoff_max, failures);
+                continue;
+            };
+            match result {
                 Ok(resp) => {
                     failures = 0;
-                    last_ok = Instant::now();
-                    let wake = lock(&shared.state).on_heartbeat(generation, &resp);
+                    let wake = lock(&shared.state).on_heartbeat(generation, sent_at, &resp);
                     if wake {
                         shared.wake_poll.notify_one();
                     }
@@ -703,15 +805,7 @@ async fn heartbeat_loop(
                 Err(e) if e.is_retriable() => {
                     failures += 1;
                     tracing::debug!(group, error = %e, "heartbeat failed; retrying");
-                    // Past the session timeout the coordinator has given the partitions away:
-                    // consuming them on would only duplicate another member's work.
-                    if !joining && last_ok.elapsed() >= session_timeout {
-                        tracing::warn!(
-                            group,
-                            "no heartbeat got through within the session timeout; partitions lost"
-                        );
-                        shared.lost(generation, false);
-                    }
+                    // The lease is checked at the top of the loop (and while sleeping).
                     next = Instant::now()
                         + backoff(cfg.retry_backoff, cfg.retry_backoff_max, failures).min(interval);
                 }
@@ -736,6 +830,11 @@ async fn heartbeat_loop(
         } else {
             now + Duration::from_secs(3600)
         };
+        // Wake when the lease runs out even if no heartbeat is due before (retries backing
+        // off), so the partitions are dropped in time.
+        if let Some(t) = lease_end {
+            wake_at = wake_at.min(t);
+        }
         if matches!(phase, Phase::Active | Phase::Lost)
             && let Some(t) = overdue_at
         {
@@ -746,6 +845,16 @@ async fn heartbeat_loop(
             () = shared.wake_heartbeat.notified() => next = Instant::now(),
         }
     }
+}
+
+/// Past the session timeout the coordinator may have given the partitions away: consuming them
+/// on would only duplicate another member's work.
+fn lease_expired(shared: &Shared, group: &str, generation: u64) {
+    tracing::warn!(
+        group,
+        "no heartbeat got through within the session timeout; partitions lost, rejoining"
+    );
+    shared.lost(generation, false);
 }
 
 /// Sends queued commits one at a time.
@@ -798,7 +907,7 @@ async fn commit(
     let unmoved = |known: &HashMap<Part, u64>, o: &OffsetCommit| {
         known.get(&key(o)).is_some_and(|&c| o.offset <= c)
     };
-    if kind == CommitKind::Positions {
+    if kind.drops_stale() {
         let known = lock(&shared.committed);
         offsets.retain(|o| !unmoved(&known, o));
     }
@@ -825,7 +934,7 @@ async fn commit(
             // this member got the partition back) committed further. That partition has
             // nothing to commit; the others still do, since a commit is all or none.
             Err(ClientError::OffsetBackwards { .. })
-                if kind == CommitKind::Positions && !resolved_backwards =>
+                if kind.drops_stale() && !resolved_backwards =>
             {
                 resolved_backwards = true;
                 let parts = by_topic(offsets.iter().map(|o| (o.topic.as_str(), o.partition)));
@@ -835,7 +944,13 @@ async fn commit(
                     let e = known.entry((c.topic, c.partition)).or_insert(c.offset);
                     *e = (*e).max(c.offset);
                 }
+                let before = offsets.len();
                 offsets.retain(|o| !unmoved(&known, o));
+                tracing::debug!(
+                    group,
+                    dropped = before - offsets.len(),
+                    "the group's offsets were already past some of the commit; committing the rest"
+                );
                 if offsets.is_empty() {
                     return Ok(());
                 }
@@ -895,6 +1010,73 @@ mod tests {
         c.commit_sync().await.expect("commit");
         c.commit_async().await.expect("commit");
         c.close().await.expect("close");
+    }
+
+    /// A forward commit leaves out the partitions the group is already past and commits the
+    /// others, where an explicit one fails as a whole; also when the member's knowledge of the
+    /// group's offsets is stale and the coordinator answers `OFFSET_BACKWARDS`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forward_commit_drops_what_the_group_is_past() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = keel_broker::BrokerConfig::new(1, dir.path());
+        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        config.metrics_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let broker = keel_broker::start(config).await.expect("broker starts");
+        let client = Client::connect(&[broker.grpc_addr.to_string()])
+            .await
+            .expect("client connects");
+        let admin = client.admin();
+        admin
+            .create_topic("t", 2, 0, std::collections::BTreeMap::new())
+            .await
+            .expect("create");
+        admin
+            .commit_offsets("g", &[("t", 0, 8, ""), ("t", 1, 2, "")])
+            .await
+            .expect("commit outside the group");
+
+        let mut c = client
+            .group_consumer(GroupConfig::new("g").subscribe(["t"]).auto_commit(false))
+            .expect("consumer");
+        let started = Instant::now();
+        while c.assignment().len() < 2 {
+            c.poll(Duration::from_millis(100)).await.expect("poll");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "not assigned in time"
+            );
+        }
+
+        let wanted = [("t", 0, 5, ""), ("t", 1, 6, "")];
+        assert!(matches!(
+            c.commit_offsets_sync(&wanted).await,
+            Err(ClientError::OffsetBackwards { .. })
+        ));
+        // Forget what the member knows of partition 0, so that the commit goes out with it and
+        // comes back `OFFSET_BACKWARDS`.
+        lock(&c.shared.committed).remove(&("t".to_owned(), 0));
+        c.commit_offsets_forward_sync(&wanted)
+            .await
+            .expect("forward commit");
+        let mut got: Vec<(u32, u64)> = admin
+            .fetch_offsets("g", &[])
+            .await
+            .expect("fetch")
+            .iter()
+            .map(|o| (o.partition, o.offset))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![(0, 8), (1, 6)]);
+        // Nothing left to commit: nothing sent.
+        c.commit_offsets_forward_sync(&[("t", 0, 7, ""), ("t", 1, 6, "")])
+            .await
+            .expect("nothing to commit");
+
+        c.close().await.expect("close");
+        tokio::time::timeout(Duration::from_secs(20), broker.shutdown())
+            .await
+            .expect("broker shut down in time")
+            .expect("clean shutdown");
     }
 
     #[test]

@@ -149,8 +149,10 @@ impl Client {
         let max = self.inner.config.max_message_size;
         let group = req.group_id.clone();
         // A repeated heartbeat is harmless: the coordinator trusts only reports made with the
-        // member's current epoch, and a join repeated after a lost answer only leaves a member
-        // that expires with its session.
+        // member's current epoch. A join repeated after a lost answer may leave a ghost member
+        // behind, which holds its share of the partitions until its session expires (see
+        // `GroupConfig::session_timeout`); not retrying would not help, as the heartbeat task
+        // joins again anyway.
         self.call_coordinator(&group, deadline, true, |ch, t| {
             let req = req.clone();
             async move { groups_rpc(ch, max).heartbeat(with_timeout(req, t)).await }

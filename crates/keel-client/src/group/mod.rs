@@ -58,6 +58,19 @@ pub struct GroupConfig {
     /// session timeout gets its partitions back without a rebalance.
     pub instance_id: Option<String>,
     /// Without a heartbeat for this long the coordinator removes the member (500 ms to 300 s).
+    ///
+    /// The member counts it too, from when it sent its last heartbeat that got an answer: once
+    /// it has passed, `poll` drops every partition (as lost, without committing) and the member
+    /// joins again, so it stops consuming no later than the coordinator removes it.
+    ///
+    /// It also bounds how long a *ghost* member can hold partitions. Joining is a heartbeat
+    /// without a member id, and the coordinator makes up the id. If the answer to a join is lost
+    /// (the connection drops, the request times out) and the join is sent again, the first
+    /// attempt may have created a member that this consumer never learns the id of, so it
+    /// can neither heartbeat for it nor make it leave. That member gets a share of the
+    /// partitions, and nobody consumes them until it expires, at most one session timeout
+    /// later. A static member (`instance_id`) has no ghost: joining again with the same
+    /// instance id takes the first attempt's place.
     pub session_timeout: Duration,
     /// If `poll` is not called for this long the member leaves the group (its partitions go to
     /// the others) and the next `poll` joins again.
