@@ -1229,6 +1229,34 @@ fn group_commands_against_a_broker() {
     )
     .ok();
     assert_eq!(lag(&b), 0);
+    keel(
+        &b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-timestamp",
+            "0",
+        ],
+    )
+    .ok();
+    assert_eq!(lag(&b), 30, "every record is at or after time 0");
+    keel(
+        &b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-timestamp",
+            "2999-01-01T00:00:00Z",
+        ],
+    )
+    .ok();
+    assert_eq!(lag(&b), 0, "no record that late: the end");
     // Re-reading after a reset to earliest gets everything again.
     keel(
         &b,

@@ -385,3 +385,77 @@ async fn two_groups_each_get_everything_and_patterns_follow_new_topics() {
     let texts: Vec<String> = pat.lines().into_iter().map(|l| l.text).collect();
     assert_eq!(texts[0], "metrics.cpu m-0-0");
 }
+
+/// A member that read past its last commit and crashed: the next owner starts exactly at the
+/// commit, so the records after it are delivered again, once, and nothing before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_after_the_last_commit_are_redelivered_once() {
+    use keel_client::{GroupConfig, OffsetReset};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, client) = cluster_with_topic(dir.path(), "ledger", 1, 3).await;
+    produce(&client, "ledger", &[(0, 100)], "r").await;
+    let config = || {
+        GroupConfig::new("ledger-readers")
+            .subscribe(["ledger"])
+            .auto_commit(false)
+            .auto_offset_reset(OffsetReset::Earliest)
+            .session_timeout(Duration::from_millis(2000))
+    };
+    let mut a = client.group_consumer(config()).expect("member a");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "a read only {} records",
+            seen.len()
+        );
+        seen.extend(
+            a.poll(Duration::from_millis(200))
+                .await
+                .expect("poll")
+                .into_iter()
+                .map(|r| r.offset),
+        );
+    }
+    assert_eq!(seen, (0..100).collect::<Vec<u64>>());
+    // Processed everything, committed only the first 60, then crashed (no close, no leave).
+    a.commit_offsets_sync(&[("ledger", 0, 60, "")])
+        .await
+        .expect("commit");
+    drop(a);
+
+    let mut b = client.group_consumer(config()).expect("member b");
+    let mut again = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while again.len() < 40 {
+        assert!(Instant::now() < deadline, "b read only {again:?}");
+        again.extend(
+            b.poll(Duration::from_millis(200))
+                .await
+                .expect("poll")
+                .into_iter()
+                .map(|r| r.offset),
+        );
+    }
+    // Nothing more arrives: each record after the commit came exactly once.
+    for _ in 0..5 {
+        again.extend(
+            b.poll(Duration::from_millis(200))
+                .await
+                .expect("poll")
+                .into_iter()
+                .map(|r| r.offset),
+        );
+    }
+    assert_eq!(again, (60..100).collect::<Vec<u64>>());
+    b.commit_sync().await.expect("commit");
+    b.close().await.expect("close");
+    let committed = client
+        .admin()
+        .fetch_offsets("ledger-readers", &[])
+        .await
+        .expect("fetch");
+    assert_eq!(committed.len(), 1);
+    assert_eq!(committed[0].offset, 100);
+}
