@@ -705,6 +705,9 @@ impl Drop for GroupConsumer {
     }
 }
 
+/// How often a member asks again while partitions are pending for it.
+const PENDING_HEARTBEAT: Duration = Duration::from_millis(100);
+
 /// Keeps the membership alive: joins, heartbeats every `heartbeat_interval_ms` (at once when
 /// woken), rejoins after a loss once `poll` has dropped the old partitions, and leaves when
 /// `poll` has not been called for `max_poll_interval`. Once `session_timeout` has passed since
@@ -793,7 +796,16 @@ async fn heartbeat_loop(
                     if wake {
                         shared.wake_poll.notify_one();
                     }
-                    next = Instant::now() + lock(&shared.state).heartbeat_interval;
+                    // Partitions waiting for their previous owner to let go come as soon as
+                    // it did: ask again soon instead of a whole interval later, so a
+                    // rebalance pauses the moved partitions for less.
+                    let interval = lock(&shared.state).heartbeat_interval;
+                    next = Instant::now()
+                        + if resp.pending.is_empty() {
+                            interval
+                        } else {
+                            interval.min(PENDING_HEARTBEAT)
+                        };
                 }
                 Err(e) if e.is_membership_lost() => {
                     tracing::info!(group, error = %e, "group membership lost; rejoining");
