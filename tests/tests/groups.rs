@@ -702,12 +702,17 @@ async fn offsets_log_is_compacted_and_empty_groups_expire() {
         .await
         .expect("create");
     let brokers = cluster.broker_list();
+    coordinator(&brokers, "busy").await;
+    wait_coordinators_settled(&cluster).await;
     let (_, mut c) = coordinator(&brokers, "busy").await;
     let mut m = Member::new("busy", &["t"], &[]);
     converge(&mut c, &mut [&mut m], "t", 4).await;
-    commit(&mut c, "idle", None, &[("t", 0, 1)])
+    // "idle" may have another coordinator than "busy".
+    let (_, mut ci) = coordinator(&brokers, "idle").await;
+    commit(&mut ci, "idle", None, &[("t", 0, 1)])
         .await
         .expect("idle commit");
+    drop(ci);
 
     // Enough commits for several compacted images.
     let mut want = BTreeMap::new();
