@@ -780,5 +780,8 @@ async fn offsets_log_is_compacted_and_empty_groups_expire() {
         cluster.node(id).kill9();
     }
     cluster.restart_stopped();
+    // The member comes back at once, so the group (with its 3 s retention) stays active.
+    let (_, mut c) = coordinator(&brokers, "busy").await;
+    beat_following(&mut m, &mut c, &brokers).await;
     assert_eq!(fetch_all(&brokers, "busy").await, want);
 }

@@ -115,6 +115,38 @@ pub struct RaftReplica {
 }
 
 impl RaftReplica {
+    /// Waits until this leader has applied its whole log as it is now (bounded), and returns
+    /// the term it leads in; `None` if it stopped leading or did not get there in time.
+    ///
+    /// Everything committed is in a leader's log, so afterwards the state machine has seen
+    /// every committed entry. Waiting for an applied entry of the leader's own term is not
+    /// enough: a leader restarted without losing its term (openraft restores leadership from
+    /// the stored vote) already has such entries applied, while its commit index, restored
+    /// from a hint written at most once a second, lags its log until the followers answer.
+    pub async fn wait_log_applied(&self) -> Option<u64> {
+        let (term, last) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (m.current_term, m.last_log_index)
+        };
+        let applied = self
+            .raft
+            .wait(Some(ADMISSION_WAIT))
+            .metrics(
+                |m| {
+                    m.current_term != term
+                        || (m.last_applied.is_some_and(|l| l.leader_id.term == term)
+                            && m.last_applied.map(|l| l.index) >= last)
+                },
+                "the leader's log applied",
+            )
+            .await;
+        match applied {
+            Ok(m) if m.current_term == term => Some(term),
+            _ => None,
+        }
+    }
+
     /// Makes sure the leader holds a fresh quorum acknowledgement before a write: openraft
     /// refuses writes on a leader whose lease expired, which is every leader of a quiet group
     /// (no heartbeats while idle). One heartbeat round renews it; bounded, and a failure is
@@ -351,28 +383,15 @@ impl Partition {
         let Some(r) = self.raft() else {
             return Ok(0);
         };
-        let term = self.current_term();
-        let applied = r
-            .raft
-            .wait(Some(ADMISSION_WAIT))
-            .metrics(
-                |m| {
-                    m.current_term != term
-                        || m.last_applied.is_some_and(|l| l.leader_id.term == term)
-                },
-                "a new leader's earlier entries applied",
-            )
-            .await;
-        match applied {
-            Ok(m) if m.current_term == term => Ok(term),
-            _ => Err(BrokerError::Unavailable {
+        r.wait_log_applied()
+            .await
+            .ok_or_else(|| BrokerError::Unavailable {
                 message: format!(
                     "{}/{}: the new leader has not applied its log yet",
                     self.topic, self.id
                 ),
                 definite: true,
-            }),
-        }
+            })
     }
 
     /// Appends a validated batch and waits for the durability `acks` asks for.
@@ -498,20 +517,10 @@ impl Partition {
         }
         if !adm.caught_up {
             // A new leader's log may end in batches of earlier terms that commit only with its
-            // first entry: until those are applied, a retry of one would look new.
-            let applied = r
-                .raft
-                .wait(Some(ADMISSION_WAIT))
-                .metrics(
-                    |m| {
-                        m.current_term != term
-                            || m.last_applied.is_some_and(|l| l.leader_id.term == term)
-                    },
-                    "a new leader's earlier entries applied",
-                )
-                .await;
-            match applied {
-                Ok(m) if m.current_term == term => {
+            // first entry, or (a leader restarted in its term) in batches it appended before
+            // the restart: until those are applied, a retry of one would look new.
+            match r.wait_log_applied().await {
+                Some(t) if t == term => {
                     adm.caught_up = true;
                     // Batches this broker appended in earlier terms are in the log below this
                     // index if they are anywhere; once it is applied, the ones not applied
