@@ -799,3 +799,130 @@ fn both_image_builds_make_the_same_runtime_image() {
         "data in the volume"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Docker compose and the Grafana dashboard.
+
+#[test]
+fn compose_file_publishes_each_broker_and_separates_peer_and_client_addresses() {
+    let docs = YamlLoader::load_from_str(&read("deploy/docker-compose.yml")).expect("compose YAML");
+    let doc = &docs[0];
+    let vars = accepted_env_vars();
+    let services = doc["services"].as_hash().expect("services");
+    assert_eq!(services.len(), 3, "three brokers");
+    let mut grpc_ports = BTreeSet::new();
+    for id in 1..=3u32 {
+        let name = format!("keel-{id}");
+        let svc = &doc["services"][name.as_str()];
+        assert_eq!(
+            s(&svc["image"], "image"),
+            "${KEEL_IMAGE:-keel:local}",
+            "{name}: the image the build script tags"
+        );
+        let env = svc["environment"].as_hash().expect("environment");
+        for (k, _) in env {
+            let k = k.as_str().expect("env key");
+            assert!(vars.contains(k), "{name}: keel broker does not read {k}");
+        }
+        assert_eq!(s(&svc["environment"]["KEEL_ID"], "KEEL_ID"), id.to_string());
+        let cluster = check_initial_cluster(
+            &name,
+            s(&svc["environment"]["KEEL_INITIAL_CLUSTER"], "initial cluster"),
+        );
+        assert_eq!(
+            cluster.get(&id).map(String::as_str),
+            Some(format!("keel-{id}:9292").as_str()),
+            "{name}: peers reach it by its service name"
+        );
+        let advertise = s(&svc["environment"]["KEEL_ADVERTISE"], "advertise");
+        let port = 9291 + id;
+        assert!(
+            advertise.ends_with(&format!(":{port}")),
+            "{name}: clients are told the published port: {advertise}"
+        );
+        let ports: Vec<&str> = list(&svc["ports"], "ports")
+            .iter()
+            .map(|p| s(p, "port"))
+            .collect();
+        assert!(ports.contains(&format!("127.0.0.1:{port}:9292").as_str()), "{ports:?}");
+        assert!(
+            ports.contains(&format!("127.0.0.1:{}:9392", port + 100).as_str()),
+            "{ports:?}"
+        );
+        grpc_ports.insert(port);
+        let test: Vec<&str> = list(&svc["healthcheck"]["test"], "healthcheck")
+            .iter()
+            .map(|t| s(t, "healthcheck"))
+            .collect();
+        assert_eq!(test, ["CMD", "/keel", "probe", "127.0.0.1:9392"]);
+        let volume = s(&list(&svc["volumes"], "volumes")[0], "volume");
+        let (vol, mount) = volume.split_once(':').expect("named volume");
+        assert_eq!(mount, "/data");
+        assert!(
+            !doc["volumes"][vol].is_badvalue(),
+            "{name}: volume {vol} is declared"
+        );
+        assert_eq!(s(&list(&svc["networks"], "networks")[0], "network"), "keel");
+    }
+    assert_eq!(grpc_ports.len(), 3);
+    assert!(!doc["networks"]["keel"].is_badvalue());
+}
+
+#[test]
+fn dashboard_queries_only_metrics_the_broker_exports() {
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/keel-dashboard.json")).expect("dashboard JSON");
+    let mut sources = String::new();
+    for dir in ["crates/keel-broker/src", "crates/keel-raft/src"] {
+        let mut stack = vec![repo().join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("read dir").filter_map(Result::ok) {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    sources.push_str(&std::fs::read_to_string(&p).expect("read source"));
+                }
+            }
+        }
+    }
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut seen = BTreeSet::new();
+    for p in panels {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("keel_") {
+                    continue;
+                }
+                // A histogram's series carry suffixes its name in the source does not.
+                let name = if sources.contains(&format!("\"{word}\"")) {
+                    word
+                } else {
+                    word.trim_end_matches("_bucket")
+                        .trim_end_matches("_sum")
+                        .trim_end_matches("_count")
+                };
+                seen.insert(name.to_owned());
+            }
+        }
+    }
+    for m in &seen {
+        assert!(
+            sources.contains(&format!("\"{m}\"")),
+            "the dashboard queries {m}, which the broker does not export"
+        );
+    }
+    for needed in [
+        "keel_under_replicated_partitions",
+        "keel_partition_is_leader",
+        "keel_raft_commit_seconds",
+        "keel_log_flush_seconds",
+        "keel_consumer_group_lag_sum",
+        "keel_partition_size_bytes",
+        "keel_request_duration_seconds",
+    ] {
+        assert!(seen.contains(needed), "the dashboard shows {needed}");
+    }
+}

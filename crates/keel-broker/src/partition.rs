@@ -112,6 +112,19 @@ pub struct RaftReplica {
     /// Whether the group is quiet (see `cluster::quiet`), and when it was last written.
     pub activity: Arc<Activity>,
     pub liveness: Arc<Liveness>,
+    /// Broker id to the address clients use: the Raft membership holds peer addresses, which
+    /// clients may not be able to reach.
+    pub clients: ClientAddresses,
+}
+
+/// Looks up brokers' client addresses (from the cluster metadata).
+#[derive(Clone)]
+pub struct ClientAddresses(pub Arc<dyn Fn(u32) -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for ClientAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientAddresses")
+    }
 }
 
 impl RaftReplica {
@@ -226,6 +239,7 @@ pub enum Pending {
     Raft(
         OneshotReceiverOf<KeelRaft, ClientWriteResult<KeelRaft>>,
         Option<Arc<AtomicBool>>,
+        std::time::Instant,
     ),
     /// A retried idempotent batch that is already written (and as durable as `acks` asks).
     Duplicate(Appended),
@@ -327,8 +341,13 @@ impl Partition {
         let m = r.raft.metrics();
         let m = m.borrow_watched();
         let leader = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&leader)?;
-        Some((leader as u32, node.addr.clone()))
+        let address = (r.clients.0)(leader as u32).or_else(|| {
+            m.membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.clone())
+        })?;
+        Some((leader as u32, address))
     }
 
     /// Fails with NOT_LEADER unless this replica may serve produce and fetch requests.
@@ -583,7 +602,11 @@ impl Partition {
                     adm.caught_up = false;
                     adm.term = 0;
                 }
-                Ok(Admitted::Written(Pending::Raft(rx, Some(refused))))
+                Ok(Admitted::Written(Pending::Raft(
+                    rx,
+                    Some(refused),
+                    std::time::Instant::now(),
+                )))
             }
             Verdict::Duplicate(b) if !b.is_pending() => {
                 Ok(Admitted::Written(Pending::Duplicate(Appended {
@@ -683,7 +706,7 @@ impl Partition {
                         message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
                         definite: true,
                     })?;
-                return Ok(Pending::Raft(rx, None));
+                return Ok(Pending::Raft(rx, None, std::time::Instant::now()));
             }
             Backend::Local {
                 flush_every_batch, ..
@@ -735,7 +758,12 @@ impl Partition {
     async fn flush(&self, info: &AppendInfo, index: usize) -> Result<()> {
         let log = Arc::clone(&self.log);
         let seq = info.flush_seq;
-        tokio::task::spawn_blocking(move || log.flush_to(seq))
+        tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let r = log.flush_to(seq);
+            metrics::histogram!("keel_log_flush_seconds").record(t.elapsed().as_secs_f64());
+            r
+        })
             .await
             .map_err(|e| BrokerError::Internal(e.to_string()))?
             .map_err(|e| BrokerError::from_log(e, index))?;
@@ -764,11 +792,16 @@ impl Partition {
                     next_offset: info.next_offset,
                 })
             }
-            Pending::Raft(rx, refused) => match rx.await {
-                Ok(Ok(resp)) => Ok(Appended {
-                    base_offset: resp.data.base_offset,
-                    next_offset: resp.data.next_offset,
-                }),
+            Pending::Raft(rx, refused, submitted) => match rx.await {
+                Ok(Ok(resp)) => {
+                    // Submission to applied: replication, the majority's fsyncs, the apply.
+                    metrics::histogram!("keel_raft_commit_seconds")
+                        .record(submitted.elapsed().as_secs_f64());
+                    Ok(Appended {
+                        base_offset: resp.data.base_offset,
+                        next_offset: resp.data.next_offset,
+                    })
+                }
                 Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(r) = &refused {
                         r.store(true, Ordering::Release);

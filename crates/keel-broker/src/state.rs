@@ -156,6 +156,13 @@ impl BrokerState {
         }
     }
 
+    /// Where broker `id` is reached by other brokers (its peer address), if known.
+    pub fn peer_address(&self, id: u32) -> Option<String> {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.state().brokers.get(&id).map(|b| b.peer().to_owned()))
+    }
+
     pub fn metadata_leader(&self) -> u32 {
         self.cluster
             .as_ref()

@@ -27,7 +27,8 @@ pub struct BrokerArgs {
     /// Prometheus /metrics, /healthz and /readyz [default: 127.0.0.1:9392]. [env: KEEL_METRICS_LISTEN]
     #[arg(long, env = "KEEL_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Initial cluster members as 1=ADDR,2=ADDR,3=ADDR. [env: KEEL_INITIAL_CLUSTER]
+    /// Initial cluster members as 1=ADDR,2=ADDR,3=ADDR: the addresses brokers reach each other
+    /// at (clients are sent to each broker's --advertise address, which may differ). [env: KEEL_INITIAL_CLUSTER]
     #[arg(long, env = "KEEL_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
     /// Join a running cluster through this broker. [env: KEEL_JOIN]

@@ -10,6 +10,7 @@ mod common;
 mod consume_cmd;
 mod group_cmd;
 mod output;
+mod probe_cmd;
 mod produce_cmd;
 mod record_format;
 mod topic_cmd;
@@ -55,6 +56,8 @@ enum Command {
     Group(group_cmd::GroupCommand),
     /// Benchmark producing, consuming, or both end to end.
     Bench(BenchCmd),
+    /// Exit 0 if a broker's /readyz (or /healthz) answers 200: for container health checks.
+    Probe(probe_cmd::ProbeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
             Command::Produce(args) => produce_cmd::run(args).await,
             Command::Consume(args) => consume_cmd::run(args).await,
             Command::Group(cmd) => group_cmd::run(cmd).await,
+            Command::Probe(args) => probe_cmd::run(&args),
             Command::Bench(b) => {
                 let client = common::connect(&b.client).await?;
                 bench_cmd::run(b.command, client).await

@@ -377,9 +377,11 @@ impl Inner {
             last_seq = Some(info.flush_seq);
         }
         if let Some(seq) = last_seq.filter(|_| self.sync_appends.load(Ordering::Acquire)) {
+            let t = std::time::Instant::now();
             self.log
                 .flush_to(seq)
                 .map_err(|e| log_err(e, "flushing appended entries"))?;
+            metrics::histogram!("keel_log_flush_seconds").record(t.elapsed().as_secs_f64());
         }
         Ok(())
     }

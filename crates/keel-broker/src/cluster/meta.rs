@@ -20,11 +20,27 @@ pub fn partition_group(topic_id: u64, partition: u32) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerMeta {
     pub id: u32,
-    /// Where clients and peers reach it (its advertised gRPC address).
+    /// Where clients reach it (its `--advertise` address).
     pub address: String,
+    /// Where the other brokers reach it, when that differs from `address` (its
+    /// `--initial-cluster` entry: inside a container network, clients use a published port
+    /// while peers use the container's name). Empty: `address`.
+    #[serde(default)]
+    pub peer_address: String,
     /// Set by a decommission: no new replicas go there and its replicas move away.
     #[serde(default)]
     pub decommissioning: bool,
+}
+
+impl BrokerMeta {
+    /// The address other brokers use.
+    pub fn peer(&self) -> &str {
+        if self.peer_address.is_empty() {
+            &self.address
+        } else {
+            &self.peer_address
+        }
+    }
 }
 
 /// One partition's placement and the leader its replicas last reported.
@@ -89,6 +105,8 @@ pub enum Command {
     RegisterBroker {
         id: u32,
         address: String,
+        #[serde(default)]
+        peer_address: String,
     },
     CreateTopic {
         /// Chosen by the proposer; a retry of the same proposal carries the same id.
@@ -195,13 +213,19 @@ impl ClusterState {
 
     fn apply_change(&mut self, cmd: &Command) -> Result<(), Refusal> {
         match cmd {
-            Command::RegisterBroker { id, address } => {
+            Command::RegisterBroker {
+                id,
+                address,
+                peer_address,
+            } => {
                 let b = self.brokers.entry(*id).or_insert_with(|| BrokerMeta {
                     id: *id,
                     address: address.clone(),
+                    peer_address: String::new(),
                     decommissioning: false,
                 });
                 b.address.clone_from(address);
+                b.peer_address.clone_from(peer_address);
                 Ok(())
             }
             Command::CreateTopic {
@@ -479,6 +503,7 @@ mod tests {
             s.apply(&Command::RegisterBroker {
                 id: *b,
                 address: format!("127.0.0.1:{}", 9000 + b),
+                peer_address: String::new(),
             })
             .expect("register");
         }

@@ -177,6 +177,8 @@ struct Hosted {
 pub struct ClusterNode {
     pub id: u32,
     pub advertise: String,
+    /// Where the other brokers reach this one (see `BrokerMeta::peer_address`).
+    pub peer_address: String,
     data_dir: PathBuf,
     transport: RaftTransport,
     rafts: RaftRegistry<BrokerSm>,
@@ -256,8 +258,15 @@ impl ClusterNode {
         .map_err(|e| raft_err("starting the metadata group", e))?;
         rafts.register(META_GROUP, meta_raft.clone());
 
+        // Peers reach this broker at its --initial-cluster entry when it has one (which may be a
+        // name only the brokers' network resolves), clients at its advertised address.
+        let peer_address = initial_cluster
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| advertise.clone(), |(_, a)| a.clone());
         let node = Arc::new(Self {
             id,
+            peer_address,
             advertise,
             data_dir: data_dir.to_path_buf(),
             transport,
@@ -311,7 +320,8 @@ impl ClusterNode {
                 .map_err(|e| raft_err("metadata group", e))?
         {
             // A cluster of one (a broker started with --join is added by the cluster).
-            let members = BTreeMap::from([(u64::from(id), BasicNode::new(node.advertise.clone()))]);
+            let members =
+                BTreeMap::from([(u64::from(id), BasicNode::new(node.peer_address.clone()))]);
             if let Err(e) = node.meta_raft.initialize(members).await {
                 tracing::warn!(error = %e, "metadata group initialisation refused");
             }
@@ -346,6 +356,7 @@ impl ClusterNode {
         let req = ForwardRequest::Propose(Command::RegisterBroker {
             id: self.id,
             address: self.advertise.clone(),
+            peer_address: self.peer_address.clone(),
         });
         let payload = Bytes::from(
             serde_json::to_vec(&req).map_err(|e| BrokerError::Internal(e.to_string()))?,
@@ -369,7 +380,7 @@ impl ClusterNode {
                 Ok(Ok(ForwardReply::NotLeader(Some(l)))) => {
                     let s = self.state();
                     if let Some(b) = s.brokers.get(&(l as u32)) {
-                        addr.clone_from(&b.address);
+                        b.peer().clone_into(&mut addr);
                     }
                     target = l;
                 }
@@ -566,7 +577,7 @@ impl ClusterNode {
 
     async fn remote_liveness(&self) -> Option<BTreeMap<u32, bool>> {
         let leader = self.metadata_leader()?;
-        let addr = self.state().brokers.get(&leader)?.address.clone();
+        let addr = self.state().brokers.get(&leader)?.peer().to_owned();
         let payload = serde_json::to_vec(&ForwardRequest::Liveness).ok()?;
         let reply = self
             .transport
@@ -782,7 +793,7 @@ impl ClusterNode {
                         state
                             .brokers
                             .get(r)
-                            .map(|b| (u64::from(*r), BasicNode::new(b.address.clone())))
+                            .map(|b| (u64::from(*r), BasicNode::new(b.peer().to_owned())))
                     })
                     .collect();
                 if let Err(e) = raft.initialize(members).await {
@@ -802,6 +813,12 @@ impl ClusterNode {
                 node_id: u64::from(self.id),
                 activity: Arc::new(Activity::new(!is_init)),
                 liveness: Arc::clone(&self.liveness),
+                clients: {
+                    let sm = self.meta_sm.clone();
+                    crate::partition::ClientAddresses(Arc::new(move |id| {
+                        sm.state().brokers.get(&id).map(|b| b.address.clone())
+                    }))
+                },
             },
             hwm_tx,
         )))
@@ -928,7 +945,7 @@ impl ClusterNode {
                         state
                             .brokers
                             .get(&(*b as u32))
-                            .map(|x| (*b, BasicNode::new(x.address.clone())))
+                            .map(|x| (*b, BasicNode::new(x.peer().to_owned())))
                     })
                     .collect();
                 let node = Arc::clone(self);
@@ -1095,7 +1112,7 @@ impl ClusterNode {
             .brokers
             .values()
             .filter(|b| b.id != self.id)
-            .map(|b| (b.id, b.address.clone()))
+            .map(|b| (b.id, b.peer().to_owned()))
             .collect();
         let sends = peers.into_iter().map(|(id, addr)| {
             let payload = payload.clone();
@@ -1181,7 +1198,7 @@ impl ClusterNode {
                 );
                 if let Err(e) = self
                     .meta_raft
-                    .add_learner(u64::from(b.id), BasicNode::new(b.address.clone()), false)
+                    .add_learner(u64::from(b.id), BasicNode::new(b.peer().to_owned()), false)
                     .await
                 {
                     tracing::warn!(broker = b.id, error = %e, "adding a metadata learner failed");
@@ -1242,13 +1259,13 @@ impl ClusterNode {
                     }
                     _ = tick.tick() => {
                         if !registered {
-                            let me = node.state().brokers.get(&node.id).map(|b| b.address.clone());
-                            if me.as_deref() == Some(node.advertise.as_str()) {
+                            let me = node.state().brokers.get(&node.id).map(|b| (b.address.clone(), b.peer().to_owned()));
+                            if me == Some((node.advertise.clone(), node.peer_address.clone())) {
                                 registered = true;
                             } else if register_task.as_ref().is_none_or(|t| t.is_finished()) {
                                 let n = Arc::clone(&node);
                                 register_task = Some(tokio::spawn(async move {
-                                    n.propose(Command::RegisterBroker { id: n.id, address: n.advertise.clone() }).await
+                                    n.propose(Command::RegisterBroker { id: n.id, address: n.advertise.clone(), peer_address: n.peer_address.clone() }).await
                                 }));
                             }
                         }

@@ -665,9 +665,11 @@ impl Coordinator {
                 Ok((offset, start, hwm))
             }
             Err(BrokerError::NotLeader {
-                leader: Some((_, address)),
+                leader: Some((id, address)),
                 ..
             }) => {
+                // The hint is the leader's client address; a broker talks to its peer address.
+                let address = state.peer_address(id).unwrap_or(address);
                 let mut client = ConsumeServiceClient::new(self.peer(&address)?);
                 let r = tokio::time::timeout(
                     PEER_TIMEOUT,

@@ -259,6 +259,7 @@ type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Statu
 
 #[tonic::async_trait]
 impl ConsumeService for Consume {
+    #[tracing::instrument(level = "debug", skip_all, fields(partitions = req.get_ref().partitions.len()))]
     async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         let started = Instant::now();
         let resp = self.fetch_inner(req.into_inner()).await?;
@@ -270,6 +271,7 @@ impl ConsumeService for Consume {
 
     type SubscribeStream = SubscribeStream;
 
+    #[tracing::instrument(level = "debug", skip_all, fields(topic = %req.get_ref().topic, partition = req.get_ref().partition))]
     async fn subscribe(
         &self,
         req: Request<SubscribeRequest>,

@@ -345,7 +345,7 @@ impl Groups {
                     Err(BrokerError::NotLeader { leader, .. }) => leader,
                     Err(e) => return Err(e),
                 };
-                let Some((id, address)) = leader else {
+                let Some((id, client_address)) = leader else {
                     return Err(BrokerError::Unavailable {
                         message: format!(
                             "partition {p} of {OFFSETS_TOPIC} has no known leader; retry"
@@ -353,7 +353,7 @@ impl Groups {
                         definite: true,
                     });
                 };
-                peers.insert(id, address);
+                peers.insert(id, st.peer_address(id).unwrap_or(client_address));
             }
             for (id, address) in peers {
                 let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
