@@ -23,7 +23,9 @@ fn repo() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -81,9 +83,9 @@ where
 
 async fn all_in_sync(client: &Client, topic: &str) -> bool {
     client.admin().describe_topic(topic).await.is_ok_and(|t| {
-        t.partitions.iter().all(|p| {
-            p.leader != 0 && p.replicas.len() == 3 && p.in_sync.len() == p.replicas.len()
-        })
+        t.partitions
+            .iter()
+            .all(|p| p.leader != 0 && p.replicas.len() == 3 && p.in_sync.len() == p.replicas.len())
     })
 }
 
@@ -180,7 +182,13 @@ async fn compose_cluster_keeps_acknowledged_records_through_a_kill_and_a_network
     wait_for("records flowing", || async { acked_now() > 500 }).await;
 
     // Kill the leader of partition 0.
-    let leader = client.admin().describe_topic(topic).await.expect("describe").partitions[0].leader;
+    let leader = client
+        .admin()
+        .describe_topic(topic)
+        .await
+        .expect("describe")
+        .partitions[0]
+        .leader;
     let victim = format!("keel-{leader}");
     run(Command::new("docker").args(["kill", &container(&victim)]));
     let before = acked_now();
@@ -189,7 +197,10 @@ async fn compose_cluster_keeps_acknowledged_records_through_a_kill_and_a_network
     })
     .await;
     run(compose().args(["start", &victim]));
-    wait_for("the killed broker back in sync", || all_in_sync(&client, topic)).await;
+    wait_for("the killed broker back in sync", || {
+        all_in_sync(&client, topic)
+    })
+    .await;
 
     // Cut another broker off the network while writes go on, then reconnect it.
     let cut = format!("keel-{}", leader % 3 + 1);
@@ -203,10 +214,16 @@ async fn compose_cluster_keeps_acknowledged_records_through_a_kill_and_a_network
     .await;
     run(Command::new("docker").args(["network", "connect", "--alias", &cut, &network, &id]));
     let before = acked_now();
-    wait_for("more writes after the reconnect", || async { acked_now() > before + 200 }).await;
+    wait_for("more writes after the reconnect", || async {
+        acked_now() > before + 200
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     producer_task.await.expect("producer task");
-    wait_for("every replica in sync again", || all_in_sync(&client, topic)).await;
+    wait_for("every replica in sync again", || {
+        all_in_sync(&client, topic)
+    })
+    .await;
 
     // Every acknowledged record is readable at its offset.
     let acked = acked.lock().expect("lock").clone();
@@ -219,7 +236,10 @@ async fn compose_cluster_keeps_acknowledged_records_through_a_kill_and_a_network
     );
     let mut want: BTreeMap<(u32, u64), String> = BTreeMap::new();
     for (p, o, v) in acked {
-        assert!(want.insert((p, o), v).is_none(), "offset {o} of {p} acknowledged twice");
+        assert!(
+            want.insert((p, o), v).is_none(),
+            "offset {o} of {p} acknowledged twice"
+        );
     }
     let mut consumer = client.consumer(ConsumerConfig::default());
     consumer.assign(&[(topic, 0), (topic, 1), (topic, 2)]);
@@ -233,7 +253,11 @@ async fn compose_cluster_keeps_acknowledged_records_through_a_kill_and_a_network
     let deadline = Instant::now() + WAIT;
     while !want.keys().all(|k| got.contains_key(k)) {
         assert!(Instant::now() < deadline, "acknowledged records missing");
-        for r in consumer.poll(Duration::from_millis(500)).await.expect("poll") {
+        for r in consumer
+            .poll(Duration::from_millis(500))
+            .await
+            .expect("poll")
+        {
             let v = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned();
             got.insert((r.partition, r.offset), v);
         }

@@ -827,7 +827,10 @@ fn compose_file_publishes_each_broker_and_separates_peer_and_client_addresses() 
         assert_eq!(s(&svc["environment"]["KEEL_ID"], "KEEL_ID"), id.to_string());
         let cluster = check_initial_cluster(
             &name,
-            s(&svc["environment"]["KEEL_INITIAL_CLUSTER"], "initial cluster"),
+            s(
+                &svc["environment"]["KEEL_INITIAL_CLUSTER"],
+                "initial cluster",
+            ),
         );
         assert_eq!(
             cluster.get(&id).map(String::as_str),
@@ -844,7 +847,10 @@ fn compose_file_publishes_each_broker_and_separates_peer_and_client_addresses() 
             .iter()
             .map(|p| s(p, "port"))
             .collect();
-        assert!(ports.contains(&format!("127.0.0.1:{port}:9292").as_str()), "{ports:?}");
+        assert!(
+            ports.contains(&format!("127.0.0.1:{port}:9292").as_str()),
+            "{ports:?}"
+        );
         assert!(
             ports.contains(&format!("127.0.0.1:{}:9392", port + 100).as_str()),
             "{ports:?}"
@@ -876,7 +882,10 @@ fn dashboard_queries_only_metrics_the_broker_exports() {
     for dir in ["crates/keel-broker/src", "crates/keel-raft/src"] {
         let mut stack = vec![repo().join(dir)];
         while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).expect("read dir").filter_map(Result::ok) {
+            for e in std::fs::read_dir(&d)
+                .expect("read dir")
+                .filter_map(Result::ok)
+            {
                 let p = e.path();
                 if p.is_dir() {
                     stack.push(p);

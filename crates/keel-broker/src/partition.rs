@@ -764,9 +764,9 @@ impl Partition {
             metrics::histogram!("keel_log_flush_seconds").record(t.elapsed().as_secs_f64());
             r
         })
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))?
-            .map_err(|e| BrokerError::from_log(e, index))?;
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+        .map_err(|e| BrokerError::from_log(e, index))?;
         self.advance_hwm(info.next_offset);
         Ok(())
     }

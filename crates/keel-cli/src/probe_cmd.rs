@@ -38,7 +38,12 @@ pub fn run(a: &ProbeArgs) -> Result<()> {
     let line = String::from_utf8_lossy(&head[..n]);
     let status = line.split_whitespace().nth(1).unwrap_or("");
     if status != "200" {
-        bail!("{}{} answered {:?}", a.address, a.path, line.lines().next().unwrap_or(""));
+        bail!(
+            "{}{} answered {:?}",
+            a.address,
+            a.path,
+            line.lines().next().unwrap_or("")
+        );
     }
     Ok(())
 }
