@@ -49,6 +49,12 @@ pub struct BrokerArgs {
     /// [env: KEEL_OFFSETS_COMPACT_RECORDS]
     #[arg(long, env = "KEEL_OFFSETS_COMPACT_RECORDS")]
     pub offsets_compact_records: Option<u64>,
+    /// Export traces (the produce, fetch, admin and group request spans) over OTLP/gRPC to
+    /// this collector, e.g. http://127.0.0.1:4317 [default: $OTEL_EXPORTER_OTLP_ENDPOINT, else
+    /// off]. KEEL_OTLP_FILTER picks the spans (default keel_broker=debug,keel_raft=info,warn).
+    /// [env: KEEL_OTLP_ENDPOINT]
+    #[arg(long, env = "KEEL_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log as JSON lines instead of text. [env: KEEL_LOG_JSON]
     #[arg(long, env = "KEEL_LOG_JSON")]
     pub log_json: bool,

@@ -13,6 +13,7 @@ mod output;
 mod probe_cmd;
 mod produce_cmd;
 mod record_format;
+mod telemetry;
 mod topic_cmd;
 mod up_cmd;
 
@@ -68,21 +69,6 @@ struct BenchCmd {
     command: bench_cmd::BenchCommand,
 }
 
-fn init_tracing(json: bool, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(b) = cli.brokers.clone() {
@@ -96,13 +82,6 @@ fn main() -> ExitCode {
         }
         common::set_top_level_brokers(b);
     }
-    match &cli.command {
-        Command::Broker(args) => init_tracing(args.log_json, "info"),
-        Command::Up(_) => init_tracing(false, "info"),
-        // Client commands stay quiet unless something deserves a warning (a consumer position
-        // reset by retention, say); RUST_LOG turns on more.
-        _ => init_tracing(false, "warn"),
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -110,6 +89,31 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keel: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // The trace exporter runs on the runtime, so tracing starts inside it.
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        match &cli.command {
+            Command::Broker(args) => {
+                let endpoint = telemetry::otlp_endpoint(args.otlp_endpoint.as_deref());
+                telemetry::init(
+                    args.log_json,
+                    "info",
+                    endpoint.as_deref().map(|e| (e, "keel-broker")),
+                )
+            }
+            Command::Up(_) => telemetry::init(false, "info", None),
+            // Client commands stay quiet unless something deserves a warning (a consumer
+            // position reset by retention, say); RUST_LOG turns on more.
+            _ => telemetry::init(false, "warn", None),
+        }
+    };
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
             return ExitCode::from(1);
         }
     };
@@ -129,6 +133,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Before the runtime goes: the exporter flushes on it.
+    runtime.block_on(async move { drop(telemetry) });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -18,6 +18,7 @@ use keel_types::partition_for_key;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::error::{BrokerError, Result};
 use crate::partition::{AckLevel, Appended, Idempotent, Partition, Pending};
@@ -719,13 +720,20 @@ impl ProduceService for Produce {
                             let _ = tx.send(failed(e));
                         }
                         Ok(infos) => {
-                            tokio::spawn(async move {
-                                let resp = Self::finish(plan, infos, correlation_id)
-                                    .await
-                                    .unwrap_or_else(failed);
-                                metrics::histogram!("keel_request_duration_seconds", "rpc" => "ProduceStream").record(started.elapsed().as_secs_f64());
-                                let _ = tx.send(resp);
-                            });
+                            // One span per streamed request, from its append to its answer
+                            // (the stream itself can live for hours).
+                            let span =
+                                tracing::debug_span!("produce", stream = true, correlation_id);
+                            tokio::spawn(
+                                async move {
+                                    let resp = Self::finish(plan, infos, correlation_id)
+                                        .await
+                                        .unwrap_or_else(failed);
+                                    metrics::histogram!("keel_request_duration_seconds", "rpc" => "ProduceStream").record(started.elapsed().as_secs_f64());
+                                    let _ = tx.send(resp);
+                                }
+                                .instrument(span),
+                            );
                         }
                     },
                 }
