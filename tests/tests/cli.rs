@@ -1005,6 +1005,10 @@ fn usage_errors_help_and_groups() {
         keel_alone(args).usage_error();
     }
 
+    // `keel probe` (the image's health check) fails with one line when nothing answers.
+    let err = keel_alone(&["probe", "127.0.0.1:1"]).fails().to_owned();
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+
     // An invalid pattern fails before any broker is contacted.
     let err = keel_alone(&["consume", "a.#x", "--group", "g"])
         .fails()
@@ -1106,6 +1110,14 @@ fn usage_errors_help_and_groups() {
 fn group_commands_against_a_broker() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = BrokerProc::start(dir.path(), 1);
+    run_with(&["probe", &b.http], b"", &[], DEADLINE).ok();
+    run_with(
+        &["probe", &b.http, "--path", "/healthz"],
+        b"",
+        &[],
+        DEADLINE,
+    )
+    .ok();
     keel(&b, &["topic", "create", "t", "--partitions", "3"]).ok();
     for p in ["0", "1", "2"] {
         let input: String = (0..10).map(|i| format!("v{p}-{i}\n")).collect();
