@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod cluster;
 pub mod consumer;
+pub mod faults;
 pub mod log_util;
 pub mod proxy;
 pub mod records;
