@@ -33,7 +33,12 @@ impl ClusterProc {
     /// Brokers on their own loopback addresses (`127.0.<net>.<id>`): their connections to each
     /// other carry those as source addresses, so [`NetPartition`] can cut them apart.
     pub fn start_own_addresses(dir: &Path, n: u32, net: u8) -> Self {
-        let addrs: Vec<String> = (1..=n)
+        Self::start_at(dir, Self::own_addresses(n, net), &[])
+    }
+
+    /// `n` free gRPC addresses, `127.0.<net>.<id>:PORT`, for [`ClusterProc::start_at_with`].
+    pub fn own_addresses(n: u32, net: u8) -> Vec<String> {
+        (1..=n)
             .map(|i| {
                 let ip = format!("127.0.{net}.{i}");
                 let port = std::net::TcpListener::bind((ip.as_str(), 0))
@@ -42,11 +47,28 @@ impl ClusterProc {
                     .expect("free port");
                 format!("{ip}:{port}")
             })
-            .collect();
-        Self::start_at(dir, addrs, &[])
+            .collect()
+    }
+
+    /// `n` free gRPC addresses on 127.0.0.1.
+    pub fn loopback_addresses(n: u32) -> Vec<String> {
+        (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect()
     }
 
     fn start_at(dir: &Path, addrs: Vec<String>, extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self::start_at_with(dir, addrs, |_| extra.clone())
+    }
+
+    /// Brokers 1..=n on `addrs`, each with its own extra arguments (e.g. an `--advertise`
+    /// address that differs from the peer address).
+    pub fn start_at_with(
+        dir: &Path,
+        addrs: Vec<String>,
+        extra: impl Fn(u32) -> Vec<String>,
+    ) -> Self {
         let n = addrs.len() as u32;
         let initial = addrs
             .iter()
@@ -54,13 +76,14 @@ impl ClusterProc {
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        let mut args: Vec<&str> = vec!["--initial-cluster", &initial];
-        args.extend_from_slice(extra);
         let nodes = addrs
             .iter()
             .enumerate()
             .map(|(i, a)| {
                 let id = i as u32 + 1;
+                let own = extra(id);
+                let mut args: Vec<&str> = vec!["--initial-cluster", &initial];
+                args.extend(own.iter().map(String::as_str));
                 BrokerProc::launch_on(&dir.join(format!("node-{id}")), id, a.clone(), &args)
             })
             .collect::<Vec<_>>();

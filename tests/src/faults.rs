@@ -50,6 +50,10 @@ pub enum FaultKind {
     Pause,
     /// Cut the broker off the others (both directions) for `hold_ms`.
     Isolate,
+    /// Lose responses on the clients' links to the broker (the request was processed, the
+    /// answer never arrives) for `hold_ms`: the clients retry, and idempotent producing must
+    /// not write anything twice.
+    DropResponses,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +80,10 @@ impl fmt::Display for Fault {
 /// so even a short schedule covers them all; the rest are random.
 pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: bool) -> Vec<Fault> {
     let mut rng = Rng::new(seed);
-    let kinds: Vec<FaultKind> = if isolate {
-        vec![FaultKind::Kill, FaultKind::Pause, FaultKind::Isolate]
-    } else {
-        vec![FaultKind::Kill, FaultKind::Pause]
-    };
+    let mut kinds = vec![FaultKind::Kill, FaultKind::Pause, FaultKind::DropResponses];
+    if isolate {
+        kinds.push(FaultKind::Isolate);
+    }
     let targets = |rng: &mut Rng| match rng.range(0, 3) {
         0 => Target::Node(rng.range(1, u64::from(nodes)) as u32),
         1 => Target::LeaderOf(rng.range(0, u64::from(partitions.max(1)) - 1) as u32),
@@ -425,8 +428,8 @@ mod tests {
         let a = schedule(42, 12, 3, 3, true);
         assert_eq!(a, schedule(42, 12, 3, 3, true));
         assert_ne!(a, schedule(43, 12, 3, 3, true));
-        let kinds: BTreeSet<String> = a[..3].iter().map(|f| format!("{:?}", f.kind)).collect();
-        assert_eq!(kinds.len(), 3);
+        let kinds: BTreeSet<String> = a[..4].iter().map(|f| format!("{:?}", f.kind)).collect();
+        assert_eq!(kinds.len(), 4);
         assert!(a.iter().all(|f| f.hold_ms >= 1500));
         assert!(a[..4].iter().any(|f| f.target == Target::GroupCoordinator));
         let no_net = schedule(1, 20, 3, 3, false);

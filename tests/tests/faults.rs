@@ -18,6 +18,7 @@ use keel_proto::v1::FindCoordinatorRequest;
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_tests::cluster::{ClusterProc, NetPartition, committed_prefix, replica_batches};
 use keel_tests::faults::{Fault, FaultKind, History, Outcome, Target, check, schedule};
+use keel_tests::proxy::FaultProxy;
 use keel_tests::records::read_partition;
 
 const TOPIC: &str = "jepsen";
@@ -166,12 +167,25 @@ async fn faults_under_load_keep_every_invariant() {
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cluster = if isolate {
-        ClusterProc::start_own_addresses(dir.path(), 3, net)
+    let addrs = if isolate {
+        ClusterProc::own_addresses(3, net)
     } else {
-        ClusterProc::start(dir.path(), 3)
+        ClusterProc::loopback_addresses(3)
     };
-    let client = keel_tests::cluster::client(&cluster).await;
+    // Clients reach every broker through a proxy that can lose responses: the brokers
+    // advertise the proxies, and talk to each other directly.
+    let mut proxies = Vec::new();
+    for a in &addrs {
+        proxies.push(FaultProxy::start(a.clone()).await.expect("proxy"));
+    }
+    let advertised: Vec<String> = proxies.iter().map(FaultProxy::addr).collect();
+    let mut cluster = ClusterProc::start_at_with(dir.path(), addrs, |id| {
+        vec![
+            "--advertise".to_owned(),
+            advertised[id as usize - 1].clone(),
+        ]
+    });
+    let client = Client::connect(&advertised).await.expect("client");
     client
         .admin()
         .create_topic(TOPIC, PARTITIONS, 3, BTreeMap::new())
@@ -293,6 +307,14 @@ async fn faults_under_load_keep_every_invariant() {
                     .args(["-CONT", &pid])
                     .status();
             }
+            FaultKind::DropResponses => {
+                let proxy = &proxies[node as usize - 1];
+                let until = Instant::now() + hold;
+                while Instant::now() < until {
+                    proxy.drop_next_response();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             FaultKind::Isolate => {
                 let others: Vec<String> = (1..=3).filter(|i| *i != node).map(ip).collect();
                 let cut = NetPartition::isolate(&ip(node), &others).expect("iptables");
@@ -402,8 +424,9 @@ async fn faults_under_load_keep_every_invariant() {
     for t in &timeline {
         println!("  {t}");
     }
+    let dropped: u64 = proxies.iter().map(FaultProxy::dropped).sum();
     println!(
-        "{total} records in the log; {report}; availability {:.1}% of {slots} s",
+        "{total} records in the log; {report}; {dropped} responses dropped on client links; availability {:.1}% of {slots} s",
         100.0 * acked.len() as f64 / slots as f64
     );
     assert!(report.ok(), "seed {seed}: {report}");
