@@ -6,4 +6,5 @@ pub mod consumer;
 pub mod faults;
 pub mod log_util;
 pub mod proxy;
+pub mod raw;
 pub mod records;

@@ -545,46 +545,10 @@ async fn bad_inputs_get_precise_errors_and_the_broker_keeps_serving() {
 /// Raw bytes as a request body: malformed protobuf must be rejected, not crash anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_protobuf_is_rejected() {
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-
-    #[derive(Default)]
-    struct Raw;
-    struct RawEnc;
-    struct RawDec;
-    impl Encoder for RawEnc {
-        type Item = Bytes;
-        type Error = tonic::Status;
-        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-            use bytes::BufMut;
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-    impl Decoder for RawDec {
-        type Item = Bytes;
-        type Error = tonic::Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Self::Error> {
-            use bytes::Buf;
-            Ok(Some(src.copy_to_bytes(src.remaining())))
-        }
-    }
-    impl Codec for Raw {
-        type Encode = Bytes;
-        type Decode = Bytes;
-        type Encoder = RawEnc;
-        type Decoder = RawDec;
-        fn encoder(&mut self) -> RawEnc {
-            RawEnc
-        }
-        fn decoder(&mut self) -> RawDec {
-            RawDec
-        }
-    }
-
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = BrokerProc::start(&tmp.path().join("b1"), 1);
     create_topic(&broker, "t", 1, &[]).await;
-    let mut grpc = tonic::client::Grpc::new(broker.channel().await);
+    let channel = broker.channel().await;
     for body in [
         &b"\xff\xff\xff\xff\xff"[..],
         b"\x0a\x80\x80\x80\x80\x10",
@@ -592,12 +556,13 @@ async fn malformed_protobuf_is_rejected() {
         b"\x08",
         &[0x12, 0x02, 0xff, 0xfe],
     ] {
-        grpc.ready().await.expect("ready");
-        let path = http::uri::PathAndQuery::from_static("/keel.v1.ProduceService/Produce");
-        let e = grpc
-            .unary(tonic::Request::new(Bytes::copy_from_slice(body)), path, Raw)
-            .await
-            .expect_err("malformed");
+        let e = keel_tests::raw::unary(
+            channel.clone(),
+            "/keel.v1.ProduceService/Produce",
+            Bytes::copy_from_slice(body),
+        )
+        .await
+        .expect_err("malformed");
         assert!(
             matches!(e.code(), Code::Internal | Code::InvalidArgument),
             "{e:?}"
