@@ -42,6 +42,9 @@ use quiet::{Activity, BEAT, Liveness, QUIET_AFTER};
 use sm::{BrokerRaft, BrokerSm};
 
 /// How long an admin request waits for the metadata group (leader election included).
+/// The least time between two restarts of one replica whose Raft core keeps stopping.
+const RESTART_BACKOFF: Duration = Duration::from_secs(3);
+
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A broker is alive when the metadata leader heard from it this recently.
 const ALIVE_WITHIN: Duration = Duration::from_secs(3);
@@ -189,6 +192,9 @@ pub struct ClusterNode {
     hosted: tokio::sync::Mutex<HashMap<u64, Hosted>>,
     /// Serialises reconciliations.
     reconciling: tokio::sync::Mutex<()>,
+    /// When each partition replica was last restarted after its Raft core stopped on a
+    /// storage error, so a disk that stays full is retried every few seconds, not in a loop.
+    restarted: Mutex<HashMap<u64, Instant>>,
     /// Leader reports sent and not yet visible in the metadata, to avoid re-sending them.
     reported: Mutex<HashMap<u64, LeaderReport>>,
     liveness: Arc<Liveness>,
@@ -277,6 +283,7 @@ impl ClusterNode {
             partition_config: partition_raft_config()?,
             hosted: tokio::sync::Mutex::new(HashMap::new()),
             reconciling: tokio::sync::Mutex::new(()),
+            restarted: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
             liveness: Arc::new(Liveness::default()),
             reporting: tokio::sync::Mutex::new(()),
@@ -620,7 +627,7 @@ impl ClusterNode {
         // Decide under the lock, do the slow work (opening logs, stopping groups) outside it:
         // the beat and leader loops need the lock too, and a broker whose beats stall for a
         // large create or delete would look dead to its peers.
-        let (gone, to_start) = {
+        let (gone, to_start, crashed) = {
             let mut hosted = self.hosted.lock().await;
             let mut wanted: HashMap<u64, (String, u32)> = HashMap::new();
             for t in state.topics.values() {
@@ -646,16 +653,47 @@ impl ClusterNode {
                 .into_iter()
                 .filter_map(|g| hosted.remove(&g).map(|h| (g, h)))
                 .collect();
+            // A replica whose Raft core stopped (a storage error: the disk filled up, an fsync
+            // failed) is stopped and opened again, which cuts a torn tail by CRC and resumes
+            // replication once the disk works again.
+            let crashed: Vec<(u64, Hosted)> = {
+                let mut restarted = self.restarted.lock().unwrap_or_else(PoisonError::into_inner);
+                let due: Vec<u64> = hosted
+                    .iter()
+                    .filter(|(g, h)| {
+                        wanted.contains_key(*g)
+                            && h.partition.raft().is_some_and(|r| {
+                                r.raft.metrics().borrow_watched().running_state.is_err()
+                            })
+                            && restarted
+                                .get(*g)
+                                .is_none_or(|t| t.elapsed() >= RESTART_BACKOFF)
+                    })
+                    .map(|(g, _)| *g)
+                    .collect();
+                due.into_iter()
+                    .filter_map(|g| {
+                        restarted.insert(g, Instant::now());
+                        hosted.remove(&g).map(|h| (g, h))
+                    })
+                    .collect()
+            };
+            for (g, h) in &crashed {
+                tracing::warn!(group = g, topic = %h.partition.topic, partition = h.partition.id, "restarting a partition replica whose Raft core stopped");
+            }
             let to_start: Vec<(u64, String, u32)> = wanted
                 .into_iter()
                 .filter(|(g, _)| !hosted.contains_key(g))
                 .map(|(g, (name, p))| (g, name, p))
                 .collect();
-            (gone, to_start)
+            (gone, to_start, crashed)
         };
         // Stop replicas no longer wanted (topic deleted or moved away).
         for (g, h) in gone {
             self.stop_replica(g, &h, true).await;
+        }
+        for (g, h) in crashed {
+            self.stop_replica(g, &h, false).await;
         }
         // Start new ones.
         for (group, name, p) in to_start {
@@ -844,6 +882,15 @@ impl ClusterNode {
         })
         .await;
         tracing::info!(topic = %h.partition.topic, partition = h.partition.id, "stopped partition replica");
+    }
+
+    /// Whether a hosted replica's Raft core has stopped (see `reconcile`).
+    async fn has_stopped_replica(&self) -> bool {
+        self.hosted.lock().await.values().any(|h| {
+            h.partition
+                .raft()
+                .is_some_and(|r| r.raft.metrics().borrow_watched().running_state.is_err())
+        })
     }
 
     /// One pass of the leader duties: report leadership and in-sync replicas, carry out
@@ -1271,6 +1318,11 @@ impl ClusterNode {
                         }
                         node.controller_pass().await;
                         node.leader_pass().await;
+                        if node.has_stopped_replica().await
+                            && let Err(e) = node.reconcile(registry.registry()).await
+                        {
+                            tracing::error!(error = %e, "reconcile failed");
+                        }
                     }
                 }
             }

@@ -1,0 +1,144 @@
+//! A broker whose disk fills up: its replicas stop (Raft refuses to go on after a failed
+//! write), the other two keep acknowledging, and once space returns the broker restarts the
+//! stopped replicas by itself, cuts any torn tail by CRC, catches up, and ends byte-identical
+//! to the others. Needs root (a small tmpfs is the full disk); skipped otherwise.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use keel_client::{ProducerConfig, ProducerRecord};
+use keel_tests::cluster::{ClusterProc, committed_prefix, replica_batches};
+use keel_tests::records::read_partition;
+
+const TOPIC: &str = "filling";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Unmounts the tmpfs however the test ends, so the temporary directory can be removed.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount(dir: &std::path::Path, size: &str) -> bool {
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_only_that_replica_and_it_recovers_once_space_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node3 = dir.path().join("node-3");
+    std::fs::create_dir_all(&node3).expect("mkdir");
+    if !mount(&node3, "96m") {
+        println!("skipping the full-disk test: cannot mount a tmpfs (needs root)");
+        return;
+    }
+    let _mounted = Mounted(node3.clone());
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = keel_tests::cluster::client(&cluster).await;
+    client
+        .admin()
+        .create_topic(
+            TOPIC,
+            1,
+            3,
+            [("segment.bytes".to_owned(), "4194304".to_owned())].into(),
+        )
+        .await
+        .expect("create");
+
+    // Write until broker 3 has stopped its replica for lack of space; keep every ack.
+    let producer = client
+        .producer(ProducerConfig::default())
+        .expect("producer");
+    let mut acked: BTreeMap<u64, String> = BTreeMap::new();
+    let value = "x".repeat(900);
+    let mut i = 0u64;
+    let deadline = Instant::now() + WAIT;
+    let mut full = false;
+    while !full {
+        assert!(Instant::now() < deadline, "broker 3's disk never filled up");
+        let mut pending = Vec::new();
+        for _ in 0..2000 {
+            let v = format!("{i:08}-{value}");
+            pending.push((
+                v.clone(),
+                producer
+                    .send(ProducerRecord::new(TOPIC, v).partition(0))
+                    .await
+                    .expect("send"),
+            ));
+            i += 1;
+        }
+        for (v, ack) in pending {
+            let m = ack.await.expect("the two brokers with space acknowledge");
+            acked.insert(m.offset.expect("offset"), v);
+        }
+        full = client
+            .admin()
+            .describe_topic(TOPIC)
+            .await
+            .is_ok_and(|t| !t.partitions[0].in_sync.contains(&3));
+    }
+    println!(
+        "broker 3 fell out of sync with a full disk after {} records",
+        acked.len()
+    );
+    assert!(
+        cluster.node(3).is_running(),
+        "a full disk must not kill the broker"
+    );
+
+    // Space returns: the replica restarts by itself and catches up.
+    assert!(
+        Command::new("mount")
+            .args(["-o", "remount,size=1g"])
+            .arg(&node3)
+            .status()
+            .is_ok_and(|s| s.success()),
+        "growing the tmpfs"
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let synced = client
+            .admin()
+            .describe_topic(TOPIC)
+            .await
+            .is_ok_and(|t| t.partitions[0].in_sync.len() == 3);
+        if synced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broker 3 never caught up after space returned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    producer.close().await.expect("close");
+
+    // Nothing acknowledged was lost, and the replicas are byte-identical.
+    let log = read_partition(&client, TOPIC, 0, true).await;
+    for (o, v) in &acked {
+        assert_eq!(log.get(o), Some(v), "acknowledged record at offset {o}");
+    }
+    let hwm = log.keys().next_back().map_or(0, |o| o + 1);
+    for n in &mut cluster.nodes {
+        assert!(n.terminate().success());
+    }
+    let prefixes: Vec<_> = (1..=3)
+        .map(|id| committed_prefix(&replica_batches(&cluster.replica_dir(id, TOPIC, 0)), hwm))
+        .collect();
+    assert_eq!(prefixes[0], prefixes[1]);
+    assert_eq!(
+        prefixes[0], prefixes[2],
+        "broker 3's replica differs after recovering"
+    );
+}
