@@ -657,7 +657,10 @@ impl ClusterNode {
             // failed) is stopped and opened again, which cuts a torn tail by CRC and resumes
             // replication once the disk works again.
             let crashed: Vec<(u64, Hosted)> = {
-                let mut restarted = self.restarted.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut restarted = self
+                    .restarted
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 let due: Vec<u64> = hosted
                     .iter()
                     .filter(|(g, h)| {
