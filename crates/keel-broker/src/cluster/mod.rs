@@ -42,6 +42,17 @@ use quiet::{Activity, BEAT, Liveness, QUIET_AFTER};
 use sm::{BrokerRaft, BrokerSm};
 
 /// How long an admin request waits for the metadata group (leader election included).
+/// Whether a Raft core stopped because something failed (not because it was shut down on
+/// purpose, which must not bring it back).
+fn stopped_by_failure(
+    running: &std::result::Result<(), openraft::error::Fatal<keel_raft::KeelRaft>>,
+) -> bool {
+    matches!(
+        running,
+        Err(openraft::error::Fatal::StorageError(_) | openraft::error::Fatal::Panicked)
+    )
+}
+
 /// The least time between two restarts of one replica whose Raft core keeps stopping.
 const RESTART_BACKOFF: Duration = Duration::from_secs(3);
 
@@ -666,7 +677,7 @@ impl ClusterNode {
                     .filter(|(g, h)| {
                         wanted.contains_key(*g)
                             && h.partition.raft().is_some_and(|r| {
-                                r.raft.metrics().borrow_watched().running_state.is_err()
+                                stopped_by_failure(&r.raft.metrics().borrow_watched().running_state)
                             })
                             && restarted
                                 .get(*g)
@@ -890,9 +901,9 @@ impl ClusterNode {
     /// Whether a hosted replica's Raft core has stopped (see `reconcile`).
     async fn has_stopped_replica(&self) -> bool {
         self.hosted.lock().await.values().any(|h| {
-            h.partition
-                .raft()
-                .is_some_and(|r| r.raft.metrics().borrow_watched().running_state.is_err())
+            h.partition.raft().is_some_and(|r| {
+                stopped_by_failure(&r.raft.metrics().borrow_watched().running_state)
+            })
         })
     }
 
