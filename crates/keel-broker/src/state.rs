@@ -71,7 +71,7 @@ impl RegistryHolder for BrokerState {
 }
 
 /// A random id for a proposal, so that the metadata state machine recognises a retry of it.
-fn request_id() -> u64 {
+pub(crate) fn request_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

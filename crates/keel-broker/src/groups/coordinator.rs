@@ -626,7 +626,8 @@ impl Coordinator {
         }
     }
 
-    fn peer(&self, address: &str) -> Result<tonic::transport::Channel> {
+    /// A channel to another broker (at its peer address), kept for reuse.
+    pub fn peer(&self, address: &str) -> Result<tonic::transport::Channel> {
         let mut peers = lock(&self.peers);
         if let Some(c) = peers.get(address) {
             return Ok(c.clone());

@@ -113,14 +113,7 @@ fn subscription(topics: &[String], patterns: &[String]) -> Result<Subscription> 
 /// A fresh member id: the group id is not in it (it is long enough already in logs), a
 /// random 64-bit value is, so ids are never reused.
 fn new_member_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    format!("member-{:016x}", h.finish())
+    format!("member-{:016x}", crate::state::request_id())
 }
 
 impl Groups {
@@ -356,12 +349,7 @@ impl Groups {
                 peers.insert(id, st.peer_address(id).unwrap_or(client_address));
             }
             for (id, address) in peers {
-                let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                    .map_err(|e| BrokerError::Internal(e.to_string()))?
-                    .connect_timeout(std::time::Duration::from_secs(2))
-                    .timeout(std::time::Duration::from_secs(5))
-                    .connect_lazy();
-                let resp = GroupsServiceClient::new(channel)
+                let resp = GroupsServiceClient::new(st.groups.peer(&address)?)
                     .list_groups(ListGroupsRequest { local_only: true })
                     .await
                     .map_err(|s| BrokerError::Unavailable {
