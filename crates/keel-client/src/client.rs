@@ -413,6 +413,22 @@ impl Client {
         }
     }
 
+    /// One attempt of a unary call at `addr`, bounded by what is left until `deadline`.
+    pub(crate) async fn call_at<T, F, Fut>(
+        &self,
+        addr: &str,
+        deadline: Instant,
+        call: &mut F,
+    ) -> Result<T>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let ch = self.channel(addr)?;
+        unary(addr, remaining, call(ch, remaining)).await
+    }
+
     /// Runs a request on a partition's leader, following leader hints and retrying retriable
     /// errors until `deadline`. A request that may have had an effect is retried only when
     /// `idempotent`.
@@ -432,13 +448,7 @@ impl Client {
         let mut attempt = 0u32;
         loop {
             let result = match self.leader_for(topic, partition).await {
-                Ok(addr) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self.channel(&addr) {
-                        Ok(ch) => unary(&addr, remaining, call(ch, remaining)).await,
-                        Err(e) => Err(e),
-                    }
-                }
+                Ok(addr) => self.call_at(&addr, deadline, &mut call).await,
                 Err(e) => Err(e),
             };
             let err = match result {

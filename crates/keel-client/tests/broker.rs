@@ -1,59 +1,20 @@
 //! The client against a real in-process broker on 127.0.0.1 with an ephemeral port.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{TestBroker, shutdown};
 use futures::StreamExt;
-use keel_broker::{BrokerConfig, BrokerHandle};
+use keel_broker::BrokerConfig;
 use keel_client::{
     Acks, Client, ClientError, Compression, ConsumerConfig, ConsumerRecord, OffsetReset,
     OffsetSpec, ProducerConfig, ProducerRecord, SeekTo, partition_for_key,
 };
 use keel_log::batch::{BatchBuilder, RecordRef};
-
-struct TestBroker {
-    handle: Option<BrokerHandle>,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl TestBroker {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = BrokerConfig::new(1, dir.path());
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let handle = keel_broker::start(config).await.expect("broker starts");
-        let addr = handle.grpc_addr.to_string();
-        Self {
-            handle: Some(handle),
-            addr,
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(&[self.addr.as_str()])
-            .await
-            .expect("client connects")
-    }
-
-    async fn stop(mut self) {
-        if let Some(h) = self.handle.take() {
-            shutdown(h).await;
-        }
-    }
-}
-
-/// Bounded, so a broker that cannot stop fails the test instead of hanging it.
-async fn shutdown(broker: BrokerHandle) {
-    tokio::time::timeout(Duration::from_secs(20), broker.shutdown())
-        .await
-        .expect("broker shut down in time")
-        .expect("clean shutdown");
-}
 
 async fn poll_n(
     consumer: &mut keel_client::Consumer,

@@ -1,52 +1,16 @@
 //! The group consumer and group admin calls against a real in-process broker.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_broker::{BrokerConfig, BrokerHandle};
+use common::TestBroker;
 use keel_client::{
     Client, ClientError, ConsumerRecord, GroupConfig, GroupConsumer, OffsetReset, ProducerConfig,
     ProducerRecord, RebalanceListener, ResetTo,
 };
-
-struct TestBroker {
-    handle: Option<BrokerHandle>,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl TestBroker {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = BrokerConfig::new(1, dir.path());
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let handle = keel_broker::start(config).await.expect("broker starts");
-        let addr = handle.grpc_addr.to_string();
-        Self {
-            handle: Some(handle),
-            addr,
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(&[self.addr.as_str()])
-            .await
-            .expect("client connects")
-    }
-
-    async fn stop(mut self) {
-        if let Some(h) = self.handle.take() {
-            tokio::time::timeout(Duration::from_secs(20), h.shutdown())
-                .await
-                .expect("broker shut down in time")
-                .expect("clean shutdown");
-        }
-    }
-}
 
 /// Every listener call, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::client::{Client, unary, with_timeout};
+use crate::client::{Client, with_timeout};
 use crate::error::{ClientError, Result};
 use crate::util::{backoff, backoff_cap, lock};
 
@@ -104,13 +104,7 @@ impl Client {
                     }),
             };
             let result = match addr {
-                Ok(addr) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self.channel(&addr) {
-                        Ok(ch) => unary(&addr, remaining, call(ch, remaining)).await,
-                        Err(e) => Err(e),
-                    }
-                }
+                Ok(addr) => self.call_at(&addr, deadline, &mut call).await,
                 Err(e) => Err(e),
             };
             let err = match result {
