@@ -163,12 +163,16 @@ impl BrokerProc {
     }
 
     fn launch(&mut self) {
-        let log = std::fs::File::create(
-            self.data_dir
-                .with_extension(format!("broker-{}.log", self.id)),
-        )
-        .or_else(|_| std::fs::File::create("/dev/null"))
-        .expect("log file");
+        // Appended to, so that a restarted broker's log follows the previous run's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(
+                self.data_dir
+                    .with_extension(format!("broker-{}.log", self.id)),
+            )
+            .or_else(|_| std::fs::File::create("/dev/null"))
+            .expect("log file");
         let child = Command::new(keel_bin())
             .args([
                 "broker",
@@ -218,6 +222,35 @@ impl BrokerProc {
         if let Some(mut child) = self.child.take() {
             let _ = wait_exit(&mut child, Duration::from_secs(30));
         }
+    }
+
+    /// A power loss (the broker must run with `--fault-fs`): everything not fsynced is lost
+    /// and the process dies. Waits for it to be gone.
+    pub fn power_loss(&mut self) {
+        self.signal("-USR1");
+        if let Some(mut child) = self.child.take() {
+            let status = wait_exit(&mut child, Duration::from_secs(30));
+            assert!(
+                !status.success(),
+                "a power loss ended broker {} cleanly",
+                self.id
+            );
+        }
+    }
+
+    /// Switches failing fsyncs on or off (the broker must run with `--fault-fs`).
+    pub fn toggle_failing_fsyncs(&mut self) {
+        if self.is_running() {
+            self.signal("-USR2");
+        }
+    }
+
+    /// Reaps the process if it exited on its own (a broker exits when its metadata storage
+    /// fails, for its supervisor to restart it), returning its status.
+    pub fn reap_exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
     }
 
     /// Starts the broker again on the same ports and data.

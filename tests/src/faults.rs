@@ -54,6 +54,14 @@ pub enum FaultKind {
     /// answer never arrives) for `hold_ms`: the clients retry, and idempotent producing must
     /// not write anything twice.
     DropResponses,
+    /// Power loss of the broker: every byte it did not fsync is lost, and it is down for
+    /// `hold_ms`.
+    PowerLoss,
+    /// Its fsyncs fail for `hold_ms` (pages that failed are lost to the disk, as on Linux).
+    FailFsync,
+    /// Power loss of every broker at once, then all restart after `hold_ms`. The one fault
+    /// that takes more than a minority down: it tests unavailability and recovery from it.
+    PowerLossAll,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,15 +83,24 @@ impl fmt::Display for Fault {
     }
 }
 
-/// `count` faults, one at a time (at most one broker of three is ever down or cut off, so a
-/// majority always remains). The first faults go through every kind and every target kind,
-/// so even a short schedule covers them all; the rest are random.
+/// `count` faults, one at a time: apart from `PowerLossAll`, at most one broker of three is
+/// down or cut off, so a majority remains. The first faults go through every kind and every
+/// target kind, so even a short schedule covers them all; the rest are random, with a
+/// whole-cluster power loss rarer than the others.
 pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: bool) -> Vec<Fault> {
     let mut rng = Rng::new(seed);
-    let mut kinds = vec![FaultKind::Kill, FaultKind::Pause, FaultKind::DropResponses];
+    let mut kinds = vec![
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::PowerLoss,
+        FaultKind::DropResponses,
+        FaultKind::FailFsync,
+    ];
     if isolate {
         kinds.push(FaultKind::Isolate);
     }
+    let first = kinds.len();
+    kinds.push(FaultKind::PowerLossAll);
     let targets = |rng: &mut Rng| match rng.range(0, 3) {
         0 => Target::Node(rng.range(1, u64::from(nodes)) as u32),
         1 => Target::LeaderOf(rng.range(0, u64::from(partitions.max(1)) - 1) as u32),
@@ -100,8 +117,10 @@ pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: b
         .map(|i| {
             let kind = if i < kinds.len() {
                 kinds[i]
+            } else if rng.range(0, 19) == 0 {
+                FaultKind::PowerLossAll
             } else {
-                kinds[rng.range(0, kinds.len() as u64 - 1) as usize]
+                kinds[rng.range(0, first as u64 - 1) as usize]
             };
             let target = if i < fixed_targets.len() {
                 fixed_targets[i]

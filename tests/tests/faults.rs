@@ -1,8 +1,9 @@
 //! The fault-injection run: three real brokers under load from idempotent `acks=all` producers
 //! and a committing group consumer, while a seeded schedule kills (`kill -9`), pauses
-//! (SIGSTOP longer than an election timeout) and isolates (iptables between the brokers' own
-//! loopback addresses, when run as root) brokers: partition leaders, the metadata leader, the
-//! group coordinator. After healing, the recorded history is checked against the brief's
+//! (SIGSTOP longer than an election timeout), isolates (iptables between the brokers' own
+//! loopback addresses, when run as root), cuts the power of (losing every byte not fsynced)
+//! and fails the fsyncs of brokers: partition leaders, the metadata leader, the group
+//! coordinator; and once cuts the power of the whole cluster. After healing, the recorded history is checked against the brief's
 //! invariants (`keel_tests::faults::check`) and the replicas' logs on disk are compared.
 //!
 //! `cargo test` runs a short schedule. Longer runs and replays:
@@ -147,7 +148,8 @@ async fn faults_under_load_keep_every_invariant() {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    let count = env_u64("KEEL_FAULT_COUNT").unwrap_or(6) as usize;
+    // Enough for every kind of fault once (seven with iptables), the first ones in order.
+    let count = env_u64("KEEL_FAULT_COUNT").unwrap_or(8) as usize;
     let net = 100 + (std::process::id() % 100) as u8;
     let ip = |id: u32| format!("127.0.{net}.{id}");
     let isolate = NetPartition::isolate(&ip(250), &[ip(251)])
@@ -179,10 +181,13 @@ async fn faults_under_load_keep_every_invariant() {
         proxies.push(FaultProxy::start(a.clone()).await.expect("proxy"));
     }
     let advertised: Vec<String> = proxies.iter().map(FaultProxy::addr).collect();
+    // `--fault-fs`: the brokers keep their data on the storage crate's simulated disk, which
+    // can lose everything not fsynced (power loss) and fail fsyncs.
     let mut cluster = ClusterProc::start_at_with(dir.path(), addrs, |id| {
         vec![
             "--advertise".to_owned(),
             advertised[id as usize - 1].clone(),
+            "--fault-fs".to_owned(),
         ]
     });
     let client = Client::connect(&advertised).await.expect("client");
@@ -282,7 +287,12 @@ async fn faults_under_load_keep_every_invariant() {
             hold_ms,
         } = *f;
         tokio::time::sleep(Duration::from_millis(after_ms)).await;
-        let Some(node) = resolve(&client, &cluster, target).await else {
+        let resolved = if kind == FaultKind::PowerLossAll {
+            Some(0)
+        } else {
+            resolve(&client, &cluster, target).await
+        };
+        let Some(node) = resolved else {
             timeline.push(format!(
                 "{:>6} ms  {f}: no such broker now, skipped",
                 started.elapsed().as_millis()
@@ -321,17 +331,67 @@ async fn faults_under_load_keep_every_invariant() {
                 tokio::time::sleep(hold).await;
                 cut.heal();
             }
+            FaultKind::PowerLoss => {
+                cluster.node(node).power_loss();
+                tokio::time::sleep(hold).await;
+                cluster.node(node).restart();
+            }
+            FaultKind::FailFsync => {
+                cluster.node(node).toggle_failing_fsyncs();
+                tokio::time::sleep(hold).await;
+                cluster.node(node).toggle_failing_fsyncs();
+            }
+            FaultKind::PowerLossAll => {
+                for n in &mut cluster.nodes {
+                    n.power_loss();
+                }
+                tokio::time::sleep(hold).await;
+                for n in &mut cluster.nodes {
+                    n.relaunch();
+                }
+                for n in &cluster.nodes {
+                    n.wait_ready();
+                }
+            }
         }
-        timeline.push(format!(
-            "{at:>6} ms  {kind:?} broker {node} ({target:?}) for {hold_ms} ms"
-        ));
+        let what = if kind == FaultKind::PowerLossAll {
+            "every broker".to_owned()
+        } else {
+            format!("broker {node} ({target:?})")
+        };
+        timeline.push(format!("{at:>6} ms  {kind:?} {what} for {hold_ms} ms"));
+        // A broker whose metadata storage failed exits for its supervisor to restart it: this
+        // loop is the supervisor.
+        for n in &mut cluster.nodes {
+            if let Some(status) = n.reap_exited() {
+                timeline.push(format!(
+                    "{:>6} ms  broker {} exited ({status}); restarted",
+                    started.elapsed().as_millis(),
+                    n.id
+                ));
+                n.restart();
+            }
+        }
         // One fault at a time: wait until the broker is back and caught up.
         let deadline = Instant::now() + WAIT;
         while !all_in_sync(&client).await {
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not heal after {f}"
-            );
+            for n in &mut cluster.nodes {
+                if let Some(status) = n.reap_exited() {
+                    timeline.push(format!(
+                        "{:>6} ms  broker {} exited ({status}); restarted",
+                        started.elapsed().as_millis(),
+                        n.id
+                    ));
+                    n.restart();
+                }
+            }
+            if Instant::now() >= deadline {
+                let logs = cluster.preserve_logs();
+                panic!(
+                    "the cluster did not heal after {f} (seed {seed}); broker logs in {}",
+                    logs.display()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

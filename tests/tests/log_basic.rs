@@ -399,6 +399,70 @@ fn a_failed_fsync_poisons_the_log() {
     assert!(log.is_poisoned());
 }
 
+/// Linux marks the pages a failed fsync could not write as clean, so they stay readable but
+/// may never reach the disk. A log reopened after a failed fsync (the broker restarts the
+/// replica in the same process) must not count them as durable: they are cut at the failure.
+#[test]
+fn a_failed_fsync_discards_what_it_could_not_make_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = CrashFs::new();
+    let mut cfg = small_config();
+    cfg.flush = FlushPolicy::Os;
+    let open = || {
+        Log::open_with(
+            dir.path(),
+            cfg.clone(),
+            Arc::new(fs.clone()),
+            ManualClock::new(0),
+        )
+        .expect("open")
+    };
+    let durable;
+    {
+        let log = open();
+        for b in 0..5 {
+            log.append(&batch_of(&format!("a{b}"), 3, b), 1)
+                .expect("append");
+        }
+        log.flush().expect("flush");
+        durable = log.log_end_offset();
+        for b in 5..9 {
+            log.append(&batch_of(&format!("b{b}"), 3, b), 1)
+                .expect("append");
+        }
+        fs.fail_syncs(true);
+        assert!(log.flush().is_err());
+        fs.fail_syncs(false);
+        assert!(log.is_poisoned());
+    }
+    // An open while fsyncs still fail fails, and cuts nothing of what was durable.
+    fs.fail_syncs(true);
+    assert!(
+        Log::open_with(
+            dir.path(),
+            cfg.clone(),
+            Arc::new(fs.clone()),
+            ManualClock::new(0)
+        )
+        .is_err()
+    );
+    fs.fail_syncs(false);
+    // Reopened in the same process: the appends the failed fsync covered are gone.
+    {
+        let log = open();
+        assert_eq!(log.log_end_offset(), durable);
+        log.append(&batch_of("c", 3, 20), 1).expect("append");
+        log.flush().expect("flush");
+        assert_eq!(log.log_end_offset(), durable + 3);
+    }
+    // And what the reopened log reported durable survives a power loss.
+    fs.crash().expect("crash");
+    let log = open();
+    assert_eq!(log.log_end_offset(), durable + 3);
+    let read = log.read(durable, 1 << 20).expect("read");
+    assert!(!read.bytes.is_empty());
+}
+
 #[test]
 fn every_batch_flush_survives_power_loss_and_os_policy_keeps_a_prefix() {
     for policy in [FlushPolicy::EveryBatch, FlushPolicy::Os] {

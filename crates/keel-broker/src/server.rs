@@ -45,6 +45,9 @@ pub struct BrokerConfig {
     pub offsets_retention_ms: i64,
     /// Offsets records after which a coordinator writes a compacted image.
     pub offsets_compact_records: u64,
+    /// The filesystem a clustered broker keeps its data on: the real one, or the fault
+    /// suite's `CrashFs`, which can lose everything not yet synced.
+    pub fs: Arc<dyn keel_log::fs::Fs>,
 }
 
 impl BrokerConfig {
@@ -61,6 +64,7 @@ impl BrokerConfig {
             limits: Limits::default(),
             offsets_retention_ms: crate::groups::coordinator::DEFAULT_OFFSETS_RETENTION_MS,
             offsets_compact_records: crate::groups::coordinator::DEFAULT_COMPACT_RECORDS,
+            fs: Arc::new(keel_log::fs::RealFs),
         }
     }
 }
@@ -146,6 +150,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
                 config.join.is_some(),
                 // Peers see this broker's own address as the source of its connections.
                 Some(grpc_addr.ip()).filter(|ip| !ip.is_unspecified()),
+                Arc::clone(&config.fs),
             )
             .await?,
         )
@@ -403,6 +408,16 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
 }
 
 impl BrokerHandle {
+    /// Resolves, with the reason, if the broker stops being able to serve (its metadata
+    /// group's storage failed); a broker that is not clustered never does. The caller should
+    /// exit, so that the broker restarts and recovers from disk.
+    pub async fn failed(&self) -> String {
+        match &self.state.cluster {
+            Some(c) => c.failed().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stops accepting requests, lets in-flight ones finish, flushes every partition and writes
     /// its recovery checkpoint.
     pub async fn shutdown(mut self) -> Result<()> {

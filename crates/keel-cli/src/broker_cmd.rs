@@ -58,6 +58,11 @@ pub struct BrokerArgs {
     /// Log as JSON lines instead of text. [env: KEEL_LOG_JSON]
     #[arg(long, env = "KEEL_LOG_JSON")]
     pub log_json: bool,
+    /// For the fault suite only: keep the data on a simulated filesystem that models the disk.
+    /// SIGUSR1 is then a power loss (every byte not yet fsynced is lost and the process dies
+    /// as with kill -9), and SIGUSR2 switches failing fsyncs on and off.
+    #[arg(long, hide = true)]
+    pub fault_fs: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,15 +161,51 @@ impl BrokerArgs {
 
 /// Runs a broker until SIGTERM or SIGINT, then shuts it down gracefully.
 pub async fn run(args: BrokerArgs) -> Result<()> {
-    let cfg = args.resolve()?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let fault_fs = args.fault_fs.then(keel_log::sim::CrashFs::new);
+    let mut cfg = args.resolve()?;
+    if let Some(fs) = &fault_fs {
+        cfg.fs = std::sync::Arc::new(fs.clone());
+    }
+    // Handlers first: a fault signal during recovery must not end the process by default.
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
     let handle = start(cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            why = handle.failed() => bail!("{why}; exiting so that a restart recovers from disk"),
+            _ = usr1.recv(), if fault_fs.is_some() => {
+                if let Some(fs) = &fault_fs {
+                    power_loss(fs);
+                }
+            }
+            _ = usr2.recv(), if fault_fs.is_some() => {
+                if let Some(fs) = &fault_fs {
+                    let fail = !fs.syncs_failing();
+                    fs.fail_syncs(fail);
+                    tracing::warn!(failing = fail, "fault injection: fsyncs {}", if fail { "fail from now on" } else { "work again" });
+                }
+            }
+        }
     }
     handle.shutdown().await.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The simulated power loss: the disk keeps only what was synced, and the process dies at once,
+/// as the machine would.
+fn power_loss(fs: &keel_log::sim::CrashFs) -> ! {
+    tracing::warn!("fault injection: power loss");
+    if let Err(e) = fs.power_loss() {
+        eprintln!("power loss simulation failed: {e}");
+    }
+    let pid = std::process::id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status();
+    std::process::abort()
 }
 
 #[cfg(test)]

@@ -43,6 +43,12 @@ pub trait FileHandle: Send + Sync + Debug {
     fn map_write(&self, len: u64) -> io::Result<MmapMut>;
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()>;
     fn read_all(&self) -> io::Result<Vec<u8>>;
+    /// Reads exactly `buf.len()` bytes at `pos`.
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()>;
+    /// Tells the file that `[offset, offset + len)` was written through a writable mapping.
+    /// The real filesystem needs nothing; `CrashFs` must know every written range to tell what
+    /// a later `sync_data` makes durable.
+    fn wrote_mapped(&self, _offset: u64, _len: u64) {}
     /// fdatasync: makes the data (written through `write_all_at` or a mapping) and the file size
     /// durable.
     fn sync_data(&self) -> io::Result<()>;
@@ -196,6 +202,10 @@ impl FileHandle for RealFile {
         let mut buf = vec![0u8; len];
         self.file.read_exact_at(&mut buf, 0)?;
         Ok(buf)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, pos)
     }
 
     fn sync_data(&self) -> io::Result<()> {

@@ -103,6 +103,9 @@ pub struct Log {
     pub(crate) checkpoint_seq: AtomicU64,
     pub(crate) last_flush_ms: AtomicU64,
     sync_lock: Mutex<()>,
+    /// Next Raft index past what the last successful sync made durable: a failed sync cuts
+    /// the log back to it (see `discard_unsynced`).
+    durable_next: AtomicU64,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
 }
@@ -148,13 +151,19 @@ impl Log {
             checkpoint_seq: AtomicU64::new(0),
             last_flush_ms: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
+            // Unknown until recovery is done: a failed sync while opening discards nothing
+            // (the open fails, and the next one recovers from the files again).
+            durable_next: AtomicU64::new(u64::MAX),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
         };
         if recovered.needs_checkpoint {
-            let w = lock(&log.writer);
-            log.checkpoint_locked(&w)?;
+            let mut w = lock(&log.writer);
+            log.checkpoint_locked(&mut w)?;
         }
+        // What recovery kept is durable: it was checkpointed, or synced just now.
+        let next = lock(&log.writer).active.seg.tail().next_raft_index;
+        log.durable_next.store(next, Ordering::Release);
         Ok(log)
     }
 
@@ -257,6 +266,45 @@ impl Log {
         lock(&self.poison_reason).get_or_insert(reason.clone());
         self.poisoned.store(true, Ordering::Release);
         LogError::Poisoned { reason }
+    }
+
+    /// After a failed sync, cuts the active segment back to what the last successful sync
+    /// made durable. Linux marks the pages a failed writeback could not write as clean: they
+    /// stay readable in the page cache but may never reach the disk, and no later sync retries
+    /// them. Leaving them would let a reopened log (the broker restarts a failed replica in
+    /// the same process) count as durable what may not be. The zeroes written here are dirty
+    /// again, so the next sync that works puts them on disk.
+    fn discard_unsynced(&self, w: &mut Writer) {
+        let keep_next = self.durable_next.load(Ordering::Acquire);
+        let seg = Arc::clone(&w.active.seg);
+        let end = seg.tail().next_raft_index;
+        if keep_next >= end {
+            return;
+        }
+        let prev_term = {
+            let segs = self.segments();
+            segs.iter()
+                .position(|s| Arc::ptr_eq(s, &seg))
+                .and_then(|k| k.checked_sub(1))
+                .and_then(|p| segs[p].last_batch().ok().flatten())
+                .map_or(0, |h| h.raft_term)
+        };
+        let cut = seg
+            .locate(Key::RaftIndex(keep_next.max(seg.base_raft_index)))
+            .and_then(|found| match found {
+                Some((pos, _)) => Ok(Some((pos, tail_before(&seg, pos, prev_term)?))),
+                None => Ok(None),
+            });
+        match cut {
+            Ok(Some((pos, tail))) => {
+                w.active.cut(pos, tail);
+                tracing::warn!(dir = %self.dir.display(), next_raft_index = tail.next_raft_index, discarded_to = end, "discarded appends a failed sync may not have written");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "could not discard appends after a failed sync");
+            }
+        }
     }
 
     /// Appends one encoded batch, assigning its offsets and the next Raft index. The batch must
@@ -393,9 +441,13 @@ impl Log {
         // The old segment must be durable before the new one is: after a power loss, a new
         // segment next to an old one missing its unflushed tail would not continue it.
         if let Err(e) = w.active.seg.sync_log() {
-            return Err(self.poison(&e));
+            let err = self.poison(&e);
+            self.discard_unsynced(w);
+            return Err(err);
         }
         let tail = w.active.seg.tail();
+        self.durable_next
+            .fetch_max(tail.next_raft_index, Ordering::AcqRel);
         let header = SegmentHeader {
             base_offset: tail.next_offset,
             base_raft_index: tail.next_raft_index,
@@ -457,9 +509,14 @@ impl Log {
             // The writer's own segment, not the published list (which a failed `reset` can
             // leave empty): never report durability without an fsync.
             let seg = Arc::clone(&lock(&self.writer).active.seg);
+            // Every batch in the published tail was written before this sync starts.
+            let covered = seg.tail().next_raft_index;
             if let Err(e) = seg.sync_log() {
-                return Err(self.poison(&e));
+                let err = self.poison(&e);
+                self.discard_unsynced(&mut lock(&self.writer));
+                return Err(err);
             }
+            self.durable_next.fetch_max(covered, Ordering::AcqRel);
             self.flushed_seq.fetch_max(current, Ordering::AcqRel);
             self.last_flush_ms
                 .store(self.clock.now_ms().max(0) as u64, Ordering::Release);
@@ -468,8 +525,8 @@ impl Log {
         if self.append_seq.load(Ordering::Acquire) - self.checkpoint_seq.load(Ordering::Acquire)
             >= interval
         {
-            let w = lock(&self.writer);
-            self.checkpoint_locked(&w)?;
+            let mut w = lock(&self.writer);
+            self.checkpoint_locked(&mut w)?;
         }
         Ok(())
     }
@@ -515,14 +572,18 @@ impl Log {
     }
 
     /// Syncs the active segment with its indexes and records a recovery checkpoint there.
-    fn checkpoint_locked(&self, w: &Writer) -> Result<()> {
+    fn checkpoint_locked(&self, w: &mut Writer) -> Result<()> {
         let seq = self.append_seq.load(Ordering::Acquire);
-        let seg = &w.active.seg;
+        let seg = Arc::clone(&w.active.seg);
         if let Err(e) = seg.sync_all() {
-            return Err(self.poison(&e));
+            let err = self.poison(&e);
+            self.discard_unsynced(w);
+            return Err(err);
         }
         self.flushed_seq.fetch_max(seq, Ordering::AcqRel);
         let tail = seg.tail();
+        self.durable_next
+            .fetch_max(tail.next_raft_index, Ordering::AcqRel);
         let cp = Checkpoint {
             log_start_offset: self.log_start_offset(),
             active_base_offset: seg.base_offset,
@@ -545,8 +606,8 @@ impl Log {
     /// open right after validates nothing. The log stays usable.
     pub fn checkpoint(&self) -> Result<()> {
         self.check_poisoned()?;
-        let w = lock(&self.writer);
-        self.checkpoint_locked(&w)
+        let mut w = lock(&self.writer);
+        self.checkpoint_locked(&mut w)
     }
 
     /// Flushes everything and writes a checkpoint so that the next open validates nothing.
@@ -729,12 +790,14 @@ impl Log {
             return Err(self.poison(&e));
         }
         w.active.cut(pos, tail);
+        self.durable_next
+            .fetch_min(tail.next_raft_index, Ordering::AcqRel);
         let end = tail.next_offset;
         if self.log_start_offset() > end {
             self.log_start.store(end, Ordering::Release);
         }
         tracing::info!(dir = %self.dir.display(), log_end = end, next_raft_index = tail.next_raft_index, removed_segments = removed.len(), "log truncated");
-        self.checkpoint_locked(&w)
+        self.checkpoint_locked(&mut w)
     }
 
     /// Discards the whole log and restarts it empty at the given positions (e.g. after a
@@ -777,15 +840,16 @@ impl Log {
         );
         self.set_segments(vec![Arc::clone(&next.seg)]);
         w.active = next;
+        self.durable_next.store(next_raft_index, Ordering::Release);
         self.log_start.store(next_offset, Ordering::Release);
-        self.checkpoint_locked(&w)
+        self.checkpoint_locked(&mut w)
     }
 
     /// Advances the log start to `offset` (clamped to the log end) and deletes the segments
     /// wholly below it. Returns the new log start.
     pub fn delete_before(&self, offset: u64) -> Result<u64> {
         self.check_poisoned()?;
-        let w = lock(&self.writer);
+        let mut w = lock(&self.writer);
         let offset = offset.min(self.log_end_offset());
         if offset <= self.log_start_offset() {
             return Ok(self.log_start_offset());
@@ -797,7 +861,7 @@ impl Log {
             .count();
         let removed = segs[..k].to_vec();
         self.set_segments(segs[k..].to_vec());
-        self.checkpoint_locked(&w)?;
+        self.checkpoint_locked(&mut w)?;
         drop(w);
         self.delete_files(&removed)?;
         Ok(offset)

@@ -828,6 +828,7 @@ impl ActiveSegment {
         });
         if let Some(dst) = self.maps[1].get_mut(n * ENTRY_LEN..(n + 1) * ENTRY_LEN) {
             dst.copy_from_slice(&entry);
+            self.seg.files[1].wrote_mapped((n * ENTRY_LEN) as u64, ENTRY_LEN as u64);
             self.seg.index_entries.store(n + 1, Ordering::Release);
         }
         self.bytes_since_index = 0;
@@ -847,6 +848,7 @@ impl ActiveSegment {
         });
         if let Some(dst) = self.maps[2].get_mut(n * ENTRY_LEN..(n + 1) * ENTRY_LEN) {
             dst.copy_from_slice(&entry);
+            self.seg.files[2].wrote_mapped((n * ENTRY_LEN) as u64, ENTRY_LEN as u64);
             self.seg.time_entries.store(n + 1, Ordering::Release);
             self.last_time_ts = ts;
         }
@@ -886,6 +888,7 @@ impl ActiveSegment {
         }
         if let Some(region) = map.get_mut(pos as usize..zero_to as usize) {
             region.fill(0);
+            self.seg.files[0].wrote_mapped(pos, zero_to.saturating_sub(pos));
         }
         let keep_index = {
             let n = self.seg.index_entries.load(Ordering::Acquire);
@@ -896,7 +899,7 @@ impl ActiveSegment {
                 })
                 .count()
         };
-        zero_entries(&mut self.maps[1], keep_index);
+        zero_entries(&mut self.maps[1], &*self.seg.files[1], keep_index);
         self.seg.index_entries.store(keep_index, Ordering::Release);
         let keep_time = {
             let n = self.seg.time_entries.load(Ordering::Acquire);
@@ -908,7 +911,7 @@ impl ActiveSegment {
                 })
                 .count()
         };
-        zero_entries(&mut self.maps[2], keep_time);
+        zero_entries(&mut self.maps[2], &*self.seg.files[2], keep_time);
         self.seg.time_entries.store(keep_time, Ordering::Release);
         self.last_time_ts = self.seg.last_time_entry().map_or(i64::MIN, |e| e.timestamp);
         self.bytes_since_index = match self.seg.last_index_entry() {
@@ -926,16 +929,21 @@ impl ActiveSegment {
     }
 }
 
-fn zero_entries(map: &mut MmapMut, keep: usize) {
+fn zero_entries(map: &mut MmapMut, file: &dyn FileHandle, keep: usize) {
     let start = keep * ENTRY_LEN;
     let end = map.len();
     if let Some(region) = map.get_mut(start..end) {
         // Entries are contiguous from the start; stop at the first all-zero one.
+        let mut zeroed = 0;
         for chunk in region.chunks_mut(ENTRY_LEN) {
             if chunk.iter().all(|b| *b == 0) {
                 break;
             }
             chunk.fill(0);
+            zeroed += ENTRY_LEN;
+        }
+        if zeroed > 0 {
+            file.wrote_mapped(start as u64, zeroed as u64);
         }
     }
 }

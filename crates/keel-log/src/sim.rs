@@ -1,10 +1,18 @@
-//! [`CrashFs`]: a filesystem for tests that models what survives a power loss.
+//! [`CrashFs`]: a filesystem that models what survives a power loss.
 //!
 //! It runs on real files (so the log's real mmap code paths are exercised) and keeps, beside
 //! them, the durable state a disk would hold: the content of each file as of its last
 //! `sync_data`, and each directory's entries as of its last `sync_dir`. [`CrashFs::crash`]
 //! rewrites the directory tree to exactly that state, losing every byte, creation, rename and
 //! removal that was not synced. It can also make the disk full and make flushes fail.
+//!
+//! A sync copies only the ranges written since the previous one (`write_all_at` and
+//! [`FileHandle::wrote_mapped`] record them), so a broker can run on it under load: the fault
+//! suite uses it for power losses of running brokers ([`CrashFs::power_loss`]).
+//!
+//! A failed flush behaves as Linux does since 4.13: the pages it could not write are marked
+//! clean, so their content stays readable from the page cache but never reaches the disk, and a
+//! later successful flush does not write them either.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,14 +27,73 @@ use crate::fs::{FileHandle, Fs, RealFs};
 
 type InodeId = u64;
 
+/// The durable content of a file: `len` bytes, of which those past `data` are zero (space
+/// reserved ahead is not held in memory).
+#[derive(Clone, Default)]
+struct Image {
+    len: u64,
+    data: Vec<u8>,
+}
+
+impl Image {
+    fn from_content(mut data: Vec<u8>) -> Self {
+        let len = data.len() as u64;
+        let used = data.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        data.truncate(used);
+        data.shrink_to_fit();
+        Self { len, data }
+    }
+
+    fn truncate(&mut self, len: u64) {
+        self.len = self.len.min(len);
+        if self.data.len() as u64 > len {
+            self.data.truncate(len as usize);
+        }
+    }
+
+    fn write(&mut self, pos: u64, bytes: &[u8]) {
+        let (start, end) = (pos as usize, pos as usize + bytes.len());
+        if self.data.len() < end {
+            if bytes.iter().all(|b| *b == 0) && self.data.len() <= start {
+                return;
+            }
+            self.data.resize(end, 0);
+        }
+        self.data[start..end].copy_from_slice(bytes);
+    }
+
+    fn content(&self) -> Vec<u8> {
+        let mut out = self.data.clone();
+        out.resize(self.len as usize, 0);
+        out
+    }
+}
+
 #[derive(Default)]
 struct State {
     next_inode: InodeId,
     /// Synced content of each inode (`None`: never synced, so empty after a crash).
-    synced: HashMap<InodeId, Option<Vec<u8>>>,
+    synced: HashMap<InodeId, Option<Image>>,
     live: HashMap<PathBuf, InodeId>,
     durable: HashMap<PathBuf, InodeId>,
     allocated: HashMap<InodeId, u64>,
+    /// Range written since the inode's last sync.
+    dirty: HashMap<InodeId, (u64, u64)>,
+    /// Smallest length the inode was cut to since its last sync.
+    shrunk: HashMap<InodeId, u64>,
+}
+
+impl State {
+    fn mark_dirty(&mut self, inode: InodeId, pos: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = pos.saturating_add(len);
+        self.dirty
+            .entry(inode)
+            .and_modify(|r| *r = (r.0.min(pos), r.1.max(end)))
+            .or_insert((pos, end));
+    }
 }
 
 /// See the module docs.
@@ -39,6 +106,8 @@ pub struct CrashFs {
 #[derive(Default)]
 struct Faults {
     fail_syncs: AtomicBool,
+    /// Set by [`CrashFs::power_loss`]: every later operation blocks forever.
+    frozen: AtomicBool,
     /// Total bytes that may be allocated across all files; `u64::MAX` for no limit.
     space_limit: AtomicU64,
     syncs: AtomicU64,
@@ -61,9 +130,21 @@ impl CrashFs {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Blocks the calling thread for good once the power is gone: nothing may reach the disk
+    /// after the durable state was written out.
+    fn gate(&self) {
+        while self.faults.frozen.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+
     /// Makes every later `sync_data` fail with EIO until cleared.
     pub fn fail_syncs(&self, fail: bool) {
         self.faults.fail_syncs.store(fail, Ordering::SeqCst);
+    }
+
+    pub fn syncs_failing(&self) -> bool {
+        self.faults.fail_syncs.load(Ordering::SeqCst)
     }
 
     /// Limits the total allocated bytes, so that `allocate` fails with ENOSPC beyond it.
@@ -78,8 +159,18 @@ impl CrashFs {
         self.faults.syncs.load(Ordering::SeqCst)
     }
 
+    /// A power loss in a running process: every later filesystem call through this `CrashFs`
+    /// blocks forever, and the files are rewritten to their durable state. Open handles and
+    /// mappings still point at the old (now unlinked) files, so whatever the process writes
+    /// through them is lost, as it would be. The caller must end the process right after.
+    pub fn power_loss(&self) -> io::Result<()> {
+        self.faults.frozen.store(true, Ordering::SeqCst);
+        self.crash()
+    }
+
     /// Simulates a power loss: every file this `CrashFs` knows is rewritten to its durable
-    /// state. All handles and logs using it must have been dropped first.
+    /// state. All handles and logs using it must have been dropped first (or see
+    /// [`CrashFs::power_loss`]).
     pub fn crash(&self) -> io::Result<()> {
         let mut st = self.lock();
         for path in st.live.keys() {
@@ -89,21 +180,32 @@ impl CrashFs {
             }
         }
         for (path, inode) in &st.durable {
-            let content = st.synced.get(inode).cloned().flatten().unwrap_or_default();
+            let content = st
+                .synced
+                .get(inode)
+                .cloned()
+                .flatten()
+                .unwrap_or_default()
+                .content();
+            if let Some(parent) = path.parent() {
+                // A directory removed without a sync comes back with its files.
+                std::fs::create_dir_all(parent)?;
+            }
             std::fs::write(path, &content)?;
         }
         // After the crash the disk holds exactly the durable state, each path its own inode.
         let durable: Vec<(PathBuf, InodeId)> = st.durable.drain().collect();
         st.live.clear();
         st.allocated.clear();
+        st.dirty.clear();
+        st.shrunk.clear();
         let mut synced = HashMap::new();
         for (path, old) in durable {
-            let content = st.synced.get(&old).cloned().flatten();
+            let image = st.synced.get(&old).cloned().flatten().unwrap_or_default();
             let id = st.next_inode;
             st.next_inode += 1;
-            st.allocated
-                .insert(id, content.as_ref().map_or(0, |c| c.len() as u64));
-            synced.insert(id, Some(content.unwrap_or_default()));
+            st.allocated.insert(id, image.len);
+            synced.insert(id, Some(image));
             st.live.insert(path.clone(), id);
             st.durable.insert(path, id);
         }
@@ -128,6 +230,7 @@ impl CrashFs {
 
 impl Fs for CrashFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.gate();
         RealFs.create_dir_all(dir)
     }
 
@@ -136,6 +239,7 @@ impl Fs for CrashFs {
     }
 
     fn create(&self, path: &Path) -> io::Result<Arc<dyn FileHandle>> {
+        self.gate();
         let inner = RealFs.create(path)?;
         let mut st = self.lock();
         let id = st.next_inode;
@@ -147,6 +251,7 @@ impl Fs for CrashFs {
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn FileHandle>> {
+        self.gate();
         let inner = RealFs.open(path)?;
         let mut st = self.lock();
         let id = match st.live.get(path) {
@@ -155,7 +260,8 @@ impl Fs for CrashFs {
                 // A file that existed before this CrashFs: treat its content as durable.
                 let id = st.next_inode;
                 st.next_inode += 1;
-                st.synced.insert(id, Some(inner.read_all()?));
+                st.synced
+                    .insert(id, Some(Image::from_content(inner.read_all()?)));
                 st.live.insert(path.to_path_buf(), id);
                 st.durable.insert(path.to_path_buf(), id);
                 id
@@ -170,12 +276,14 @@ impl Fs for CrashFs {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
+        self.gate();
         RealFs.remove(path)?;
         self.lock().live.remove(path);
         Ok(())
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.gate();
         RealFs.rename(from, to)?;
         let mut st = self.lock();
         if let Some(id) = st.live.remove(from) {
@@ -185,6 +293,7 @@ impl Fs for CrashFs {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.gate();
         RealFs.sync_dir(dir)?;
         let mut st = self.lock();
         st.durable.retain(|p, _| p.parent() != Some(dir));
@@ -217,8 +326,9 @@ impl FileHandle for CrashFile {
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
+        self.fs.gate();
         let limit = self.fs.faults.space_limit.load(Ordering::SeqCst);
-        {
+        if limit != u64::MAX {
             let st = self.fs.lock();
             let others: u64 = st
                 .allocated
@@ -238,8 +348,14 @@ impl FileHandle for CrashFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.fs.gate();
         self.inner.set_len(len)?;
-        self.fs.lock().allocated.insert(self.inode, len);
+        let mut st = self.fs.lock();
+        st.allocated.insert(self.inode, len);
+        st.shrunk
+            .entry(self.inode)
+            .and_modify(|s| *s = (*s).min(len))
+            .or_insert(len);
         Ok(())
     }
 
@@ -252,20 +368,65 @@ impl FileHandle for CrashFile {
     }
 
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
-        self.inner.write_all_at(buf, pos)
+        self.fs.gate();
+        self.inner.write_all_at(buf, pos)?;
+        self.fs.lock().mark_dirty(self.inode, pos, buf.len() as u64);
+        Ok(())
+    }
+
+    fn wrote_mapped(&self, offset: u64, len: u64) {
+        self.fs.lock().mark_dirty(self.inode, offset, len);
     }
 
     fn read_all(&self) -> io::Result<Vec<u8>> {
         self.inner.read_all()
     }
 
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        self.inner.read_exact_at(buf, pos)
+    }
+
     fn sync_data(&self) -> io::Result<()> {
+        self.fs.gate();
         if self.fs.faults.fail_syncs.load(Ordering::SeqCst) {
+            // As Linux does: the pages that failed are marked clean, so no later sync writes
+            // them, though reads still see them in the page cache.
+            let mut st = self.fs.lock();
+            st.dirty.remove(&self.inode);
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.inner.sync_data()?;
-        let content = self.inner.read_all()?;
-        self.fs.lock().synced.insert(self.inode, Some(content));
+        let len = self.inner.len()?;
+        // Take the range first: a write landing after this is recorded again and goes with
+        // the next sync (its bytes may also be copied now, as a real disk might).
+        let (dirty, shrunk) = {
+            let mut st = self.fs.lock();
+            (st.dirty.remove(&self.inode), st.shrunk.remove(&self.inode))
+        };
+        let copied = match dirty {
+            Some((lo, hi)) if lo < len => {
+                let hi = hi.min(len);
+                let mut buf = vec![0u8; (hi - lo) as usize];
+                self.inner.read_exact_at(&mut buf, lo)?;
+                Some((lo, buf))
+            }
+            _ => None,
+        };
+        let mut st = self.fs.lock();
+        let image = st
+            .synced
+            .entry(self.inode)
+            .or_insert(None)
+            .get_or_insert_with(Image::default);
+        if let Some(s) = shrunk {
+            image.truncate(s);
+        }
+        if let Some((lo, buf)) = copied {
+            image.write(lo, &buf);
+        }
+        image.truncate(len);
+        image.len = len;
+        drop(st);
         self.fs.faults.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

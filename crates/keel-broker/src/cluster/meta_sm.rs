@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 use futures::StreamExt;
 use keel_log::batch::{BatchBuilder, Compression, RecordRef, decode_records};
-use keel_log::fs::RealFs;
+use keel_log::fs::Fs;
 use keel_raft::state_file::StateFile;
 use keel_raft::types::{Snapshot, SnapshotMeta, StoredMembership};
 use keel_raft::{AppendAck, BatchData, KeelRaft, LogId};
@@ -71,15 +71,16 @@ struct Inner {
 pub struct MetadataSm {
     inner: Arc<Mutex<Inner>>,
     file: Arc<StateFile>,
+    fs: Arc<dyn Fs>,
     tx: watch::Sender<Arc<ClusterState>>,
 }
 
 impl MetadataSm {
     /// Opens the state machine of the metadata store in `dir`, starting from its last
     /// snapshot (openraft re-applies the committed entries after it). Blocking.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    pub fn open(dir: &Path, fs: Arc<dyn Fs>) -> io::Result<Self> {
         let file = StateFile::new(dir, SNAPSHOT_FILE);
-        let stored: Option<StoredSnapshot> = file.load(&RealFs)?;
+        let stored: Option<StoredSnapshot> = file.load(&*fs)?;
         let (state, last_applied, membership) = match &stored {
             Some(s) => (
                 serde_json::from_slice(&s.data)
@@ -99,6 +100,7 @@ impl MetadataSm {
                 snapshot: stored,
             })),
             file: Arc::new(file),
+            fs,
             tx,
         })
     }
@@ -136,8 +138,8 @@ impl RaftSnapshotBuilder<KeelRaft> for MetadataSm {
                 data: serde_json::to_vec(&g.state).map_err(io::Error::other)?,
             }
         };
-        let (file, s) = (Arc::clone(&self.file), stored.clone());
-        tokio::task::spawn_blocking(move || file.store(&RealFs, &Some(s)))
+        let (file, s, fs) = (Arc::clone(&self.file), stored.clone(), Arc::clone(&self.fs));
+        tokio::task::spawn_blocking(move || file.store(&*fs, &Some(s)))
             .await
             .map_err(io::Error::other)??;
         self.lock().snapshot = Some(stored.clone());
@@ -217,8 +219,8 @@ impl RaftStateMachine<KeelRaft> for MetadataSm {
             meta: meta.clone(),
             data: snapshot,
         };
-        let (file, s) = (Arc::clone(&self.file), stored.clone());
-        tokio::task::spawn_blocking(move || file.store(&RealFs, &Some(s)))
+        let (file, s, fs) = (Arc::clone(&self.file), stored.clone(), Arc::clone(&self.fs));
+        tokio::task::spawn_blocking(move || file.store(&*fs, &Some(s)))
             .await
             .map_err(io::Error::other)??;
         {

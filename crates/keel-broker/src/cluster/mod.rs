@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_log::LogConfig;
+use keel_log::fs::Fs;
+use keel_log::{LogConfig, SystemClock};
 use keel_proto::v1::BrokerInfo;
 use keel_raft::{KeelLogStore, PartitionSm, RaftRegistry, RaftTransport, TransportConfig};
 use openraft::async_runtime::WatchReceiver as _;
@@ -194,6 +195,8 @@ pub struct ClusterNode {
     /// Where the other brokers reach this one (see `BrokerMeta::peer_address`).
     pub peer_address: String,
     data_dir: PathBuf,
+    /// All storage goes through it: the real filesystem, or `CrashFs` in the fault suite.
+    fs: Arc<dyn Fs>,
     transport: RaftTransport,
     rafts: RaftRegistry<BrokerSm>,
     meta_raft: BrokerRaft,
@@ -201,6 +204,10 @@ pub struct ClusterNode {
     meta_store: KeelLogStore,
     partition_config: Arc<Config>,
     hosted: tokio::sync::Mutex<HashMap<u64, Hosted>>,
+    /// Set when the metadata group's Raft core stopped on a failure (a failed fsync, a full
+    /// disk): the broker cannot take part in the cluster any more and exits, for its
+    /// supervisor to restart it, as a database does after a failed fsync.
+    fatal: watch::Sender<Option<String>>,
     /// Serialises reconciliations.
     reconciling: tokio::sync::Mutex<()>,
     /// When each partition replica was last restarted after its Raft core stopped on a
@@ -237,6 +244,7 @@ impl ClusterNode {
         initial_cluster: &[(u32, String)],
         joining: bool,
         local_address: Option<std::net::IpAddr>,
+        fs: Arc<dyn Fs>,
     ) -> Result<Arc<Self>> {
         let transport = RaftTransport::new(
             u64::from(id),
@@ -248,17 +256,19 @@ impl ClusterNode {
         let rafts: RaftRegistry<BrokerSm> = RaftRegistry::new(u64::from(id));
         let meta_dir = data_dir.join("metadata");
         let (meta_store, meta_sm) = {
-            let dir = meta_dir.clone();
+            let (dir, fs) = (meta_dir.clone(), Arc::clone(&fs));
             blocking(move || {
-                let store = KeelLogStore::open(
+                let store = KeelLogStore::open_with(
                     &dir,
                     LogConfig {
                         segment_bytes: 16 << 20,
                         ..LogConfig::default()
                     },
+                    Arc::clone(&fs),
+                    Arc::new(SystemClock),
                 )
                 .map_err(|e| storage_err("opening the metadata log", e))?;
-                let sm = MetadataSm::open(&dir)
+                let sm = MetadataSm::open(&dir, fs)
                     .map_err(|e| storage_err("opening the metadata snapshot", e))?;
                 Ok((store, sm))
             })
@@ -286,6 +296,7 @@ impl ClusterNode {
             peer_address,
             advertise,
             data_dir: data_dir.to_path_buf(),
+            fs,
             transport,
             rafts,
             meta_raft,
@@ -293,6 +304,7 @@ impl ClusterNode {
             meta_store,
             partition_config: partition_raft_config()?,
             hosted: tokio::sync::Mutex::new(HashMap::new()),
+            fatal: watch::channel(None).0,
             reconciling: tokio::sync::Mutex::new(()),
             restarted: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
@@ -311,6 +323,24 @@ impl ClusterNode {
                         node.handle_forward(group, payload).await
                     })
                 }));
+        }
+
+        {
+            let (mut metrics, fatal) = (node.meta_raft.metrics(), node.fatal.clone());
+            tokio::spawn(async move {
+                while metrics.changed().await.is_ok() {
+                    let running = metrics.borrow_watched().running_state.clone();
+                    if stopped_by_failure(&running) {
+                        let why = match running {
+                            Err(e) => e.to_string(),
+                            Ok(()) => String::new(),
+                        };
+                        tracing::error!(error = %why, "the metadata group's Raft core stopped on a failure");
+                        fatal.send_replace(Some(format!("the metadata group stopped: {why}")));
+                        return;
+                    }
+                }
+            });
         }
 
         if let Some(lowest) = initial_cluster.iter().map(|(i, _)| *i).min()
@@ -345,6 +375,15 @@ impl ClusterNode {
             }
         }
         Ok(node)
+    }
+
+    /// Resolves with the reason once this broker can no longer serve (see `fatal`).
+    pub async fn failed(&self) -> String {
+        let mut rx = self.fatal.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// The tonic service carrying Raft traffic for every group on this broker.
@@ -793,9 +832,9 @@ impl ClusterNode {
         let sync = config.flush_every_batch();
         let (hwm_tx, _) = watch::channel(0u64);
         let (store, sm) = {
-            let hwm_tx = hwm_tx.clone();
+            let (hwm_tx, fs) = (hwm_tx.clone(), Arc::clone(&self.fs));
             blocking(move || {
-                let store = KeelLogStore::open(&dir, log_config)
+                let store = KeelLogStore::open_with(&dir, log_config, fs, Arc::new(SystemClock))
                     .map_err(|e| storage_err("opening a partition log", e))?;
                 store.set_sync_appends(sync);
                 let sm = PartitionSm::open(&store, hwm_tx)
