@@ -447,12 +447,28 @@ mod tests {
         let a = schedule(42, 12, 3, 3, true);
         assert_eq!(a, schedule(42, 12, 3, 3, true));
         assert_ne!(a, schedule(43, 12, 3, 3, true));
-        let kinds: BTreeSet<String> = a[..4].iter().map(|f| format!("{:?}", f.kind)).collect();
-        assert_eq!(kinds.len(), 4);
+        let kinds: BTreeSet<String> = a[..7].iter().map(|f| format!("{:?}", f.kind)).collect();
+        assert_eq!(kinds.len(), 7, "every kind in the first seven: {a:?}");
+        assert_eq!(a[6].kind, FaultKind::PowerLossAll);
         assert!(a.iter().all(|f| f.hold_ms >= 1500));
         assert!(a[..4].iter().any(|f| f.target == Target::GroupCoordinator));
         let no_net = schedule(1, 20, 3, 3, false);
         assert!(no_net.iter().all(|f| f.kind != FaultKind::Isolate));
+        let no_net_kinds: BTreeSet<String> = no_net[..6]
+            .iter()
+            .map(|f| format!("{:?}", f.kind))
+            .collect();
+        assert_eq!(no_net_kinds.len(), 6);
+        // The whole-cluster outage stays rare after the first pass.
+        let long = schedule(7, 400, 3, 3, true);
+        let outages = long[7..]
+            .iter()
+            .filter(|f| f.kind == FaultKind::PowerLossAll)
+            .count();
+        assert!(
+            (5..=45).contains(&outages),
+            "{outages} whole-cluster power losses"
+        );
         assert!(no_net.iter().all(|f| match f.target {
             Target::Node(n) => (1..=3).contains(&n),
             Target::LeaderOf(p) => p < 3,

@@ -191,7 +191,40 @@ fn validate(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Waits (up to 30 s) until every partition of a new topic has an elected leader with all its
+/// replicas in sync, led by its preferred replica: the benchmark's pipelines go to one leader
+/// and stop on a leader change, which the preferred-leader hand-back a few seconds after a
+/// topic is created would otherwise cause in the middle of a measurement. Starts anyway if
+/// that does not happen.
+async fn settle_leaders(client: &Client, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let settled = client.admin().describe_topic(topic).await.is_ok_and(|t| {
+            t.partitions.iter().all(|p| {
+                p.leader != 0
+                    && p.in_sync.len() == p.replicas.len()
+                    && p.replicas
+                        .first()
+                        .is_none_or(|preferred| *preferred == p.leader)
+            })
+        });
+        if settled {
+            // The routes cached while the topic was being created may name no leader or an
+            // old one.
+            let _ = client.refresh_metadata().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn ensure_topic(client: &Client, a: &BenchArgs) -> Result<u32> {
+    let partitions = find_or_create_topic(client, a).await?;
+    settle_leaders(client, &a.topic).await;
+    Ok(partitions)
+}
+
+async fn find_or_create_topic(client: &Client, a: &BenchArgs) -> Result<u32> {
     let admin = client.admin();
     match admin.describe_topic(&a.topic).await {
         Ok(t) => Ok(t.partitions.len() as u32),
