@@ -34,6 +34,37 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// Every send, acknowledgement, error, poll, commit and fault of the run, one line each with
+/// the milliseconds since the start, written as it happens (to `KEEL_FAULT_HISTORY`, else into
+/// the run's directory, and kept next to the broker logs when the run fails).
+#[derive(Clone)]
+struct Events {
+    started: Instant,
+    out: Arc<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+impl Events {
+    fn create(path: &std::path::Path, started: Instant) -> Self {
+        let file = std::fs::File::create(path).expect("history file");
+        Self {
+            started,
+            out: Arc::new(Mutex::new(std::io::BufWriter::new(file))),
+        }
+    }
+
+    fn log(&self, what: std::fmt::Arguments<'_>) {
+        use std::io::Write as _;
+        let ms = self.started.elapsed().as_millis();
+        let mut out = self.out.lock().expect("lock");
+        let _ = writeln!(out, "{ms} {what}");
+    }
+
+    fn flush(&self) {
+        use std::io::Write as _;
+        let _ = self.out.lock().expect("lock").flush();
+    }
+}
+
 /// One producer's loop: unique values, some keyed, some to fixed partitions.
 async fn produce(
     client: Client,
@@ -42,6 +73,7 @@ async fn produce(
     stop: Arc<AtomicBool>,
     writes: Arc<Mutex<BTreeMap<String, Outcome>>>,
     acked_at: Arc<Mutex<Vec<Instant>>>,
+    events: Events,
 ) {
     let producer = client
         .producer(ProducerConfig::default().delivery_timeout(Duration::from_secs(60)))
@@ -52,13 +84,21 @@ async fn produce(
         let outcome = match r {
             Ok(m) => {
                 acked_at.lock().expect("lock").push(Instant::now());
+                let offset = m.offset.expect("acks=all gives offsets");
+                events.log(format_args!("ack {value} {}@{offset}", m.partition));
                 Outcome::Acked {
                     partition: m.partition,
-                    offset: m.offset.expect("acks=all gives offsets"),
+                    offset,
                 }
             }
-            Err(e) if e.is_definite() => Outcome::Refused,
-            Err(_) => Outcome::Unknown,
+            Err(e) if e.is_definite() => {
+                events.log(format_args!("refused {value}: {e}"));
+                Outcome::Refused
+            }
+            Err(e) => {
+                events.log(format_args!("unknown {value}: {e}"));
+                Outcome::Unknown
+            }
         };
         writes.lock().expect("lock").insert(value, outcome);
     };
@@ -70,6 +110,7 @@ async fn produce(
         } else {
             record.partition((seq % u64::from(PARTITIONS)) as u32)
         };
+        events.log(format_args!("send {value}"));
         match producer.send(record).await {
             Ok(ack) => pending.push((value, ack)),
             Err(e) => settle(value, Err(e)),
@@ -197,6 +238,16 @@ async fn faults_under_load_keep_every_invariant() {
         .await
         .expect("create topic");
 
+    let history = std::env::var_os("KEEL_FAULT_HISTORY")
+        .map_or_else(|| dir.path().join("history.log"), std::path::PathBuf::from);
+    let events = Events::create(&history, Instant::now());
+    println!("event history: {}", history.display());
+    // Keeps the history beside the preserved broker logs of a failed run.
+    let keep_history = |logs: &std::path::Path| {
+        events.flush();
+        let _ = std::fs::copy(&history, logs.join("history.log"));
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     let writes: Arc<Mutex<BTreeMap<String, Outcome>>> = Arc::default();
     let acked_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
@@ -210,6 +261,7 @@ async fn faults_under_load_keep_every_invariant() {
                 Arc::clone(&stop),
                 Arc::clone(&writes),
                 Arc::clone(&acked_at),
+                events.clone(),
             ))
         })
         .collect();
@@ -220,10 +272,11 @@ async fn faults_under_load_keep_every_invariant() {
     let commits: Arc<Mutex<Commits>> = Arc::default();
     let consumer_stop = Arc::new(AtomicBool::new(false));
     let consumer = {
-        let (client, consumed, stop) = (
+        let (client, consumed, stop, events) = (
             client.clone(),
             Arc::clone(&consumed),
             Arc::clone(&consumer_stop),
+            events.clone(),
         );
         tokio::spawn(async move {
             let mut member = client
@@ -242,23 +295,32 @@ async fn faults_under_load_keep_every_invariant() {
                         for r in records {
                             let v = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
                                 .into_owned();
+                            events.log(format_args!("poll {}@{} {v}", r.partition, r.offset));
                             seen.push((r.partition, r.offset, v));
                         }
                     }
-                    Err(e) => println!("consumer poll: {e}"),
+                    Err(e) => {
+                        events.log(format_args!("poll failed: {e}"));
+                        println!("consumer poll: {e}");
+                    }
                 }
-                if let Err(e) = member.commit_sync().await {
-                    println!("consumer commit: {e}");
+                match member.commit_sync().await {
+                    Ok(()) => events.log(format_args!("commit ok")),
+                    Err(e) => {
+                        events.log(format_args!("commit failed: {e}"));
+                        println!("consumer commit: {e}");
+                    }
                 }
             }
             let _ = member.close().await;
         })
     };
     let observer = {
-        let (client, commits, stop) = (
+        let (client, commits, stop, events) = (
             client.clone(),
             Arc::clone(&commits),
             Arc::clone(&consumer_stop),
+            events.clone(),
         );
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -267,6 +329,7 @@ async fn faults_under_load_keep_every_invariant() {
                     for o in offsets {
                         let seen = c.entry((GROUP.to_owned(), o.partition)).or_default();
                         if seen.last() != Some(&o.offset) {
+                            events.log(format_args!("committed {}@{}", o.partition, o.offset));
                             seen.push(o.offset);
                         }
                     }
@@ -301,6 +364,12 @@ async fn faults_under_load_keep_every_invariant() {
         };
         let at = started.elapsed().as_millis();
         let hold = Duration::from_millis(hold_ms);
+        let what = if kind == FaultKind::PowerLossAll {
+            "every broker".to_owned()
+        } else {
+            format!("broker {node} ({target:?})")
+        };
+        events.log(format_args!("fault {kind:?} {what} for {hold_ms} ms"));
         match kind {
             FaultKind::Kill => {
                 cluster.node(node).kill9();
@@ -354,12 +423,8 @@ async fn faults_under_load_keep_every_invariant() {
                 }
             }
         }
-        let what = if kind == FaultKind::PowerLossAll {
-            "every broker".to_owned()
-        } else {
-            format!("broker {node} ({target:?})")
-        };
         timeline.push(format!("{at:>6} ms  {kind:?} {what} for {hold_ms} ms"));
+        events.log(format_args!("healed {kind:?} {what}"));
         // A broker whose metadata storage failed exits for its supervisor to restart it: this
         // loop is the supervisor.
         for n in &mut cluster.nodes {
@@ -369,6 +434,7 @@ async fn faults_under_load_keep_every_invariant() {
                     started.elapsed().as_millis(),
                     n.id
                 ));
+                events.log(format_args!("broker {} exited ({status}); restarted", n.id));
                 n.restart();
             }
         }
@@ -387,6 +453,7 @@ async fn faults_under_load_keep_every_invariant() {
             }
             if Instant::now() >= deadline {
                 let logs = cluster.preserve_logs();
+                keep_history(&logs);
                 panic!(
                     "the cluster did not heal after {f} (seed {seed}); broker logs in {}",
                     logs.display()
@@ -489,6 +556,14 @@ async fn faults_under_load_keep_every_invariant() {
         "{total} records in the log; {report}; {dropped} responses dropped on client links; availability {:.1}% of {slots} s",
         100.0 * acked.len() as f64 / slots as f64
     );
-    assert!(report.ok(), "seed {seed}: {report}");
+    events.flush();
+    if !report.ok() {
+        let logs = cluster.preserve_logs();
+        keep_history(&logs);
+        panic!(
+            "seed {seed}: {report}; broker logs and the event history in {}",
+            logs.display()
+        );
+    }
     assert!(report.acknowledged > 0, "nothing was acknowledged");
 }
