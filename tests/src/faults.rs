@@ -71,6 +71,9 @@ pub struct Fault {
     pub kind: FaultKind,
     pub target: Target,
     pub hold_ms: u64,
+    /// While this fault holds, the clients' link to this broker also loses responses: a
+    /// second, overlapping fault that takes no replica down.
+    pub lose_responses: Option<u32>,
 }
 
 impl fmt::Display for Fault {
@@ -79,16 +82,24 @@ impl fmt::Display for Fault {
             f,
             "+{}ms {:?} {:?} for {}ms",
             self.after_ms, self.kind, self.target, self.hold_ms
-        )
+        )?;
+        if let Some(n) = self.lose_responses {
+            write!(f, " + lost responses on broker {n}")?;
+        }
+        Ok(())
     }
 }
 
 /// `count` faults, one at a time: apart from `PowerLossAll`, at most one broker of three is
 /// down or cut off, so a majority remains. The first faults go through every kind and every
 /// target kind, so even a short schedule covers them all; the rest are random, with a
-/// whole-cluster power loss rarer than the others.
+/// whole-cluster power loss rarer than the others. After the first pass, the first fault and
+/// then about half of the others that take a broker down or cut it off also lose responses on
+/// the clients' link to a broker while they hold (drawn from a second stream, so a seed's main
+/// schedule is the same with or without overlaps).
 pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: bool) -> Vec<Fault> {
     let mut rng = Rng::new(seed);
+    let mut over = Rng::new(seed ^ 0x6f76_6572_6c61_7073);
     let mut kinds = vec![
         FaultKind::Kill,
         FaultKind::Pause,
@@ -127,6 +138,9 @@ pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: b
             } else {
                 targets(&mut rng)
             };
+            let overlaps = !matches!(kind, FaultKind::DropResponses | FaultKind::PowerLossAll)
+                && i >= kinds.len()
+                && (over.range(0, 1) == 0 || i == kinds.len());
             Fault {
                 after_ms: rng.range(500, 2500),
                 kind,
@@ -134,6 +148,7 @@ pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: b
                 // Longer than an election timeout (0.4-0.8 s for partitions, 0.6-1.2 s for the
                 // metadata group), so leaders really move.
                 hold_ms: rng.range(1500, 4000),
+                lose_responses: overlaps.then(|| over.range(1, u64::from(nodes)) as u32),
             }
         })
         .collect()
@@ -468,6 +483,16 @@ mod tests {
         assert!(
             (5..=45).contains(&outages),
             "{outages} whole-cluster power losses"
+        );
+        let overlapping = long.iter().filter(|f| f.lose_responses.is_some()).count();
+        assert!(
+            (100..=250).contains(&overlapping),
+            "{overlapping} overlapping faults"
+        );
+        assert!(long[..7].iter().all(|f| f.lose_responses.is_none()));
+        assert!(
+            long.iter()
+                .all(|f| f.lose_responses.is_none_or(|n| (1..=3).contains(&n)))
         );
         assert!(no_net.iter().all(|f| match f.target {
             Target::Node(n) => (1..=3).contains(&n),

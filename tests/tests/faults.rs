@@ -348,6 +348,7 @@ async fn faults_under_load_keep_every_invariant() {
             kind,
             target,
             hold_ms,
+            lose_responses,
         } = *f;
         tokio::time::sleep(Duration::from_millis(after_ms)).await;
         let resolved = if kind == FaultKind::PowerLossAll {
@@ -364,65 +365,85 @@ async fn faults_under_load_keep_every_invariant() {
         };
         let at = started.elapsed().as_millis();
         let hold = Duration::from_millis(hold_ms);
-        let what = if kind == FaultKind::PowerLossAll {
+        let mut what = if kind == FaultKind::PowerLossAll {
             "every broker".to_owned()
         } else {
             format!("broker {node} ({target:?})")
         };
+        if let Some(n) = lose_responses {
+            what.push_str(&format!(
+                ", with responses lost on the clients' link to broker {n}"
+            ));
+        }
         events.log(format_args!("fault {kind:?} {what} for {hold_ms} ms"));
-        match kind {
-            FaultKind::Kill => {
-                cluster.node(node).kill9();
-                tokio::time::sleep(hold).await;
-                cluster.node(node).restart();
-            }
-            FaultKind::Pause => {
-                let pid = cluster.node(node).pid().expect("running").to_string();
-                let _ = std::process::Command::new("kill")
-                    .args(["-STOP", &pid])
-                    .status();
-                tokio::time::sleep(hold).await;
-                let _ = std::process::Command::new("kill")
-                    .args(["-CONT", &pid])
-                    .status();
-            }
-            FaultKind::DropResponses => {
-                let proxy = &proxies[node as usize - 1];
+        // A second fault during the hold that takes no replica down: the clients' link to a
+        // broker loses responses, so they retry into the failover the first fault causes.
+        let overlap = async {
+            if let Some(n) = lose_responses {
+                let proxy = &proxies[n as usize - 1];
                 let until = Instant::now() + hold;
                 while Instant::now() < until {
                     proxy.drop_next_response();
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            FaultKind::Isolate => {
-                let others: Vec<String> = (1..=3).filter(|i| *i != node).map(ip).collect();
-                let cut = NetPartition::isolate(&ip(node), &others).expect("iptables");
-                tokio::time::sleep(hold).await;
-                cut.heal();
-            }
-            FaultKind::PowerLoss => {
-                cluster.node(node).power_loss();
-                tokio::time::sleep(hold).await;
-                cluster.node(node).restart();
-            }
-            FaultKind::FailFsync => {
-                cluster.node(node).toggle_failing_fsyncs();
-                tokio::time::sleep(hold).await;
-                cluster.node(node).toggle_failing_fsyncs();
-            }
-            FaultKind::PowerLossAll => {
-                for n in &mut cluster.nodes {
-                    n.power_loss();
+        };
+        let action = async {
+            match kind {
+                FaultKind::Kill => {
+                    cluster.node(node).kill9();
+                    tokio::time::sleep(hold).await;
+                    cluster.node(node).restart();
                 }
-                tokio::time::sleep(hold).await;
-                for n in &mut cluster.nodes {
-                    n.relaunch();
+                FaultKind::Pause => {
+                    let pid = cluster.node(node).pid().expect("running").to_string();
+                    let _ = std::process::Command::new("kill")
+                        .args(["-STOP", &pid])
+                        .status();
+                    tokio::time::sleep(hold).await;
+                    let _ = std::process::Command::new("kill")
+                        .args(["-CONT", &pid])
+                        .status();
                 }
-                for n in &cluster.nodes {
-                    n.wait_ready();
+                FaultKind::DropResponses => {
+                    let proxy = &proxies[node as usize - 1];
+                    let until = Instant::now() + hold;
+                    while Instant::now() < until {
+                        proxy.drop_next_response();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                FaultKind::Isolate => {
+                    let others: Vec<String> = (1..=3).filter(|i| *i != node).map(ip).collect();
+                    let cut = NetPartition::isolate(&ip(node), &others).expect("iptables");
+                    tokio::time::sleep(hold).await;
+                    cut.heal();
+                }
+                FaultKind::PowerLoss => {
+                    cluster.node(node).power_loss();
+                    tokio::time::sleep(hold).await;
+                    cluster.node(node).restart();
+                }
+                FaultKind::FailFsync => {
+                    cluster.node(node).toggle_failing_fsyncs();
+                    tokio::time::sleep(hold).await;
+                    cluster.node(node).toggle_failing_fsyncs();
+                }
+                FaultKind::PowerLossAll => {
+                    for n in &mut cluster.nodes {
+                        n.power_loss();
+                    }
+                    tokio::time::sleep(hold).await;
+                    for n in &mut cluster.nodes {
+                        n.relaunch();
+                    }
+                    for n in &cluster.nodes {
+                        n.wait_ready();
+                    }
                 }
             }
-        }
+        };
+        tokio::join!(action, overlap);
         timeline.push(format!("{at:>6} ms  {kind:?} {what} for {hold_ms} ms"));
         events.log(format_args!("healed {kind:?} {what}"));
         // A broker whose metadata storage failed exits for its supervisor to restart it: this
