@@ -315,6 +315,43 @@ pub fn committed_prefix(rows: &[BatchRow], upto_offset: u64) -> Vec<BatchRow> {
 }
 
 /// Groups rows by node id (helper for assertion messages).
+/// Checks that every acknowledged record (offset to value) reads back at its offset, then stops
+/// the brokers and checks that the partition's committed prefix is byte-identical on every
+/// replica.
+pub async fn assert_acked_and_replicas_identical(
+    cluster: &mut ClusterProc,
+    client: &keel_client::Client,
+    topic: &str,
+    partition: u32,
+    acked: &BTreeMap<u64, String>,
+) {
+    let log = crate::records::read_partition(client, topic, partition, true).await;
+    for (o, v) in acked {
+        assert_eq!(log.get(o), Some(v), "acknowledged record at offset {o}");
+    }
+    let hwm = log.keys().next_back().map_or(0, |o| o + 1);
+    for n in &mut cluster.nodes {
+        let status = n.terminate();
+        assert!(status.success(), "broker {} exited with {status}", n.id);
+    }
+    let ids: Vec<u32> = cluster.nodes.iter().map(|n| n.id).collect();
+    let prefix = |id: u32| {
+        committed_prefix(
+            &replica_batches(&cluster.replica_dir(id, topic, partition)),
+            hwm,
+        )
+    };
+    let first = prefix(ids[0]);
+    for id in &ids[1..] {
+        assert_eq!(
+            prefix(*id),
+            first,
+            "broker {id}'s replica of {topic}/{partition} differs from broker {}'s",
+            ids[0]
+        );
+    }
+}
+
 pub fn by_node(rows: Vec<(u32, Vec<BatchRow>)>) -> BTreeMap<u32, Vec<BatchRow>> {
     rows.into_iter().collect()
 }

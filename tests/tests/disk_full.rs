@@ -9,8 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keel_client::{ProducerConfig, ProducerRecord};
-use keel_tests::cluster::{ClusterProc, committed_prefix, replica_batches};
-use keel_tests::records::read_partition;
+use keel_tests::cluster::{ClusterProc, assert_acked_and_replicas_identical};
 
 const TOPIC: &str = "filling";
 const WAIT: Duration = Duration::from_secs(60);
@@ -125,20 +124,5 @@ async fn a_full_disk_stops_only_that_replica_and_it_recovers_once_space_returns(
     producer.close().await.expect("close");
 
     // Nothing acknowledged was lost, and the replicas are byte-identical.
-    let log = read_partition(&client, TOPIC, 0, true).await;
-    for (o, v) in &acked {
-        assert_eq!(log.get(o), Some(v), "acknowledged record at offset {o}");
-    }
-    let hwm = log.keys().next_back().map_or(0, |o| o + 1);
-    for n in &mut cluster.nodes {
-        assert!(n.terminate().success());
-    }
-    let prefixes: Vec<_> = (1..=3)
-        .map(|id| committed_prefix(&replica_batches(&cluster.replica_dir(id, TOPIC, 0)), hwm))
-        .collect();
-    assert_eq!(prefixes[0], prefixes[1]);
-    assert_eq!(
-        prefixes[0], prefixes[2],
-        "broker 3's replica differs after recovering"
-    );
+    assert_acked_and_replicas_identical(&mut cluster, &client, TOPIC, 0, &acked).await;
 }

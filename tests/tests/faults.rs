@@ -129,6 +129,27 @@ async fn produce(
     let _ = producer.close().await;
 }
 
+/// A broker whose metadata storage failed exits for its supervisor to restart it: this is the
+/// supervisor.
+fn restart_exited(
+    cluster: &mut ClusterProc,
+    timeline: &mut Vec<String>,
+    events: &Events,
+    started: Instant,
+) {
+    for n in &mut cluster.nodes {
+        if let Some(status) = n.reap_exited() {
+            timeline.push(format!(
+                "{:>6} ms  broker {} exited ({status}); restarted",
+                started.elapsed().as_millis(),
+                n.id
+            ));
+            events.log(format_args!("broker {} exited ({status}); restarted", n.id));
+            n.restart();
+        }
+    }
+}
+
 async fn leader_of(client: &Client, p: u32) -> Option<u32> {
     let t = client.admin().describe_topic(TOPIC).await.ok()?;
     t.partitions
@@ -446,32 +467,11 @@ async fn faults_under_load_keep_every_invariant() {
         tokio::join!(action, overlap);
         timeline.push(format!("{at:>6} ms  {kind:?} {what} for {hold_ms} ms"));
         events.log(format_args!("healed {kind:?} {what}"));
-        // A broker whose metadata storage failed exits for its supervisor to restart it: this
-        // loop is the supervisor.
-        for n in &mut cluster.nodes {
-            if let Some(status) = n.reap_exited() {
-                timeline.push(format!(
-                    "{:>6} ms  broker {} exited ({status}); restarted",
-                    started.elapsed().as_millis(),
-                    n.id
-                ));
-                events.log(format_args!("broker {} exited ({status}); restarted", n.id));
-                n.restart();
-            }
-        }
+        restart_exited(&mut cluster, &mut timeline, &events, started);
         // One fault at a time: wait until the broker is back and caught up.
         let deadline = Instant::now() + WAIT;
         while !all_in_sync(&client).await {
-            for n in &mut cluster.nodes {
-                if let Some(status) = n.reap_exited() {
-                    timeline.push(format!(
-                        "{:>6} ms  broker {} exited ({status}); restarted",
-                        started.elapsed().as_millis(),
-                        n.id
-                    ));
-                    n.restart();
-                }
-            }
+            restart_exited(&mut cluster, &mut timeline, &events, started);
             if Instant::now() >= deadline {
                 let logs = cluster.preserve_logs();
                 keep_history(&logs);
