@@ -281,18 +281,17 @@ impl Log {
         if keep_next >= end {
             return;
         }
-        let prev_term = {
-            let segs = self.segments();
-            segs.iter()
-                .position(|s| Arc::ptr_eq(s, &seg))
-                .and_then(|k| k.checked_sub(1))
-                .and_then(|p| segs[p].last_batch().ok().flatten())
-                .map_or(0, |h| h.raft_term)
+        let published = self.segments();
+        // The writer's segment may be missing from the published list (a failed `reset`
+        // empties it); it then has no predecessor to take a term from.
+        let (segs, k) = match published.iter().position(|s| Arc::ptr_eq(s, &seg)) {
+            Some(k) => (&published[..], k),
+            None => (std::slice::from_ref(&seg), 0),
         };
         let cut = seg
             .locate(Key::RaftIndex(keep_next.max(seg.base_raft_index)))
             .and_then(|found| match found {
-                Some((pos, _)) => Ok(Some((pos, tail_before(&seg, pos, prev_term)?))),
+                Some((pos, _)) => Ok(Some((pos, tail_at(segs, k, pos)?))),
                 None => Ok(None),
             });
         match cut {
@@ -770,11 +769,7 @@ impl Log {
             return Ok(());
         };
         let seg = Arc::clone(&segs[k]);
-        let prev_term = match k.checked_sub(1) {
-            Some(p) => segs[p].last_batch()?.map_or(0, |h| h.raft_term),
-            None => 0,
-        };
-        let tail = tail_before(&seg, pos, prev_term)?;
+        let tail = tail_at(&segs, k, pos)?;
         let removed: Vec<Arc<Segment>> = segs[k + 1..].to_vec();
         if !Arc::ptr_eq(&w.active.seg, &seg) {
             w.active = ActiveSegment::attach(
@@ -964,6 +959,16 @@ impl Log {
             .sync_dir(&self.dir)
             .map_err(|e| LogError::io("syncing directory", &self.dir, e))
     }
+}
+
+/// The tail of `segs[k]` if it ended just before the batch at `pos`, taking the last term from
+/// the segment before it.
+fn tail_at(segs: &[Arc<Segment>], k: usize, pos: u64) -> Result<Tail> {
+    let prev_term = match k.checked_sub(1) {
+        Some(p) => segs[p].last_batch()?.map_or(0, |h| h.raft_term),
+        None => 0,
+    };
+    tail_before(&segs[k], pos, prev_term)
 }
 
 /// The segment's tail if it ended just before the batch at `pos`.
