@@ -1,13 +1,14 @@
-//! Keel's broker: topics of partitions (each a `keel_log::Log`) served over gRPC, plus a
-//! Prometheus/health HTTP port. Single-node until the [cluster] issue puts each partition under
-//! Raft; every request and response already carries what the cluster needs (leaders, acks, high
-//! watermarks, broker ids).
+//! Keel's broker: topics of partitions served over gRPC, plus a Prometheus/health HTTP port.
+//! Every broker is a member of a cluster (a cluster of one when started alone): a metadata
+//! Raft group holds the catalogue and each partition replica is a member of its own Raft group
+//! whose log is the partition's `keel_log::Log`.
 
 pub mod cluster;
 mod conn;
 pub mod error;
 pub mod groups;
 mod http;
+mod legacy;
 pub mod metadata;
 pub mod partition;
 pub mod registry;

@@ -1,10 +1,9 @@
-//! The cluster metadata of a single-node broker: topics, their ids, partition counts and
-//! configs, persisted atomically as JSON. The [cluster] issue replaces this store with the
-//! metadata Raft group; the rest of the broker only sees [`ClusterMeta`].
+//! What the metadata says of a topic and of idempotent producers, and the catalogue a
+//! single-node broker kept in `metadata.json` before every broker ran the metadata Raft group
+//! (read once, when such a data directory is converted: see `legacy`).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -168,11 +167,12 @@ impl ProducerIds {
     }
 }
 
-const FILE: &str = "metadata.json";
+/// The catalogue file of a single-node broker before the conversion.
+pub const FILE: &str = "metadata.json";
 
-/// Loads the metadata of `data_dir`, or a fresh one for a new broker. Refuses a data directory
-/// that belongs to another broker id.
-pub fn load(data_dir: &Path, broker_id: u32) -> Result<ClusterMeta> {
+/// Loads the catalogue of a single-node broker's data directory, if it has one. Refuses a
+/// data directory that belongs to another broker id.
+pub fn load(data_dir: &Path, broker_id: u32) -> Result<Option<ClusterMeta>> {
     let path = data_dir.join(FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -186,39 +186,14 @@ pub fn load(data_dir: &Path, broker_id: u32) -> Result<ClusterMeta> {
                     meta.broker_id
                 )));
             }
-            Ok(meta)
+            Ok(Some(meta))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClusterMeta {
-            broker_id,
-            next_topic_id: 1,
-            topics: BTreeMap::new(),
-            producers: ProducerIds::default(),
-        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(BrokerError::Internal(format!(
             "reading {}: {e}",
             path.display()
         ))),
     }
-}
-
-/// Writes the metadata atomically: temporary file, fsync, rename, directory fsync.
-pub fn store(data_dir: &Path, meta: &ClusterMeta) -> Result<()> {
-    let io = |what: &str, p: &Path, e: std::io::Error| BrokerError::Storage {
-        message: format!("{what} {}: {e}", p.display()),
-        definite: true,
-    };
-    let tmp: PathBuf = data_dir.join(format!("{FILE}.tmp"));
-    let path = data_dir.join(FILE);
-    let bytes =
-        serde_json::to_vec_pretty(meta).map_err(|e| BrokerError::Internal(e.to_string()))?;
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
-    f.write_all(&bytes).map_err(|e| io("writing", &tmp, e))?;
-    f.sync_all().map_err(|e| io("flushing", &tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(|e| io("renaming", &path, e))?;
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing", data_dir, e))
 }
 
 #[cfg(test)]

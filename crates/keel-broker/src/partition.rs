@@ -1,13 +1,14 @@
-//! One partition replica on this broker: its log plus a watch of its end, which long polls and
-//! subscriptions wait on.
+//! One partition replica on this broker: a member of the partition's Raft group (a group of
+//! one voter on a broker started alone), its log, and a watch of its high watermark, which long
+//! polls and subscriptions wait on.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Once, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use keel_log::{AppendInfo, Clock, Log, LogError, ReadLimit, ReadSlice, SystemClock};
-use keel_raft::producers::{ProducerTable, SeqBatch, Verdict};
+use keel_log::batch::VerifiedBatch;
+use keel_log::{Log, LogError, ReadLimit, ReadSlice};
+use keel_raft::producers::Verdict;
 use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver as _;
@@ -15,7 +16,7 @@ use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
 use openraft::raft::ClientWriteResult;
 use openraft::type_config::alias::OneshotReceiverOf;
-use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
+use tokio::sync::{Mutex as AsyncMutex, watch};
 
 use crate::cluster::quiet::{Activity, Liveness};
 use crate::cluster::sm::BrokerRaft;
@@ -28,19 +29,14 @@ pub struct Partition {
     pub topic: Arc<str>,
     pub id: u32,
     log: Arc<Log>,
-    /// The high watermark: the end of what is committed. On a single node that is what is
-    /// durable under the topic's flush policy: fsynced when `flush.messages` is 1, appended
-    /// otherwise (flushing left to the OS or an interval, as in Kafka). A replicated partition
-    /// advances it when its Raft group applies a committed batch.
+    /// The high watermark: the end of what is committed, advanced by the state machine as
+    /// the Raft group applies committed batches.
     hwm_tx: watch::Sender<u64>,
-    backend: Backend,
+    replica: RaftReplica,
     /// Serialises idempotent appends: the sequence check and the append must happen in the
     /// same order for a producer, and what is appended but not committed must be visible to
     /// the next check.
     admission: AsyncMutex<Admission>,
-    /// The topic's `producer.id.expiration.ms` (a replicated partition's state machine keeps
-    /// its own copy).
-    producer_expiry_ms: AtomicI64,
 }
 
 /// A batch's idempotent-producer fields.
@@ -65,43 +61,23 @@ struct PendingBatch {
 /// The leader's view of idempotent producers beyond the applied state.
 #[derive(Debug, Default)]
 struct Admission {
-    /// Raft: the term these pending batches were appended in.
+    /// The term these pending batches were appended in.
     term: u64,
-    /// Raft: whether everything earlier terms left in the log is applied (then the applied
-    /// state plus `pending` is the whole log).
+    /// Whether everything earlier terms left in the log is applied (then the applied state
+    /// plus `pending` is the whole log).
     caught_up: bool,
-    /// Raft: batches this broker appended as leader that are not applied yet, oldest first,
-    /// with the term they were checked in.
+    /// Batches this broker appended as leader that are not applied yet, oldest first, with
+    /// the term they were checked in.
     pending: Vec<PendingBatch>,
-    /// Raft: after a term change, the log end when this leader caught up; once applied past
-    /// it, pending batches of earlier terms that are still not applied were never appended.
+    /// After a term change, the log end when this leader caught up; once applied past it,
+    /// pending batches of earlier terms that are still not applied were never appended.
     old_until: Option<u64>,
-    /// Local: the table of a single-node partition, where appending is committing.
-    local: ProducerTable,
-    last_expiry: Option<std::time::Instant>,
 }
-
-/// How often a partition sweeps its expired producers.
-const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long an idempotent append waits for a new leader to apply what earlier terms left in
 /// its log, or for the duplicate it found in flight to commit.
 const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-#[derive(Debug)]
-enum Backend {
-    /// A single-node broker's partition: the log alone.
-    Local {
-        flush_every_batch: AtomicBool,
-        /// Wakes this partition's background flusher (one task per partition, started on
-        /// first use), which fsyncs and then advances the high watermark; wake-ups coalesce.
-        flush_wanted: Arc<Notify>,
-        flusher: Once,
-    },
-    /// A replica of a partition's Raft group, whose log is this log.
-    Raft(RaftReplica),
-}
-
-/// The Raft side of a replicated partition.
+/// A partition's member of its Raft group.
 #[derive(Debug, Clone)]
 pub struct RaftReplica {
     pub raft: BrokerRaft,
@@ -195,26 +171,9 @@ impl RaftReplica {
     }
 }
 
-impl Drop for Partition {
-    fn drop(&mut self) {
-        // Lets the flusher notice the partition is gone and end.
-        if let Backend::Local { flush_wanted, .. } = &self.backend {
-            flush_wanted.notify_one();
-        }
-    }
-}
-
 /// A leader whose last quorum acknowledgement is older than this (more than an election
 /// timeout) refuses produce and fetch requests as not the leader.
 const QUORUM_ACK_TIMEOUT_MS: u64 = 1500;
-
-/// Acknowledgement level of an append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckLevel {
-    None,
-    Leader,
-    All,
-}
 
 /// Where an acknowledged batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,10 +189,9 @@ enum Admitted {
     InFlight(u64),
 }
 
-/// An append in progress: appended locally, or submitted to the Raft group.
+/// An append in progress: submitted to the Raft group, or found already written.
 #[derive(Debug)]
 pub enum Pending {
-    Local(AppendInfo),
     /// With, for an idempotent batch, the flag that tells the leader's admission the write was
     /// refused (so a retry of it is new, not a duplicate in flight).
     Raft(
@@ -246,32 +204,8 @@ pub enum Pending {
 }
 
 impl Partition {
-    pub fn open(dir: &Path, topic: Arc<str>, id: u32, cfg: &Resolved) -> Result<Self> {
-        let log = Log::open(dir, cfg.log_config()).map_err(|e| BrokerError::Storage {
-            message: format!("opening {topic}/{id}: {e}"),
-            definite: true,
-        })?;
-        let (hwm_tx, _) = watch::channel(log.log_end_offset());
-        Ok(Self {
-            hwm_tx,
-            backend: Backend::Local {
-                flush_every_batch: AtomicBool::new(cfg.flush_every_batch()),
-                flush_wanted: Arc::new(Notify::new()),
-                flusher: Once::new(),
-            },
-            admission: AsyncMutex::new(Admission {
-                local: producers_from_log(&log, &topic, id, expiry_ms(cfg)),
-                ..Admission::default()
-            }),
-            producer_expiry_ms: AtomicI64::new(expiry_ms(cfg)),
-            log: Arc::new(log),
-            topic,
-            id,
-        })
-    }
-
-    /// A replicated partition over a running Raft replica; `hwm_tx` is the watch its state
-    /// machine advances.
+    /// A partition over a running Raft replica; `hwm_tx` is the watch its state machine
+    /// advances.
     pub fn replicated(
         topic: Arc<str>,
         id: u32,
@@ -283,17 +217,13 @@ impl Partition {
             id,
             log: replica.store.log_arc(),
             hwm_tx,
-            backend: Backend::Raft(replica),
+            replica,
             admission: AsyncMutex::new(Admission::default()),
-            producer_expiry_ms: AtomicI64::new(keel_raft::producers::EXPIRY_MS),
         }
     }
 
-    pub fn raft(&self) -> Option<&RaftReplica> {
-        match &self.backend {
-            Backend::Raft(r) => Some(r),
-            Backend::Local { .. } => None,
-        }
+    pub fn raft(&self) -> &RaftReplica {
+        &self.replica
     }
 
     pub fn log(&self) -> &Arc<Log> {
@@ -313,23 +243,13 @@ impl Partition {
     }
 
     pub fn apply_config(&self, cfg: &Resolved) -> Result<()> {
-        match &self.backend {
-            Backend::Local {
-                flush_every_batch, ..
-            } => flush_every_batch.store(cfg.flush_every_batch(), Ordering::Release),
-            Backend::Raft(r) => {
-                r.store.set_sync_appends(cfg.flush_every_batch());
-                r.sm.set_producer_expiry_ms(expiry_ms(cfg));
-            }
-        }
-        self.producer_expiry_ms
-            .store(expiry_ms(cfg), Ordering::Relaxed);
+        let r = &self.replica;
+        r.store.set_sync_appends(cfg.flush_every_batch());
+        r.sm.set_producer_expiry_ms(expiry_ms(cfg));
         let mut log_cfg = cfg.log_config();
-        if self.raft().is_some() {
-            // The Raft group owns deletion: retention goes through a snapshot and a purge.
-            log_cfg.retention_ms = None;
-            log_cfg.retention_bytes = None;
-        }
+        // The Raft group owns deletion: retention goes through a snapshot and a purge.
+        log_cfg.retention_ms = None;
+        log_cfg.retention_bytes = None;
         self.log
             .set_config(log_cfg)
             .map_err(|e| BrokerError::Internal(e.to_string()))
@@ -337,7 +257,7 @@ impl Partition {
 
     /// The leader this replica knows of (id and address), when it is not itself the leader.
     pub fn leader_hint(&self) -> Option<(u32, String)> {
-        let r = self.raft()?;
+        let r = &self.replica;
         let m = r.raft.metrics();
         let m = m.borrow_watched();
         let leader = m.current_leader?;
@@ -352,9 +272,7 @@ impl Partition {
 
     /// Fails with NOT_LEADER unless this replica may serve produce and fetch requests.
     pub fn ensure_leader(&self, fallback: Option<(u32, String)>) -> Result<()> {
-        let Some(r) = self.raft() else {
-            return Ok(());
-        };
+        let r = &self.replica;
         let (leading, stale, voters) = {
             let m = r.raft.metrics();
             let m = m.borrow_watched();
@@ -389,20 +307,17 @@ impl Partition {
         })
     }
 
-    /// The Raft term this replica is in (0 for a single-node partition).
+    /// The Raft term this replica is in.
     pub fn current_term(&self) -> u64 {
-        self.raft()
-            .map_or(0, |r| r.raft.metrics().borrow_watched().current_term)
+        self.replica.raft.metrics().borrow_watched().current_term
     }
 
     /// On a leader, waits until it has applied an entry of its own term, so that everything
     /// earlier leaders committed is applied here too; returns the term. Readers that rebuild
     /// state from the log (the group coordinator) need this before they answer.
     pub async fn wait_leader_caught_up(&self) -> Result<u64> {
-        let Some(r) = self.raft() else {
-            return Ok(0);
-        };
-        r.wait_log_applied()
+        self.replica
+            .wait_log_applied()
             .await
             .ok_or_else(|| BrokerError::Unavailable {
                 message: format!(
@@ -413,15 +328,10 @@ impl Partition {
             })
     }
 
-    /// Appends a validated batch and waits for the durability `acks` asks for.
-    pub async fn append(
-        self: &Arc<Self>,
-        batch: Bytes,
-        acks: AckLevel,
-        index: usize,
-    ) -> Result<Appended> {
-        let pending = self.append_only(batch, acks, index, None).await?;
-        self.complete(pending, acks, index).await
+    /// Appends a validated batch and waits until it is committed.
+    pub async fn append(self: &Arc<Self>, batch: VerifiedBatch) -> Result<Appended> {
+        let pending = self.append_only(batch, None).await?;
+        self.complete(pending).await
     }
 
     /// Appends an idempotent producer's batch unless it is already in the log (then answers
@@ -432,95 +342,19 @@ impl Partition {
     /// appends in tasks of their own, which a cancelled request does not stop).
     async fn append_idempotent(
         self: &Arc<Self>,
-        batch: Bytes,
-        acks: AckLevel,
-        index: usize,
+        batch: VerifiedBatch,
         p: Idempotent,
     ) -> Result<Pending> {
-        let admitted = match &self.backend {
-            Backend::Raft(_) => self.admit_raft(batch, p).await?,
-            Backend::Local { .. } => self.admit_local(batch, acks, index, p).await?,
-        };
-        match admitted {
+        match self.admit(batch, p).await? {
             Admitted::Written(pending) => Ok(pending),
-            Admitted::InFlight(term) => {
-                let r = self.raft().ok_or_else(|| {
-                    BrokerError::Internal("in-flight duplicate on a local partition".into())
-                })?;
-                self.await_duplicate(r, p, term).await
-            }
+            Admitted::InFlight(term) => self.await_duplicate(&self.replica, p, term).await,
         }
     }
 
-    /// A single-node partition: appending is committing, so the table is updated at once.
-    async fn admit_local(
-        self: &Arc<Self>,
-        batch: Bytes,
-        acks: AckLevel,
-        index: usize,
-        p: Idempotent,
-    ) -> Result<Admitted> {
-        let mut adm = self.admission.lock().await;
-        let now = std::time::Instant::now();
-        if adm
-            .last_expiry
-            .is_none_or(|t| now.duration_since(t) > EXPIRY_SWEEP)
-        {
-            adm.last_expiry = Some(now);
-            let expiry = self.producer_expiry_ms.load(Ordering::Relaxed);
-            adm.local.expire(SystemClock.now_ms(), expiry);
-        }
-        match adm
-            .local
-            .check(p.producer_id, p.epoch, p.first_seq, p.last_seq)
-        {
-            Verdict::Append => {
-                let pending = self.append_plain(batch, acks, index).await?;
-                if let Pending::Local(info) = &pending {
-                    adm.local.record(
-                        p.producer_id,
-                        p.epoch,
-                        SeqBatch {
-                            first_seq: p.first_seq,
-                            last_seq: p.last_seq,
-                            base_offset: info.base_offset,
-                            next_offset: info.next_offset,
-                        },
-                        SystemClock.now_ms(),
-                    );
-                }
-                Ok(Admitted::Written(pending))
-            }
-            Verdict::Duplicate(b) => {
-                drop(adm);
-                if acks == AckLevel::All && self.flushes_every_batch() {
-                    // The first copy may be appended but not fsynced yet.
-                    let log = Arc::clone(&self.log);
-                    tokio::task::spawn_blocking(move || log.flush())
-                        .await
-                        .map_err(|e| BrokerError::Internal(e.to_string()))?
-                        .map_err(|e| BrokerError::from_log(e, index))?;
-                    self.advance_hwm(b.next_offset);
-                }
-                Ok(Admitted::Written(Pending::Duplicate(Appended {
-                    base_offset: b.base_offset,
-                    next_offset: b.next_offset,
-                })))
-            }
-            v => Err(self.refusal(p, v)),
-        }
-    }
-
-    fn flushes_every_batch(&self) -> bool {
-        matches!(&self.backend, Backend::Local { flush_every_batch, .. } if flush_every_batch.load(Ordering::Acquire))
-    }
-
-    /// A replicated partition's leader: the applied producer state plus what this leader
-    /// appended and is not applied yet.
-    async fn admit_raft(self: &Arc<Self>, batch: Bytes, p: Idempotent) -> Result<Admitted> {
-        let r = self
-            .raft()
-            .ok_or_else(|| BrokerError::Internal("not a replicated partition".into()))?;
+    /// The leader's admission of an idempotent batch: the applied producer state plus what
+    /// this leader appended and is not applied yet.
+    async fn admit(self: &Arc<Self>, batch: VerifiedBatch, p: Idempotent) -> Result<Admitted> {
+        let r = &self.replica;
         let mut adm = self.admission.lock().await;
         r.activity.wrote();
         if r.activity.set_ticking(true) {
@@ -584,7 +418,7 @@ impl Partition {
             Verdict::Append => {
                 let (responder, rx) = ProgressResponder::complete_only();
                 r.raft
-                    .client_write_ff(BatchData::new(batch), Some(responder))
+                    .client_write_ff(BatchData::verified(batch), Some(responder))
                     .await
                     .map_err(|e| BrokerError::Unavailable {
                         message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
@@ -667,131 +501,42 @@ impl Partition {
         }
     }
 
-    /// Appends a validated batch (a replicated partition: submits it to its Raft group, in
-    /// call order). A local partition's batch becomes visible to consumers once committed: at
-    /// once when the topic leaves flushing to the OS, after the fsync otherwise (started here
-    /// in the background, so acks=leader producers are not slowed and their records still
-    /// show up).
+    /// Submits a validated batch to the partition's Raft group (in call order); an idempotent
+    /// producer's batch is admitted first.
     pub async fn append_only(
         self: &Arc<Self>,
-        batch: Bytes,
-        acks: AckLevel,
-        index: usize,
+        batch: VerifiedBatch,
         producer: Option<Idempotent>,
     ) -> Result<Pending> {
         match producer {
-            Some(p) => self.append_idempotent(batch, acks, index, p).await,
-            None => self.append_plain(batch, acks, index).await,
+            Some(p) => self.append_idempotent(batch, p).await,
+            None => self.append_plain(batch).await,
         }
     }
 
-    async fn append_plain(
-        self: &Arc<Self>,
-        batch: Bytes,
-        acks: AckLevel,
-        index: usize,
-    ) -> Result<Pending> {
-        let flush_every_batch = match &self.backend {
-            Backend::Raft(r) => {
-                r.activity.wrote();
-                if r.activity.set_ticking(true) {
-                    r.raft.runtime_config().tick(true);
-                }
-                r.fresh_lease().await;
-                let (responder, rx) = ProgressResponder::complete_only();
-                r.raft
-                    .client_write_ff(BatchData::new(batch), Some(responder))
-                    .await
-                    .map_err(|e| BrokerError::Unavailable {
-                        message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
-                        definite: true,
-                    })?;
-                return Ok(Pending::Raft(rx, None, std::time::Instant::now()));
-            }
-            Backend::Local {
-                flush_every_batch, ..
-            } => flush_every_batch.load(Ordering::Acquire),
-        };
-        let log = Arc::clone(&self.log);
-        let info = tokio::task::spawn_blocking(move || log.append(&batch, 0))
+    async fn append_plain(self: &Arc<Self>, batch: VerifiedBatch) -> Result<Pending> {
+        let r = &self.replica;
+        r.activity.wrote();
+        if r.activity.set_ticking(true) {
+            r.raft.runtime_config().tick(true);
+        }
+        r.fresh_lease().await;
+        let (responder, rx) = ProgressResponder::complete_only();
+        r.raft
+            .client_write_ff(BatchData::verified(batch), Some(responder))
             .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))?
-            .map_err(|e| BrokerError::from_log(e, index))?;
-        if flush_every_batch {
-            // acks=all waits for its own fsync (`complete`), which advances the high
-            // watermark; only the others need the background flusher.
-            if acks != AckLevel::All {
-                self.request_flush();
-            }
-        } else {
-            self.advance_hwm(info.next_offset);
-        }
-        Ok(Pending::Local(info))
+            .map_err(|e| BrokerError::Unavailable {
+                message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
+                definite: true,
+            })?;
+        Ok(Pending::Raft(rx, None, std::time::Instant::now()))
     }
 
-    /// Asks the background flusher to fsync what was appended and advance the high watermark
-    /// (also used when an acks=all wait was abandoned, so its records still become visible).
-    pub fn request_flush(self: &Arc<Self>) {
-        if let Backend::Local {
-            flush_wanted,
-            flusher,
-            ..
-        } = &self.backend
-        {
-            flusher.call_once(|| {
-                tokio::spawn(flusher_task(Arc::downgrade(self), Arc::clone(flush_wanted)));
-            });
-            flush_wanted.notify_one();
-        }
-    }
-
-    fn advance_hwm(&self, to: u64) {
-        self.hwm_tx.send_if_modified(|h| {
-            let grew = to > *h;
-            *h = (*h).max(to);
-            grew
-        });
-    }
-
-    /// fsyncs up to `info` (shared with concurrent callers: group commit in the log) and
-    /// advances the high watermark.
-    async fn flush(&self, info: &AppendInfo, index: usize) -> Result<()> {
-        let log = Arc::clone(&self.log);
-        let seq = info.flush_seq;
-        tokio::task::spawn_blocking(move || {
-            let t = std::time::Instant::now();
-            let r = log.flush_to(seq);
-            metrics::histogram!("keel_log_flush_seconds").record(t.elapsed().as_secs_f64());
-            r
-        })
-        .await
-        .map_err(|e| BrokerError::Internal(e.to_string()))?
-        .map_err(|e| BrokerError::from_log(e, index))?;
-        self.advance_hwm(info.next_offset);
-        Ok(())
-    }
-
-    /// Waits for the durability `acks` asks for: a local partition with acks=all on a topic
-    /// that fsyncs every batch waits for the fsync; a replicated one waits for the Raft commit
-    /// whatever `acks` says (the offsets are only known then).
-    pub async fn complete(
-        &self,
-        pending: Pending,
-        acks: AckLevel,
-        index: usize,
-    ) -> Result<Appended> {
+    /// Waits until the batch is committed and applied (whatever `acks` says: the offsets are
+    /// only known then).
+    pub async fn complete(&self, pending: Pending) -> Result<Appended> {
         match pending {
             Pending::Duplicate(a) => Ok(a),
-            Pending::Local(info) => {
-                let fsync = matches!(&self.backend, Backend::Local { flush_every_batch, .. } if flush_every_batch.load(Ordering::Acquire));
-                if acks == AckLevel::All && fsync {
-                    self.flush(&info, index).await?;
-                }
-                Ok(Appended {
-                    base_offset: info.base_offset,
-                    next_offset: info.next_offset,
-                })
-            }
             Pending::Raft(rx, refused, submitted) => match rx.await {
                 Ok(Ok(resp)) => {
                     // Submission to applied: replication, the majority's fsyncs, the apply.
@@ -840,11 +585,7 @@ impl Partition {
     /// old high watermark must wait rather than be told its offset is invalid.
     pub fn check_offset(&self, offset: u64) -> Result<u64> {
         let (start, hwm) = (self.log_start_offset(), self.high_watermark());
-        let end = if self.raft().is_some() {
-            hwm.max(self.log.log_end_offset())
-        } else {
-            hwm
-        };
+        let end = hwm.max(self.log.log_end_offset());
         if offset < start || offset > end {
             return Err(self.out_of_range(offset));
         }
@@ -916,61 +657,4 @@ impl Partition {
 
 fn expiry_ms(cfg: &Resolved) -> i64 {
     i64::try_from(cfg.producer_expiration_ms).unwrap_or(i64::MAX)
-}
-
-/// How many of a single-node partition's last batches are read at start-up to rebuild its
-/// producer table. A producer whose last batch is further back is forgotten, which is safe:
-/// its next batch does not start at 0, is refused, and the client starts a new epoch.
-const PRODUCER_SCAN_BATCHES: u64 = 65_536;
-
-/// A single-node partition's producer table, rebuilt from the headers of its last batches
-/// (appending is committing there).
-fn producers_from_log(log: &Log, topic: &str, partition: u32, expiry_ms: i64) -> ProducerTable {
-    let mut table = ProducerTable::new();
-    let next = log.next_raft_index();
-    let first = log
-        .first_raft_index()
-        .max(next.saturating_sub(PRODUCER_SCAN_BATCHES));
-    for i in first..next {
-        match log.entry_header(i) {
-            Ok(h) if h.producer_id >= 0 && !h.attributes.control => table.record(
-                h.producer_id,
-                h.producer_epoch,
-                SeqBatch {
-                    first_seq: h.base_sequence,
-                    last_seq: keel_raft::producers::last_sequence(h.base_sequence, h.record_count),
-                    base_offset: h.base_offset,
-                    next_offset: h.next_offset(),
-                },
-                // Seen now: expiry runs on the broker's clock (see PartitionSm).
-                SystemClock.now_ms(),
-            ),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(%topic, partition, index = i, error = %e, "cannot read a batch header while rebuilding producer state");
-            }
-        }
-    }
-    table.expire(SystemClock.now_ms(), expiry_ms);
-    table
-}
-
-/// The background flusher of one partition: after each wake-up, fsyncs everything appended so
-/// far and advances the high watermark to the end observed before the fsync.
-async fn flusher_task(partition: Weak<Partition>, wanted: Arc<Notify>) {
-    loop {
-        wanted.notified().await;
-        let Some(p) = partition.upgrade() else {
-            return;
-        };
-        let end = p.log.log_end_offset();
-        let log = Arc::clone(&p.log);
-        match tokio::task::spawn_blocking(move || log.flush()).await {
-            Ok(Ok(())) => p.advance_hwm(end),
-            Ok(Err(e)) => {
-                tracing::error!(topic = %p.topic, partition = p.id, error = %e, "background flush failed");
-            }
-            Err(e) => tracing::error!(error = %e, "background flush task failed"),
-        }
-    }
 }

@@ -134,36 +134,42 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         }));
     }
 
-    let data_dir = config.data_dir.clone();
-    let id = config.id;
-    let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir, id))
-        .await
-        .map_err(|e| BrokerError::Internal(e.to_string()))??;
-    let clustered = !config.initial_cluster.is_empty() || config.join.is_some();
-    let cluster = if clustered {
-        Some(
-            ClusterNode::start(
-                config.id,
-                advertise.clone(),
-                &config.data_dir,
-                &config.initial_cluster,
-                config.join.is_some(),
-                // Peers see this broker's own address as the source of its connections.
-                Some(grpc_addr.ip()).filter(|ip| !ip.is_unspecified()),
-                Arc::clone(&config.fs),
-            )
-            .await?,
-        )
-    } else {
-        None
+    // A data directory of a single-node broker from before brokers always formed a cluster
+    // is converted first (see `legacy`).
+    let legacy = {
+        let (dir, id, fs) = (config.data_dir.clone(), config.id, Arc::clone(&config.fs));
+        let peer = config
+            .initial_cluster
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| advertise.clone(), |(_, a)| a.clone());
+        tokio::task::spawn_blocking(move || crate::legacy::convert_partitions(&dir, id, &peer, &fs))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??
     };
+    // Without --initial-cluster or --join the broker is a cluster of one: the same metadata
+    // group and partition groups, each with one voter.
+    let cluster = ClusterNode::start(
+        config.id,
+        advertise.clone(),
+        &config.data_dir,
+        &config.initial_cluster,
+        config.join.is_some(),
+        // Peers see this broker's own address as the source of its connections.
+        Some(grpc_addr.ip()).filter(|ip| !ip.is_unspecified()),
+        Arc::clone(&config.fs),
+    )
+    .await?;
+    if let Some(meta) = legacy {
+        cluster.adopt_legacy(meta, &config.data_dir).await?;
+    }
     let state: Shared = Arc::new(BrokerState {
         id: config.id,
         advertise: advertise.clone(),
-        registry,
+        registry: Registry::default(),
         limits: config.limits,
         shutdown: shutdown_rx.clone(),
-        cluster: cluster.clone(),
+        cluster: Arc::clone(&cluster),
         groups: crate::groups::coordinator::Coordinator::new(
             config.offsets_retention_ms,
             config.offsets_compact_records,
@@ -188,7 +194,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
     // A clustered broker serves the Raft traffic at once (its peers need it to elect and
     // catch it up) but answers clients only once it has current metadata: before that it
     // would describe an empty or stale cluster. Clients get UNAVAILABLE and try another broker.
-    let serving = Arc::new(AtomicBool::new(cluster.is_none()));
+    let serving = Arc::new(AtomicBool::new(false));
     let gate = {
         let serving = Arc::clone(&serving);
         move |req: tonic::Request<()>| -> std::result::Result<tonic::Request<()>, tonic::Status> {
@@ -254,7 +260,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
                 .max_encoding_message_size(encode_max),
             gate.clone(),
         ));
-    let router = router.add_optional_service(cluster.as_ref().map(|c| c.raft_service()));
+    let router = router.add_service(cluster.raft_service());
     let mut rx = shutdown_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
         crate::conn::incoming(grpc_listener),
@@ -268,24 +274,22 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         config.retention_check_interval,
     ));
     tasks.push(spawn_group_sweep(Arc::clone(&state)));
-    if let Some(c) = &cluster {
-        tasks.push(c.spawn_loops(
-            Arc::clone(&state) as Arc<dyn crate::cluster::RegistryHolder>,
-            shutdown_rx.clone(),
-        ));
-        if let Some(via) = config.join.clone() {
-            let c = Arc::clone(c);
-            tokio::spawn(async move {
-                match c.join(&via).await {
-                    Ok(()) => tracing::info!(via = %via, "joined the cluster"),
-                    Err(e) => tracing::error!(via = %via, error = %e, "could not join the cluster"),
-                }
-            });
-        }
+    tasks.push(cluster.spawn_loops(
+        Arc::clone(&state) as Arc<dyn crate::cluster::RegistryHolder>,
+        shutdown_rx.clone(),
+    ));
+    if let Some(via) = config.join.clone() {
+        let c = Arc::clone(&cluster);
+        tokio::spawn(async move {
+            match c.join(&via).await {
+                Ok(()) => tracing::info!(via = %via, "joined the cluster"),
+                Err(e) => tracing::error!(via = %via, error = %e, "could not join the cluster"),
+            }
+        });
     }
-    if let Some(c) = &cluster {
-        c.wait_ready(&state.registry, Duration::from_secs(15)).await;
-    }
+    cluster
+        .wait_ready(&state.registry, Duration::from_secs(15))
+        .await;
     serving.store(true, Ordering::Release);
     ready.store(true, Ordering::Release);
     tracing::info!(broker = config.id, grpc = %grpc_addr, metrics = %metrics_addr, advertise = %advertise, "broker ready");
@@ -347,7 +351,7 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
         let mut flush_tick = tokio::time::interval(Duration::from_millis(100));
         let mut retention_tick = tokio::time::interval(retention_every);
         let mut gauge_tick = tokio::time::interval(Duration::from_secs(5));
-        let mut cluster_retention: Option<JoinHandle<()>> = None;
+        let mut retention: Option<JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -362,17 +366,15 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
                     }).await;
                 }
                 _ = retention_tick.tick() => {
-                    // Replicated partitions delete through their Raft group (snapshot + purge),
-                    // in a task of its own so that a slow round never delays the interval
-                    // flushes of this loop; a round still running skips the next tick.
-                    if let Some(c) = &state.cluster
-                        && cluster_retention.as_ref().is_none_or(|t| t.is_finished())
-                    {
-                        let (c, state) = (Arc::clone(c), Arc::clone(&state));
-                        cluster_retention = Some(tokio::spawn(async move {
+                    // Partitions delete through their Raft group (snapshot + purge), in a task
+                    // of its own so that a slow round never delays the interval flushes of
+                    // this loop; a round still running skips the next tick.
+                    if retention.as_ref().is_none_or(|t| t.is_finished()) {
+                        let state = Arc::clone(&state);
+                        retention = Some(tokio::spawn(async move {
                             for t in state.registry.list() {
-                                for p in t.local_partitions().filter(|p| p.raft().is_some()) {
-                                    match c.retain(p, &t.config).await {
+                                for p in t.local_partitions() {
+                                    match state.cluster.retain(p, &t.config).await {
                                         Ok(n) if n > 0 => metrics::counter!("keel_retention_deleted_bytes_total").increment(n),
                                         Ok(_) => {}
                                         Err(e) => tracing::warn!(topic = %p.topic, partition = p.id, error = %e, "retention failed"),
@@ -381,18 +383,6 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
                             }
                         }));
                     }
-                    let parts: Vec<_> = state.registry.all_partitions().into_iter().filter(|p| p.raft().is_none()).collect();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        for p in parts {
-                            match p.log().apply_retention() {
-                                Ok(out) if out.deleted_segments > 0 => {
-                                    metrics::counter!("keel_retention_deleted_bytes_total").increment(out.deleted_bytes);
-                                }
-                                Ok(_) => {}
-                                Err(e) => tracing::error!(topic = %p.topic, partition = p.id, error = %e, "retention failed"),
-                            }
-                        }
-                    }).await;
                 }
                 _ = gauge_tick.tick() => {
                     for p in state.registry.all_partitions() {
@@ -409,13 +399,10 @@ fn spawn_background(state: Shared, retention_every: Duration) -> JoinHandle<()> 
 
 impl BrokerHandle {
     /// Resolves, with the reason, if the broker stops being able to serve (its metadata
-    /// group's storage failed); a broker that is not clustered never does. The caller should
-    /// exit, so that the broker restarts and recovers from disk.
+    /// group's storage failed). The caller should exit, so that the broker restarts and
+    /// recovers from disk.
     pub async fn failed(&self) -> String {
-        match &self.state.cluster {
-            Some(c) => c.failed().await,
-            None => std::future::pending().await,
-        }
+        self.state.cluster.failed().await
     }
 
     /// Stops accepting requests, lets in-flight ones finish, flushes every partition and writes
@@ -429,9 +416,7 @@ impl BrokerHandle {
                 .await;
         }
         // Leaderships go first, while the gRPC port (which carries the Raft traffic) serves.
-        if let Some(c) = &self.state.cluster {
-            c.hand_over().await;
-        }
+        self.state.cluster.hand_over().await;
         let _ = self.shutdown_tx.send(true);
         match tokio::time::timeout(DRAIN_TIMEOUT, &mut self.grpc).await {
             Ok(Ok(Ok(()))) => {}
@@ -448,9 +433,7 @@ impl BrokerHandle {
         for t in tasks {
             let _ = t.await;
         }
-        if let Some(c) = &self.state.cluster {
-            c.shutdown().await;
-        }
+        self.state.cluster.shutdown().await;
         let parts = self.state.registry.all_partitions();
         tokio::task::spawn_blocking(move || {
             let mut first_err = None;

@@ -58,8 +58,9 @@ pub struct BrokerState {
     pub registry: Registry,
     pub limits: Limits,
     pub shutdown: watch::Receiver<bool>,
-    /// Set on a clustered broker (started with `--initial-cluster` or `--join`).
-    pub cluster: Option<Arc<ClusterNode>>,
+    /// This broker's membership of the cluster: of the cluster of one it forms when started
+    /// without `--initial-cluster` or `--join`, or of the one it was started into.
+    pub cluster: Arc<ClusterNode>,
     /// The consumer groups this broker coordinates.
     pub groups: crate::groups::coordinator::Coordinator,
 }
@@ -88,35 +89,21 @@ const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
 impl BrokerState {
     /// The brokers as this broker knows them (liveness as the metadata leader sees it).
     pub async fn brokers(&self) -> Vec<BrokerInfo> {
-        match &self.cluster {
-            Some(c) => c.brokers().await,
-            None => vec![BrokerInfo {
-                id: self.id,
-                address: self.advertise.clone(),
-                alive: true,
-            }],
-        }
+        self.cluster.brokers().await
     }
 
     /// The brokers without asking anyone about liveness (for metadata responses).
     pub fn known_brokers(&self) -> Vec<BrokerInfo> {
-        match &self.cluster {
-            Some(c) => c
-                .state()
-                .brokers
-                .values()
-                .map(|b| BrokerInfo {
-                    id: b.id,
-                    address: b.address.clone(),
-                    alive: true,
-                })
-                .collect(),
-            None => vec![BrokerInfo {
-                id: self.id,
-                address: self.advertise.clone(),
+        self.cluster
+            .state()
+            .brokers
+            .values()
+            .map(|b| BrokerInfo {
+                id: b.id,
+                address: b.address.clone(),
                 alive: true,
-            }],
-        }
+            })
+            .collect()
     }
 
     /// Hands out an idempotent producer id and epoch (through the metadata group in a cluster).
@@ -126,13 +113,8 @@ impl BrokerState {
         instance: Option<String>,
         bump: Option<(i64, i16)>,
     ) -> Result<(i64, i16)> {
-        let Some(c) = &self.cluster else {
-            return self
-                .registry
-                .init_producer(request_id, instance.as_deref(), bump)
-                .await;
-        };
-        match c
+        match self
+            .cluster
             .propose_for_reply(Command::InitProducer {
                 request_id,
                 instance,
@@ -150,27 +132,24 @@ impl BrokerState {
     /// The current epoch of a producer id, if the metadata records one (identities and bumped
     /// ids); a batch with an older epoch is fenced.
     pub fn producer_epoch(&self, producer_id: i64) -> Option<i16> {
-        match &self.cluster {
-            Some(c) => c.state().producers.epoch_of(producer_id),
-            None => self.registry.producer_epoch(producer_id),
-        }
+        self.cluster.state().producers.epoch_of(producer_id)
     }
 
     /// Where broker `id` is reached by other brokers (its peer address), if known.
     pub fn peer_address(&self, id: u32) -> Option<String> {
         self.cluster
-            .as_ref()
-            .and_then(|c| c.state().brokers.get(&id).map(|b| b.peer().to_owned()))
+            .state()
+            .brokers
+            .get(&id)
+            .map(|b| b.peer().to_owned())
     }
 
     pub fn metadata_leader(&self) -> u32 {
-        self.cluster
-            .as_ref()
-            .map_or(self.id, |c| c.metadata_leader().unwrap_or(0))
+        self.cluster.metadata_leader().unwrap_or(0)
     }
 
     pub fn live_brokers(&self) -> u32 {
-        self.cluster.as_ref().map_or(1, |c| c.placeable_brokers())
+        self.cluster.placeable_brokers()
     }
 
     pub fn topic_info(&self, topic: &Topic) -> TopicInfo {
@@ -181,10 +160,12 @@ impl BrokerState {
             .map(|(i, pl)| {
                 let local = topic.partitions.get(i).and_then(Option::as_ref);
                 let leader = match local {
-                    Some(p) if p.raft().is_none() => self.id,
                     Some(p) => p
                         .raft()
-                        .and_then(|r| r.raft.metrics().borrow_watched().current_leader)
+                        .raft
+                        .metrics()
+                        .borrow_watched()
+                        .current_leader
                         .map(|l| l as u32)
                         .or(pl.leader.as_ref().map(|l| l.0))
                         .unwrap_or(0),
@@ -234,12 +215,7 @@ impl BrokerState {
         replication_factor: u32,
         config: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>> {
-        let Some(c) = &self.cluster else {
-            return self
-                .registry
-                .create(name, partitions, replication_factor, config, 1)
-                .await;
-        };
+        let c = &self.cluster;
         validate_create_name(name)?;
         let partitions = create_partitions(partitions)?;
         // Right after a cluster starts, its brokers may not all have registered yet.
@@ -296,15 +272,13 @@ impl BrokerState {
                 "__consumer_offsets is internal: deleting it would delete every group's offsets",
             ));
         }
-        let Some(c) = &self.cluster else {
-            return self.registry.delete(name).await;
-        };
         let topic = self.registry.lookup("name", name)?;
-        c.propose(Command::DeleteTopic {
-            name: name.to_owned(),
-            topic_id: Some(topic.meta.id),
-        })
-        .await?;
+        self.cluster
+            .propose(Command::DeleteTopic {
+                name: name.to_owned(),
+                topic_id: Some(topic.meta.id),
+            })
+            .await?;
         self.visible("the deletion", |r| r.get(name).is_err()).await
     }
 
@@ -314,16 +288,14 @@ impl BrokerState {
         set: &BTreeMap<String, String>,
         remove: &[String],
     ) -> Result<Arc<Topic>> {
-        let Some(c) = &self.cluster else {
-            return self.registry.alter_config(name, set, remove).await;
-        };
         let topic = self.registry.lookup("name", name)?;
         let config = topic.meta.config.with_changes(set, remove)?;
-        c.propose(Command::AlterConfig {
-            name: name.to_owned(),
-            config: config.clone(),
-        })
-        .await?;
+        self.cluster
+            .propose(Command::AlterConfig {
+                name: name.to_owned(),
+                config: config.clone(),
+            })
+            .await?;
         self.visible("the new config", |r| {
             r.get(name).is_ok_and(|t| t.meta.config == config)
         })
@@ -332,9 +304,7 @@ impl BrokerState {
     }
 
     pub async fn add_partitions(&self, name: &str, total: u32) -> Result<Arc<Topic>> {
-        let Some(c) = &self.cluster else {
-            return self.registry.add_partitions(name, total).await;
-        };
+        let c = &self.cluster;
         let topic = self.registry.lookup("name", name)?;
         let have = topic.partition_count();
         if total <= have {
@@ -376,12 +346,6 @@ impl BrokerState {
         partition: u32,
         replicas: Vec<u32>,
     ) -> Result<Arc<Topic>> {
-        let Some(c) = &self.cluster else {
-            return Err(BrokerError::invalid(
-                "replicas",
-                "a single-node broker cannot reassign partitions",
-            ));
-        };
         let topic = self.registry.lookup("name", name)?;
         if partition >= topic.partition_count() {
             return Err(BrokerError::UnknownPartition {
@@ -390,12 +354,13 @@ impl BrokerState {
                 count: topic.partition_count(),
             });
         }
-        c.propose(Command::Reassign {
-            name: name.to_owned(),
-            partition,
-            replicas: replicas.clone(),
-        })
-        .await?;
+        self.cluster
+            .propose(Command::Reassign {
+                name: name.to_owned(),
+                partition,
+                replicas: replicas.clone(),
+            })
+            .await?;
         self.visible("the reassignment", |r| {
             r.get(name).is_ok_and(|t| {
                 t.placement
@@ -407,8 +372,8 @@ impl BrokerState {
         self.registry.get(name)
     }
 
-    /// Lets a partition's records below `before` be deleted: at once on a single node, by
-    /// every replica's next retention round in a cluster.
+    /// Lets a partition's records below `before` be deleted by every replica's next retention
+    /// round.
     pub async fn delete_records_before(
         &self,
         name: &str,
@@ -416,32 +381,20 @@ impl BrokerState {
         before: u64,
     ) -> Result<()> {
         let topic = self.registry.lookup("topic", name)?;
-        let Some(c) = &self.cluster else {
-            let p = Arc::clone(topic.partition(partition)?);
-            return tokio::task::spawn_blocking(move || p.log().delete_before(before))
-                .await
-                .map_err(|e| BrokerError::Internal(e.to_string()))?
-                .map(|_| ())
-                .map_err(|e| BrokerError::from_log(e, 0));
-        };
-        c.propose(Command::DeleteRecords {
-            name: name.to_owned(),
-            topic_id: topic.meta.id,
-            partition,
-            before,
-        })
-        .await
+        self.cluster
+            .propose(Command::DeleteRecords {
+                name: name.to_owned(),
+                topic_id: topic.meta.id,
+                partition,
+                before,
+            })
+            .await
     }
 
     /// Marks broker `id` as leaving and moves each of its replicas to the least loaded other
     /// broker (keeping the rest of each replica set and its order).
     pub async fn decommission(&self, id: u32) -> Result<Vec<String>> {
-        let Some(c) = &self.cluster else {
-            return Err(BrokerError::invalid(
-                "broker_id",
-                "a single-node broker cannot be decommissioned",
-            ));
-        };
+        let c = &self.cluster;
         if !c.state().brokers.contains_key(&id) {
             return Err(BrokerError::invalid(
                 "broker_id",

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use bytes::Bytes;
 
 use crate::batch::{
-    BatchError, BatchHeader, DEFAULT_MAX_DECOMPRESSED, decode_records, parse_verified,
+    BatchError, BatchHeader, DEFAULT_MAX_DECOMPRESSED, VerifiedBatch, decode_records,
+    parse_verified,
 };
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{FlushPolicy, LogConfig};
@@ -329,6 +330,25 @@ impl Log {
         self.append_with(batch, term, index, false)
     }
 
+    /// [`Log::append_deferred`] of a batch already checked ([`VerifiedBatch`]): its bytes are
+    /// not read again before they are copied in.
+    pub fn append_verified_deferred(
+        &self,
+        batch: &VerifiedBatch,
+        term: u64,
+        index: Option<u64>,
+    ) -> Result<AppendInfo> {
+        self.check_poisoned()?;
+        self.append_checked(
+            batch.bytes(),
+            batch.header(),
+            batch.payload_crc(),
+            term,
+            index,
+            false,
+        )
+    }
+
     fn append_inner(&self, batch: &[u8], term: u64, index: Option<u64>) -> Result<AppendInfo> {
         self.append_with(batch, term, index, true)
     }
@@ -341,7 +361,6 @@ impl Log {
         apply_policy: bool,
     ) -> Result<AppendInfo> {
         self.check_poisoned()?;
-        let len = batch.len() as u64;
         let (header, exact, payload_crc) = parse_verified(batch)?;
         if exact.len() != batch.len() {
             return Err(LogError::InvalidBatch(BatchError::BadLength {
@@ -349,6 +368,21 @@ impl Log {
                 reason: "bytes follow the batch",
             }));
         }
+        self.append_checked(batch, &header, payload_crc, term, index, apply_policy)
+    }
+
+    /// Appends one whole batch whose header, length and CRC were checked.
+    fn append_checked(
+        &self,
+        batch: &[u8],
+        header: &BatchHeader,
+        payload_crc: u32,
+        term: u64,
+        index: Option<u64>,
+        apply_policy: bool,
+    ) -> Result<AppendInfo> {
+        let header = *header;
+        let len = batch.len() as u64;
         let mut w = lock(&self.writer);
         if len > w.config.max_batch_bytes {
             return Err(LogError::BatchTooLarge {

@@ -10,7 +10,7 @@
 use std::io;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchHeader, HEADER_LEN, control_batch};
+use keel_log::batch::{BatchHeader, HEADER_LEN, VerifiedBatch, control_batch};
 
 use crate::types::{BatchData, Entry, Membership, Payload, log_id};
 
@@ -19,9 +19,11 @@ pub const TAG_BLANK: u8 = 1;
 /// Control payload tag of a membership entry; JSON of `openraft::Membership` follows.
 pub const TAG_MEMBERSHIP: u8 = 2;
 
-/// The bytes to append for an entry: borrowed for normal entries, encoded for control entries.
+/// The bytes to append for an entry: borrowed for normal entries (with the check the broker
+/// made when it took the batch in, on the leader), encoded for control entries.
 pub enum Encoded<'a> {
     Data(&'a [u8]),
+    Verified(&'a VerifiedBatch),
     Control(Vec<u8>),
 }
 
@@ -29,6 +31,7 @@ impl Encoded<'_> {
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Encoded::Data(b) => b,
+            Encoded::Verified(v) => v.bytes(),
             Encoded::Control(v) => v,
         }
     }
@@ -43,16 +46,30 @@ pub fn encode(payload: &Payload, timestamp: i64) -> io::Result<Encoded<'_>> {
     };
     match payload {
         Payload::Normal(data) => {
-            let h = BatchHeader::parse(data.bytes()).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("normal entry: {e}"))
-            })?;
-            if h.attributes.control {
+            let control = match data.as_verified() {
+                Some(v) => v.header().attributes.control,
+                None => {
+                    BatchHeader::parse(data.bytes())
+                        .map_err(|e| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidInput,
+                                format!("normal entry: {e}"),
+                            )
+                        })?
+                        .attributes
+                        .control
+                }
+            };
+            if control {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "normal entry holds a control batch",
                 ));
             }
-            Ok(Encoded::Data(data.bytes()))
+            Ok(match data.as_verified() {
+                Some(v) => Encoded::Verified(v),
+                None => Encoded::Data(data.bytes()),
+            })
         }
         Payload::Blank => control(&[TAG_BLANK]),
         Payload::Membership(m) => {
@@ -77,7 +94,7 @@ pub fn decode(h: &BatchHeader, batch: &[u8], backing: &Bytes) -> io::Result<Entr
     if !h.attributes.control {
         return Ok(Entry {
             log_id: id,
-            payload: Payload::Normal(BatchData(backing.slice_ref(batch))),
+            payload: Payload::Normal(BatchData::new(backing.slice_ref(batch))),
         });
     }
     let body = batch

@@ -11,7 +11,9 @@
 //! [`PartitionSm`] is the group's state machine: applying an entry advances the partition's
 //! high watermark; snapshots are metadata only, cut at the retention boundary.
 
+mod adopt;
 pub mod codec;
+mod flusher;
 mod log_store;
 pub mod network;
 pub mod producers;
@@ -21,6 +23,7 @@ pub mod state_machine;
 pub mod types;
 pub mod wire;
 
+pub use adopt::adopt_as_single_voter;
 pub use log_store::{DEFAULT_MAX_READ_BYTES, KeelLogReader, KeelLogStore, log_err};
 pub use network::{GroupNetwork, RaftTransport, TransportConfig};
 pub use server::{RaftRegistry, RaftServer};

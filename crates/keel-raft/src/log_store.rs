@@ -28,7 +28,8 @@ use keel_log::{Clock, Log, LogConfig, LogError, ReadLimit, SystemClock};
 use openraft::OptionalSend;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 
-use crate::codec;
+use crate::codec::{self, Encoded};
+use crate::flusher::Flusher;
 use crate::state_file::StateFile;
 use crate::types::{Entry, KeelRaft, LogId, Vote, log_id};
 
@@ -76,6 +77,8 @@ struct Inner {
     sync_appends: AtomicBool,
     /// When the committed log id was last written to `raft-committed` (see `save_committed`).
     committed_saved_at: Mutex<Option<std::time::Instant>>,
+    /// Acknowledges synced appends once an fsync covers them.
+    flusher: Arc<Flusher>,
 }
 
 /// A partition's Raft log storage: a keel log plus the vote, committed and purge point.
@@ -205,6 +208,7 @@ impl KeelLogStore {
                 max_read_bytes: DEFAULT_MAX_READ_BYTES,
                 sync_appends: AtomicBool::new(true),
                 committed_saved_at: Mutex::new(None),
+                flusher: Arc::new(Flusher::new()),
             }),
         })
     }
@@ -272,6 +276,38 @@ impl KeelLogStore {
     /// only right if the snapshot covers no data this replica does not hold.
     pub fn set_snapshot_offset(&self, last: LogId, next_offset: u64) {
         lock(&self.inner.meta).snapshot_offset = Some((last, next_offset));
+    }
+
+    /// The committed log id this replica last knew of, if it ever knew one.
+    pub fn committed_hint(&self) -> Option<LogId> {
+        lock(&self.inner.meta).committed
+    }
+
+    /// Records a purge point without cutting the log (the entries up to it are already gone:
+    /// see `adopt`), fsynced.
+    pub(crate) fn record_purge(&self, log_id: LogId, next_offset: u64) -> io::Result<()> {
+        let record = PurgeRecord {
+            log_id,
+            next_offset,
+        };
+        self.inner
+            .purged_file
+            .store(&*self.inner.fs, &Some(record))?;
+        lock(&self.inner.meta).purged = Some(record);
+        Ok(())
+    }
+
+    /// Writes the committed log id hint at once, fsynced.
+    pub(crate) fn store_committed(&self, committed: LogId) -> io::Result<()> {
+        lock(&self.inner.meta).committed = Some(committed);
+        self.inner
+            .committed_file
+            .store(&*self.inner.fs, &Some(committed))
+    }
+
+    /// The entries in `[start, end)` (blocking).
+    pub(crate) fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        self.inner.read_entries(start, end, u64::MAX)
     }
 
     /// Flushes and checkpoints the log so the next open validates nothing.
@@ -342,7 +378,9 @@ impl Inner {
         Ok(out)
     }
 
-    fn append_blocking(&self, entries: Vec<Entry>) -> io::Result<()> {
+    /// Writes the entries; returns the flush sequence to make durable before acknowledging
+    /// them (`None`: appends are not synced, see [`KeelLogStore::set_sync_appends`]).
+    fn append_blocking(&self, entries: Vec<Entry>) -> io::Result<Option<u64>> {
         let mut last_seq = None;
         for entry in &entries {
             let (term, index) = (entry.log_id.leader_id.term, entry.log_id.index);
@@ -370,20 +408,16 @@ impl Inner {
             // committed prefix must be byte-identical on all of them (time retention ignores
             // control batches anyway).
             let encoded = codec::encode(&entry.payload, 0)?;
-            let info = self
-                .log
-                .append_deferred(encoded.as_slice(), term, Some(index))
-                .map_err(|e| log_err(e, &format!("appending entry {}", entry.log_id)))?;
+            let info = match &encoded {
+                Encoded::Verified(v) => self.log.append_verified_deferred(v, term, Some(index)),
+                other => self
+                    .log
+                    .append_deferred(other.as_slice(), term, Some(index)),
+            }
+            .map_err(|e| log_err(e, &format!("appending entry {}", entry.log_id)))?;
             last_seq = Some(info.flush_seq);
         }
-        if let Some(seq) = last_seq.filter(|_| self.sync_appends.load(Ordering::Acquire)) {
-            let t = std::time::Instant::now();
-            self.log
-                .flush_to(seq)
-                .map_err(|e| log_err(e, "flushing appended entries"))?;
-            metrics::histogram!("keel_log_flush_seconds").record(t.elapsed().as_secs_f64());
-        }
-        Ok(())
+        Ok(last_seq.filter(|_| self.sync_appends.load(Ordering::Acquire)))
     }
 
     fn truncate_blocking(&self, last: Option<LogId>) -> io::Result<()> {
@@ -482,7 +516,7 @@ fn decode_slice(
     out: &mut Vec<Entry>,
     committed: Option<u64>,
 ) -> io::Result<()> {
-    for item in BatchIter::new(bytes) {
+    for item in BatchIter::checked_by_log(bytes) {
         let (h, batch) = item.map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -627,17 +661,24 @@ impl RaftLogStorage<KeelRaft> for KeelLogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let inner = Arc::clone(&self.inner);
-        blocking(move || inner.append_blocking(entries)).await?;
-        callback.io_completed(Ok(()));
+        match blocking(move || inner.append_blocking(entries)).await? {
+            Some(seq) => self
+                .inner
+                .flusher
+                .ack_when_durable(&self.inner.log, seq, callback),
+            None => self.inner.flusher.ack_in_order(callback),
+        }
         Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        self.inner.flusher.drained().await;
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.truncate_blocking(last_log_id)).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        self.inner.flusher.drained().await;
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.purge_blocking(log_id)).await
     }

@@ -523,7 +523,7 @@ mod tests {
     fn entry(index: u64, len: usize) -> Entry {
         Entry {
             log_id: log_id(1, index),
-            payload: Payload::Normal(BatchData(Bytes::from(vec![0u8; len]))),
+            payload: Payload::Normal(BatchData::new(Bytes::from(vec![0u8; len]))),
         }
     }
 

@@ -623,6 +623,27 @@ impl RaftStateMachine<KeelRaft> for PartitionSm {
     }
 }
 
+/// Writes a snapshot at `point` with nothing applied before it but the log's offsets: the
+/// state of a log whose entries up to `point` were deleted before it had a state machine
+/// (see `adopt`). Blocking.
+pub(crate) fn store_snapshot_at(
+    store: &KeelLogStore,
+    point: LogId,
+    next_offset: u64,
+) -> io::Result<()> {
+    let record = SnapshotRecord {
+        meta: SnapshotMeta {
+            last_log_id: Some(point),
+            last_membership: StoredMembership::default(),
+        },
+        state: SnapshotState {
+            next_offset,
+            producers: ProducerTable::default(),
+        },
+    };
+    StateFile::new(store.dir(), SNAPSHOT_FILE).store(&**store.fs(), &record)
+}
+
 /// The snapshot point for a retention that wants the log to start at `offset` (the base offset
 /// of the first segment to keep): the log id of the last Raft entry wholly before `offset`
 /// (every entry after it ends past `offset`, so no record at or after `offset` is dropped),

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use keel_log::batch::VerifiedBatch;
 use serde::{Deserialize, Serialize};
 
 /// One encoded keel record batch: the application data of a normal Raft entry.
@@ -10,29 +11,74 @@ use serde::{Deserialize, Serialize};
 /// On the way in (client write, replication) it is the batch as produced or as read from the
 /// leader's log; the log stamps base offset, term and Raft index on append. On the way out
 /// (read back from the log) the bytes are a zero-copy slice of the segment mapping, stamped.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BatchData(pub Bytes);
+///
+/// A batch the broker verified when it took it from a client ([`BatchData::verified`]) is
+/// appended by the leader's log without a second CRC pass. That proof never travels: on the
+/// wire a batch is its bytes alone, and a follower's log checks what it receives.
+#[derive(Clone)]
+pub struct BatchData(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Raw(Bytes),
+    Verified(VerifiedBatch),
+}
 
 impl BatchData {
     pub fn new(bytes: impl Into<Bytes>) -> Self {
-        Self(bytes.into())
+        Self(Repr::Raw(bytes.into()))
+    }
+
+    /// A batch whose header, length and CRC were checked (see [`VerifiedBatch`]).
+    pub fn verified(batch: VerifiedBatch) -> Self {
+        Self(Repr::Verified(batch))
     }
 
     pub fn bytes(&self) -> &Bytes {
-        &self.0
+        match &self.0 {
+            Repr::Raw(b) => b,
+            Repr::Verified(v) => v.bytes(),
+        }
+    }
+
+    /// The check made when the batch was taken in, if this process made it.
+    pub fn as_verified(&self) -> Option<&VerifiedBatch> {
+        match &self.0 {
+            Repr::Raw(_) => None,
+            Repr::Verified(v) => Some(v),
+        }
+    }
+}
+
+impl PartialEq for BatchData {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for BatchData {}
+
+impl Serialize for BatchData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.bytes().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Bytes::deserialize(d).map(Self::new)
     }
 }
 
 impl fmt::Debug for BatchData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BatchData({} bytes)", self.0.len())
+        write!(f, "BatchData({} bytes)", self.bytes().len())
     }
 }
 
 impl fmt::Display for BatchData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "batch({}B)", self.0.len())
+        write!(f, "batch({}B)", self.bytes().len())
     }
 }
 

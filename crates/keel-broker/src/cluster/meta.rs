@@ -158,6 +158,14 @@ pub enum Command {
         partition: u32,
         before: u64,
     },
+    /// Installs the catalogue of a single-node broker's data directory being converted into
+    /// a cluster of one (see `legacy`): registers the broker and adds its topics, with their
+    /// ids, each partition on that broker alone, and its producer ids. Repeating it changes
+    /// nothing; it is refused where other topics exist.
+    AdoptSingleNode {
+        broker: BrokerMeta,
+        catalogue: crate::metadata::ClusterMeta,
+    },
     /// Hands out an idempotent producer id and epoch (see [`ProducerIds::init`]).
     InitProducer {
         request_id: u64,
@@ -365,6 +373,7 @@ impl ClusterState {
                 b.decommissioning = true;
                 Ok(())
             }
+            Command::AdoptSingleNode { broker, catalogue } => self.adopt(broker, catalogue),
             // Answered by `apply`.
             Command::InitProducer { .. } => Ok(()),
             Command::Leaders { reports } => {
@@ -386,6 +395,51 @@ impl ClusterState {
                 Ok(())
             }
         }
+    }
+
+    fn adopt(
+        &mut self,
+        broker: &BrokerMeta,
+        catalogue: &crate::metadata::ClusterMeta,
+    ) -> Result<(), Refusal> {
+        let same = |t: &TopicState| {
+            catalogue
+                .topics
+                .get(&t.meta.name)
+                .is_some_and(|c| c.id == t.meta.id)
+        };
+        if let Some(other) = self.topics.values().find(|t| !same(t)) {
+            return Err(Refusal::Invalid {
+                field: "topics".into(),
+                message: format!(
+                    "the cluster already has topic {} (id {}), which the single-node catalogue does not",
+                    other.meta.name, other.meta.id
+                ),
+            });
+        }
+        self.brokers
+            .entry(broker.id)
+            .or_insert_with(|| broker.clone());
+        for tm in catalogue.topics.values() {
+            self.topics
+                .entry(tm.name.clone())
+                .or_insert_with(|| TopicState {
+                    meta: tm.clone(),
+                    partitions: (0..tm.partitions)
+                        .map(|_| PartitionMeta {
+                            replicas: vec![broker.id],
+                            initial: vec![broker.id],
+                            ..PartitionMeta::default()
+                        })
+                        .collect(),
+                    request_id: 0,
+                });
+        }
+        self.next_topic_id = self.next_topic_id.max(catalogue.next_topic_id);
+        if self.producers == ProducerIds::default() {
+            self.producers = catalogue.producers.clone();
+        }
+        Ok(())
     }
 
     fn topic_mut(&mut self, name: &str) -> Result<&mut TopicState, Refusal> {
@@ -508,6 +562,66 @@ mod tests {
             .expect("register");
         }
         s
+    }
+
+    #[test]
+    fn adopting_a_single_node_catalogue_keeps_ids_and_repeats_harmlessly() {
+        let topic = |name: &str, id: u64, partitions: u32| TopicMeta {
+            name: name.into(),
+            id,
+            partitions,
+            replication_factor: 1,
+            config: TopicConfig::default(),
+        };
+        let mut catalogue = crate::metadata::ClusterMeta {
+            broker_id: 7,
+            next_topic_id: 5,
+            ..Default::default()
+        };
+        catalogue.topics.insert("a".into(), topic("a", 2, 3));
+        catalogue.topics.insert("b".into(), topic("b", 4, 1));
+        catalogue.producers.next_id = 9;
+        let broker = BrokerMeta {
+            id: 7,
+            address: "127.0.0.1:9292".into(),
+            peer_address: String::new(),
+            decommissioning: false,
+        };
+        let cmd = Command::AdoptSingleNode {
+            broker: broker.clone(),
+            catalogue: catalogue.clone(),
+        };
+        let mut s = ClusterState::new();
+        s.apply(&cmd).expect("adopt");
+        assert_eq!(s.brokers.get(&7), Some(&broker));
+        assert_eq!(s.topics["a"].meta.id, 2);
+        assert_eq!(s.topics["a"].partitions.len(), 3);
+        assert!(
+            s.topics["a"]
+                .partitions
+                .iter()
+                .all(|p| p.replicas == vec![7] && p.initial == vec![7] && p.leader.is_none())
+        );
+        assert_eq!(s.next_topic_id, 5);
+        assert_eq!(s.producers.next_id, 9);
+        // A retry after a crash changes nothing.
+        let before = s.clone();
+        s.apply(&cmd).expect("repeat");
+        assert_eq!(s, before);
+        // New topics get fresh ids after the adopted ones.
+        s.apply(&Command::CreateTopic {
+            request_id: 1,
+            name: "c".into(),
+            config: TopicConfig::default(),
+            replication_factor: 1,
+            assignments: vec![vec![7]],
+        })
+        .expect("create");
+        assert_eq!(s.topics["c"].meta.id, 5);
+        // A cluster with topics of its own refuses the catalogue, changing nothing.
+        let before = s.clone();
+        assert!(matches!(s.apply(&cmd), Err(Refusal::Invalid { .. })));
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
-use crate::metadata::InitRefusal;
+use crate::metadata::{ClusterMeta, InitRefusal};
 use crate::partition::{Partition, RaftReplica};
 use crate::registry::{Placement, Registry, Topic};
 use crate::topic_config::Resolved;
@@ -472,6 +472,23 @@ impl ClusterNode {
         self.propose_for_reply(cmd).await.map(drop)
     }
 
+    /// Steps 2 and 3 of converting a single-node data directory (see `legacy`): installs its
+    /// catalogue in the metadata group, then marks the conversion done.
+    pub async fn adopt_legacy(&self, catalogue: ClusterMeta, data_dir: &Path) -> Result<()> {
+        self.propose(Command::AdoptSingleNode {
+            broker: meta::BrokerMeta {
+                id: self.id,
+                address: self.advertise.clone(),
+                peer_address: self.peer_address.clone(),
+                decommissioning: false,
+            },
+            catalogue,
+        })
+        .await?;
+        let dir = data_dir.to_path_buf();
+        blocking(move || crate::legacy::finish(&dir)).await
+    }
+
     /// [`ClusterNode::propose`], returning what the command answered.
     pub async fn propose_for_reply(&self, cmd: Command) -> Result<Reply> {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
@@ -715,9 +732,14 @@ impl ClusterNode {
                     .iter()
                     .filter(|(g, h)| {
                         wanted.contains_key(*g)
-                            && h.partition.raft().is_some_and(|r| {
-                                stopped_by_failure(&r.raft.metrics().borrow_watched().running_state)
-                            })
+                            && stopped_by_failure(
+                                &h.partition
+                                    .raft()
+                                    .raft
+                                    .metrics()
+                                    .borrow_watched()
+                                    .running_state,
+                            )
                             && restarted
                                 .get(*g)
                                 .is_none_or(|t| t.elapsed() >= RESTART_BACKOFF)
@@ -859,8 +881,18 @@ impl ClusterNode {
             .map_err(|e| raft_err("partition group", e))?;
         // A replica restarted from existing data keeps its ticker off until it knows whether
         // its group's leader declares the group quiet (see `quiet`): otherwise its election
-        // timer would depose every idle leader of the groups it shares.
-        if is_init {
+        // timer would depose every idle leader of the groups it shares. The only voter of its
+        // group has no leader to hear from: it elects itself on its first tick.
+        let sole_voter = {
+            let m = raft.metrics();
+            let m = m.borrow_watched();
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .eq([u64::from(self.id)])
+        };
+        let wait_for_beats = is_init && !sole_voter;
+        if wait_for_beats {
             raft.runtime_config().tick(false);
         }
         if !is_init {
@@ -902,7 +934,7 @@ impl ClusterNode {
                 sm,
                 group,
                 node_id: u64::from(self.id),
-                activity: Arc::new(Activity::new(!is_init)),
+                activity: Arc::new(Activity::new(!wait_for_beats)),
                 liveness: Arc::clone(&self.liveness),
                 clients: {
                     let sm = self.meta_sm.clone();
@@ -916,9 +948,7 @@ impl ClusterNode {
     }
 
     async fn stop_replica(&self, group: u64, h: &Hosted, delete_files: bool) {
-        let Some(r) = h.partition.raft() else {
-            return;
-        };
+        let r = h.partition.raft();
         self.rafts.unregister(group);
         if let Err(e) = r.raft.shutdown().await {
             tracing::warn!(group, error = %e, "partition group did not shut down cleanly");
@@ -940,9 +970,14 @@ impl ClusterNode {
     /// Whether a hosted replica's Raft core has stopped (see `reconcile`).
     async fn has_stopped_replica(&self) -> bool {
         self.hosted.lock().await.values().any(|h| {
-            h.partition.raft().is_some_and(|r| {
-                stopped_by_failure(&r.raft.metrics().borrow_watched().running_state)
-            })
+            stopped_by_failure(
+                &h.partition
+                    .raft()
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .running_state,
+            )
         })
     }
 
@@ -954,9 +989,7 @@ impl ClusterNode {
         let mut under_replicated = 0u64;
         let mut hosted = self.hosted.lock().await;
         for (group, h) in hosted.iter_mut() {
-            let Some(r) = h.partition.raft() else {
-                continue;
-            };
+            let r = h.partition.raft();
             let m = r.raft.metrics().borrow_watched().clone();
             let leading = m.state == ServerState::Leader;
             let labels = [
@@ -1071,7 +1104,7 @@ impl ClusterNode {
         }
         let quiet = hosted
             .values()
-            .filter(|h| h.partition.raft().is_some_and(|r| r.activity.is_quiet()))
+            .filter(|h| h.partition.raft().activity.is_quiet())
             .count();
         drop(hosted);
         metrics::gauge!("keel_under_replicated_partitions").set(under_replicated as f64);
@@ -1189,10 +1222,8 @@ impl ClusterNode {
     async fn beat(&self) {
         let mut quiet = Vec::new();
         for h in self.hosted.lock().await.values() {
-            if let Some(r) = h.partition.raft()
-                && r.activity.is_quiet()
-                && r.activity.quiet_leader().is_none()
-            {
+            let r = h.partition.raft();
+            if r.activity.is_quiet() && r.activity.quiet_leader().is_none() {
                 let m = r.raft.metrics();
                 let m = m.borrow_watched();
                 if m.state == ServerState::Leader {
@@ -1397,7 +1428,7 @@ impl ClusterNode {
             .collect();
         let mut transferring = Vec::new();
         for (_, p) in &hosted {
-            let Some(r) = p.raft() else { continue };
+            let r = p.raft();
             let m = r.raft.metrics().borrow_watched().clone();
             if m.state != ServerState::Leader {
                 continue;
@@ -1488,9 +1519,7 @@ impl ClusterNode {
     /// log up to it, which deletes those segments. A follower that needs purged entries later
     /// receives that snapshot and continues from the boundary with ordinary replication.
     pub async fn retain(&self, p: &Arc<Partition>, cfg: &Resolved) -> Result<u64> {
-        let Some(r) = p.raft() else {
-            return Ok(0);
-        };
+        let r = p.raft();
         let (log, sm) = (Arc::clone(p.log()), r.sm.clone());
         let (ms, bytes) = (cfg.retention_ms, cfg.retention_bytes);
         let floor = self.delete_floor(p, r.group);
@@ -1571,6 +1600,38 @@ impl ClusterNode {
         }
         if let Err(e) = self.reconcile(registry).await {
             tracing::error!(error = %e, "reconcile failed");
+        }
+        self.wait_sole_voters_lead(deadline).await;
+    }
+
+    /// Waits (until `deadline`) until every replica that is its group's only voter leads it:
+    /// such a replica needs no one else to elect itself, so a broker of a cluster of one
+    /// serves its partitions as soon as it answers.
+    async fn wait_sole_voters_lead(&self, deadline: Instant) {
+        let me = u64::from(self.id);
+        let rafts: Vec<BrokerRaft> = self
+            .hosted
+            .lock()
+            .await
+            .values()
+            .map(|h| h.partition.raft().raft.clone())
+            .collect();
+        for raft in rafts {
+            let sole = raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .eq([me]);
+            if !sole {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = raft
+                .wait(Some(left))
+                .metrics(|m| m.current_leader == Some(me), "the sole voter leads")
+                .await;
         }
     }
 

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_log::batch::{BatchBuilder, BatchIter, Compression, RecordRef, decode_records};
+use keel_log::batch::{
+    BatchBuilder, BatchIter, Compression, RecordRef, VerifiedBatch, decode_records,
+};
 use keel_proto::v1::consume_service_client::ConsumeServiceClient;
 use keel_proto::v1::{ListOffsetsRequest, StartPosition, list_offsets_request};
 use tokio::sync::{Mutex as AsyncMutex, OwnedRwLockReadGuard, RwLock};
@@ -21,7 +23,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedRwLockReadGuard, RwLock};
 use super::live::{Catalog, LiveGroup, MembershipError};
 use super::{OffsetsRecord, OffsetsState, TopicPartition};
 use crate::error::{BrokerError, Result};
-use crate::partition::{AckLevel, Partition};
+use crate::partition::Partition;
 use crate::registry::Topic;
 use crate::state::BrokerState;
 
@@ -398,17 +400,15 @@ impl Coordinator {
                 setting: "commit fewer partitions (or shorter metadata) per request",
             });
         }
-        shard
-            .partition
-            .append(batch, AckLevel::All, 0)
-            .await
-            .map_err(|e| match e {
-                BrokerError::NotLeader { leader, topic, .. } => BrokerError::NotCoordinator {
-                    group: topic,
-                    coordinator: leader,
-                },
-                other => other,
-            })?;
+        let batch = VerifiedBatch::check(batch)
+            .map_err(|e| BrokerError::Internal(format!("an offsets batch built here: {e}")))?;
+        shard.partition.append(batch).await.map_err(|e| match e {
+            BrokerError::NotLeader { leader, topic, .. } => BrokerError::NotCoordinator {
+                group: topic,
+                coordinator: leader,
+            },
+            other => other,
+        })?;
         shard.inner.lock().await.catch_up(&shard.partition)
     }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::Stream;
 use keel_log::batch::{
     BatchBuilder, BatchError, Compression, DEFAULT_MAX_DECOMPRESSED, ProducerInfo, RecordRef,
-    validate_records,
+    VerifiedBatch,
 };
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::produce_service_server::ProduceService;
@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::error::{BrokerError, Result};
-use crate::partition::{AckLevel, Appended, Idempotent, Partition, Pending};
+use crate::partition::{Appended, Idempotent, Partition, Pending};
 use crate::registry::Topic;
 use crate::state::Shared;
 
@@ -34,7 +34,8 @@ const MAX_COMPRESSION_RATIO: u64 = 16;
 /// One batch ready to append.
 struct Prepared {
     partition: Arc<Partition>,
-    bytes: Bytes,
+    /// Checked here, once: the log appends it without reading it again.
+    batch: VerifiedBatch,
     records: u32,
     /// Index of the request batch it came from.
     source: usize,
@@ -106,7 +107,6 @@ fn idempotent(
 }
 
 struct Plan {
-    acks: AckLevel,
     timeout: Duration,
     batches: Vec<Prepared>,
     /// Per request batch: its record count (plain records) or `None` (encoded batch).
@@ -134,17 +134,14 @@ impl Produce {
             ));
         }
         let topic = st.registry.lookup("topic", &req.topic)?;
-        let acks = match Acks::try_from(req.acks) {
-            Ok(Acks::Unspecified | Acks::All) => AckLevel::All,
-            Ok(Acks::Leader) => AckLevel::Leader,
-            Ok(Acks::None) => AckLevel::None,
-            Err(_) => {
-                return Err(BrokerError::invalid(
-                    "acks",
-                    format!("unknown value {}", req.acks),
-                ));
-            }
-        };
+        // Every level is answered once the batch is committed: the offsets are only known
+        // when the Raft group applies it (docs/api.md, "acks").
+        if Acks::try_from(req.acks).is_err() {
+            return Err(BrokerError::invalid(
+                "acks",
+                format!("unknown value {}", req.acks),
+            ));
+        }
         let timeout_ms = match req.timeout_ms {
             0 => 30_000,
             t if t > st.limits.max_produce_timeout_ms => {
@@ -212,8 +209,8 @@ impl Produce {
                             setting: "max.message.bytes",
                         });
                     }
-                    let header =
-                        validate_records(&bytes, max_decompressed).map_err(|e| match e {
+                    let batch =
+                        VerifiedBatch::validate(bytes, max_decompressed).map_err(|e| match e {
                             BatchError::TooLarge { size, limit } => BrokerError::TooLarge {
                                 what: "decompressed record batch",
                                 size,
@@ -225,12 +222,7 @@ impl Produce {
                                 reason: other.to_string(),
                             },
                         })?;
-                    if header.total_len() != bytes.len() {
-                        return Err(BrokerError::CorruptBatch {
-                            index: i,
-                            reason: "bytes follow the batch".into(),
-                        });
-                    }
+                    let header = *batch.header();
                     if header.attributes.control {
                         return Err(BrokerError::CorruptBatch {
                             index: i,
@@ -267,7 +259,7 @@ impl Produce {
                     sources.push(None);
                     batches.push(Prepared {
                         partition,
-                        bytes,
+                        batch,
                         records: header.record_count,
                         source: i,
                         positions: None,
@@ -335,7 +327,6 @@ impl Produce {
             }
         }
         Ok(Plan {
-            acks,
             timeout: Duration::from_millis(u64::from(timeout_ms)),
             batches,
             sources,
@@ -347,11 +338,7 @@ impl Produce {
     async fn append_all(plan: &Plan) -> Result<Vec<Pending>> {
         let mut infos = Vec::with_capacity(plan.batches.len());
         for b in &plan.batches {
-            match b
-                .partition
-                .append_only(b.bytes.clone(), plan.acks, b.source, b.producer)
-                .await
-            {
+            match b.partition.append_only(b.batch.clone(), b.producer).await {
                 Ok(info) => infos.push(info),
                 Err(e) if infos.is_empty() => return Err(e),
                 Err(e) => return Err(e.after_write()),
@@ -360,7 +347,11 @@ impl Produce {
         metrics::counter!("keel_produce_batches_total", "topic" => plan.topic.meta.name.clone())
             .increment(plan.batches.len() as u64);
         let records: u64 = plan.batches.iter().map(|b| u64::from(b.records)).sum();
-        let bytes: u64 = plan.batches.iter().map(|b| b.bytes.len() as u64).sum();
+        let bytes: u64 = plan
+            .batches
+            .iter()
+            .map(|b| b.batch.bytes().len() as u64)
+            .sum();
         metrics::counter!("keel_produce_records_total", "topic" => plan.topic.meta.name.clone())
             .increment(records);
         metrics::counter!("keel_produce_bytes_total", "topic" => plan.topic.meta.name.clone())
@@ -377,7 +368,7 @@ impl Produce {
         let wait = async {
             let mut done = Vec::with_capacity(pending.len());
             for (i, (b, p)) in plan.batches.iter().zip(pending).enumerate() {
-                let r = b.partition.complete(p, plan.acks, b.source).await;
+                let r = b.partition.complete(p).await;
                 // The first batch's failure before anything else was acknowledged keeps its
                 // own definiteness; later ones follow writes that did happen.
                 done.push(r.map_err(|e| if i == 0 { e } else { e.after_write() })?);
@@ -388,16 +379,7 @@ impl Produce {
             Ok(r) => r,
             Err(_) => Err(BrokerError::Timeout(plan.timeout.as_millis() as u64)),
         };
-        match outcome {
-            Ok(infos) => Ok(build_response(&plan, &infos, correlation_id)),
-            Err(e) => {
-                // The records are appended; make sure they still become visible once durable.
-                for b in &plan.batches {
-                    b.partition.request_flush();
-                }
-                Err(e)
-            }
-        }
+        outcome.map(|infos| build_response(&plan, &infos, correlation_id))
     }
 }
 
@@ -501,9 +483,12 @@ fn encode_records(
                         setting: "max.message.bytes",
                     });
                 }
+                // The one check of a batch this broker built (the log does not repeat it).
+                let batch = VerifiedBatch::check(Bytes::from(bytes))
+                    .map_err(|e| BrokerError::Internal(format!("a batch built here: {e}")))?;
                 out.push(Prepared {
                     partition: Arc::clone(&partition),
-                    bytes: Bytes::from(bytes),
+                    batch,
                     records,
                     source,
                     positions: Some(members),

@@ -60,10 +60,7 @@ pub enum BatchError {
 /// Parses the header of the first batch in `buf`, checks that the whole batch is present and
 /// verifies its CRC. Returns the header, the batch's bytes and its payload CRC (for [`stamp`]).
 pub fn parse_verified(buf: &[u8]) -> Result<(BatchHeader, &[u8], u32), BatchError> {
-    let header = BatchHeader::parse(buf)?;
-    let batch = buf
-        .get(..header.total_len())
-        .ok_or(BatchError::Truncated { what: "batch body" })?;
+    let (header, batch) = parse_whole(buf)?;
     let payload_crc = verify_crc(&header, batch)?;
     Ok((header, batch, payload_crc))
 }
@@ -118,8 +115,17 @@ pub fn decode_records(batch: &Bytes, max_decompressed: usize) -> Result<Vec<Reco
 /// are decompressed (up to `max_decompressed` bytes) to check them.
 pub fn validate_records(batch: &[u8], max_decompressed: usize) -> Result<BatchHeader, BatchError> {
     let (header, exact, _) = parse_verified(batch)?;
+    check_records(&header, exact, max_decompressed)?;
+    Ok(header)
+}
+
+fn check_records(
+    header: &BatchHeader,
+    exact: &[u8],
+    max_decompressed: usize,
+) -> Result<(), BatchError> {
     if header.attributes.control {
-        return Ok(header);
+        return Ok(());
     }
     let body = &exact[HEADER_LEN..];
     let owned;
@@ -144,7 +150,60 @@ pub fn validate_records(batch: &[u8], max_decompressed: usize) -> Result<BatchHe
     if !cur.is_empty() {
         return Err(BatchError::MalformedRecord("bytes after the last record"));
     }
-    Ok(header)
+    Ok(())
+}
+
+/// One whole batch whose header, length and CRC were checked, once: the proof that lets the
+/// log append it without a second pass over its bytes. Only [`VerifiedBatch::check`] and
+/// [`VerifiedBatch::validate`] make one, from exactly the bytes it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedBatch {
+    bytes: Bytes,
+    header: BatchHeader,
+    payload_crc: u32,
+}
+
+impl VerifiedBatch {
+    /// Checks that `bytes` is exactly one batch with a valid header and CRC.
+    pub fn check(bytes: Bytes) -> Result<Self, BatchError> {
+        let (header, exact, payload_crc) = parse_verified(&bytes)?;
+        if exact.len() != bytes.len() {
+            return Err(BatchError::BadLength {
+                length: header.batch_length,
+                reason: "bytes follow the batch",
+            });
+        }
+        Ok(Self {
+            header,
+            payload_crc,
+            bytes,
+        })
+    }
+
+    /// [`VerifiedBatch::check`] plus the records' structure ([`validate_records`]): what a
+    /// broker runs on a client's batch before anything stores it.
+    pub fn validate(bytes: Bytes, max_decompressed: usize) -> Result<Self, BatchError> {
+        let v = Self::check(bytes)?;
+        check_records(&v.header, &v.bytes, max_decompressed)?;
+        Ok(v)
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The CRC of the part of the batch that stamping does not change (see [`stamp`]).
+    pub fn payload_crc(&self) -> u32 {
+        self.payload_crc
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
 }
 
 /// Iterates over consecutive batches in a buffer (a fetch response or a segment slice), checking
@@ -153,6 +212,8 @@ pub fn validate_records(batch: &[u8], max_decompressed: usize) -> Result<BatchHe
 pub struct BatchIter<'a> {
     rest: &'a [u8],
     failed: bool,
+    /// Whether each batch's CRC is checked (see [`BatchIter::checked_by_log`]).
+    verify: bool,
 }
 
 impl<'a> BatchIter<'a> {
@@ -160,8 +221,31 @@ impl<'a> BatchIter<'a> {
         Self {
             rest: buf,
             failed: false,
+            verify: true,
         }
     }
+
+    /// Iterates over what a `Log` read returned: the log CRC-checks every batch it serves that
+    /// this process did not write itself (and never serves one that fails), so only headers
+    /// and lengths are checked here. A second CRC pass over every entry the Raft state machine
+    /// applied cost about 4% of a one-voter broker's CPU at 5M records/s (perf, 100-byte
+    /// records in 111 KB batches).
+    pub fn checked_by_log(buf: &'a [u8]) -> Self {
+        Self {
+            verify: false,
+            ..Self::new(buf)
+        }
+    }
+}
+
+/// Parses the header of the first batch in `buf` and checks that the whole batch is present,
+/// without checking its CRC.
+fn parse_whole(buf: &[u8]) -> Result<(BatchHeader, &[u8]), BatchError> {
+    let header = BatchHeader::parse(buf)?;
+    let batch = buf
+        .get(..header.total_len())
+        .ok_or(BatchError::Truncated { what: "batch body" })?;
+    Ok((header, batch))
 }
 
 impl<'a> Iterator for BatchIter<'a> {
@@ -171,8 +255,13 @@ impl<'a> Iterator for BatchIter<'a> {
         if self.rest.is_empty() || self.failed {
             return None;
         }
-        match parse_verified(self.rest) {
-            Ok((h, batch, _)) => {
+        let parsed = if self.verify {
+            parse_verified(self.rest).map(|(h, batch, _)| (h, batch))
+        } else {
+            parse_whole(self.rest)
+        };
+        match parsed {
+            Ok((h, batch)) => {
                 self.rest = &self.rest[batch.len()..];
                 Some(Ok((h, batch)))
             }
