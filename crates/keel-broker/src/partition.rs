@@ -9,17 +9,10 @@ use bytes::Bytes;
 use keel_log::batch::VerifiedBatch;
 use keel_log::{Log, LogError, ReadLimit, ReadSlice};
 use keel_raft::producers::Verdict;
-use keel_raft::{BatchData, KeelLogStore, KeelRaft, PartitionSm};
-use openraft::Instant as _;
-use openraft::async_runtime::WatchReceiver as _;
-use openraft::error::ClientWriteError;
-use openraft::impls::ProgressResponder;
-use openraft::raft::ClientWriteResult;
-use openraft::type_config::alias::OneshotReceiverOf;
+use keel_raft::{BatchData, KeelLogStore, PartitionSm, Replica, ReplicaError, Submitted};
 use tokio::sync::{Mutex as AsyncMutex, watch};
 
 use crate::cluster::quiet::{Activity, Liveness};
-use crate::cluster::sm::BrokerRaft;
 
 use crate::error::{BrokerError, Result};
 use crate::topic_config::Resolved;
@@ -54,7 +47,7 @@ struct PendingBatch {
     p: Idempotent,
     /// The term it was checked in.
     term: u64,
-    /// Set when its write came back refused (openraft's "not the leader"): never appended.
+    /// Set when its write came back refused ("not the leader" from the Raft core): never appended.
     refused: Arc<AtomicBool>,
 }
 
@@ -80,7 +73,7 @@ const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A partition's member of its Raft group.
 #[derive(Debug, Clone)]
 pub struct RaftReplica {
-    pub raft: BrokerRaft,
+    pub raft: Replica,
     pub store: KeelLogStore,
     pub sm: PartitionSm,
     pub group: u64,
@@ -109,63 +102,43 @@ impl RaftReplica {
     ///
     /// Everything committed is in a leader's log, so afterwards the state machine has seen
     /// every committed entry. Waiting for an applied entry of the leader's own term is not
-    /// enough: a leader restarted without losing its term (openraft restores leadership from
+    /// enough: a leader restarted without losing its term (the Raft core restores leadership from
     /// the stored vote) already has such entries applied, while its commit index, restored
     /// from a hint written at most once a second, lags its log until the followers answer.
     pub async fn wait_log_applied(&self) -> Option<u64> {
-        let (term, last) = {
-            let m = self.raft.metrics();
-            let m = m.borrow_watched();
-            (m.current_term, m.last_log_index)
-        };
+        let now = self.raft.status();
+        let (term, last) = (now.term, now.last_log_index);
         let applied = self
             .raft
-            .wait(Some(ADMISSION_WAIT))
-            .metrics(
-                |m| {
-                    m.current_term != term
-                        || (m.last_applied.is_some_and(|l| l.leader_id.term == term)
-                            && m.last_applied.map(|l| l.index) >= last)
-                },
-                "the leader's log applied",
-            )
+            .wait_for(ADMISSION_WAIT, "the leader's log applied", move |s| {
+                s.term != term
+                    || (s.last_applied.is_some_and(|l| l.term == term)
+                        && s.last_applied.map(|l| l.index) >= last)
+            })
             .await;
         match applied {
-            Ok(m) if m.current_term == term => Some(term),
+            Ok(s) if s.term == term => Some(term),
             _ => None,
         }
     }
 
-    /// Makes sure the leader holds a fresh quorum acknowledgement before a write: openraft
+    /// Makes sure the leader holds a fresh quorum acknowledgement before a write: the Raft core
     /// refuses writes on a leader whose lease expired, which is every leader of a quiet group
     /// (no heartbeats while idle). One heartbeat round renews it; bounded, and a failure is
     /// left to the write itself to report.
     async fn fresh_lease(&self) {
         const FRESH: std::time::Duration = std::time::Duration::from_millis(300);
-        let (stale, voters) = {
-            let m = self.raft.metrics();
-            let m = m.borrow_watched();
-            (
-                m.last_quorum_acked
-                    .as_ref()
-                    .is_none_or(|t| (**t).elapsed() > FRESH),
-                m.membership_config.membership().voter_ids().count(),
-            )
-        };
-        if !stale || voters < 2 {
+        let (_, acked, voters) = self.raft.lease();
+        if acked.is_some_and(|age| age <= FRESH) || voters.len() < 2 {
             return;
         }
-        let _ = self.raft.trigger().heartbeat().await;
+        self.raft.heartbeat().await;
         let _ = self
             .raft
-            .wait(Some(std::time::Duration::from_millis(1500)))
-            .metrics(
-                |m| {
-                    m.last_quorum_acked
-                        .as_ref()
-                        .is_some_and(|t| (**t).elapsed() <= FRESH)
-                },
+            .wait_for(
+                std::time::Duration::from_millis(1500),
                 "a fresh quorum acknowledgement",
+                |s| s.quorum_acked.is_some_and(|age| age <= FRESH),
             )
             .await;
     }
@@ -194,11 +167,7 @@ enum Admitted {
 pub enum Pending {
     /// With, for an idempotent batch, the flag that tells the leader's admission the write was
     /// refused (so a retry of it is new, not a duplicate in flight).
-    Raft(
-        OneshotReceiverOf<KeelRaft, ClientWriteResult<KeelRaft>>,
-        Option<Arc<AtomicBool>>,
-        std::time::Instant,
-    ),
+    Raft(Submitted, Option<Arc<AtomicBool>>, std::time::Instant),
     /// A retried idempotent batch that is already written (and as durable as `acks` asks).
     Duplicate(Appended),
 }
@@ -258,36 +227,18 @@ impl Partition {
     /// The leader this replica knows of (id and address), when it is not itself the leader.
     pub fn leader_hint(&self) -> Option<(u32, String)> {
         let r = &self.replica;
-        let m = r.raft.metrics();
-        let m = m.borrow_watched();
-        let leader = m.current_leader?;
-        let address = (r.clients.0)(leader as u32).or_else(|| {
-            m.membership_config
-                .membership()
-                .get_node(&leader)
-                .map(|n| n.addr.clone())
-        })?;
+        let (leader, peer) = r.raft.leader()?;
+        let address = (r.clients.0)(leader as u32).or(peer)?;
         Some((leader as u32, address))
     }
 
     /// Fails with NOT_LEADER unless this replica may serve produce and fetch requests.
     pub fn ensure_leader(&self, fallback: Option<(u32, String)>) -> Result<()> {
         let r = &self.replica;
-        let (leading, stale, voters) = {
-            let m = r.raft.metrics();
-            let m = m.borrow_watched();
-            (
-                m.current_leader == Some(r.node_id) && m.state == openraft::ServerState::Leader,
-                m.last_quorum_acked.as_ref().is_none_or(|t| {
-                    (**t).elapsed() > std::time::Duration::from_millis(QUORUM_ACK_TIMEOUT_MS)
-                }),
-                m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .map(|v| v as u32)
-                    .collect::<Vec<_>>(),
-            )
-        };
+        let (leading, acked, voters) = r.raft.lease();
+        let stale =
+            acked.is_none_or(|age| age > std::time::Duration::from_millis(QUORUM_ACK_TIMEOUT_MS));
+        let voters: Vec<u32> = voters.into_iter().map(|v| v as u32).collect();
         // A quiet group gets no heartbeat acknowledgements; the brokers' own beats stand in.
         let cut_off = stale && !r.liveness.majority_reachable(r.node_id as u32, &voters);
         if leading && !cut_off {
@@ -309,7 +260,7 @@ impl Partition {
 
     /// The Raft term this replica is in.
     pub fn current_term(&self) -> u64 {
-        self.replica.raft.metrics().borrow_watched().current_term
+        self.replica.raft.term()
     }
 
     /// On a leader, waits until it has applied an entry of its own term, so that everything
@@ -358,12 +309,12 @@ impl Partition {
         let mut adm = self.admission.lock().await;
         r.activity.wrote();
         if r.activity.set_ticking(true) {
-            r.raft.runtime_config().tick(true);
+            r.raft.set_ticking(true);
         }
         // Before reading the term: renewing the lease may take a heartbeat round, during
         // which leadership can move.
         r.fresh_lease().await;
-        let term = r.raft.metrics().borrow_watched().current_term;
+        let term = r.raft.term();
         if adm.term != term {
             adm.term = term;
             adm.caught_up = false;
@@ -416,28 +367,21 @@ impl Partition {
         });
         match verdict {
             Verdict::Append => {
-                let (responder, rx) = ProgressResponder::complete_only();
-                r.raft
-                    .client_write_ff(BatchData::verified(batch), Some(responder))
-                    .await
-                    .map_err(|e| BrokerError::Unavailable {
-                        message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
-                        definite: true,
-                    })?;
+                let submitted = self.submit(r, batch).await?;
                 let refused = Arc::new(AtomicBool::new(false));
                 adm.pending.push(PendingBatch {
                     p,
                     term,
                     refused: Arc::clone(&refused),
                 });
-                if r.raft.metrics().borrow_watched().current_term != term {
+                if r.raft.term() != term {
                     // Leadership moved while submitting: where the batch went is unknown, so
                     // the next check waits for this leader's log to be applied again.
                     adm.caught_up = false;
                     adm.term = 0;
                 }
                 Ok(Admitted::Written(Pending::Raft(
-                    rx,
+                    submitted,
                     Some(refused),
                     std::time::Instant::now(),
                 )))
@@ -473,7 +417,7 @@ impl Partition {
                 ),
                 definite: false,
             };
-            if r.raft.metrics().borrow_watched().current_term != term {
+            if r.raft.term() != term {
                 return Err(not_yet("leadership changed"));
             }
             match tokio::time::timeout_at(deadline, hwm.changed()).await {
@@ -518,18 +462,21 @@ impl Partition {
         let r = &self.replica;
         r.activity.wrote();
         if r.activity.set_ticking(true) {
-            r.raft.runtime_config().tick(true);
+            r.raft.set_ticking(true);
         }
         r.fresh_lease().await;
-        let (responder, rx) = ProgressResponder::complete_only();
+        let submitted = self.submit(r, batch).await?;
+        Ok(Pending::Raft(submitted, None, std::time::Instant::now()))
+    }
+
+    async fn submit(&self, r: &RaftReplica, batch: VerifiedBatch) -> Result<Submitted> {
         r.raft
-            .client_write_ff(BatchData::verified(batch), Some(responder))
+            .submit(BatchData::verified(batch))
             .await
             .map_err(|e| BrokerError::Unavailable {
-                message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
+                message: format!("{}/{}: {e}", self.topic, self.id),
                 definite: true,
-            })?;
-        Ok(Pending::Raft(rx, None, std::time::Instant::now()))
+            })
     }
 
     /// Waits until the batch is committed and applied (whatever `acks` says: the offsets are
@@ -537,41 +484,38 @@ impl Partition {
     pub async fn complete(&self, pending: Pending) -> Result<Appended> {
         match pending {
             Pending::Duplicate(a) => Ok(a),
-            Pending::Raft(rx, refused, submitted) => match rx.await {
-                Ok(Ok(resp)) => {
+            Pending::Raft(submitted, refused, at) => match submitted.applied().await {
+                Ok(ack) => {
                     // Submission to applied: replication, the majority's fsyncs, the apply.
                     metrics::histogram!("keel_raft_commit_seconds")
-                        .record(submitted.elapsed().as_secs_f64());
+                        .record(at.elapsed().as_secs_f64());
                     Ok(Appended {
-                        base_offset: resp.data.base_offset,
-                        next_offset: resp.data.next_offset,
+                        base_offset: ack.base_offset,
+                        next_offset: ack.next_offset,
                     })
                 }
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ReplicaError::NotLeader { leader, address }) => {
                     if let Some(r) = &refused {
                         r.store(true, Ordering::Release);
                     }
                     Err(BrokerError::NotLeader {
                         topic: self.topic.to_string(),
                         partition: self.id,
-                        leader: f
-                            .leader_id
-                            .zip(f.leader_node.map(|n| n.addr))
-                            .map(|(id, a)| (id as u32, a)),
+                        leader: leader.zip(address).map(|(id, a)| (id as u32, a)),
                     })
                 }
-                // Discarded entries (a truncation or a purge over a pending write) cannot be
-                // told apart here, and a purged one may have committed: not definite.
-                Ok(Err(e)) => Err(BrokerError::Unavailable {
-                    message: format!("{}/{}: {e}", self.topic, self.id),
-                    definite: false,
-                }),
                 // The leader stepped down after appending: the batch may still commit.
-                Err(_) => Err(BrokerError::Unavailable {
+                Err(ReplicaError::Abandoned) => Err(BrokerError::Unavailable {
                     message: format!(
                         "{}/{}: leadership changed before the batch was committed; it may or may not be",
                         self.topic, self.id
                     ),
+                    definite: false,
+                }),
+                // Discarded entries (a truncation or a purge over a pending write) cannot be
+                // told apart here, and a purged one may have committed: not definite.
+                Err(e) => Err(BrokerError::Unavailable {
+                    message: format!("{}/{}: {e}", self.topic, self.id),
                     definite: false,
                 }),
             },

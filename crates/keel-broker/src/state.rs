@@ -7,8 +7,6 @@ use std::time::Duration;
 use keel_proto::v1::{BrokerInfo, PartitionInfo, TopicInfo};
 use tokio::sync::watch;
 
-use openraft::async_runtime::WatchReceiver as _;
-
 use crate::cluster::meta::{Command, Reply, assign, load_of};
 use crate::cluster::{ClusterNode, RegistryHolder};
 use crate::error::{BrokerError, Result};
@@ -163,10 +161,8 @@ impl BrokerState {
                     Some(p) => p
                         .raft()
                         .raft
-                        .metrics()
-                        .borrow_watched()
-                        .current_leader
-                        .map(|l| l as u32)
+                        .leader()
+                        .map(|(l, _)| l as u32)
                         .or(pl.leader.as_ref().map(|l| l.0))
                         .unwrap_or(0),
                     None => pl.leader.as_ref().map_or(0, |l| l.0),

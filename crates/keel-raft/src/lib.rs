@@ -9,14 +9,21 @@
 //! the server side (dispatch by group id).
 //!
 //! [`PartitionSm`] is the group's state machine: applying an entry advances the partition's
-//! high watermark; snapshots are metadata only, cut at the retention boundary.
+//! high watermark; snapshots are metadata only, cut at the retention boundary. [`MetaSm`] is
+//! a metadata group's, around the broker's [`MetaMachine`].
+//!
+//! A broker drives its groups through [`Replica`] and reads them as [`Status`] values: every
+//! openraft type and trait implementation stays in this crate.
 
 mod adopt;
 pub mod codec;
 mod flusher;
+mod group_sm;
 mod log_store;
+pub mod meta_sm;
 pub mod network;
 pub mod producers;
+pub mod replica;
 pub mod server;
 pub mod state_file;
 pub mod state_machine;
@@ -24,8 +31,14 @@ pub mod types;
 pub mod wire;
 
 pub use adopt::adopt_as_single_voter;
+pub use group_sm::GroupSm;
 pub use log_store::{DEFAULT_MAX_READ_BYTES, KeelLogReader, KeelLogStore, log_err};
+pub use meta_sm::{MetaMachine, MetaSm, encode_command};
 pub use network::{GroupNetwork, RaftTransport, TransportConfig};
+pub use replica::{
+    GroupConfig, Position, RaftService, Registry, Replica, ReplicaError, Role, Status, StatusWatch,
+    Submitted,
+};
 pub use server::{RaftRegistry, RaftServer};
 pub use state_machine::{PartitionSm, SnapshotState, snapshot_point_for_offset};
 pub use types::{AppendAck, BatchData, Entry, KeelRaft, LogId, Vote, log_id};

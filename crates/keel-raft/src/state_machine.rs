@@ -13,9 +13,9 @@
 //! 1. retention picks the first segment to keep; [`PartitionSm::set_snapshot_point_for_offset`]
 //!    (or [`snapshot_point_for_offset`] plus [`PartitionSm::set_snapshot_point`]) records the
 //!    last Raft entry before it as the next snapshot point;
-//! 2. `raft.trigger().snapshot()` builds the snapshot there (persisted beside the log);
-//! 3. `raft.trigger().purge_log(point.index)` (or `max_in_snapshot_log_to_keep = 0`) purges
-//!    the log up to it, which deletes the segments below the boundary.
+//! 2. `Replica::snapshot_to` builds the snapshot there (persisted beside the log);
+//! 3. `Replica::purge_to(point.index)` (or `max_in_snapshot_log_to_keep = 0`) purges the log
+//!    up to it, which deletes the segments below the boundary.
 //!
 //! A follower that installs such a snapshot tells the store the offset the log continues from
 //! ([`KeelLogStore::set_snapshot_offset`]), so that an empty or short log restarts at the
@@ -394,6 +394,11 @@ impl PartitionSm {
     }
 
     /// Applies one entry and returns its acknowledgement.
+    /// The offsets are read from the entry's header, which the leader's log stamped at append
+    /// time: openraft hands the state machine entries it reads back from the log store (a
+    /// zero-copy slice of the segment mapping, headers parsed without a second CRC pass, see
+    /// `log_store::decode_slice`), never the append's own result, so this 73-byte header read
+    /// is the one re-read left. Followers need it anyway: they learn offsets only from it.
     fn apply_entry(&self, entry: &Entry) -> io::Result<AppendAck> {
         let mut st = lock(&self.inner.state);
         let ack = match &entry.payload {

@@ -1,24 +1,22 @@
 //! One state machine type for every Raft group a broker hosts (the Raft transport's registry
-//! routes all groups through one type): the metadata group's or a partition's.
+//! routes all groups through one type): a metadata group's or a partition's.
 
 use std::io;
 
-use keel_raft::types::{Snapshot, SnapshotMeta, StoredMembership};
-use keel_raft::{KeelRaft, LogId, PartitionSm};
 use openraft::OptionalSend;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 
-use super::meta_sm::MetadataSm;
+use crate::meta_sm::MetaSm;
+use crate::state_machine::PartitionSm;
+use crate::types::{KeelRaft, LogId, Snapshot, SnapshotMeta, StoredMembership};
 
 #[derive(Debug, Clone)]
-pub enum BrokerSm {
-    Meta(MetadataSm),
+pub enum GroupSm {
+    Meta(MetaSm),
     Partition(PartitionSm),
 }
 
-pub type BrokerRaft = openraft::Raft<KeelRaft, BrokerSm>;
-
-impl RaftSnapshotBuilder<KeelRaft> for BrokerSm {
+impl RaftSnapshotBuilder<KeelRaft> for GroupSm {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot<Vec<u8>>, io::Error> {
@@ -29,7 +27,7 @@ impl RaftSnapshotBuilder<KeelRaft> for BrokerSm {
     }
 }
 
-impl RaftStateMachine<KeelRaft> for BrokerSm {
+impl RaftStateMachine<KeelRaft> for GroupSm {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = Self;
 
