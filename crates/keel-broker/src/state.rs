@@ -449,7 +449,7 @@ impl BrokerState {
 
 /// The coordinator's view of this broker: its topic table and the metadata operations on the
 /// offsets topic.
-impl OffsetsHost for BrokerState {
+impl OffsetsHost for Shared {
     fn registry(&self) -> &Registry {
         &self.registry
     }

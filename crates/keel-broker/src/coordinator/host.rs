@@ -1,6 +1,7 @@
 //! What the coordinator needs from the rest of the broker, and nothing more: the topic table,
-//! where brokers are, and the two metadata operations on the offsets topic. The broker state
-//! implements it; the coordinator never sees that state, so the dependency points one way.
+//! where brokers are, and the two metadata operations on the offsets topic. The services'
+//! handle on the broker state implements it; the coordinator never sees that state, so the
+//! dependency points one way.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,7 +10,8 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::registry::{Registry, Topic};
 
-pub trait OffsetsHost: Send + Sync {
+/// Cloned into the sweep's background task, so a cheap handle (an `Arc`).
+pub trait OffsetsHost: Clone + Send + Sync {
     /// This broker's topics and its replicas of their partitions.
     fn registry(&self) -> &Registry;
     /// This broker's id and client address (the answer to "who coordinates").
@@ -31,37 +33,4 @@ pub trait OffsetsHost: Send + Sync {
         partition: u32,
         before: u64,
     ) -> impl Future<Output = Result<()>> + Send;
-}
-
-/// The services hold the state behind an `Arc`.
-impl<T: OffsetsHost + ?Sized> OffsetsHost for Arc<T> {
-    fn registry(&self) -> &Registry {
-        (**self).registry()
-    }
-
-    fn broker(&self) -> (u32, String) {
-        (**self).broker()
-    }
-
-    fn peer_address(&self, id: u32) -> Option<String> {
-        (**self).peer_address(id)
-    }
-
-    fn create_topic(
-        &self,
-        name: &str,
-        partitions: u32,
-        config: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<Arc<Topic>>> + Send {
-        (**self).create_topic(name, partitions, config)
-    }
-
-    fn delete_records_before(
-        &self,
-        name: &str,
-        partition: u32,
-        before: u64,
-    ) -> impl Future<Output = Result<()>> + Send {
-        (**self).delete_records_before(name, partition, before)
-    }
 }

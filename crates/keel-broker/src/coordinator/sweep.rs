@@ -2,10 +2,12 @@
 //! expired groups, compaction and lag metrics.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Coordinator, OffsetsHost, Shard, ShardState, catalog, now_wall_ms};
+use crate::error::Result;
 use crate::groups::{OffsetsRecord, TopicPartition};
 
 /// Bounds on the sweep's own writes, so one stuck partition never stalls the others.
@@ -15,11 +17,7 @@ impl Coordinator {
     /// Runs every few hundred milliseconds: expires sessions and follows topic changes;
     /// with `housekeeping`, also (in a task of its own, so a slow write never delays session
     /// expiry) expires old groups' offsets, writes compacted images and exports lag.
-    pub async fn sweep<H: OffsetsHost + 'static>(
-        self: &Arc<Self>,
-        host: &Arc<H>,
-        housekeeping: bool,
-    ) {
+    pub async fn sweep<H: OffsetsHost + 'static>(self: &Arc<Self>, host: &H, housekeeping: bool) {
         self.prune(host);
         let catalog = catalog(host.registry());
         let now = self.now_ms();
@@ -76,7 +74,7 @@ impl Coordinator {
         let Ok(_one) = self.housekeeping.try_lock() else {
             return;
         };
-        let host = Arc::clone(host);
+        let host = host.clone();
         let groups = Arc::clone(self);
         tokio::spawn(async move {
             let Ok(_one) = groups.housekeeping.try_lock() else {
@@ -86,24 +84,16 @@ impl Coordinator {
                 for d in &deletions {
                     tracing::info!(group = %d.group(), "deleting the offsets of a group empty for longer than the retention");
                 }
-                match tokio::time::timeout(HOUSEKEEPING_TIMEOUT, groups.write(&shard, &deletions))
-                    .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "could not delete expired group offsets")
-                    }
-                    Err(_) => tracing::warn!("deleting expired group offsets timed out"),
-                }
-                match tokio::time::timeout(HOUSEKEEPING_TIMEOUT, groups.compact(&host, &shard))
-                    .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "could not compact an offsets partition")
-                    }
-                    Err(_) => tracing::warn!("compacting an offsets partition timed out"),
-                }
+                bounded(
+                    "delete expired group offsets",
+                    groups.write(&shard, &deletions),
+                )
+                .await;
+                bounded(
+                    "compact an offsets partition",
+                    groups.compact(&host, &shard),
+                )
+                .await;
             }
             groups.export_lag(&host).await;
         });
@@ -152,5 +142,15 @@ impl Coordinator {
                     .set(sum as f64);
             }
         }
+    }
+}
+
+/// Runs one housekeeping write for at most [`HOUSEKEEPING_TIMEOUT`]; a failure is logged and
+/// left for the next round.
+async fn bounded(what: &str, write: impl Future<Output = Result<()>>) {
+    match tokio::time::timeout(HOUSEKEEPING_TIMEOUT, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not {what}"),
+        Err(_) => tracing::warn!("timed out: {what}"),
     }
 }

@@ -8,7 +8,7 @@ use keel_log::batch::{BatchBuilder, Compression, ProducerInfo, RecordRef, Verifi
 use keel_proto::v1::Record;
 use keel_types::partition_for_key;
 
-use super::plan::{Lookups, Prepared};
+use super::plan::{Lookups, Prepared, over_max_message};
 use crate::error::{BrokerError, Result};
 use crate::partition::Idempotent;
 
@@ -74,12 +74,7 @@ pub fn encode_records<L: Lookups>(
                 .build()
                 .map_err(|e| BrokerError::Internal(e.to_string()))?;
             if bytes.len() as u64 > max_message {
-                return Err(BrokerError::TooLarge {
-                    what: "record",
-                    size: bytes.len() as u64,
-                    limit: max_message,
-                    setting: "max.message.bytes",
-                });
+                return Err(over_max_message("record", bytes.len() as u64, max_message));
             }
             // The one check of a batch this broker built (the log does not repeat it).
             let batch = VerifiedBatch::check(Bytes::from(bytes))
@@ -122,12 +117,11 @@ pub fn encode_records<L: Lookups>(
             if !builder.is_empty() && (builder.size_bytes() + size) as u64 > max_message {
                 if producer.is_some() {
                     // One sequence range is one batch.
-                    return Err(BrokerError::TooLarge {
-                        what: "idempotent records batch",
-                        size: (builder.size_bytes() + size) as u64,
-                        limit: max_message,
-                        setting: "max.message.bytes",
-                    });
+                    return Err(over_max_message(
+                        "idempotent records batch",
+                        (builder.size_bytes() + size) as u64,
+                        max_message,
+                    ));
                 }
                 let full = std::mem::replace(&mut builder, fresh());
                 flush(full, std::mem::take(&mut members), out)?;

@@ -1,9 +1,11 @@
-//! Produce and ProduceStream: the gRPC handler around the pure validation in [`plan`].
+//! Produce, ProduceStream and InitProducer: the gRPC handlers around the pure validation in
+//! [`plan`] and [`init_producer`].
 //!
 //! The handler looks the topic up, has [`plan::plan`] check and encode the request, appends the
 //! planned batches in order, waits for them to commit, and answers ([`response`]).
 
 mod encode;
+pub mod init_producer;
 pub mod plan;
 mod response;
 #[cfg(test)]
@@ -21,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use self::init_producer::{InitProducer, check_init_producer};
 use self::plan::{Lookups, Plan, ProduceLimits};
 use self::response::build_response;
 use crate::error::{BrokerError, Result};
@@ -30,9 +33,6 @@ use crate::state::{BrokerState, Shared};
 
 #[derive(Debug, Clone)]
 pub struct Produce(pub Shared);
-
-/// Longest accepted `instance_id`.
-const MAX_INSTANCE_ID: usize = 255;
 
 /// A validated request and the topic it writes (for metrics).
 struct Accepted {
@@ -182,45 +182,12 @@ impl ProduceService for Produce {
         if self.0.is_shutting_down() {
             return Err(BrokerError::ShuttingDown.into());
         }
-        if req.instance_id.len() > MAX_INSTANCE_ID {
-            return Err(BrokerError::invalid(
-                "instance_id",
-                format!(
-                    "{} bytes exceed the limit of {MAX_INSTANCE_ID}",
-                    req.instance_id.len()
-                ),
-            )
-            .into());
-        }
-        if req.instance_id.chars().any(char::is_control) {
-            return Err(
-                BrokerError::invalid("instance_id", "control characters are not allowed").into(),
-            );
-        }
-        let bump = match req.producer_id {
-            None => None,
-            Some(id) => {
-                let epoch = i16::try_from(req.producer_epoch)
-                    .ok()
-                    .filter(|e| *e >= 0)
-                    .ok_or_else(|| {
-                        BrokerError::invalid(
-                            "producer_epoch",
-                            format!("{} is outside 0..=32767", req.producer_epoch),
-                        )
-                    })?;
-                if id <= 0 {
-                    return Err(BrokerError::invalid(
-                        "producer_id",
-                        format!("{id} is not a producer id (they start at 1)"),
-                    )
-                    .into());
-                }
-                Some((id, epoch))
-            }
-        };
-        let instance = (!req.instance_id.is_empty()).then_some(req.instance_id);
-        let (producer_id, epoch) = self.0.init_producer(req.request_id, instance, bump).await?;
+        let InitProducer {
+            instance,
+            bump,
+            request_id,
+        } = check_init_producer(req)?;
+        let (producer_id, epoch) = self.0.init_producer(request_id, instance, bump).await?;
         Ok(Response::new(InitProducerResponse {
             producer_id,
             producer_epoch: i32::from(epoch),

@@ -79,6 +79,16 @@ pub struct Prepared<P> {
     pub producer: Option<Idempotent>,
 }
 
+/// MESSAGE_TOO_LARGE for `what` of `size` bytes over the topic's `max.message.bytes`.
+pub(super) fn over_max_message(what: &'static str, size: u64, limit: u64) -> BrokerError {
+    BrokerError::TooLarge {
+        what,
+        size,
+        limit,
+        setting: "max.message.bytes",
+    }
+}
+
 /// Refuses a produce to a topic only the broker writes. Checked before the topic is looked up,
 /// so the answer does not depend on whether it exists yet.
 pub fn check_writable_topic(name: &str) -> Result<()> {
@@ -252,12 +262,11 @@ fn check_encoded<L: Lookups>(
 ) -> Result<(VerifiedBatch, Option<Idempotent>)> {
     let max_message = limits.max_message_bytes;
     if bytes.len() as u64 > max_message {
-        return Err(BrokerError::TooLarge {
-            what: "record batch",
-            size: bytes.len() as u64,
-            limit: max_message,
-            setting: "max.message.bytes",
-        });
+        return Err(over_max_message(
+            "record batch",
+            bytes.len() as u64,
+            max_message,
+        ));
     }
     let batch = VerifiedBatch::validate(bytes, limits.max_decompressed()).map_err(|e| match e {
         BatchError::TooLarge { size, limit } => BrokerError::TooLarge {
