@@ -5,6 +5,7 @@
 
 pub mod cluster;
 mod conn;
+pub mod coordinator;
 pub mod error;
 pub mod groups;
 mod http;

@@ -62,8 +62,8 @@ impl BrokerConfig {
             join: None,
             retention_check_interval: Duration::from_secs(300),
             limits: Limits::default(),
-            offsets_retention_ms: crate::groups::coordinator::DEFAULT_OFFSETS_RETENTION_MS,
-            offsets_compact_records: crate::groups::coordinator::DEFAULT_COMPACT_RECORDS,
+            offsets_retention_ms: crate::coordinator::DEFAULT_OFFSETS_RETENTION_MS,
+            offsets_compact_records: crate::coordinator::DEFAULT_COMPACT_RECORDS,
             fs: Arc::new(keel_log::fs::RealFs),
         }
     }
@@ -170,10 +170,10 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         limits: config.limits,
         shutdown: shutdown_rx.clone(),
         cluster: Arc::clone(&cluster),
-        groups: crate::groups::coordinator::Coordinator::new(
+        groups: Arc::new(crate::coordinator::Coordinator::new(
             config.offsets_retention_ms,
             config.offsets_compact_records,
-        ),
+        )),
     });
 
     let max = config.limits.max_request_bytes;

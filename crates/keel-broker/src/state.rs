@@ -1,6 +1,7 @@
 //! State shared by the gRPC services.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,9 @@ use tokio::sync::watch;
 
 use crate::cluster::meta::{Command, Reply, assign, load_of};
 use crate::cluster::{ClusterNode, RegistryHolder};
+use crate::coordinator::{Coordinator, OffsetsHost};
 use crate::error::{BrokerError, Result};
+use crate::groups::OFFSETS_TOPIC;
 use crate::registry::{
     MAX_PARTITIONS, Registry, Topic, create_partitions, create_replication_factor,
     validate_create_name,
@@ -60,7 +63,7 @@ pub struct BrokerState {
     /// without `--initial-cluster` or `--join`, or of the one it was started into.
     pub cluster: Arc<ClusterNode>,
     /// The consumer groups this broker coordinates.
-    pub groups: crate::groups::coordinator::Coordinator,
+    pub groups: Arc<Coordinator>,
 }
 
 impl RegistryHolder for BrokerState {
@@ -262,7 +265,7 @@ impl BrokerState {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        if name == crate::groups::coordinator::OFFSETS_TOPIC {
+        if name == OFFSETS_TOPIC {
             return Err(BrokerError::invalid(
                 "name",
                 "__consumer_offsets is internal: deleting it would delete every group's offsets",
@@ -437,6 +440,41 @@ impl BrokerState {
             }
         }
         Ok(moved)
+    }
+}
+
+/// The coordinator's view of this broker: its topic table and the metadata operations on the
+/// offsets topic.
+impl OffsetsHost for Shared {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn broker(&self) -> (u32, String) {
+        (self.id, self.advertise.clone())
+    }
+
+    fn peer_address(&self, id: u32) -> Option<String> {
+        BrokerState::peer_address(self, id)
+    }
+
+    /// With the default replication factor.
+    fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<Arc<Topic>>> + Send {
+        BrokerState::create_topic(self, name, partitions, 0, config)
+    }
+
+    fn delete_records_before(
+        &self,
+        name: &str,
+        partition: u32,
+        before: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        BrokerState::delete_records_before(self, name, partition, before)
     }
 }
 

@@ -751,27 +751,4 @@ impl StoreBuilder<KeelRaft, KeelLogStore, PartitionSm, tempfile::TempDir> for Sm
 
 type S = Suite<KeelRaft, KeelLogStore, PartitionSm, SmBuilder, tempfile::TempDir>;
 
-storage_suite_cases!(
-    suite,
-    SmBuilder;
-    last_membership_in_log_initial,
-    last_membership_in_log,
-    last_membership_in_log_multi_step,
-    get_membership_initial,
-    get_membership_from_log_and_empty_sm,
-    get_membership_from_empty_log_and_sm,
-    get_membership_from_log_le_sm_last_applied,
-    get_membership_from_log_gt_sm_last_applied_1,
-    get_membership_from_log_gt_sm_last_applied_2,
-    get_initial_state_without_init,
-    get_initial_state_membership_from_empty_log_and_sm,
-    get_initial_state_membership_from_sm_inlog_is_smaller,
-    get_initial_state_membership_from_log_insm_is_smaller,
-    get_initial_state_with_state,
-    get_initial_state_last_log_gt_sm,
-    get_initial_state_last_log_lt_sm,
-    get_initial_state_re_apply_committed,
-    last_applied_state,
-    apply_single,
-    apply_multiple,
-);
+state_machine_suite_cases!(suite, SmBuilder;);

@@ -24,29 +24,12 @@ async fn transfer_snapshot() -> io::Result<()> {
     S::transfer_snapshot(&Builder).await
 }
 
-storage_suite_cases!(
+state_machine_suite_cases!(
     case,
     Builder;
-    last_membership_in_log_initial,
-    last_membership_in_log,
-    last_membership_in_log_multi_step,
-    get_membership_initial,
-    get_membership_from_log_and_empty_sm,
-    get_membership_from_empty_log_and_sm,
-    get_membership_from_log_le_sm_last_applied,
-    get_membership_from_log_gt_sm_last_applied_1,
-    get_membership_from_log_gt_sm_last_applied_2,
-    get_initial_state_without_init,
-    get_initial_state_membership_from_empty_log_and_sm,
-    get_initial_state_membership_from_sm_inlog_is_smaller,
-    get_initial_state_membership_from_log_insm_is_smaller,
-    get_initial_state_with_state,
-    get_initial_state_last_log_gt_sm,
-    get_initial_state_last_log_lt_sm,
     get_initial_state_inverted_log_order,
     get_initial_state_conflict_at_same_index,
     get_initial_state_log_ids,
-    get_initial_state_re_apply_committed,
     save_vote,
     get_log_entries,
     limited_get_log_entries,
@@ -58,7 +41,6 @@ storage_suite_cases!(
     get_log_state,
     get_log_id,
     last_id_in_log,
-    last_applied_state,
     purge_logs_upto_0,
     purge_logs_upto_5,
     purge_logs_upto_20,
@@ -69,6 +51,4 @@ storage_suite_cases!(
     append_to_log,
     snapshot_meta,
     snapshot_meta_optional,
-    apply_single,
-    apply_multiple,
 );

@@ -8,12 +8,12 @@
 //!
 //! Everything here is plain data and pure functions, without IO or async, so that the rules can
 //! be unit- and property-tested in isolation and the state persisted as JSON by the coordinator
-//! that will own it.
+//! (`crate::coordinator`, the IO shell that reads and writes the offsets topic) that owns it.
 
 pub mod assign;
-pub mod coordinator;
 pub mod live;
 pub mod offsets;
+pub mod offsets_topic;
 pub mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use assign::assign;
 pub use offsets::{CommitError, Committed, OffsetsRecord, OffsetsState};
+pub use offsets_topic::{OFFSETS_PARTITIONS, OFFSETS_TOPIC, shard_of};
 pub use reconcile::{GroupError, GroupState, Heartbeat, MemberState, Step, next_step};
 
 /// The unit of assignment. Ordered by topic, then partition, so every iteration over sets of
@@ -120,6 +121,19 @@ impl fmt::Display for Strategy {
     }
 }
 
+/// Partitions grouped by topic, as the API lists them.
+pub fn by_topic<'a>(
+    tps: impl IntoIterator<Item = &'a TopicPartition>,
+) -> BTreeMap<String, BTreeSet<u32>> {
+    let mut out: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for tp in tps {
+        out.entry(tp.topic.clone())
+            .or_default()
+            .insert(tp.partition);
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown assignment strategy {0:?} (expected range, roundrobin or sticky)")]
 pub struct UnknownStrategy(pub String);
@@ -190,5 +204,20 @@ mod tests {
         v.sort();
         let shown: Vec<String> = v.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["a-2", "a-10", "b-0"]);
+    }
+
+    #[test]
+    fn by_topic_groups_partitions_under_their_topic() {
+        let tps = [
+            TopicPartition::new("b", 1),
+            TopicPartition::new("a", 3),
+            TopicPartition::new("b", 0),
+            TopicPartition::new("a", 3),
+        ];
+        let grouped = by_topic(&tps);
+        assert_eq!(grouped.len(), 2);
+        assert_eq!(grouped["a"], BTreeSet::from([3]));
+        assert_eq!(grouped["b"], BTreeSet::from([0, 1]));
+        assert!(by_topic(&[]).is_empty());
     }
 }

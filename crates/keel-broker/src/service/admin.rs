@@ -5,7 +5,7 @@ use keel_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::error::BrokerError;
-use crate::groups::coordinator::OFFSETS_TOPIC;
+use crate::groups::OFFSETS_TOPIC;
 use crate::state::Shared;
 
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! GroupsService: consumer-group membership, commits and administration, answered by the
-//! group's coordinator (`groups::coordinator`).
+//! group's coordinator (`crate::coordinator`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -10,12 +10,10 @@ use keel_proto::v1::*;
 use keel_types::{TopicPattern, validate_topic_name};
 use tonic::{Request, Response, Status};
 
+use crate::coordinator::{Shard, catalog, membership_err, now_wall_ms};
 use crate::error::{BrokerError, Result};
-use crate::groups::coordinator::{
-    OFFSETS_TOPIC, Shard, by_topic, catalog, membership_err, now_wall_ms,
-};
 use crate::groups::live::{HeartbeatRequest, LiveGroup, Subscription};
-use crate::groups::{OffsetsRecord, Strategy, TopicPartition};
+use crate::groups::{OFFSETS_TOPIC, OffsetsRecord, Strategy, TopicPartition, by_topic};
 use crate::state::Shared;
 
 #[derive(Debug, Clone)]
@@ -161,7 +159,7 @@ impl Groups {
             topic_partitions("owned", &r.owned)?.into_iter().collect();
         let st = &self.0;
         let shard = st.groups.shard(st, &r.group_id).await?;
-        let catalog = catalog(st);
+        let catalog = catalog(&st.registry);
         let now = st.groups.now_ms();
         let mut inner = shard.inner.lock().await;
         let group = inner.groups.entry(r.group_id.clone()).or_insert_with(|| {
@@ -605,7 +603,7 @@ impl GroupsService for Groups {
         check_id("group_id", &r.group_id, true)?;
         let st = &self.0;
         let shard = st.groups.shard(st, &r.group_id).await?;
-        let catalog = catalog(st);
+        let catalog = catalog(&st.registry);
         let now = st.groups.now_ms();
         let mut inner = shard.inner.lock().await;
         // Leaving twice (a retried call) is not an error.

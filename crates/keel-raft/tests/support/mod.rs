@@ -352,3 +352,37 @@ macro_rules! storage_suite_cases {
         }
     };
 }
+
+/// The cases of openraft's storage suite that exercise the state machine (membership, initial
+/// state, apply), in one list for every state machine under test; `$extra` adds cases of the
+/// log store only.
+#[allow(unused_macros)] // only the suite test binaries use it
+macro_rules! state_machine_suite_cases {
+    ($module:ident, $builder:expr; $($extra:ident),* $(,)?) => {
+        storage_suite_cases!(
+            $module,
+            $builder;
+            last_membership_in_log_initial,
+            last_membership_in_log,
+            last_membership_in_log_multi_step,
+            get_membership_initial,
+            get_membership_from_log_and_empty_sm,
+            get_membership_from_empty_log_and_sm,
+            get_membership_from_log_le_sm_last_applied,
+            get_membership_from_log_gt_sm_last_applied_1,
+            get_membership_from_log_gt_sm_last_applied_2,
+            get_initial_state_without_init,
+            get_initial_state_membership_from_empty_log_and_sm,
+            get_initial_state_membership_from_sm_inlog_is_smaller,
+            get_initial_state_membership_from_log_insm_is_smaller,
+            get_initial_state_with_state,
+            get_initial_state_last_log_gt_sm,
+            get_initial_state_last_log_lt_sm,
+            get_initial_state_re_apply_committed,
+            last_applied_state,
+            apply_single,
+            apply_multiple,
+            $($extra),*
+        );
+    };
+}
