@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use keel_log::batch::{BatchBuilder, Compression, RecordRef, decode_records};
+use keel_batch::{BatchBuilder, Compression, RecordRef, decode_records};
 use keel_log::fs::Fs;
 use keel_raft::state_file::StateFile;
 use keel_raft::types::{Snapshot, SnapshotMeta, StoredMembership};

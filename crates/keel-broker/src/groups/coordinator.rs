@@ -13,9 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_log::batch::{
-    BatchBuilder, BatchIter, Compression, RecordRef, VerifiedBatch, decode_records,
-};
+use keel_batch::{BatchBuilder, BatchIter, Compression, RecordRef, VerifiedBatch, decode_records};
 use keel_proto::v1::consume_service_client::ConsumeServiceClient;
 use keel_proto::v1::{ListOffsetsRequest, StartPosition, list_offsets_request};
 use tokio::sync::{Mutex as AsyncMutex, OwnedRwLockReadGuard, RwLock};

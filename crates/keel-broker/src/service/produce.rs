@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
-use keel_log::batch::{
+use keel_batch::{
     BatchBuilder, BatchError, Compression, DEFAULT_MAX_DECOMPRESSED, ProducerInfo, RecordRef,
     VerifiedBatch,
 };
