@@ -76,3 +76,15 @@ impl FaultDisk {
         match *self {}
     }
 }
+
+#[cfg(all(test, not(feature = "fault-fs")))]
+mod tests {
+    #[test]
+    fn refuses_without_the_feature() {
+        let err = super::FaultDisk::open()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--features fault-fs"), "{err}");
+    }
+}
