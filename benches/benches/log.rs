@@ -44,7 +44,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use keel_log::batch::{BatchBuilder, Compression, RecordRef};
+use keel_batch::{BatchBuilder, Compression, RecordRef};
 use keel_log::{FlushPolicy, Log, LogConfig};
 use tempfile::TempDir;
 

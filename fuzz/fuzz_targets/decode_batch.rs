@@ -3,7 +3,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use keel_log::batch::{BatchIter, decode_records, parse_verified};
+use keel_batch::{BatchIter, decode_records, parse_verified};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

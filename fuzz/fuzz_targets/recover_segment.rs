@@ -2,7 +2,7 @@
 //! never panic or fault, and whatever it serves must be valid batches.
 #![no_main]
 
-use keel_log::batch::BatchIter;
+use keel_batch::BatchIter;
 use keel_log::{Log, LogConfig};
 use libfuzzer_sys::fuzz_target;
 

@@ -26,6 +26,29 @@ pub fn keel_bin() -> PathBuf {
     bin
 }
 
+/// Fails at once, saying how to get one, unless [`keel_bin`] was built with the `fault-fs`
+/// feature (its version says so): a broker without it refuses `--fault-fs`, which would
+/// otherwise only show as a readiness timeout. keel-tests enables the feature on keel-cli, so
+/// `cargo test --workspace` builds such a binary; `cargo build` alone does not.
+pub fn require_fault_fs() {
+    static CHECKED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let bin = keel_bin();
+        let out = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .expect("run keel --version");
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            version.contains("(fault-fs)"),
+            "{} ({}) was built without the fault-fs feature that --fault-fs needs: run \
+             `cargo build -p keel-cli --features fault-fs` (cargo test --workspace builds it so)",
+            bin.display(),
+            version.trim()
+        );
+    });
+}
+
 /// A free loopback port (bound then released) below the kernel's ephemeral range
 /// (32768–60999 by default). A port from `bind(:0)` comes from that range, and between
 /// releasing it and the broker binding it, any outgoing connection (brokers open many to each
@@ -112,6 +135,9 @@ impl BrokerProc {
     /// Like [`BrokerProc::start_on`] without waiting for readiness: a clustered broker is
     /// ready once it has current metadata, which needs a majority of its peers running.
     pub fn launch_on(data_dir: &Path, id: u32, grpc: String, extra: &[&str]) -> Self {
+        if extra.contains(&"--fault-fs") {
+            require_fault_fs();
+        }
         let mut b = Self {
             id,
             data_dir: data_dir.to_path_buf(),

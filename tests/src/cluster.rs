@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use keel_log::batch::BatchIter;
+use keel_batch::BatchIter;
 use keel_log::{Log, LogConfig, ReadLimit};
 use keel_proto::v1::{DescribeTopicRequest, TopicInfo};
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use bytes::Bytes;
-use keel_log::batch::{BatchBuilder, BatchIter, Compression, Record, RecordRef, decode_records};
+use keel_batch::{BatchBuilder, BatchIter, Compression, Record, RecordRef, decode_records};
 use keel_log::{Clock, Log, LogError};
 
 /// A clock the test moves by hand.

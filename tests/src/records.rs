@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use keel_batch::{BatchBuilder, Compression, ProducerInfo, RecordRef};
 use keel_client::{Client, ConsumerConfig, SeekTo};
-use keel_log::batch::{BatchBuilder, Compression, ProducerInfo, RecordRef};
 
 /// One encoded batch of `values` (no keys or headers, timestamp 1 700 000 000 000) with the
 /// given codec and producer fields (`ProducerInfo::default()`: not idempotent).

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchIter, Compression, ProducerInfo, decode_records};
+use keel_batch::{BatchIter, Compression, ProducerInfo, decode_records};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::*;
 use keel_tests::broker::{BrokerProc, http_get};
@@ -480,7 +480,7 @@ async fn bad_inputs_get_precise_errors_and_the_broker_keeps_serving() {
         prod.produce(bad_acks).await.expect_err("acks").code(),
         Code::InvalidArgument
     );
-    let control = Bytes::from(keel_log::batch::control_batch(b"x", 0).expect("control"));
+    let control = Bytes::from(keel_batch::control_batch(b"x", 0).expect("control"));
     assert_eq!(
         prod.produce(batch_req("t", 0, control, Acks::All))
             .await

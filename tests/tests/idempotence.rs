@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
+use keel_batch::{Compression, ProducerInfo};
 use keel_client::{Client, ClientError, ProducerConfig, ProducerRecord};
-use keel_log::batch::{Compression, ProducerInfo};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::produce_service_client::ProduceServiceClient;
 use keel_proto::v1::{

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_log::batch::{Compression, control_batch};
+use keel_batch::{Compression, control_batch};
 use keel_log::fs::RealFs;
 use keel_log::sim::CrashFs;
 use keel_log::{FlushPolicy, Log, LogConfig, LogError, ReadLimit};
@@ -282,10 +282,10 @@ fn compressed_batches_are_stored_and_found() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = Log::open(dir.path(), small_config()).expect("open");
     for codec in [Compression::Lz4, Compression::Zstd] {
-        let mut b = keel_log::batch::BatchBuilder::new(codec);
+        let mut b = keel_batch::BatchBuilder::new(codec);
         for i in 0..100 {
             let v = format!("compressed-{i}");
-            b.push(&keel_log::batch::RecordRef {
+            b.push(&keel_batch::RecordRef {
                 timestamp: 5,
                 key: Some(b"k"),
                 value: Some(v.as_bytes()),

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keel_log::batch::{BatchHeader, BatchIter};
+use keel_batch::{BatchHeader, BatchIter};
 use keel_log::sim::CrashFs;
 use keel_log::{FlushPolicy, Log, LogConfig, LogError};
 use keel_tests::log_util::{ManualClock, batch_of, read_all, values};

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use keel_log::batch::{BatchIter, control_batch};
+use keel_batch::{BatchIter, control_batch};
 use keel_log::fs::RealFs;
 use keel_log::{FlushPolicy, Log, LogConfig, ReadLimit};
 use keel_tests::log_util::{ManualClock, batch_of, read_all, values};

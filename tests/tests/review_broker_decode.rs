@@ -3,7 +3,7 @@
 //! tied to `max_bytes`, so small compressed batches cannot make a read allocate without bound.
 
 use bytes::Bytes;
-use keel_log::batch::{BatchBuilder, Compression, RecordRef};
+use keel_batch::{BatchBuilder, Compression, RecordRef};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::*;
 use keel_tests::broker::BrokerProc;

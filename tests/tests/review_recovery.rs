@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use keel_log::batch::BatchIter;
+use keel_batch::BatchIter;
 use keel_log::{FlushPolicy, Log, LogConfig, LogError};
 use keel_tests::log_util::{batch_of, read_all, values};
 

@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use bytes::Bytes;
+use keel_batch::{Compression, ProducerInfo};
 use keel_client::Client;
-use keel_log::batch::{Compression, ProducerInfo};
 use keel_log::{Log, LogConfig};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::{Acks, CreateTopicRequest, ListTopicsRequest, ProduceBatch, ProduceRequest};

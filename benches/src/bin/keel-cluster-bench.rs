@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use keel_batch::{BatchBuilder, Compression, RecordRef};
 use keel_client::{Acks, Client, ProducerConfig};
-use keel_log::batch::{BatchBuilder, Compression, RecordRef};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 

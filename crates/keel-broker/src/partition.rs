@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use keel_log::batch::VerifiedBatch;
+use keel_batch::VerifiedBatch;
 use keel_log::{Log, LogError, ReadLimit, ReadSlice};
 use keel_raft::producers::Verdict;
 use keel_raft::{BatchData, KeelLogStore, PartitionSm, Replica, ReplicaError, Submitted};

@@ -10,10 +10,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
+use keel_batch::{BatchBuilder, Compression, RecordRef};
 use keel_client::{
     Acks, Client, ClientError, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo,
 };
-use keel_log::batch::{BatchBuilder, Compression, RecordRef};
 use serde::Serialize;
 
 #[derive(Debug, Subcommand)]

@@ -10,6 +10,8 @@ use clap::Args;
 use keel_broker::{BrokerConfig, start};
 use serde::Deserialize;
 
+use crate::fault_disk::FaultDisk;
+
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
     /// Broker id, unique in the cluster (>= 1). [env: KEEL_ID] [toml: id]
@@ -60,7 +62,8 @@ pub struct BrokerArgs {
     pub log_json: bool,
     /// For the fault suite only: keep the data on a simulated filesystem that models the disk.
     /// SIGUSR1 is then a power loss (every byte not yet fsynced is lost and the process dies
-    /// as with kill -9), and SIGUSR2 switches failing fsyncs on and off.
+    /// as with kill -9), and SIGUSR2 switches failing fsyncs on and off. Needs a build with the
+    /// `fault-fs` feature.
     #[arg(long, hide = true)]
     pub fault_fs: bool,
 }
@@ -162,10 +165,10 @@ impl BrokerArgs {
 /// Runs a broker until SIGTERM or SIGINT, then shuts it down gracefully.
 pub async fn run(args: BrokerArgs) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let fault_fs = args.fault_fs.then(keel_log::sim::CrashFs::new);
+    let fault_disk = args.fault_fs.then(FaultDisk::open).transpose()?;
     let mut cfg = args.resolve()?;
-    if let Some(fs) = &fault_fs {
-        cfg.fs = std::sync::Arc::new(fs.clone());
+    if let Some(disk) = &fault_disk {
+        disk.install(&mut cfg);
     }
     // Handlers first: a fault signal during recovery must not end the process by default.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -177,35 +180,19 @@ pub async fn run(args: BrokerArgs) -> Result<()> {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             why = handle.failed() => bail!("{why}; exiting so that a restart recovers from disk"),
-            _ = usr1.recv(), if fault_fs.is_some() => {
-                if let Some(fs) = &fault_fs {
-                    power_loss(fs);
+            _ = usr1.recv(), if fault_disk.is_some() => {
+                if let Some(disk) = &fault_disk {
+                    disk.power_loss();
                 }
             }
-            _ = usr2.recv(), if fault_fs.is_some() => {
-                if let Some(fs) = &fault_fs {
-                    let fail = !fs.syncs_failing();
-                    fs.fail_syncs(fail);
-                    tracing::warn!(failing = fail, "fault injection: fsyncs {}", if fail { "fail from now on" } else { "work again" });
+            _ = usr2.recv(), if fault_disk.is_some() => {
+                if let Some(disk) = &fault_disk {
+                    disk.toggle_failing_syncs();
                 }
             }
         }
     }
     handle.shutdown().await.map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// The simulated power loss: the disk keeps only what was synced, and the process dies at once,
-/// as the machine would.
-fn power_loss(fs: &keel_log::sim::CrashFs) -> ! {
-    tracing::warn!("fault injection: power loss");
-    if let Err(e) = fs.power_loss() {
-        eprintln!("power loss simulation failed: {e}");
-    }
-    let pid = std::process::id().to_string();
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &pid])
-        .status();
-    std::process::abort()
 }
 
 #[cfg(test)]

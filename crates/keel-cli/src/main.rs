@@ -8,6 +8,7 @@ mod broker_cmd;
 mod cluster_cmd;
 mod common;
 mod consume_cmd;
+mod fault_disk;
 mod group_cmd;
 mod output;
 mod probe_cmd;
@@ -29,7 +30,7 @@ use common::{ClientOpts, UsageError};
 /// KEEL_BROKERS environment variable, else 127.0.0.1:9292. Exit status: 0 success, 1 failure
 /// (one line on stderr says what went wrong), 2 usage error.
 #[derive(Debug, Parser)]
-#[command(name = "keel", version, about, long_about)]
+#[command(name = "keel", version = VERSION, about, long_about)]
 struct Cli {
     /// Also accepted before the command: `keel --brokers H:P topic list`.
     #[arg(long, hide = true, value_name = "HOST:PORT[,HOST:PORT...]", value_parser = common::parse_brokers)]
@@ -37,6 +38,14 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// A build that can put a broker on the simulated disk says so, so that the fault run's harness
+/// can tell it needs another build before starting brokers that would refuse `--fault-fs`.
+const VERSION: &str = if cfg!(feature = "fault-fs") {
+    concat!(env!("CARGO_PKG_VERSION"), " (fault-fs)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
 
 #[derive(Debug, Subcommand)]
 enum Command {

@@ -9,7 +9,7 @@
 use std::error::Error as _;
 use std::fmt;
 
-use keel_log::batch::BatchError;
+use keel_batch::BatchError;
 use tonic::{Code, Status};
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -127,7 +127,7 @@ pub use client::{Client, ClientConfig, OffsetSpec};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, RecordStream, SeekTo};
 pub use error::{ClientError, LeaderHint, Result};
 pub use group::{CommitFuture, GroupConfig, GroupConsumer, RebalanceListener, ResetTo, is_pattern};
-pub use keel_log::batch::Compression;
+pub use keel_batch::Compression;
 pub use keel_proto::v1::{
     BatchAck, BrokerInfo, CommittedOffset, DescribeClusterResponse, DescribeGroupResponse,
     GroupListing, GroupMember, GroupPartitionOffset, ListOffsetsResponse, PartitionInfo, TopicInfo,

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{TestBroker, shutdown};
 use futures::StreamExt;
+use keel_batch::{BatchBuilder, RecordRef};
 use keel_broker::BrokerConfig;
 use keel_client::{
     Acks, Client, ClientError, Compression, ConsumerConfig, ConsumerRecord, OffsetReset,
     OffsetSpec, ProducerConfig, ProducerRecord, SeekTo, partition_for_key,
 };
-use keel_log::batch::{BatchBuilder, RecordRef};
 
 async fn poll_n(
     consumer: &mut keel_client::Consumer,

@@ -1,7 +1,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::batch::BatchError;
+use keel_batch::BatchError;
 
 /// Errors of the log. Request errors (`InvalidBatch`, `OffsetOutOfRange`, …) leave the log
 /// usable; `Poisoned` and `Corrupt` mean the partition must not acknowledge or serve.

@@ -1,6 +1,7 @@
 //! The file-IO seam. Everything the log does to the filesystem goes through [`Fs`] and
-//! [`FileHandle`], so tests can substitute [`crate::sim::CrashFs`], which forgets every byte that
-//! was not fsynced when it simulates a power loss, and can inject full disks and failed flushes.
+//! [`FileHandle`], so tests can substitute `sim::CrashFs` (the `sim` feature), which forgets
+//! every byte that was not fsynced when it simulates a power loss, and can inject full disks and
+//! failed flushes.
 #![allow(unsafe_code)]
 
 use std::fmt::Debug;

@@ -7,12 +7,12 @@
 //! a durability policy with group commit, and recovers after a crash by validating only what was
 //! written after its last checkpoint.
 //!
-//! The crate is synchronous and does all file IO through the [`fs::Fs`] seam; [`sim::CrashFs`]
-//! simulates power loss on top of it. The `batch` module is pure encoding and decoding.
+//! The crate is synchronous and does all file IO through the [`fs::Fs`] seam; `sim::CrashFs`
+//! (behind the `sim` feature) simulates power loss on top of it. The batch format itself is
+//! the `keel-batch` crate.
 //!
 //! See `docs/storage-format.md` for the byte-exact format.
 
-pub mod batch;
 mod checkpoint;
 mod config;
 mod error;
@@ -22,6 +22,7 @@ mod log;
 mod recovery;
 mod segment;
 mod segment_file;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 pub use config::{FlushPolicy, LogConfig, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES};

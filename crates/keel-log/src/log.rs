@@ -6,16 +6,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
 
-use crate::batch::{
-    BatchError, BatchHeader, DEFAULT_MAX_DECOMPRESSED, VerifiedBatch, decode_records,
-    parse_verified,
-};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{FlushPolicy, LogConfig};
 use crate::error::{LogError, Result};
 use crate::fs::{Fs, RealFs};
 use crate::segment::{ActiveSegment, Key, Segment, Tail};
 use crate::segment_file::{SEGMENT_HEADER_LEN, SegmentHeader, paths};
+use keel_batch::{
+    BatchError, BatchHeader, DEFAULT_MAX_DECOMPRESSED, VerifiedBatch, decode_records,
+    parse_verified,
+};
 
 /// Source of wall-clock time in milliseconds since the epoch (injected so tests control it).
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -1033,7 +1033,7 @@ fn tail_before(seg: &Segment, pos: u64, prev_term: u64) -> Result<Tail> {
         }
     }
     let (bytes, last) = seg.read_from(cursor, keep_limit - cursor, false, |_| false)?;
-    for item in crate::batch::BatchIter::new(&bytes) {
+    for item in keel_batch::BatchIter::new(&bytes) {
         let (h, _) = item.map_err(|e| LogError::Corrupt {
             path: seg.log_path.clone(),
             position: cursor,

@@ -15,11 +15,11 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use memmap2::{Mmap, MmapMut};
 
-use crate::batch::{BatchHeader, STAMP_END, verify_crc};
 use crate::error::{LogError, Result};
 use crate::fs::{FileHandle, Fs};
 use crate::index::{self, ENTRY_LEN, OffsetEntry, TimeEntry};
 use crate::segment_file::{SEGMENT_HEADER_LEN, SegmentHeader, paths};
+use keel_batch::{BatchHeader, STAMP_END, verify_crc};
 
 /// What a lookup searches for.
 #[derive(Debug, Clone, Copy)]
@@ -763,7 +763,7 @@ impl ActiveSegment {
         // stamped header is copied; the rest goes straight from the caller's buffer.
         let mut head = [0u8; STAMP_END];
         head.copy_from_slice(&batch[..STAMP_END]);
-        crate::batch::stamp_prefix(
+        keel_batch::stamp_prefix(
             &mut head,
             batch.len(),
             base_offset,

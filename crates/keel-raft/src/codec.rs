@@ -10,7 +10,7 @@
 use std::io;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchHeader, HEADER_LEN, VerifiedBatch, control_batch};
+use keel_batch::{BatchHeader, HEADER_LEN, VerifiedBatch, control_batch};
 
 use crate::types::{BatchData, Entry, Membership, Payload, log_id};
 

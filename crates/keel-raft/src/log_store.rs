@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use keel_log::batch::BatchIter;
+use keel_batch::BatchIter;
 use keel_log::fs::{Fs, RealFs};
 use keel_log::{Clock, Log, LogConfig, LogError, ReadLimit, SystemClock};
 use openraft::OptionalSend;

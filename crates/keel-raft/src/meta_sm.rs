@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::StreamExt;
-use keel_log::batch::{BatchBuilder, Compression, RecordRef, decode_records};
+use keel_batch::{BatchBuilder, Compression, RecordRef, decode_records};
 use keel_log::fs::Fs;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};

@@ -14,11 +14,11 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use keel_log::batch::sequence::{self, at_or_before};
+use keel_batch::sequence::{self, at_or_before};
 use serde::{Deserialize, Serialize};
 
 /// The last sequence number of a batch of `count` records starting at `first`.
-pub use keel_log::batch::sequence::last as last_sequence;
+pub use keel_batch::sequence::last as last_sequence;
 
 /// Batches remembered per producer. A client may have at most this many requests in flight
 /// per partition, so every batch it could still retry is in the window.

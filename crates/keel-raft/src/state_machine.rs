@@ -30,7 +30,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::{Stream, StreamExt};
-use keel_log::batch::BatchHeader;
+use keel_batch::BatchHeader;
 use keel_log::{Clock, SystemClock};
 use openraft::OptionalSend;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use keel_log::batch::VerifiedBatch;
+use keel_batch::VerifiedBatch;
 use serde::{Deserialize, Serialize};
 
 /// One encoded keel record batch: the application data of a normal Raft entry.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchIter, DEFAULT_MAX_DECOMPRESSED, decode_records};
+use keel_batch::{BatchIter, DEFAULT_MAX_DECOMPRESSED, decode_records};
 use keel_log::fs::Fs;
 use keel_log::sim::CrashFs;
 use keel_log::{LogConfig, SystemClock};
@@ -514,15 +514,15 @@ async fn snapshot_point_for_offset_stops_before_the_offset() -> io::Result<()> {
 
 /// An entry with an idempotent producer's batch.
 fn idempotent(term: u64, index: u64, producer_id: i64, seq: i32, records: usize) -> Entry {
-    let mut b = keel_log::batch::BatchBuilder::new(keel_log::batch::Compression::None).producer(
-        keel_log::batch::ProducerInfo {
+    let mut b = keel_batch::BatchBuilder::new(keel_batch::Compression::None).producer(
+        keel_batch::ProducerInfo {
             producer_id,
             producer_epoch: 0,
             base_sequence: seq,
         },
     );
     for i in 0..records {
-        b.push(&keel_log::batch::RecordRef {
+        b.push(&keel_batch::RecordRef {
             timestamp: 7,
             key: None,
             value: Some(format!("p{index}-{i}").as_bytes()),

@@ -7,7 +7,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use keel_log::batch::{BatchBuilder, BatchHeader, Compression, RecordRef};
+use keel_batch::{BatchBuilder, BatchHeader, Compression, RecordRef};
 use keel_log::fs::Fs;
 use keel_log::sim::CrashFs;
 use keel_log::{LogConfig, SystemClock};
@@ -122,7 +122,7 @@ async fn normal_entries_take_contiguous_offsets_and_control_entries_none() -> io
 async fn a_control_batch_is_not_a_valid_normal_payload() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut store = open(dir.path())?;
-    let control = keel_log::batch::control_batch(&[1], 0).map_err(io::Error::other)?;
+    let control = keel_batch::control_batch(&[1], 0).map_err(io::Error::other)?;
     let e = Entry {
         log_id: log_id(1, 0),
         payload: Payload::Normal(BatchData::new(control)),

@@ -2,7 +2,7 @@
 //! an image of the current state.
 
 use bytes::Bytes;
-use keel_log::batch::{BatchBuilder, Compression, RecordRef, VerifiedBatch};
+use keel_batch::{BatchBuilder, Compression, RecordRef, VerifiedBatch};
 
 use super::{Coordinator, OffsetsHost, Shard, now_wall_ms};
 use crate::error::{BrokerError, Result};

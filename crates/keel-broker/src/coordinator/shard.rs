@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use keel_log::batch::{BatchIter, decode_records};
+use keel_batch::{BatchIter, decode_records};
 use tokio::sync::{Mutex as AsyncMutex, OwnedRwLockReadGuard, RwLock};
 
 use crate::error::{BrokerError, Result};

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::Stream;
 use futures::future::select_all;
+use keel_batch::{BatchError, BatchIter, decode_records};
 use keel_log::ReadSlice;
-use keel_log::batch::{BatchError, BatchIter, decode_records};
 use keel_proto::v1::consume_service_server::ConsumeService;
 use keel_proto::v1::*;
 use tokio::sync::mpsc;
@@ -73,7 +73,7 @@ fn decode(
                 break;
             }
             Err(BatchError::TooLarge { .. } | BatchError::Decompress(_))
-                if h.attributes.compression != keel_log::batch::Compression::None =>
+                if h.attributes.compression != keel_batch::Compression::None =>
             {
                 return Err(BrokerError::DecodeTooLarge {
                     offset: h.base_offset,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchIter, decode_records};
+use keel_batch::{BatchIter, decode_records};
 
 use super::ConsumerRecord;
 use crate::error::{ClientError, Result};
@@ -84,7 +84,7 @@ pub(crate) fn decode_batches(
 
 #[cfg(test)]
 mod tests {
-    use keel_log::batch::{BatchBuilder, Compression, RecordRef, control_batch};
+    use keel_batch::{BatchBuilder, Compression, RecordRef, control_batch};
 
     use super::*;
 
@@ -103,8 +103,8 @@ mod tests {
             .expect("push");
         }
         let mut out = b.build().expect("build");
-        let (_, _, payload_crc) = keel_log::batch::parse_verified(&out).expect("verify");
-        keel_log::batch::stamp(&mut out, base, 1, 1, payload_crc);
+        let (_, _, payload_crc) = keel_batch::parse_verified(&out).expect("verify");
+        keel_batch::stamp(&mut out, base, 1, 1, payload_crc);
         out
     }
 
@@ -136,8 +136,8 @@ mod tests {
     fn control_batches_are_skipped() {
         let mut data = batch(0, 2, Compression::None);
         let mut ctl = control_batch(b"raft", 5).expect("control");
-        let (_, _, crc) = keel_log::batch::parse_verified(&ctl).expect("verify");
-        keel_log::batch::stamp(&mut ctl, 2, 1, 2, crc);
+        let (_, _, crc) = keel_batch::parse_verified(&ctl).expect("verify");
+        keel_batch::stamp(&mut ctl, 2, 1, 2, crc);
         data.extend(ctl);
         data.extend(batch(2, 1, Compression::None));
         let d = decode_batches(&topic(), 0, &Bytes::from(data), 0, 1 << 20).expect("decode");

@@ -82,7 +82,7 @@ impl Default for ConsumerConfig {
             request_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
-            max_decompressed_batch: keel_log::batch::DEFAULT_MAX_DECOMPRESSED,
+            max_decompressed_batch: keel_batch::DEFAULT_MAX_DECOMPRESSED,
         }
     }
 }

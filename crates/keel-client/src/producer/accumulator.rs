@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchBuilder, Compression, RecordRef};
+use keel_batch::{BatchBuilder, Compression, RecordRef};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -564,7 +564,7 @@ mod tests {
         let first = b.encoded().expect("build");
         let again = b.encoded().expect("built");
         assert_eq!(first, again);
-        let recs = keel_log::batch::decode_records(&first, 1 << 20).expect("decode");
+        let recs = keel_batch::decode_records(&first, 1 << 20).expect("decode");
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].value.as_deref(), Some(&[7u8; 10][..]));
     }

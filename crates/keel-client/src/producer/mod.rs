@@ -35,7 +35,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_log::batch::{Compression, HEADER_LEN, RecordRef};
+use keel_batch::{Compression, HEADER_LEN, RecordRef};
 use keel_proto::v1::produce_service_client::ProduceServiceClient;
 use keel_proto::v1::{BatchAck, ProduceBatch, ProduceRequest, produce_batch};
 use tokio::sync::{Notify, Semaphore, oneshot, watch};
@@ -553,7 +553,7 @@ impl Producer {
         Ok(())
     }
 
-    /// Low-level: sends one already encoded batch (see `keel_log::batch::BatchBuilder`) to a
+    /// Low-level: sends one already encoded batch (see `keel_batch::BatchBuilder`) to a
     /// partition's leader with a unary `Produce`, bypassing batching. Retries only failures
     /// the broker reports as definite (e.g. `NOT_LEADER`), so it never duplicates a batch.
     /// Meant for benchmarks and tools that build batches themselves.
@@ -612,7 +612,7 @@ mod tests {
             .header("h", "v")
             .timestamp_ms(i64::MAX);
         let headers = [("h", Some(&b"v"[..]))];
-        let mut b = keel_log::batch::BatchBuilder::new(Compression::None);
+        let mut b = keel_batch::BatchBuilder::new(Compression::None);
         let r = RecordRef {
             timestamp: i64::MAX,
             key: Some(b"k"),

@@ -4,7 +4,7 @@
 //! sequence numbers, exactly as the batching producer does.
 
 use bytes::Bytes;
-use keel_log::batch::{BatchHeader, ProducerInfo, sequence, set_producer};
+use keel_batch::{BatchHeader, ProducerInfo, sequence, set_producer};
 use keel_proto::v1::{BatchAck, ProduceBatch, ProduceRequest, ProduceResponse, produce_batch};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -71,7 +71,7 @@ impl Client {
 }
 
 impl BatchPipeline {
-    /// Queues one encoded batch (see `keel_log::batch::BatchBuilder`). It is copied and its
+    /// Queues one encoded batch (see `keel_batch::BatchBuilder`). It is copied and its
     /// producer fields and CRC are rewritten: the producer's when idempotent, none otherwise,
     /// so both cost the client the same. The broker reads at most 256 unanswered requests
     /// ahead; call [`BatchPipeline::next_ack`] to take answers.

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use bytes::Bytes;
-use keel_log::batch::{ProducerInfo, sequence, set_producer};
+use keel_batch::{ProducerInfo, sequence, set_producer};
 
 use super::accumulator::{BatchData, ProducerBatch};
 use super::{Acks, ProducerConfig, RecordMetadata, Shared, produce_rpc};

@@ -8,9 +8,9 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use keel_batch::{BatchBuilder, BatchHeader, BatchIter, Compression, RecordRef};
 use keel_log::LogConfig;
 use keel_log::ReadLimit;
-use keel_log::batch::{BatchBuilder, BatchHeader, BatchIter, Compression, RecordRef};
 use keel_raft::types::Snapshot;
 use keel_raft::types::{SnapshotMeta, StoredMembership, Vote};
 use keel_raft::{AppendAck, BatchData, KeelLogStore, KeelRaft, LogId};

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use keel_log::batch::{BatchBuilder, Compression, ProducerInfo, RecordRef, VerifiedBatch};
+use keel_batch::{BatchBuilder, Compression, ProducerInfo, RecordRef, VerifiedBatch};
 use keel_proto::v1::Record;
 use keel_types::partition_for_key;
 

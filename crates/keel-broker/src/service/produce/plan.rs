@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use keel_log::batch::{BatchError, DEFAULT_MAX_DECOMPRESSED, VerifiedBatch};
+use keel_batch::{BatchError, DEFAULT_MAX_DECOMPRESSED, VerifiedBatch};
 use keel_proto::v1::produce_batch::Data;
 use keel_proto::v1::{Acks, ProduceRequest};
 

@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use keel_log::batch::{
+use keel_batch::{
     BatchBuilder, Compression, DEFAULT_MAX_DECOMPRESSED, ProducerInfo, RecordRef, VerifiedBatch,
     control_batch, decode_records,
 };

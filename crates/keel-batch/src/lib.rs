@@ -1,8 +1,10 @@
-//! Record batch encoding and decoding: pure functions over byte slices, no IO.
+//! Keel's record batch format: encoding and decoding as pure functions over byte slices, with
+//! no IO and no async runtime, so that the log, the Raft glue, the broker, the client and the
+//! fuzz targets share one codec without the client linking the storage engine.
 //!
 //! Every decoder here takes untrusted bytes (a client's request or a disk block) and either
 //! returns a value or a typed [`BatchError`]; none of them panics or allocates more than the
-//! caller's limit.
+//! caller's limit. The byte-exact format is in `docs/storage-format.md`.
 
 mod builder;
 mod compression;
