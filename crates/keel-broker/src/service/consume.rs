@@ -409,7 +409,7 @@ impl ConsumeService for Consume {
                 let p2 = Arc::clone(&p);
                 let found = tokio::task::spawn_blocking(move || p2.offset_for_timestamp(ts))
                     .await
-                    .map_err(|e| BrokerError::Internal(e.to_string()))??;
+                    .map_err(BrokerError::from)??;
                 found.unwrap_or((p.high_watermark(), 0))
             }
             None => return Err(BrokerError::invalid("spec", "set position or timestamp_ms").into()),
