@@ -2,6 +2,7 @@
 //! and the retry loops that route requests to any broker or to a partition's leader.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -22,7 +23,8 @@ use crate::error::{ClientError, Result, Tp};
 use crate::group::Coordinators;
 use crate::metadata::{MetadataCache, Route};
 use crate::producer::{Producer, ProducerConfig};
-use crate::util::{backoff, backoff_cap, lock, read, write};
+use crate::retry::Target;
+use crate::util::{backoff, lock, read, write};
 
 /// Connection settings shared by everything created from one [`Client`].
 #[derive(Debug, Clone)]
@@ -438,39 +440,36 @@ impl Client {
         partition: u32,
         deadline: Instant,
         idempotent: bool,
-        mut call: F,
+        call: F,
     ) -> Result<T>
     where
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        let cfg = &self.inner.config;
-        let mut attempt = 0u32;
-        loop {
-            let result = match self.leader_for(topic, partition).await {
-                Ok(addr) => self.call_at(&addr, deadline, &mut call).await,
-                Err(e) => Err(e),
-            };
-            let err = match result {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            self.note_partition_error(topic, partition, &err);
-            attempt += 1;
-            if !err.is_retriable() || !(idempotent || err.is_definite()) {
-                return Err(err);
-            }
-            let wait = backoff(
-                cfg.retry_backoff,
-                backoff_cap(&err, cfg.retry_backoff_max),
-                attempt,
-            );
-            if Instant::now() + wait >= deadline {
-                return Err(err);
-            }
-            tracing::debug!(topic, partition, error = %err, "retrying partition request");
-            tokio::time::sleep(wait).await;
-        }
+        let target = PartitionLeader { topic, partition };
+        self.call_routed(&target, deadline, idempotent, call).await
+    }
+}
+
+/// A partition's leader, as the metadata cache knows it.
+struct PartitionLeader<'a> {
+    topic: &'a str,
+    partition: u32,
+}
+
+impl fmt::Display for PartitionLeader<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the leader of {}", Tp(self.topic, self.partition))
+    }
+}
+
+impl Target for PartitionLeader<'_> {
+    async fn find(&self, client: &Client, _deadline: Instant) -> Result<String> {
+        client.leader_for(self.topic, self.partition).await
+    }
+
+    fn failed(&self, client: &Client, err: &ClientError) {
+        client.note_partition_error(self.topic, self.partition, err);
     }
 }
 

@@ -2,6 +2,7 @@
 //! `FindCoordinator` (any broker answers) and corrected by `NOT_COORDINATOR` hints.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,7 +19,8 @@ use tonic::transport::Channel;
 
 use crate::client::{Client, with_timeout};
 use crate::error::{ClientError, Result};
-use crate::util::{backoff, backoff_cap, lock};
+use crate::retry::Target;
+use crate::util::lock;
 
 /// Where each group's coordinator was last found.
 #[derive(Debug, Default)]
@@ -37,6 +39,44 @@ impl Coordinators {
 
     fn forget(&self, group: &str) {
         lock(&self.addresses).remove(group);
+    }
+}
+
+/// A group's coordinator, as the coordinator cache knows it.
+struct GroupCoordinator<'a> {
+    group: &'a str,
+}
+
+impl fmt::Display for GroupCoordinator<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the coordinator of group {:?}", self.group)
+    }
+}
+
+impl Target for GroupCoordinator<'_> {
+    async fn find(&self, client: &Client, deadline: Instant) -> Result<String> {
+        let group = self.group;
+        match client.inner.coordinators.get(group) {
+            Some(a) => Ok(a),
+            None => tokio::time::timeout_at(deadline, client.find_coordinator(group))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::timeout(format!(
+                        "no coordinator found for group {group:?} in time"
+                    )))
+                }),
+        }
+    }
+
+    fn failed(&self, client: &Client, err: &ClientError) {
+        let coordinators = &client.inner.coordinators;
+        match err.coordinator_hint().and_then(|h| h.address.clone()) {
+            Some(addr) => coordinators.set(self.group, addr),
+            // Any retriable failure may mean the coordinator moved (or its broker is down):
+            // ask again rather than hammer the same broker.
+            None if err.is_retriable() => coordinators.forget(self.group),
+            None => {}
+        }
     }
 }
 
@@ -83,56 +123,14 @@ impl Client {
         group: &str,
         deadline: Instant,
         idempotent: bool,
-        mut call: F,
+        call: F,
     ) -> Result<T>
     where
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        let cfg = &self.inner.config;
-        let coordinators = &self.inner.coordinators;
-        let mut attempt = 0u32;
-        loop {
-            let addr = match coordinators.get(group) {
-                Some(a) => Ok(a),
-                None => tokio::time::timeout_at(deadline, self.find_coordinator(group))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ClientError::timeout(format!(
-                            "no coordinator found for group {group:?} in time"
-                        )))
-                    }),
-            };
-            let result = match addr {
-                Ok(addr) => self.call_at(&addr, deadline, &mut call).await,
-                Err(e) => Err(e),
-            };
-            let err = match result {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            match err.coordinator_hint().and_then(|h| h.address.clone()) {
-                Some(addr) => coordinators.set(group, addr),
-                // Any retriable failure may mean the coordinator moved (or its broker is down):
-                // ask again rather than hammer the same broker.
-                None if err.is_retriable() => coordinators.forget(group),
-                None => {}
-            }
-            attempt += 1;
-            if !err.is_retriable() || !(idempotent || err.is_definite()) {
-                return Err(err);
-            }
-            let wait = backoff(
-                cfg.retry_backoff,
-                backoff_cap(&err, cfg.retry_backoff_max),
-                attempt,
-            );
-            if Instant::now() + wait >= deadline {
-                return Err(err);
-            }
-            tracing::debug!(group, error = %err, "retrying group request");
-            tokio::time::sleep(wait).await;
-        }
+        let target = GroupCoordinator { group };
+        self.call_routed(&target, deadline, idempotent, call).await
     }
 
     pub(crate) async fn group_heartbeat(
