@@ -222,7 +222,8 @@ impl Client {
         };
         let deadline = Instant::now() + self.inner.config.request_timeout;
         let max = self.inner.config.max_message_size;
-        self.call_leader(topic, partition, deadline, true, |ch, t| {
+        let leader = PartitionLeader(topic, partition);
+        self.call_routed(&leader, deadline, true, |ch, t| {
             let req = ListOffsetsRequest {
                 topic: topic.to_owned(),
                 partition,
@@ -430,46 +431,25 @@ impl Client {
         let ch = self.channel(addr)?;
         unary(addr, remaining, call(ch, remaining)).await
     }
-
-    /// Runs a request on a partition's leader, following leader hints and retrying retriable
-    /// errors until `deadline`. A request that may have had an effect is retried only when
-    /// `idempotent`.
-    pub(crate) async fn call_leader<T, F, Fut>(
-        &self,
-        topic: &str,
-        partition: u32,
-        deadline: Instant,
-        idempotent: bool,
-        call: F,
-    ) -> Result<T>
-    where
-        F: FnMut(Channel, Duration) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
-    {
-        let target = PartitionLeader { topic, partition };
-        self.call_routed(&target, deadline, idempotent, call).await
-    }
 }
 
-/// A partition's leader, as the metadata cache knows it.
-struct PartitionLeader<'a> {
-    topic: &'a str,
-    partition: u32,
-}
+/// A partition's leader (topic, partition), as the metadata cache knows it: a request to it
+/// follows leader hints and retries until its deadline (see [`Client::call_routed`]).
+pub(crate) struct PartitionLeader<'a>(pub &'a str, pub u32);
 
 impl fmt::Display for PartitionLeader<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the leader of {}", Tp(self.topic, self.partition))
+        write!(f, "the leader of {}", Tp(self.0, self.1))
     }
 }
 
 impl Target for PartitionLeader<'_> {
     async fn find(&self, client: &Client, _deadline: Instant) -> Result<String> {
-        client.leader_for(self.topic, self.partition).await
+        client.leader_for(self.0, self.1).await
     }
 
     fn failed(&self, client: &Client, err: &ClientError) {
-        client.note_partition_error(self.topic, self.partition, err);
+        client.note_partition_error(self.0, self.1, err);
     }
 }
 

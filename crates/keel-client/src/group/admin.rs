@@ -11,6 +11,7 @@ use super::coordinator::{by_topic, groups_rpc};
 use crate::admin::Admin;
 use crate::client::with_timeout;
 use crate::error::Result;
+use crate::group::coordinator::GroupCoordinator;
 
 /// Where [`Admin::reset_offsets`] moves a group's committed offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +51,7 @@ impl Admin {
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
         let max = self.client.inner.config.max_message_size;
         self.client
-            .call_coordinator(group, self.deadline(), true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), self.deadline(), true, |ch, t| {
                 let req = DescribeGroupRequest {
                     group_id: group.to_owned(),
                 };
@@ -67,7 +68,7 @@ impl Admin {
     pub async fn delete_group(&self, group: &str) -> Result<()> {
         let max = self.client.inner.config.max_message_size;
         self.client
-            .call_coordinator(group, self.deadline(), false, |ch, t| {
+            .call_routed(&GroupCoordinator(group), self.deadline(), false, |ch, t| {
                 let req = DeleteGroupRequest {
                     group_id: group.to_owned(),
                 };
@@ -102,7 +103,7 @@ impl Admin {
         // Repeating a reset lands on the same target, so ambiguous failures are retried.
         let resp = self
             .client
-            .call_coordinator(group, self.deadline(), true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), self.deadline(), true, |ch, t| {
                 let req = req.clone();
                 async move {
                     groups_rpc(ch, max)

@@ -3,9 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::{
@@ -14,7 +12,6 @@ use keel_proto::v1::{
     TopicPartitions,
 };
 use tokio::time::Instant;
-use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::client::{Client, with_timeout};
@@ -42,20 +39,20 @@ impl Coordinators {
     }
 }
 
-/// A group's coordinator, as the coordinator cache knows it.
-struct GroupCoordinator<'a> {
-    group: &'a str,
-}
+/// A group's coordinator, as the coordinator cache knows it: a request to it finds the
+/// coordinator when it is not cached, follows `NOT_COORDINATOR` hints and retries until its
+/// deadline (see [`Client::call_routed`]).
+pub(crate) struct GroupCoordinator<'a>(pub &'a str);
 
 impl fmt::Display for GroupCoordinator<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the coordinator of group {:?}", self.group)
+        write!(f, "the coordinator of group {:?}", self.0)
     }
 }
 
 impl Target for GroupCoordinator<'_> {
     async fn find(&self, client: &Client, deadline: Instant) -> Result<String> {
-        let group = self.group;
+        let group = self.0;
         match client.inner.coordinators.get(group) {
             Some(a) => Ok(a),
             None => tokio::time::timeout_at(deadline, client.find_coordinator(group))
@@ -71,10 +68,10 @@ impl Target for GroupCoordinator<'_> {
     fn failed(&self, client: &Client, err: &ClientError) {
         let coordinators = &client.inner.coordinators;
         match err.coordinator_hint().and_then(|h| h.address.clone()) {
-            Some(addr) => coordinators.set(self.group, addr),
+            Some(addr) => coordinators.set(self.0, addr),
             // Any retriable failure may mean the coordinator moved (or its broker is down):
             // ask again rather than hammer the same broker.
-            None if err.is_retriable() => coordinators.forget(self.group),
+            None if err.is_retriable() => coordinators.forget(self.0),
             None => {}
         }
     }
@@ -115,24 +112,6 @@ impl Client {
         Ok(resp.coordinator_address)
     }
 
-    /// Runs a request on `group`'s coordinator until `deadline`: finds the coordinator when it
-    /// is not cached, follows `NOT_COORDINATOR` hints, and retries retriable errors with
-    /// backoff. A request that may have had an effect is retried only when `idempotent`.
-    pub(crate) async fn call_coordinator<T, F, Fut>(
-        &self,
-        group: &str,
-        deadline: Instant,
-        idempotent: bool,
-        call: F,
-    ) -> Result<T>
-    where
-        F: FnMut(Channel, Duration) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
-    {
-        let target = GroupCoordinator { group };
-        self.call_routed(&target, deadline, idempotent, call).await
-    }
-
     pub(crate) async fn group_heartbeat(
         &self,
         req: GroupHeartbeatRequest,
@@ -145,7 +124,7 @@ impl Client {
         // behind, which holds its share of the partitions until its session expires (see
         // `GroupConfig::session_timeout`); not retrying would not help, as the heartbeat task
         // joins again anyway.
-        self.call_coordinator(&group, deadline, true, |ch, t| {
+        self.call_routed(&GroupCoordinator(&group), deadline, true, |ch, t| {
             let req = req.clone();
             async move { groups_rpc(ch, max).heartbeat(with_timeout(req, t)).await }
         })
@@ -166,7 +145,7 @@ impl Client {
             temporary,
         };
         match self
-            .call_coordinator(group, deadline, true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
                 let req = req.clone();
                 async move { groups_rpc(ch, max).leave_group(with_timeout(req, t)).await }
             })
@@ -196,7 +175,7 @@ impl Client {
             member_epoch,
             offsets,
         };
-        self.call_coordinator(group, deadline, true, |ch, t| {
+        self.call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
             let req = req.clone();
             async move {
                 groups_rpc(ch, max)
@@ -221,7 +200,7 @@ impl Client {
             partitions,
         };
         let resp = self
-            .call_coordinator(group, deadline, true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
                 let req = req.clone();
                 async move {
                     groups_rpc(ch, max)
