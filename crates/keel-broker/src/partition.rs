@@ -420,9 +420,12 @@ impl Partition {
                 r.raft
                     .client_write_ff(BatchData::verified(batch), Some(responder))
                     .await
-                    .map_err(|e| BrokerError::Unavailable {
-                        message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
-                        definite: true,
+                    .map_err(|e| {
+                        let stopped = BrokerError::Unavailable {
+                            message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
+                            definite: true,
+                        };
+                        BrokerError::replica_stopped(&e, stopped)
                     })?;
                 let refused = Arc::new(AtomicBool::new(false));
                 adm.pending.push(PendingBatch {
@@ -525,9 +528,12 @@ impl Partition {
         r.raft
             .client_write_ff(BatchData::verified(batch), Some(responder))
             .await
-            .map_err(|e| BrokerError::Unavailable {
-                message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
-                definite: true,
+            .map_err(|e| {
+                let stopped = BrokerError::Unavailable {
+                    message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
+                    definite: true,
+                };
+                BrokerError::replica_stopped(&e, stopped)
             })?;
         Ok(Pending::Raft(rx, None, std::time::Instant::now()))
     }
@@ -566,14 +572,21 @@ impl Partition {
                     message: format!("{}/{}: {e}", self.topic, self.id),
                     definite: false,
                 }),
-                // The leader stepped down after appending: the batch may still commit.
-                Err(_) => Err(BrokerError::Unavailable {
-                    message: format!(
-                        "{}/{}: leadership changed before the batch was committed; it may or may not be",
-                        self.topic, self.id
-                    ),
-                    definite: false,
-                }),
+                // The leader stepped down after appending, or its Raft core stopped (then its
+                // metrics say why, e.g. a full disk): the batch may still commit.
+                Err(_) => {
+                    let dropped = BrokerError::Unavailable {
+                        message: format!(
+                            "{}/{}: leadership changed before the batch was committed; it may or may not be",
+                            self.topic, self.id
+                        ),
+                        definite: false,
+                    };
+                    match &self.replica.raft.metrics().borrow_watched().running_state {
+                        Err(stopped) => Err(BrokerError::replica_stopped(stopped, dropped)),
+                        Ok(()) => Err(dropped),
+                    }
+                }
             },
         }
     }

@@ -1,7 +1,7 @@
 //! Conversions from the errors of lower layers into [`BrokerError`], so that call sites
 //! propagate with `?` and every layer's error maps to the same reason everywhere.
 
-use std::io;
+use std::{fmt, io};
 
 use keel_log::LogError;
 
@@ -89,6 +89,31 @@ impl From<Refusal> for BrokerError {
     }
 }
 
+/// How `keel_log::LogError::DiskFull` reads. A replica's Raft core that stops on a failed log
+/// write keeps only the text of the error (openraft stores storage errors as strings), so this
+/// is how a stopped replica tells a full disk from other failures. A test below ties it to
+/// keel-log's message.
+const LOG_DISK_FULL: &str = "disk full while";
+
+impl BrokerError {
+    /// A replica's Raft core stopped, so it refused (or dropped) a write; `cause` is why it
+    /// stopped. A full disk is `DISK_FULL`, as it is when the log itself reports it, so clients
+    /// see one reason for a full disk on every path; anything else is `otherwise`.
+    /// Definiteness is `otherwise`'s: a write the core dropped may have reached other replicas.
+    pub fn replica_stopped(cause: &dyn fmt::Display, otherwise: Self) -> Self {
+        let cause = cause.to_string();
+        if !cause.contains(LOG_DISK_FULL) {
+            return otherwise;
+        }
+        let full = Self::DiskFull(format!("the replica stopped: {cause}"));
+        if otherwise.is_definite() {
+            full
+        } else {
+            full.after_write()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use keel_types::ErrorReason;
@@ -110,6 +135,29 @@ mod tests {
         let other = BrokerError::from(io::Error::other("boom"));
         assert_eq!(other.kind(), ErrorReason::StorageError);
         assert!(!other.is_definite());
+    }
+
+    #[test]
+    fn a_replica_stopped_by_a_full_disk_is_disk_full() {
+        let log = LogError::DiskFull {
+            action: "allocating",
+            path: "/d/log/00000000000000000000.log".into(),
+            source: io::Error::from(io::ErrorKind::StorageFull),
+        };
+        // What openraft keeps of the log store's error.
+        let fatal = format!("StorageError: when Write Logs: std::io::error::Error: append: {log}");
+        let unavailable = |definite| BrokerError::Unavailable {
+            message: "t/0: raft group stopped".into(),
+            definite,
+        };
+        let e = BrokerError::replica_stopped(&fatal, unavailable(true));
+        assert_eq!(e.kind(), ErrorReason::DiskFull);
+        assert!(e.is_definite());
+        let e = BrokerError::replica_stopped(&fatal, unavailable(false));
+        assert_eq!(e.kind(), ErrorReason::DiskFull);
+        assert!(!e.is_definite());
+        let e = BrokerError::replica_stopped(&"panicked", unavailable(true));
+        assert_eq!(e.kind(), ErrorReason::Unavailable);
     }
 
     #[test]
