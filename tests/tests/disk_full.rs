@@ -28,24 +28,30 @@ impl Drop for Mounted {
     }
 }
 
-fn mount(dir: &std::path::Path, size: &str) -> bool {
-    Command::new("mount")
+/// A new directory `name` below `parent` that is a tmpfs of `size`, unmounted when dropped;
+/// `None` (the test skips) when this process may not mount (needs root).
+fn tmpfs(parent: &std::path::Path, name: &str, size: &str) -> Option<Mounted> {
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
+        .arg(&dir)
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("skipping the full-disk test: cannot mount a tmpfs (needs root)");
+        return None;
+    }
+    Some(Mounted(dir))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_only_that_replica_and_it_recovers_once_space_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node3 = dir.path().join("node-3");
-    std::fs::create_dir_all(&node3).expect("mkdir");
-    if !mount(&node3, "96m") {
-        println!("skipping the full-disk test: cannot mount a tmpfs (needs root)");
+    let Some(mounted) = tmpfs(dir.path(), "node-3", "96m") else {
         return;
-    }
-    let _mounted = Mounted(node3.clone());
+    };
+    let node3 = mounted.0.clone();
     let mut cluster = ClusterProc::start(dir.path(), 3);
     let client = keel_tests::cluster::client(&cluster).await;
     client
@@ -135,14 +141,10 @@ async fn a_full_disk_stops_only_that_replica_and_it_recovers_once_space_returns(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_broker_with_a_full_disk_answers_disk_full() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
-    if !mount(&data, "48m") {
-        println!("skipping the full-disk test: cannot mount a tmpfs (needs root)");
+    let Some(data) = tmpfs(dir.path(), "data", "48m") else {
         return;
-    }
-    let _mounted = Mounted(data.clone());
-    let broker = BrokerProc::start(&data, 1);
+    };
+    let broker = BrokerProc::start(&data.0, 1);
     broker
         .admin()
         .await
