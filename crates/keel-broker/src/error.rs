@@ -133,6 +133,18 @@ impl BrokerError {
         }
     }
 
+    /// Rejects `value` of `field` when it is over `limit`; `unit` names what the numbers count
+    /// ("ms", "bytes").
+    pub fn at_most(field: &'static str, value: u64, limit: u64, unit: &str) -> Result<()> {
+        if value <= limit {
+            return Ok(());
+        }
+        Err(Self::invalid(
+            field,
+            format!("{value} exceeds the limit of {limit} {unit}"),
+        ))
+    }
+
     /// The reason a client sees. This is the only mapping from broker errors to reasons; the
     /// gRPC code and the default definiteness follow from the reason.
     pub fn kind(&self) -> ErrorReason {

@@ -131,11 +131,9 @@ impl Consume {
         let l = &self.0.limits;
         match requested {
             0 => Ok(l.default_fetch_bytes),
-            n if n > l.max_fetch_bytes => Err(BrokerError::invalid(
-                field,
-                format!("{n} exceeds the limit of {} bytes", l.max_fetch_bytes),
-            )),
-            n => Ok(n),
+            n => {
+                BrokerError::at_most(field, n.into(), l.max_fetch_bytes.into(), "bytes").map(|()| n)
+            }
         }
     }
 
@@ -157,15 +155,12 @@ impl Consume {
                 ),
             ));
         }
-        if r.max_wait_ms > st.limits.max_wait_ms {
-            return Err(BrokerError::invalid(
-                "max_wait_ms",
-                format!(
-                    "{} exceeds the limit of {} ms",
-                    r.max_wait_ms, st.limits.max_wait_ms
-                ),
-            ));
-        }
+        BrokerError::at_most(
+            "max_wait_ms",
+            r.max_wait_ms.into(),
+            st.limits.max_wait_ms.into(),
+            "ms",
+        )?;
         let max_bytes = u64::from(self.clamp_bytes(r.max_bytes, "max_bytes")?);
         let want_decoded = decoded(r.format)?;
         let mut parts: Vec<(Arc<Partition>, FetchPartition)> =
@@ -177,15 +172,12 @@ impl Consume {
                     .partition(fp.partition)?,
             );
             p.check_offset(fp.offset)?;
-            if fp.max_bytes > st.limits.max_fetch_bytes {
-                return Err(BrokerError::invalid(
-                    "partitions.max_bytes",
-                    format!(
-                        "{} exceeds the limit of {} bytes",
-                        fp.max_bytes, st.limits.max_fetch_bytes
-                    ),
-                ));
-            }
+            BrokerError::at_most(
+                "partitions.max_bytes",
+                fp.max_bytes.into(),
+                st.limits.max_fetch_bytes.into(),
+                "bytes",
+            )?;
             parts.push((p, fp));
         }
         let min_bytes = u64::from(r.min_bytes.max(1));

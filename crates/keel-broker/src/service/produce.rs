@@ -144,16 +144,11 @@ impl Produce {
         }
         let timeout_ms = match req.timeout_ms {
             0 => 30_000,
-            t if t > st.limits.max_produce_timeout_ms => {
-                return Err(BrokerError::invalid(
-                    "timeout_ms",
-                    format!(
-                        "{t} exceeds the limit of {} ms",
-                        st.limits.max_produce_timeout_ms
-                    ),
-                ));
+            t => {
+                let limit = st.limits.max_produce_timeout_ms;
+                BrokerError::at_most("timeout_ms", t.into(), limit.into(), "ms")?;
+                t
             }
-            t => t,
         };
         if req.batches.is_empty() {
             return Err(BrokerError::invalid(

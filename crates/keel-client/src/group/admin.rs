@@ -3,15 +3,14 @@
 
 use keel_proto::v1::{
     CommittedOffset, DeleteGroupRequest, DescribeGroupRequest, DescribeGroupResponse, GroupListing,
-    ListGroupsRequest, OffsetCommit, ResetOffsetsRequest, StartPosition, reset_offsets_request,
+    ListGroupsRequest, ResetOffsetsRequest, StartPosition, reset_offsets_request,
 };
 use tokio::time::Instant;
 
-use super::coordinator::{by_topic, groups_rpc};
+use super::coordinator::{GroupCoordinator, by_topic, commits, groups_rpc};
 use crate::admin::Admin;
 use crate::client::with_timeout;
 use crate::error::Result;
-use crate::group::coordinator::GroupCoordinator;
 
 /// Where [`Admin::reset_offsets`] moves a group's committed offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,17 +137,8 @@ impl Admin {
         group: &str,
         offsets: &[(&str, u32, u64, &str)],
     ) -> Result<()> {
-        let offsets = offsets
-            .iter()
-            .map(|&(topic, partition, offset, metadata)| OffsetCommit {
-                topic: topic.to_owned(),
-                partition,
-                offset,
-                metadata: metadata.to_owned(),
-            })
-            .collect();
         self.client
-            .commit_group_offsets(group, "", 0, offsets, self.deadline())
+            .commit_group_offsets(group, "", 0, commits(offsets), self.deadline())
             .await
     }
 }

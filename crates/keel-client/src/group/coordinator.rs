@@ -234,6 +234,19 @@ pub(crate) fn by_topic<'a>(
     out
 }
 
+/// Offsets to commit, from `(topic, partition, next offset to consume, metadata)`.
+pub(crate) fn commits(offsets: &[(&str, u32, u64, &str)]) -> Vec<OffsetCommit> {
+    offsets
+        .iter()
+        .map(|&(topic, partition, offset, metadata)| OffsetCommit {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            metadata: metadata.to_owned(),
+        })
+        .collect()
+}
+
 /// The inverse of [`by_topic`].
 pub(crate) fn flatten(list: &[TopicPartitions]) -> impl Iterator<Item = (String, u32)> + '_ {
     list.iter()
