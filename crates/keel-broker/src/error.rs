@@ -135,7 +135,13 @@ impl BrokerError {
 
     /// Rejects `value` of `field` when it is over `limit`; `unit` names what the numbers count
     /// ("ms", "bytes").
-    pub fn at_most(field: &'static str, value: u64, limit: u64, unit: &str) -> Result<()> {
+    pub fn at_most(
+        field: &'static str,
+        value: impl Into<u64>,
+        limit: impl Into<u64>,
+        unit: &str,
+    ) -> Result<()> {
+        let (value, limit) = (value.into(), limit.into());
         if value <= limit {
             return Ok(());
         }

@@ -131,9 +131,7 @@ impl Consume {
         let l = &self.0.limits;
         match requested {
             0 => Ok(l.default_fetch_bytes),
-            n => {
-                BrokerError::at_most(field, n.into(), l.max_fetch_bytes.into(), "bytes").map(|()| n)
-            }
+            n => BrokerError::at_most(field, n, l.max_fetch_bytes, "bytes").map(|()| n),
         }
     }
 
@@ -155,12 +153,7 @@ impl Consume {
                 ),
             ));
         }
-        BrokerError::at_most(
-            "max_wait_ms",
-            r.max_wait_ms.into(),
-            st.limits.max_wait_ms.into(),
-            "ms",
-        )?;
+        BrokerError::at_most("max_wait_ms", r.max_wait_ms, st.limits.max_wait_ms, "ms")?;
         let max_bytes = u64::from(self.clamp_bytes(r.max_bytes, "max_bytes")?);
         let want_decoded = decoded(r.format)?;
         let mut parts: Vec<(Arc<Partition>, FetchPartition)> =
@@ -172,12 +165,8 @@ impl Consume {
                     .partition(fp.partition)?,
             );
             p.check_offset(fp.offset)?;
-            BrokerError::at_most(
-                "partitions.max_bytes",
-                fp.max_bytes.into(),
-                st.limits.max_fetch_bytes.into(),
-                "bytes",
-            )?;
+            let limit = st.limits.max_fetch_bytes;
+            BrokerError::at_most("partitions.max_bytes", fp.max_bytes, limit, "bytes")?;
             parts.push((p, fp));
         }
         let min_bytes = u64::from(r.min_bytes.max(1));

@@ -146,7 +146,7 @@ impl Produce {
             0 => 30_000,
             t => {
                 let limit = st.limits.max_produce_timeout_ms;
-                BrokerError::at_most("timeout_ms", t.into(), limit.into(), "ms")?;
+                BrokerError::at_most("timeout_ms", t, limit, "ms")?;
                 t
             }
         };
