@@ -425,7 +425,7 @@ impl Partition {
                             message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
                             definite: true,
                         };
-                        BrokerError::replica_stopped(&e, stopped)
+                        self.stopped(&e, stopped)
                     })?;
                 let refused = Arc::new(AtomicBool::new(false));
                 adm.pending.push(PendingBatch {
@@ -533,7 +533,7 @@ impl Partition {
                     message: format!("{}/{}: raft group stopped: {e}", self.topic, self.id),
                     definite: true,
                 };
-                BrokerError::replica_stopped(&e, stopped)
+                self.stopped(&e, stopped)
             })?;
         Ok(Pending::Raft(rx, None, std::time::Instant::now()))
     }
@@ -582,13 +582,33 @@ impl Partition {
                         ),
                         definite: false,
                     };
-                    match &self.replica.raft.metrics().borrow_watched().running_state {
-                        Err(stopped) => Err(BrokerError::replica_stopped(stopped, dropped)),
+                    let running = self
+                        .replica
+                        .raft
+                        .metrics()
+                        .borrow_watched()
+                        .running_state
+                        .clone();
+                    match running {
+                        Err(stopped) => Err(self.stopped(&stopped, dropped)),
                         Ok(()) => Err(dropped),
                     }
                 }
             },
         }
+    }
+
+    /// The error for a write this replica's stopped Raft core refused or dropped (see
+    /// [`BrokerError::replica_stopped`]).
+    fn stopped(&self, cause: &dyn std::fmt::Display, otherwise: BrokerError) -> BrokerError {
+        let metrics = self.replica.raft.metrics();
+        let voters = metrics
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        BrokerError::replica_stopped(cause, otherwise, voters)
     }
 
     /// Checks that `offset` can be read: between the log start and the high watermark.

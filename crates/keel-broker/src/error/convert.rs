@@ -97,12 +97,14 @@ const LOG_DISK_FULL: &str = "disk full while";
 
 impl BrokerError {
     /// A replica's Raft core stopped, so it refused (or dropped) a write; `cause` is why it
-    /// stopped. A full disk is `DISK_FULL`, as it is when the log itself reports it, so clients
-    /// see one reason for a full disk on every path; anything else is `otherwise`.
+    /// stopped, and `voters` how many voters its group has. A full disk that leaves the
+    /// partition unable to take writes (this replica is its only voter, as on a single broker)
+    /// is `DISK_FULL`, as it is when the log itself reports it. With other voters, one of them
+    /// takes over: that is a leader change, `otherwise` (retriable), as is any other cause.
     /// Definiteness is `otherwise`'s: a write the core dropped may have reached other replicas.
-    pub fn replica_stopped(cause: &dyn fmt::Display, otherwise: Self) -> Self {
+    pub fn replica_stopped(cause: &dyn fmt::Display, otherwise: Self, voters: usize) -> Self {
         let cause = cause.to_string();
-        if !cause.contains(LOG_DISK_FULL) {
+        if voters > 1 || !cause.contains(LOG_DISK_FULL) {
             return otherwise;
         }
         let full = Self::DiskFull(format!("the replica stopped: {cause}"));
@@ -150,14 +152,18 @@ mod tests {
             message: "t/0: raft group stopped".into(),
             definite,
         };
-        let e = BrokerError::replica_stopped(&fatal, unavailable(true));
+        let e = BrokerError::replica_stopped(&fatal, unavailable(true), 1);
         assert_eq!(e.kind(), ErrorReason::DiskFull);
         assert!(e.is_definite());
-        let e = BrokerError::replica_stopped(&fatal, unavailable(false));
+        let e = BrokerError::replica_stopped(&fatal, unavailable(false), 1);
         assert_eq!(e.kind(), ErrorReason::DiskFull);
         assert!(!e.is_definite());
-        let e = BrokerError::replica_stopped(&"panicked", unavailable(true));
+        let e = BrokerError::replica_stopped(&"panicked", unavailable(true), 1);
         assert_eq!(e.kind(), ErrorReason::Unavailable);
+        // Another voter takes the partition over: a leader change, which clients retry.
+        let e = BrokerError::replica_stopped(&fatal, unavailable(false), 3);
+        assert_eq!(e.kind(), ErrorReason::Unavailable);
+        assert!(e.kind().is_retriable());
     }
 
     #[test]
