@@ -1,7 +1,8 @@
 //! A broker whose disk fills up: its replicas stop (Raft refuses to go on after a failed
 //! write), the other two keep acknowledging, and once space returns the broker restarts the
 //! stopped replicas by itself, cuts any torn tail by CRC, catches up, and ends byte-identical
-//! to the others. Needs root (a small tmpfs is the full disk); skipped otherwise.
+//! to the others. A single broker (a one-voter replica) reports the full disk to producers as
+//! `DISK_FULL`, like any other. Needs root (a small tmpfs is the full disk); skipped otherwise.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +10,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keel_client::{ProducerConfig, ProducerRecord};
+use keel_proto::v1::produce_batch::Data;
+use keel_proto::v1::{Acks, CreateTopicRequest, ProduceBatch, ProduceRequest};
+use keel_tests::broker::BrokerProc;
 use keel_tests::cluster::{ClusterProc, assert_acked_and_replicas_identical};
+use keel_tests::records::encode_batch;
 
 const TOPIC: &str = "filling";
 const WAIT: Duration = Duration::from_secs(60);
@@ -23,24 +28,30 @@ impl Drop for Mounted {
     }
 }
 
-fn mount(dir: &std::path::Path, size: &str) -> bool {
-    Command::new("mount")
+/// A new directory `name` below `parent` that is a tmpfs of `size`, unmounted when dropped;
+/// `None` (the test skips) when this process may not mount (needs root).
+fn tmpfs(parent: &std::path::Path, name: &str, size: &str) -> Option<Mounted> {
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
+        .arg(&dir)
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("skipping the full-disk test: cannot mount a tmpfs (needs root)");
+        return None;
+    }
+    Some(Mounted(dir))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_only_that_replica_and_it_recovers_once_space_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node3 = dir.path().join("node-3");
-    std::fs::create_dir_all(&node3).expect("mkdir");
-    if !mount(&node3, "96m") {
-        println!("skipping the full-disk test: cannot mount a tmpfs (needs root)");
+    let Some(mounted) = tmpfs(dir.path(), "node-3", "96m") else {
         return;
-    }
-    let _mounted = Mounted(node3.clone());
+    };
+    let node3 = mounted.0.clone();
     let mut cluster = ClusterProc::start(dir.path(), 3);
     let client = keel_tests::cluster::client(&cluster).await;
     client
@@ -125,4 +136,53 @@ async fn a_full_disk_stops_only_that_replica_and_it_recovers_once_space_returns(
 
     // Nothing acknowledged was lost, and the replicas are byte-identical.
     assert_acked_and_replicas_identical(&mut cluster, &client, TOPIC, 0, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_broker_with_a_full_disk_answers_disk_full() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(data) = tmpfs(dir.path(), "data", "48m") else {
+        return;
+    };
+    let broker = BrokerProc::start(&data.0, 1);
+    broker
+        .admin()
+        .await
+        .create_topic(CreateTopicRequest {
+            name: TOPIC.into(),
+            partitions: 1,
+            replication_factor: 0,
+            config: [("segment.bytes".to_owned(), "4194304".to_owned())].into(),
+        })
+        .await
+        .expect("create");
+    let value = "x".repeat(60_000);
+    let values: Vec<&str> = (0..16).map(|_| value.as_str()).collect();
+    let batch = encode_batch(&values, keel_batch::Compression::None, Default::default());
+    let mut producer = broker.producer().await;
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        assert!(Instant::now() < deadline, "the disk never filled up");
+        let req = ProduceRequest {
+            correlation_id: 1,
+            topic: TOPIC.into(),
+            acks: Acks::All as i32,
+            timeout_ms: 0,
+            batches: vec![ProduceBatch {
+                partition: Some(0),
+                data: Some(Data::RecordBatch(batch.clone())),
+                producer: None,
+            }],
+        };
+        match producer.produce(req).await {
+            Ok(_) => {}
+            Err(status) => break status,
+        }
+    };
+    let reason = status
+        .metadata()
+        .get("keel-error")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(reason, Some("DISK_FULL"), "{status:?}");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
 }

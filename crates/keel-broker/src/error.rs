@@ -3,10 +3,17 @@
 //! Every status carries ASCII metadata that clients in any language can read:
 //! `keel-error` (a stable reason), `keel-definite` (`true` when nothing was written), and for
 //! some reasons `keel-leader-id` / `keel-leader-address` or `keel-log-start-offset` /
-//! `keel-high-watermark`. `docs/api.md` lists them.
+//! `keel-high-watermark`. `docs/api.md` lists them. The reasons themselves, their gRPC codes and
+//! whether they are definite by default are [`ErrorReason`], shared with the client;
+//! [`BrokerError::kind`] is the one place a broker error picks its reason.
 
-use keel_log::LogError;
+mod convert;
+mod remote;
+
+use keel_types::ErrorReason;
 use tonic::{Code, Status};
+
+pub use remote::RemoteError;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -108,6 +115,10 @@ pub enum BrokerError {
     Unavailable { message: String, definite: bool },
     #[error("internal error: {0}")]
     Internal(String),
+    /// An error raised by another broker (a forwarded proposal, a read asked of a partition's
+    /// leader), kept as it was raised there: reason, definiteness and hints.
+    #[error("{}", .0.message)]
+    Remote(RemoteError),
     /// An error after part of the request took effect (earlier batches, or this batch while
     /// waiting for it to become durable): same reason and code, never definite.
     #[error("{0} (after some of this request was written)")]
@@ -122,98 +133,104 @@ impl BrokerError {
         }
     }
 
-    /// The stable machine-readable reason.
-    pub fn reason(&self) -> &'static str {
+    /// Rejects `value` of `field` when it is over `limit`; `unit` names what the numbers count
+    /// ("ms", "bytes").
+    pub fn at_most(
+        field: &'static str,
+        value: impl Into<u64>,
+        limit: impl Into<u64>,
+        unit: &str,
+    ) -> Result<()> {
+        let (value, limit) = (value.into(), limit.into());
+        if value <= limit {
+            return Ok(());
+        }
+        Err(Self::invalid(
+            field,
+            format!("{value} exceeds the limit of {limit} {unit}"),
+        ))
+    }
+
+    /// The reason a client sees. This is the only mapping from broker errors to reasons; the
+    /// gRPC code and the default definiteness follow from the reason.
+    pub fn kind(&self) -> ErrorReason {
         match self {
-            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
-            Self::InvalidConfig { .. } => "INVALID_CONFIG",
-            Self::UnknownTopic(_) => "UNKNOWN_TOPIC",
-            Self::UnknownPartition { .. } => "UNKNOWN_PARTITION",
-            Self::TopicExists(_) => "TOPIC_EXISTS",
-            Self::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
-            Self::NotLeader { .. } => "NOT_LEADER",
-            Self::TooLarge { .. } | Self::DecodeTooLarge { .. } => "MESSAGE_TOO_LARGE",
-            Self::CorruptBatch { .. } => "CORRUPT_BATCH",
-            Self::OutOfOrderSequence { .. } => "OUT_OF_ORDER_SEQUENCE",
-            Self::ProducerFenced { .. } => "PRODUCER_FENCED",
-            Self::NotCoordinator { .. } => "NOT_COORDINATOR",
-            Self::UnknownMember(_) => "UNKNOWN_MEMBER",
-            Self::FencedMember(_) => "FENCED_MEMBER",
-            Self::InconsistentStrategy(_) => "INCONSISTENT_STRATEGY",
-            Self::GroupNotEmpty { .. } => "GROUP_NOT_EMPTY",
-            Self::UnknownGroup(_) => "UNKNOWN_GROUP",
-            Self::OffsetBackwards(_) => "OFFSET_BACKWARDS",
-            Self::DiskFull(_) => "DISK_FULL",
-            Self::Storage { .. } => "STORAGE_ERROR",
-            Self::Timeout(_) => "TIMEOUT",
-            Self::ShuttingDown => "SHUTTING_DOWN",
-            Self::Unavailable { .. } => "UNAVAILABLE",
-            Self::Internal(_) => "INTERNAL",
-            Self::AfterWrite(inner) => inner.reason(),
+            Self::InvalidArgument { .. } => ErrorReason::InvalidArgument,
+            Self::InvalidConfig { .. } => ErrorReason::InvalidConfig,
+            Self::UnknownTopic(_) => ErrorReason::UnknownTopic,
+            Self::UnknownPartition { .. } => ErrorReason::UnknownPartition,
+            Self::TopicExists(_) => ErrorReason::TopicExists,
+            Self::OffsetOutOfRange { .. } => ErrorReason::OffsetOutOfRange,
+            Self::NotLeader { .. } => ErrorReason::NotLeader,
+            Self::TooLarge { .. } | Self::DecodeTooLarge { .. } => ErrorReason::MessageTooLarge,
+            Self::CorruptBatch { .. } => ErrorReason::CorruptBatch,
+            Self::OutOfOrderSequence { .. } => ErrorReason::OutOfOrderSequence,
+            Self::ProducerFenced { .. } => ErrorReason::ProducerFenced,
+            Self::NotCoordinator { .. } => ErrorReason::NotCoordinator,
+            Self::UnknownMember(_) => ErrorReason::UnknownMember,
+            Self::FencedMember(_) => ErrorReason::FencedMember,
+            Self::InconsistentStrategy(_) => ErrorReason::InconsistentStrategy,
+            Self::GroupNotEmpty { .. } => ErrorReason::GroupNotEmpty,
+            Self::UnknownGroup(_) => ErrorReason::UnknownGroup,
+            Self::OffsetBackwards(_) => ErrorReason::OffsetBackwards,
+            Self::DiskFull(_) => ErrorReason::DiskFull,
+            Self::Storage { .. } => ErrorReason::StorageError,
+            Self::Timeout(_) => ErrorReason::Timeout,
+            Self::ShuttingDown => ErrorReason::ShuttingDown,
+            Self::Unavailable { .. } => ErrorReason::Unavailable,
+            Self::Internal(_) => ErrorReason::Internal,
+            Self::Remote(r) => r.reason,
+            Self::AfterWrite(inner) => inner.kind(),
         }
     }
 
+    /// The stable machine-readable reason (`keel-error`).
+    pub fn reason(&self) -> &'static str {
+        self.kind().as_str()
+    }
+
     pub fn code(&self) -> Code {
-        match self {
-            Self::InvalidArgument { .. }
-            | Self::InvalidConfig { .. }
-            | Self::CorruptBatch { .. } => Code::InvalidArgument,
-            Self::UnknownTopic(_) | Self::UnknownPartition { .. } => Code::NotFound,
-            Self::TopicExists(_) => Code::AlreadyExists,
-            Self::OutOfOrderSequence { .. }
-            | Self::ProducerFenced { .. }
-            | Self::UnknownMember(_)
-            | Self::FencedMember(_)
-            | Self::InconsistentStrategy(_)
-            | Self::GroupNotEmpty { .. }
-            | Self::OffsetBackwards(_) => Code::FailedPrecondition,
-            Self::UnknownGroup(_) => Code::NotFound,
-            Self::OffsetOutOfRange { .. } => Code::OutOfRange,
-            Self::NotLeader { .. }
-            | Self::NotCoordinator { .. }
-            | Self::ShuttingDown
-            | Self::Unavailable { .. } => Code::Unavailable,
-            Self::TooLarge { .. } | Self::DecodeTooLarge { .. } | Self::DiskFull(_) => {
-                Code::ResourceExhausted
-            }
-            Self::Timeout(_) => Code::DeadlineExceeded,
-            Self::Storage { .. } | Self::Internal(_) => Code::Internal,
-            Self::AfterWrite(inner) => inner.code(),
-        }
+        Code::from_i32(self.kind().grpc_code())
     }
 
     /// True when the request had no effect, so a retry cannot duplicate anything.
     pub fn is_definite(&self) -> bool {
         match self {
             Self::Storage { definite, .. } | Self::Unavailable { definite, .. } => *definite,
-            Self::Timeout(_) | Self::Internal(_) | Self::AfterWrite(_) => false,
-            _ => true,
+            Self::Remote(r) => r.definite,
+            Self::AfterWrite(_) => false,
+            other => other.kind().definite_by_default(),
         }
     }
 
-    /// Maps a storage error from an append or read. `DiskFull` is raised before any byte is
-    /// written; poisoning after a failed flush leaves the batch possibly durable.
-    pub fn from_log(e: LogError, index: usize) -> Self {
-        match e {
-            LogError::InvalidBatch(b) => Self::CorruptBatch {
-                index,
-                reason: b.to_string(),
-            },
-            LogError::BatchTooLarge { size, limit } => Self::TooLarge {
-                what: "record batch",
-                size,
-                limit,
-                setting: "max.message.bytes",
-            },
-            LogError::DiskFull { .. } => Self::DiskFull(e.to_string()),
-            LogError::Poisoned { .. } => Self::Storage {
-                message: e.to_string(),
-                definite: false,
-            },
-            other => Self::Storage {
-                message: other.to_string(),
-                definite: false,
-            },
+    /// The leader (or coordinator) a client should go to instead: id and address.
+    pub fn leader_hint(&self) -> Option<(u32, &str)> {
+        match self {
+            Self::NotLeader {
+                leader: Some((id, addr)),
+                ..
+            }
+            | Self::NotCoordinator {
+                coordinator: Some((id, addr)),
+                ..
+            } => Some((*id, addr)),
+            Self::Remote(r) => r.leader.as_ref().map(|(id, a)| (*id, a.as_str())),
+            Self::AfterWrite(inner) => inner.leader_hint(),
+            _ => None,
+        }
+    }
+
+    /// The partition's valid offsets (log start, high watermark) of an `OFFSET_OUT_OF_RANGE`.
+    pub fn offset_range(&self) -> Option<(u64, u64)> {
+        match self {
+            Self::OffsetOutOfRange {
+                log_start,
+                high_watermark,
+                ..
+            } => Some((*log_start, *high_watermark)),
+            Self::Remote(r) => r.log_start_offset.zip(r.high_watermark),
+            Self::AfterWrite(inner) => inner.offset_range(),
+            _ => None,
         }
     }
 
@@ -235,38 +252,22 @@ impl BrokerError {
             "keel-definite",
             if self.is_definite() { "true" } else { "false" },
         );
-        match self {
-            Self::NotLeader {
-                leader: Some((id, addr)),
-                ..
-            }
-            | Self::NotCoordinator {
-                coordinator: Some((id, addr)),
-                ..
-            } => {
-                insert(md, "keel-leader-id", &id.to_string());
-                insert(md, "keel-leader-address", addr);
-            }
-            Self::OffsetOutOfRange {
-                log_start,
-                high_watermark,
-                ..
-            } => {
-                insert(md, "keel-log-start-offset", &log_start.to_string());
-                insert(md, "keel-high-watermark", &high_watermark.to_string());
-            }
-            _ => {}
+        if let Some((id, addr)) = self.leader_hint() {
+            insert(md, "keel-leader-id", &id.to_string());
+            insert(md, "keel-leader-address", addr);
+        }
+        if let Some((log_start, high_watermark)) = self.offset_range() {
+            insert(md, "keel-log-start-offset", &log_start.to_string());
+            insert(md, "keel-high-watermark", &high_watermark.to_string());
         }
         status
     }
 
     /// The error as carried inside a stream message.
     pub fn to_proto(&self) -> keel_proto::v1::Error {
-        let (leader_id, leader_address) = match self {
-            Self::NotLeader {
-                leader: Some((id, addr)),
-                ..
-            } => (*id, addr.clone()),
+        // Stream errors carry only a partition leader's hint (`NOT_LEADER`), as documented.
+        let (leader_id, leader_address) = match (self.kind(), self.leader_hint()) {
+            (ErrorReason::NotLeader, Some((id, addr))) => (id, addr.to_owned()),
             _ => (0, String::new()),
         };
         keel_proto::v1::Error {

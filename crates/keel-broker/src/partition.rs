@@ -473,10 +473,20 @@ impl Partition {
         r.raft
             .submit(BatchData::verified(batch))
             .await
-            .map_err(|e| BrokerError::Unavailable {
-                message: format!("{}/{}: {e}", self.topic, self.id),
-                definite: true,
+            .map_err(|e| {
+                let stopped = BrokerError::Unavailable {
+                    message: format!("{}/{}: {e}", self.topic, self.id),
+                    definite: true,
+                };
+                self.stopped(&e, stopped)
             })
+    }
+
+    /// The error for a write this replica's stopped Raft core refused or dropped (see
+    /// [`BrokerError::replica_stopped`]).
+    fn stopped(&self, cause: &dyn std::fmt::Display, otherwise: BrokerError) -> BrokerError {
+        let (_, _, voters) = self.replica.raft.lease();
+        BrokerError::replica_stopped(cause, otherwise, voters.len())
     }
 
     /// Waits until the batch is committed and applied (whatever `acks` says: the offsets are
@@ -504,14 +514,21 @@ impl Partition {
                         leader: leader.zip(address).map(|(id, a)| (id as u32, a)),
                     })
                 }
-                // The leader stepped down after appending: the batch may still commit.
-                Err(ReplicaError::Abandoned) => Err(BrokerError::Unavailable {
-                    message: format!(
-                        "{}/{}: leadership changed before the batch was committed; it may or may not be",
-                        self.topic, self.id
-                    ),
-                    definite: false,
-                }),
+                // The leader stepped down after appending, or its Raft core stopped (then it
+                // says why, e.g. a full disk): the batch may still commit.
+                Err(ReplicaError::Abandoned) => {
+                    let dropped = BrokerError::Unavailable {
+                        message: format!(
+                            "{}/{}: leadership changed before the batch was committed; it may or may not be",
+                            self.topic, self.id
+                        ),
+                        definite: false,
+                    };
+                    Err(match self.replica.raft.failure() {
+                        Some(why) => self.stopped(&why, dropped),
+                        None => dropped,
+                    })
+                }
                 // Discarded entries (a truncation or a purge over a pending write) cannot be
                 // told apart here, and a purged one may have committed: not definite.
                 Err(e) => Err(BrokerError::Unavailable {

@@ -144,8 +144,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
             .find(|(i, _)| *i == id)
             .map_or_else(|| advertise.clone(), |(_, a)| a.clone());
         tokio::task::spawn_blocking(move || crate::legacy::convert_partitions(&dir, id, &peer, &fs))
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))??
+            .await??
     };
     // Without --initial-cluster or --join the broker is a cluster of one: the same metadata
     // group and partition groups, each with one voter.
@@ -443,10 +442,9 @@ impl BrokerHandle {
                     first_err.get_or_insert(e);
                 }
             }
-            first_err.map_or(Ok(()), |e| Err(BrokerError::Storage { message: e.to_string(), definite: false }))
+            first_err.map_or(Ok(()), |e| Err(BrokerError::from(e)))
         })
-        .await
-        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        .await??;
         let _ = self.http_stop.send(true);
         if let Some(h) = http {
             let _ = h.await;

@@ -2,6 +2,7 @@
 //! and the retry loops that route requests to any broker or to a partition's leader.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -22,7 +23,8 @@ use crate::error::{ClientError, Result, Tp};
 use crate::group::Coordinators;
 use crate::metadata::{MetadataCache, Route};
 use crate::producer::{Producer, ProducerConfig};
-use crate::util::{backoff, backoff_cap, lock, read, write};
+use crate::retry::Target;
+use crate::util::{backoff, lock, read, write};
 
 /// Connection settings shared by everything created from one [`Client`].
 #[derive(Debug, Clone)]
@@ -220,7 +222,8 @@ impl Client {
         };
         let deadline = Instant::now() + self.inner.config.request_timeout;
         let max = self.inner.config.max_message_size;
-        self.call_leader(topic, partition, deadline, true, |ch, t| {
+        let leader = PartitionLeader(topic, partition);
+        self.call_routed(&leader, deadline, true, |ch, t| {
             let req = ListOffsetsRequest {
                 topic: topic.to_owned(),
                 partition,
@@ -428,49 +431,25 @@ impl Client {
         let ch = self.channel(addr)?;
         unary(addr, remaining, call(ch, remaining)).await
     }
+}
 
-    /// Runs a request on a partition's leader, following leader hints and retrying retriable
-    /// errors until `deadline`. A request that may have had an effect is retried only when
-    /// `idempotent`.
-    pub(crate) async fn call_leader<T, F, Fut>(
-        &self,
-        topic: &str,
-        partition: u32,
-        deadline: Instant,
-        idempotent: bool,
-        mut call: F,
-    ) -> Result<T>
-    where
-        F: FnMut(Channel, Duration) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
-    {
-        let cfg = &self.inner.config;
-        let mut attempt = 0u32;
-        loop {
-            let result = match self.leader_for(topic, partition).await {
-                Ok(addr) => self.call_at(&addr, deadline, &mut call).await,
-                Err(e) => Err(e),
-            };
-            let err = match result {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            self.note_partition_error(topic, partition, &err);
-            attempt += 1;
-            if !err.is_retriable() || !(idempotent || err.is_definite()) {
-                return Err(err);
-            }
-            let wait = backoff(
-                cfg.retry_backoff,
-                backoff_cap(&err, cfg.retry_backoff_max),
-                attempt,
-            );
-            if Instant::now() + wait >= deadline {
-                return Err(err);
-            }
-            tracing::debug!(topic, partition, error = %err, "retrying partition request");
-            tokio::time::sleep(wait).await;
-        }
+/// A partition's leader (topic, partition), as the metadata cache knows it: a request to it
+/// follows leader hints and retries until its deadline (see [`Client::call_routed`]).
+pub(crate) struct PartitionLeader<'a>(pub &'a str, pub u32);
+
+impl fmt::Display for PartitionLeader<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the leader of {}", Tp(self.0, self.1))
+    }
+}
+
+impl Target for PartitionLeader<'_> {
+    async fn find(&self, client: &Client, _deadline: Instant) -> Result<String> {
+        client.leader_for(self.0, self.1).await
+    }
+
+    fn failed(&self, client: &Client, err: &ClientError) {
+        client.note_partition_error(self.0, self.1, err);
     }
 }
 

@@ -10,6 +10,7 @@ use std::error::Error as _;
 use std::fmt;
 
 use keel_batch::BatchError;
+use keel_types::ErrorReason;
 use tonic::{Code, Status};
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -155,33 +156,6 @@ pub enum ClientError {
     },
 }
 
-/// Keel's stable reason strings (`keel-error`).
-const REASONS: &[&str] = &[
-    "INVALID_ARGUMENT",
-    "INVALID_CONFIG",
-    "UNKNOWN_TOPIC",
-    "UNKNOWN_PARTITION",
-    "TOPIC_EXISTS",
-    "OFFSET_OUT_OF_RANGE",
-    "NOT_LEADER",
-    "MESSAGE_TOO_LARGE",
-    "CORRUPT_BATCH",
-    "DISK_FULL",
-    "OUT_OF_ORDER_SEQUENCE",
-    "PRODUCER_FENCED",
-    "STORAGE_ERROR",
-    "TIMEOUT",
-    "SHUTTING_DOWN",
-    "INTERNAL",
-    "NOT_COORDINATOR",
-    "UNKNOWN_MEMBER",
-    "FENCED_MEMBER",
-    "GROUP_NOT_EMPTY",
-    "UNKNOWN_GROUP",
-    "INCONSISTENT_STRATEGY",
-    "OFFSET_BACKWARDS",
-];
-
 /// What a broker error says, independent of whether it came as a `Status` or inside a stream
 /// message.
 struct Parts<'a> {
@@ -278,61 +252,80 @@ impl ClientError {
             log_start_offset,
             high_watermark,
         } = p;
-        match reason {
-            Some("INVALID_ARGUMENT") => Self::InvalidArgument { message, definite },
-            Some("INVALID_CONFIG") => Self::InvalidConfig { message, definite },
-            Some("UNKNOWN_TOPIC") => Self::UnknownTopic { message, definite },
-            Some("UNKNOWN_PARTITION") => Self::UnknownPartition { message, definite },
-            Some("TOPIC_EXISTS") => Self::TopicExists { message, definite },
-            Some("OFFSET_OUT_OF_RANGE") => Self::OffsetOutOfRange {
+        let known = match reason {
+            Some(r) => match ErrorReason::parse(r) {
+                Some(known) => known,
+                // A reason from a newer broker: kept as a string, classified by its code.
+                None => {
+                    return Self::Status {
+                        code,
+                        reason: Some(r.to_owned()),
+                        message,
+                        definite,
+                    };
+                }
+            },
+            None => {
+                return match code {
+                    Code::InvalidArgument => Self::InvalidArgument { message, definite },
+                    Code::Unavailable => Self::Unavailable { message, definite },
+                    Code::DeadlineExceeded => Self::Timeout { message, definite },
+                    // Without Keel's reason, OUT_OF_RANGE is gRPC's message size limit, not an
+                    // offset.
+                    Code::OutOfRange => Self::MessageTooLarge { message, definite },
+                    _ => Self::Status {
+                        code,
+                        reason: None,
+                        message,
+                        definite,
+                    },
+                };
+            }
+        };
+        match known {
+            ErrorReason::InvalidArgument => Self::InvalidArgument { message, definite },
+            ErrorReason::InvalidConfig => Self::InvalidConfig { message, definite },
+            ErrorReason::UnknownTopic => Self::UnknownTopic { message, definite },
+            ErrorReason::UnknownPartition => Self::UnknownPartition { message, definite },
+            ErrorReason::TopicExists => Self::TopicExists { message, definite },
+            ErrorReason::OffsetOutOfRange => Self::OffsetOutOfRange {
                 message,
                 log_start_offset,
                 high_watermark,
                 definite,
             },
-            Some("NOT_LEADER") => Self::NotLeader {
+            ErrorReason::NotLeader => Self::NotLeader {
                 message,
                 leader,
                 definite,
             },
-            Some("MESSAGE_TOO_LARGE") => Self::MessageTooLarge { message, definite },
-            Some("CORRUPT_BATCH") => Self::CorruptBatch { message, definite },
-            Some("DISK_FULL") => Self::DiskFull { message, definite },
-            Some("OUT_OF_ORDER_SEQUENCE") => Self::OutOfOrderSequence { message, definite },
-            Some("PRODUCER_FENCED") => Self::ProducerFenced { message, definite },
-            Some("STORAGE_ERROR") => Self::Storage { message, definite },
-            Some("TIMEOUT") => Self::Timeout { message, definite },
-            Some("SHUTTING_DOWN") => Self::ShuttingDown { message, definite },
-            Some("INTERNAL") => Self::Internal { message, definite },
-            Some("NOT_COORDINATOR") => Self::NotCoordinator {
+            ErrorReason::MessageTooLarge => Self::MessageTooLarge { message, definite },
+            ErrorReason::CorruptBatch => Self::CorruptBatch { message, definite },
+            ErrorReason::DiskFull => Self::DiskFull { message, definite },
+            ErrorReason::OutOfOrderSequence => Self::OutOfOrderSequence { message, definite },
+            ErrorReason::ProducerFenced => Self::ProducerFenced { message, definite },
+            ErrorReason::StorageError => Self::Storage { message, definite },
+            ErrorReason::Timeout => Self::Timeout { message, definite },
+            ErrorReason::ShuttingDown => Self::ShuttingDown { message, definite },
+            ErrorReason::Internal => Self::Internal { message, definite },
+            ErrorReason::NotCoordinator => Self::NotCoordinator {
                 message,
                 coordinator: leader,
                 definite,
             },
-            Some("UNKNOWN_MEMBER") => Self::UnknownMember { message, definite },
-            Some("FENCED_MEMBER") => Self::FencedMember { message, definite },
-            Some("GROUP_NOT_EMPTY") => Self::GroupNotEmpty { message, definite },
-            Some("UNKNOWN_GROUP") => Self::UnknownGroup { message, definite },
-            Some("INCONSISTENT_STRATEGY") => Self::InconsistentStrategy { message, definite },
-            Some("OFFSET_BACKWARDS") => Self::OffsetBackwards { message, definite },
-            Some(other) => Self::Status {
+            ErrorReason::UnknownMember => Self::UnknownMember { message, definite },
+            ErrorReason::FencedMember => Self::FencedMember { message, definite },
+            ErrorReason::GroupNotEmpty => Self::GroupNotEmpty { message, definite },
+            ErrorReason::UnknownGroup => Self::UnknownGroup { message, definite },
+            ErrorReason::InconsistentStrategy => Self::InconsistentStrategy { message, definite },
+            ErrorReason::OffsetBackwards => Self::OffsetBackwards { message, definite },
+            // The `Unavailable` variant stands for "no broker verdict" (a transport failure,
+            // `reason()` is `None`); the broker's own UNAVAILABLE keeps its reason.
+            ErrorReason::Unavailable => Self::Status {
                 code,
-                reason: Some(other.to_owned()),
+                reason: Some(known.as_str().to_owned()),
                 message,
                 definite,
-            },
-            None => match code {
-                Code::InvalidArgument => Self::InvalidArgument { message, definite },
-                Code::Unavailable => Self::Unavailable { message, definite },
-                Code::DeadlineExceeded => Self::Timeout { message, definite },
-                // Without Keel's reason, OUT_OF_RANGE is gRPC's message size limit, not an offset.
-                Code::OutOfRange => Self::MessageTooLarge { message, definite },
-                _ => Self::Status {
-                    code,
-                    reason: None,
-                    message,
-                    definite,
-                },
             },
         }
     }
@@ -341,15 +334,22 @@ impl ClientError {
     /// unreachable, a replication timeout. The client retries these itself; seeing one means its
     /// retry budget ran out.
     pub fn is_retriable(&self) -> bool {
-        match self {
-            Self::NotLeader { .. }
-            | Self::NotCoordinator { .. }
-            | Self::ShuttingDown { .. }
-            | Self::Unavailable { .. }
-            | Self::Timeout { .. } => true,
-            Self::Status { code, .. } => *code == Code::Unavailable,
-            _ => false,
+        match self.kind() {
+            Some(reason) => reason.is_retriable(),
+            // No broker verdict: a transport failure is transient, and so is a status a proxy
+            // (or a newer broker's unknown reason) sends as UNAVAILABLE.
+            None => {
+                matches!(self, Self::Unavailable { .. })
+                    || matches!(self, Self::Status { code, .. } if *code == Code::Unavailable)
+            }
         }
+    }
+
+    /// True when a retry should come soon because the request waits for a leader or
+    /// coordinator election (or an unreachable broker to be replaced).
+    pub(crate) fn awaits_election(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+            || self.kind().is_some_and(ErrorReason::awaits_election)
     }
 
     /// True when the failed request certainly had no effect on the broker. Errors raised by the
@@ -525,37 +525,47 @@ impl ClientError {
         }
     }
 
-    /// The broker's reason string, when the error came from a broker.
-    pub fn reason(&self) -> Option<&str> {
+    /// The broker's reason, when the error came from a broker and this client knows the
+    /// reason.
+    pub fn kind(&self) -> Option<ErrorReason> {
         Some(match self {
-            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
-            Self::InvalidConfig { .. } => "INVALID_CONFIG",
-            Self::UnknownTopic { .. } => "UNKNOWN_TOPIC",
-            Self::UnknownPartition { .. } => "UNKNOWN_PARTITION",
-            Self::TopicExists { .. } => "TOPIC_EXISTS",
-            Self::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
-            Self::NotLeader { .. } => "NOT_LEADER",
-            Self::MessageTooLarge { .. } => "MESSAGE_TOO_LARGE",
-            Self::CorruptBatch { .. } => "CORRUPT_BATCH",
-            Self::DiskFull { .. } => "DISK_FULL",
-            Self::OutOfOrderSequence { .. } => "OUT_OF_ORDER_SEQUENCE",
-            Self::ProducerFenced { .. } => "PRODUCER_FENCED",
-            Self::Storage { .. } => "STORAGE_ERROR",
-            Self::Timeout { .. } => "TIMEOUT",
-            Self::ShuttingDown { .. } => "SHUTTING_DOWN",
-            Self::Internal { .. } => "INTERNAL",
-            Self::NotCoordinator { .. } => "NOT_COORDINATOR",
-            Self::UnknownMember { .. } => "UNKNOWN_MEMBER",
-            Self::FencedMember { .. } => "FENCED_MEMBER",
-            Self::GroupNotEmpty { .. } => "GROUP_NOT_EMPTY",
-            Self::UnknownGroup { .. } => "UNKNOWN_GROUP",
-            Self::InconsistentStrategy { .. } => "INCONSISTENT_STRATEGY",
-            Self::OffsetBackwards { .. } => "OFFSET_BACKWARDS",
+            Self::InvalidArgument { .. } => ErrorReason::InvalidArgument,
+            Self::InvalidConfig { .. } => ErrorReason::InvalidConfig,
+            Self::UnknownTopic { .. } => ErrorReason::UnknownTopic,
+            Self::UnknownPartition { .. } => ErrorReason::UnknownPartition,
+            Self::TopicExists { .. } => ErrorReason::TopicExists,
+            Self::OffsetOutOfRange { .. } => ErrorReason::OffsetOutOfRange,
+            Self::NotLeader { .. } => ErrorReason::NotLeader,
+            Self::MessageTooLarge { .. } => ErrorReason::MessageTooLarge,
+            Self::CorruptBatch { .. } => ErrorReason::CorruptBatch,
+            Self::DiskFull { .. } => ErrorReason::DiskFull,
+            Self::OutOfOrderSequence { .. } => ErrorReason::OutOfOrderSequence,
+            Self::ProducerFenced { .. } => ErrorReason::ProducerFenced,
+            Self::Storage { .. } => ErrorReason::StorageError,
+            Self::Timeout { .. } => ErrorReason::Timeout,
+            Self::ShuttingDown { .. } => ErrorReason::ShuttingDown,
+            Self::Internal { .. } => ErrorReason::Internal,
+            Self::NotCoordinator { .. } => ErrorReason::NotCoordinator,
+            Self::UnknownMember { .. } => ErrorReason::UnknownMember,
+            Self::FencedMember { .. } => ErrorReason::FencedMember,
+            Self::GroupNotEmpty { .. } => ErrorReason::GroupNotEmpty,
+            Self::UnknownGroup { .. } => ErrorReason::UnknownGroup,
+            Self::InconsistentStrategy { .. } => ErrorReason::InconsistentStrategy,
+            Self::OffsetBackwards { .. } => ErrorReason::OffsetBackwards,
             Self::Status {
                 reason: Some(r), ..
-            } => r.as_str(),
+            } => return ErrorReason::parse(r),
             _ => return None,
         })
+    }
+
+    /// The broker's reason string, when the error came from a broker (also one this client
+    /// does not know).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Status { reason, .. } => reason.as_deref(),
+            other => other.kind().map(ErrorReason::as_str),
+        }
     }
 
     /// The leader named by a `NOT_LEADER` error.
@@ -648,9 +658,10 @@ fn describe_status(status: &Status) -> String {
     }
 }
 
-/// The broker's own rule (`BrokerError::is_definite`) for when it omits the flag.
+/// The broker's own rule (`ErrorReason::definite_by_default`) for when it omits the flag; a
+/// reason this client does not know is not definite.
 fn reason_is_definite(reason: &str) -> bool {
-    !matches!(reason, "TIMEOUT" | "STORAGE_ERROR" | "INTERNAL") && REASONS.contains(&reason)
+    ErrorReason::parse(reason).is_some_and(ErrorReason::definite_by_default)
 }
 
 fn code_is_definite(code: Code) -> bool {
@@ -859,16 +870,22 @@ mod tests {
 
     #[test]
     fn every_reason_maps_to_its_variant() {
-        for r in REASONS {
+        for r in ErrorReason::ALL {
             let s = {
                 let mut s = Status::new(Code::Unknown, "m");
                 s.metadata_mut()
-                    .insert("keel-error", MetadataValue::from_static(r));
+                    .insert("keel-error", MetadataValue::from_static(r.as_str()));
                 s
             };
             let e = ClientError::from_status(&s);
-            assert_eq!(e.reason(), Some(*r), "{e:?}");
-            assert!(!matches!(e, ClientError::Status { .. }), "{r}");
+            assert_eq!(e.reason(), Some(r.as_str()), "{e:?}");
+            assert_eq!(e.kind(), Some(r), "{e:?}");
+            assert_eq!(e.is_retriable(), r.is_retriable(), "{r}");
+            // The broker's UNAVAILABLE has no variant of its own (see `from_parts`).
+            assert!(
+                !matches!(e, ClientError::Status { .. }) || r == ErrorReason::Unavailable,
+                "{r}"
+            );
         }
         let e = ClientError::from_status(&status(Code::Aborted, &[("keel-error", "NEW_THING")]));
         assert_eq!(e.reason(), Some("NEW_THING"));

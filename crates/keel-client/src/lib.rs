@@ -120,6 +120,7 @@ mod group;
 mod metadata;
 mod partitioner;
 mod producer;
+mod retry;
 mod util;
 
 pub use admin::Admin;
@@ -133,6 +134,7 @@ pub use keel_proto::v1::{
     GroupListing, GroupMember, GroupPartitionOffset, ListOffsetsResponse, PartitionInfo, TopicInfo,
     TopicPartitions,
 };
+pub use keel_types::ErrorReason;
 pub use partitioner::{murmur2, partition_for_key};
 pub use producer::{
     Acks, BatchPipeline, DeliveryFuture, MAX_IDEMPOTENT_IN_FLIGHT, Producer, ProducerConfig,

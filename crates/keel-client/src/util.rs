@@ -31,27 +31,23 @@ pub(crate) fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
-/// Exponential backoff `base * 2^(attempt-1)` capped at `max`, with ±20% jitter so that clients
-/// that failed together do not retry in lockstep.
 /// The longest wait before retrying after a leader change (`NOT_LEADER`, or the leader's broker
 /// unreachable): elections take about a second, and a client that backed off to its full
 /// `retry_backoff_max` would add most of that again after the new leader is up.
 pub(crate) const LEADER_CHANGE_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
-/// The backoff cap for `err`: short for leader changes, `max` otherwise.
+/// The backoff cap for `err`: short while it waits for an election (see
+/// `ErrorReason::awaits_election`), `max` otherwise.
 pub(crate) fn backoff_cap(err: &crate::ClientError, max: Duration) -> Duration {
-    if matches!(
-        err,
-        crate::ClientError::NotLeader { .. }
-            | crate::ClientError::NotCoordinator { .. }
-            | crate::ClientError::Unavailable { .. }
-    ) {
+    if err.awaits_election() {
         max.min(LEADER_CHANGE_BACKOFF_MAX)
     } else {
         max
     }
 }
 
+/// Exponential backoff `base * 2^(attempt-1)` capped at `max`, with ±20% jitter so that clients
+/// that failed together do not retry in lockstep.
 pub(crate) fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let d = exp.min(max);

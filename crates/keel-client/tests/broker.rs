@@ -10,7 +10,6 @@ use bytes::Bytes;
 use common::{TestBroker, shutdown};
 use futures::StreamExt;
 use keel_batch::{BatchBuilder, RecordRef};
-use keel_broker::BrokerConfig;
 use keel_client::{
     Acks, Client, ClientError, Compression, ConsumerConfig, ConsumerRecord, OffsetReset,
     OffsetSpec, ProducerConfig, ProducerRecord, SeekTo, partition_for_key,
@@ -107,13 +106,7 @@ async fn admin_round_trip_and_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_then_consume_everything_in_order() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("events", 3, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("events", 3).await;
 
     for compression in [Compression::None, Compression::Lz4, Compression::Zstd] {
         let producer = client
@@ -211,13 +204,7 @@ async fn produce_then_consume_everything_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeks_offsets_and_resets() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("log", 1, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("log", 1).await;
     // acks=all: the high watermark (what ListOffsets reports as latest) covers the records
     // once they are acknowledged; with acks=leader it follows after the background fsync.
     let producer = client
@@ -329,13 +316,7 @@ async fn seeks_offsets_and_resets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_level_send_batch_and_live_subscription() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("raw", 1, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("raw", 1).await;
     let producer = client
         .producer(ProducerConfig::default())
         .expect("producer");
@@ -413,13 +394,7 @@ async fn low_level_send_batch_and_live_subscription() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_back_pressure_and_drop_delivers() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("bp", 2, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("bp", 2).await;
     // 64 KiB of buffer for 2 MiB of records: send() must wait for acks to free memory.
     let producer = client
         .producer(
@@ -462,15 +437,8 @@ async fn producer_back_pressure_and_drop_delivers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_and_consumer_ride_out_a_broker_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let start = |listen: SocketAddr| {
-        let mut config = BrokerConfig::new(1, dir.path());
-        config.listen = listen;
-        config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        keel_broker::start(config)
-    };
-    let broker = start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .expect("start");
+    let start = |listen: SocketAddr| keel_broker::start(common::config(dir.path(), listen));
+    let broker = start(common::any_port()).await.expect("start");
     let addr = broker.grpc_addr;
     let client = Client::connect(&[addr.to_string()]).await.expect("connect");
     client
@@ -530,13 +498,7 @@ async fn producer_and_consumer_ride_out_a_broker_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_broker_limit_fails_alone() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("big", 2, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("big", 2).await;
     let producer = client
         .producer(ProducerConfig::default().linger(Duration::from_millis(50)))
         .expect("producer");

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,13 +108,7 @@ fn config(group: &str, topic: &str) -> GroupConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_share_hand_over_and_commit() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("orders", 4, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("orders", 4).await;
     produce(&client, "orders", 40, "a").await;
 
     let mut one = client
@@ -184,13 +178,7 @@ async fn two_members_share_hand_over_and_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_stops_polling_leaves_and_rejoins() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("t", 2, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("t", 2).await;
     let mut c = client
         .group_consumer(config("slow", "t").max_poll_interval(Duration::from_secs(1)))
         .expect("consumer");
@@ -221,13 +209,8 @@ async fn a_member_that_stops_polling_leaves_and_rejoins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_offsets_outside_the_group_protocol() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
+    let (broker, client) = TestBroker::with_topic("t", 2).await;
     let admin = client.admin();
-    admin
-        .create_topic("t", 2, 0, BTreeMap::new())
-        .await
-        .expect("create");
     produce(&client, "t", 20, "x").await;
 
     admin

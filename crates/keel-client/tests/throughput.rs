@@ -2,13 +2,13 @@
 //! not check correctness); run with
 //! `cargo test --release -p keel-client --test throughput -- --ignored --nocapture`.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_broker::BrokerConfig;
-use keel_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
+use common::TestBroker;
+use keel_client::{ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement, run explicitly in release mode"]
@@ -16,19 +16,7 @@ async fn produce_and_consume_throughput() {
     const RECORDS: usize = 500_000;
     const SIZE: usize = 100;
     const PARTITIONS: u32 = 4;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = BrokerConfig::new(1, dir.path());
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    let broker = keel_broker::start(config).await.expect("broker");
-    let client = Client::connect(&[broker.grpc_addr.to_string()])
-        .await
-        .expect("connect");
-    client
-        .admin()
-        .create_topic("perf", PARTITIONS, 0, BTreeMap::new())
-        .await
-        .expect("create");
+    let (broker, client) = TestBroker::with_topic("perf", PARTITIONS).await;
 
     let producer = client
         .producer(ProducerConfig::default())
@@ -85,5 +73,5 @@ async fn produce_and_consume_throughput() {
     );
     assert_eq!(n, RECORDS);
     producer.close().await.expect("close");
-    broker.shutdown().await.expect("shutdown");
+    broker.stop().await;
 }

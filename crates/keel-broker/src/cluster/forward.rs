@@ -13,7 +13,6 @@ use super::meta::{Command, META_GROUP, Refusal, Reply};
 use super::meta_machine::encode_command;
 use super::{ClusterNode, raft_err};
 use crate::error::{BrokerError, Result};
-use crate::metadata::InitRefusal;
 
 /// How long an admin request waits for the metadata group (leader election included).
 pub(super) const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -38,38 +37,9 @@ pub(super) enum ForwardReply {
     Outcome(std::result::Result<Reply, Refusal>),
     NotLeader(Option<u64>),
     Liveness(BTreeMap<u32, bool>),
-    Error(String),
+    Error(crate::error::RemoteError),
     /// The metadata leader's commit index (for a read-index catch-up).
     Committed(u64),
-}
-
-pub(super) fn refusal(r: Refusal) -> BrokerError {
-    match r {
-        Refusal::TopicExists(t) => BrokerError::TopicExists(t),
-        Refusal::UnknownTopic(t) => BrokerError::UnknownTopic(t),
-        Refusal::Producer(InitRefusal::UnknownProducer(id)) => BrokerError::InvalidArgument {
-            field: "producer_id",
-            message: format!("producer id {id} was never handed out"),
-        },
-        Refusal::Producer(InitRefusal::Fenced {
-            producer_id,
-            epoch,
-            current,
-        }) => BrokerError::ProducerFenced {
-            producer_id,
-            epoch,
-            current,
-        },
-        Refusal::Invalid { field, message } => BrokerError::InvalidArgument {
-            field: match field.as_str() {
-                "replicas" => "replicas",
-                "partition" => "partition",
-                "broker_id" => "broker_id",
-                _ => "request",
-            },
-            message,
-        },
-    }
 }
 
 impl ClusterNode {
@@ -86,7 +56,7 @@ impl ClusterNode {
         loop {
             match self.meta_raft.leader() {
                 Some((l, _)) if l == u64::from(self.id) => match self.propose_local(&cmd).await {
-                    Ok(r) => return r.map_err(refusal),
+                    Ok(r) => return r.map_err(BrokerError::from),
                     Err(None) => {}
                     Err(Some(e)) => return Err(e),
                 },
@@ -98,8 +68,14 @@ impl ClusterNode {
                         .forward(&addr, l, META_GROUP, Bytes::from(payload), PROPOSE_TIMEOUT)
                         .await;
                     match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
-                        Ok(Ok(ForwardReply::Outcome(r))) => return r.map_err(refusal),
+                        Ok(Ok(ForwardReply::Outcome(r))) => return r.map_err(BrokerError::from),
                         Ok(Ok(ForwardReply::Error(e))) => {
+                            // The leader's verdict, as it raised it: only what an election or a
+                            // restart may clear is worth proposing again.
+                            let e = BrokerError::from(e);
+                            if !e.kind().is_retriable() {
+                                return Err(e);
+                            }
                             tracing::debug!(error = %e, "forwarded proposal failed");
                         }
                         other => tracing::debug!(?other, "forwarding a proposal failed"),
@@ -152,9 +128,9 @@ impl ClusterNode {
                 // Not the leader: pass it on (a joining broker knows no leader address yet).
                 Err(None) => match self.propose_for_reply(cmd).await {
                     Ok(r) => ForwardReply::Outcome(Ok(r)),
-                    Err(e) => ForwardReply::Error(e.to_string()),
+                    Err(e) => ForwardReply::Error(e.into()),
                 },
-                Err(Some(e)) => ForwardReply::Error(e.to_string()),
+                Err(Some(e)) => ForwardReply::Error(e.into()),
             },
             ForwardRequest::ReadIndex => {
                 match self

@@ -14,7 +14,7 @@ use keel_raft::{
 };
 use tokio::sync::watch;
 
-use super::forward::{ForwardReply, ForwardRequest, PROPOSE_TIMEOUT, refusal};
+use super::forward::{ForwardReply, ForwardRequest, PROPOSE_TIMEOUT};
 use super::meta::{self, Command, META_GROUP};
 use super::meta_machine::MetadataMachine;
 use super::quiet::Liveness;
@@ -187,7 +187,7 @@ impl ClusterNode {
                 )
                 .await;
             match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
-                Ok(Ok(ForwardReply::Outcome(r))) => return r.map(drop).map_err(refusal),
+                Ok(Ok(ForwardReply::Outcome(r))) => return r.map(drop).map_err(BrokerError::from),
                 Ok(Ok(ForwardReply::NotLeader(Some(l)))) => {
                     let s = self.state();
                     if let Some(b) = s.brokers.get(&(l as u32)) {

@@ -74,9 +74,11 @@ impl Coordinator {
                     message: format!("the leader of {tp} at {address} did not answer in time"),
                     definite: true,
                 })?
-                .map_err(|s| BrokerError::Unavailable {
-                    message: format!("asking the leader of {tp} at {address}: {}", s.message()),
-                    definite: true,
+                .map_err(|s| {
+                    BrokerError::from_peer_read(
+                        &s,
+                        &format!("asking the leader of {tp} at {address}"),
+                    )
                 })?
                 .into_inner();
                 Ok((r.offset, r.log_start_offset, r.high_watermark))

@@ -131,11 +131,7 @@ impl Consume {
         let l = &self.0.limits;
         match requested {
             0 => Ok(l.default_fetch_bytes),
-            n if n > l.max_fetch_bytes => Err(BrokerError::invalid(
-                field,
-                format!("{n} exceeds the limit of {} bytes", l.max_fetch_bytes),
-            )),
-            n => Ok(n),
+            n => BrokerError::at_most(field, n, l.max_fetch_bytes, "bytes").map(|()| n),
         }
     }
 
@@ -157,15 +153,7 @@ impl Consume {
                 ),
             ));
         }
-        if r.max_wait_ms > st.limits.max_wait_ms {
-            return Err(BrokerError::invalid(
-                "max_wait_ms",
-                format!(
-                    "{} exceeds the limit of {} ms",
-                    r.max_wait_ms, st.limits.max_wait_ms
-                ),
-            ));
-        }
+        BrokerError::at_most("max_wait_ms", r.max_wait_ms, st.limits.max_wait_ms, "ms")?;
         let max_bytes = u64::from(self.clamp_bytes(r.max_bytes, "max_bytes")?);
         let want_decoded = decoded(r.format)?;
         let mut parts: Vec<(Arc<Partition>, FetchPartition)> =
@@ -177,15 +165,8 @@ impl Consume {
                     .partition(fp.partition)?,
             );
             p.check_offset(fp.offset)?;
-            if fp.max_bytes > st.limits.max_fetch_bytes {
-                return Err(BrokerError::invalid(
-                    "partitions.max_bytes",
-                    format!(
-                        "{} exceeds the limit of {} bytes",
-                        fp.max_bytes, st.limits.max_fetch_bytes
-                    ),
-                ));
-            }
+            let limit = st.limits.max_fetch_bytes;
+            BrokerError::at_most("partitions.max_bytes", fp.max_bytes, limit, "bytes")?;
             parts.push((p, fp));
         }
         let min_bytes = u64::from(r.min_bytes.max(1));
@@ -409,7 +390,7 @@ impl ConsumeService for Consume {
                 let p2 = Arc::clone(&p);
                 let found = tokio::task::spawn_blocking(move || p2.offset_for_timestamp(ts))
                     .await
-                    .map_err(|e| BrokerError::Internal(e.to_string()))??;
+                    .map_err(BrokerError::from)??;
                 found.unwrap_or((p.high_watermark(), 0))
             }
             None => return Err(BrokerError::invalid("spec", "set position or timestamp_ms").into()),

@@ -263,8 +263,7 @@ impl Groups {
                 .collect();
             st.groups.append(&shard, &records).await
         })
-        .await
-        .map_err(|e| BrokerError::Internal(format!("commit task: {e}")))?
+        .await?
     }
 
     async fn fetch_inner(&self, r: FetchOffsetsRequest) -> Result<FetchOffsetsResponse> {
@@ -350,12 +349,11 @@ impl Groups {
                 let resp = GroupsServiceClient::new(st.groups.peer(&address)?)
                     .list_groups(ListGroupsRequest { local_only: true })
                     .await
-                    .map_err(|s| BrokerError::Unavailable {
-                        message: format!(
-                            "could not list the groups of coordinator {id} at {address}: {}",
-                            s.message()
-                        ),
-                        definite: true,
+                    .map_err(|s| {
+                        BrokerError::from_peer_read(
+                            &s,
+                            &format!("could not list the groups of coordinator {id} at {address}"),
+                        )
                     })?;
                 groups.extend(resp.into_inner().groups);
             }
@@ -489,8 +487,7 @@ impl Groups {
             tracing::info!(group = %r.group_id, "group deleted");
             Ok(())
         })
-        .await
-        .map_err(|e| BrokerError::Internal(format!("delete task: {e}")))?
+        .await?
     }
 
     async fn reset_inner(&self, r: ResetOffsetsRequest) -> Result<ResetOffsetsResponse> {
@@ -566,8 +563,7 @@ impl Groups {
                     .collect(),
             })
         })
-        .await
-        .map_err(|e| BrokerError::Internal(format!("reset task: {e}")))?
+        .await?
     }
 }
 

@@ -3,11 +3,11 @@
 
 use keel_proto::v1::{
     CommittedOffset, DeleteGroupRequest, DescribeGroupRequest, DescribeGroupResponse, GroupListing,
-    ListGroupsRequest, OffsetCommit, ResetOffsetsRequest, StartPosition, reset_offsets_request,
+    ListGroupsRequest, ResetOffsetsRequest, StartPosition, reset_offsets_request,
 };
 use tokio::time::Instant;
 
-use super::coordinator::{by_topic, groups_rpc};
+use super::coordinator::{GroupCoordinator, by_topic, commits, groups_rpc};
 use crate::admin::Admin;
 use crate::client::with_timeout;
 use crate::error::Result;
@@ -50,7 +50,7 @@ impl Admin {
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
         let max = self.client.inner.config.max_message_size;
         self.client
-            .call_coordinator(group, self.deadline(), true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), self.deadline(), true, |ch, t| {
                 let req = DescribeGroupRequest {
                     group_id: group.to_owned(),
                 };
@@ -67,7 +67,7 @@ impl Admin {
     pub async fn delete_group(&self, group: &str) -> Result<()> {
         let max = self.client.inner.config.max_message_size;
         self.client
-            .call_coordinator(group, self.deadline(), false, |ch, t| {
+            .call_routed(&GroupCoordinator(group), self.deadline(), false, |ch, t| {
                 let req = DeleteGroupRequest {
                     group_id: group.to_owned(),
                 };
@@ -102,7 +102,7 @@ impl Admin {
         // Repeating a reset lands on the same target, so ambiguous failures are retried.
         let resp = self
             .client
-            .call_coordinator(group, self.deadline(), true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), self.deadline(), true, |ch, t| {
                 let req = req.clone();
                 async move {
                     groups_rpc(ch, max)
@@ -137,17 +137,8 @@ impl Admin {
         group: &str,
         offsets: &[(&str, u32, u64, &str)],
     ) -> Result<()> {
-        let offsets = offsets
-            .iter()
-            .map(|&(topic, partition, offset, metadata)| OffsetCommit {
-                topic: topic.to_owned(),
-                partition,
-                offset,
-                metadata: metadata.to_owned(),
-            })
-            .collect();
         self.client
-            .commit_group_offsets(group, "", 0, offsets, self.deadline())
+            .commit_group_offsets(group, "", 0, commits(offsets), self.deadline())
             .await
     }
 }

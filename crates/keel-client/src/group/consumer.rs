@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::coordinator::by_topic;
+use super::coordinator::{by_topic, commits};
 use super::membership::{HeartbeatTemplate, Membership, Part, Phase};
 use super::{GroupConfig, RebalanceListener};
 use crate::client::{Client, OffsetSpec};
@@ -673,18 +673,6 @@ impl GroupConsumer {
         }
         Ok(true)
     }
-}
-
-fn commits(offsets: &[(&str, u32, u64, &str)]) -> Vec<OffsetCommit> {
-    offsets
-        .iter()
-        .map(|&(topic, partition, offset, metadata)| OffsetCommit {
-            topic: topic.to_owned(),
-            partition,
-            offset,
-            metadata: metadata.to_owned(),
-        })
-        .collect()
 }
 
 /// Failures that starting a partition waits out: the coordinator or a leader is moving, or the

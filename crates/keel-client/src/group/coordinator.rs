@@ -2,9 +2,8 @@
 //! `FindCoordinator` (any broker answers) and corrected by `NOT_COORDINATOR` hints.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::fmt;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::{
@@ -13,12 +12,12 @@ use keel_proto::v1::{
     TopicPartitions,
 };
 use tokio::time::Instant;
-use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::client::{Client, with_timeout};
 use crate::error::{ClientError, Result};
-use crate::util::{backoff, backoff_cap, lock};
+use crate::retry::Target;
+use crate::util::lock;
 
 /// Where each group's coordinator was last found.
 #[derive(Debug, Default)]
@@ -37,6 +36,44 @@ impl Coordinators {
 
     fn forget(&self, group: &str) {
         lock(&self.addresses).remove(group);
+    }
+}
+
+/// A group's coordinator, as the coordinator cache knows it: a request to it finds the
+/// coordinator when it is not cached, follows `NOT_COORDINATOR` hints and retries until its
+/// deadline (see [`Client::call_routed`]).
+pub(crate) struct GroupCoordinator<'a>(pub &'a str);
+
+impl fmt::Display for GroupCoordinator<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the coordinator of group {:?}", self.0)
+    }
+}
+
+impl Target for GroupCoordinator<'_> {
+    async fn find(&self, client: &Client, deadline: Instant) -> Result<String> {
+        let group = self.0;
+        match client.inner.coordinators.get(group) {
+            Some(a) => Ok(a),
+            None => tokio::time::timeout_at(deadline, client.find_coordinator(group))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::timeout(format!(
+                        "no coordinator found for group {group:?} in time"
+                    )))
+                }),
+        }
+    }
+
+    fn failed(&self, client: &Client, err: &ClientError) {
+        let coordinators = &client.inner.coordinators;
+        match err.coordinator_hint().and_then(|h| h.address.clone()) {
+            Some(addr) => coordinators.set(self.0, addr),
+            // Any retriable failure may mean the coordinator moved (or its broker is down):
+            // ask again rather than hammer the same broker.
+            None if err.is_retriable() => coordinators.forget(self.0),
+            None => {}
+        }
     }
 }
 
@@ -75,66 +112,6 @@ impl Client {
         Ok(resp.coordinator_address)
     }
 
-    /// Runs a request on `group`'s coordinator until `deadline`: finds the coordinator when it
-    /// is not cached, follows `NOT_COORDINATOR` hints, and retries retriable errors with
-    /// backoff. A request that may have had an effect is retried only when `idempotent`.
-    pub(crate) async fn call_coordinator<T, F, Fut>(
-        &self,
-        group: &str,
-        deadline: Instant,
-        idempotent: bool,
-        mut call: F,
-    ) -> Result<T>
-    where
-        F: FnMut(Channel, Duration) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
-    {
-        let cfg = &self.inner.config;
-        let coordinators = &self.inner.coordinators;
-        let mut attempt = 0u32;
-        loop {
-            let addr = match coordinators.get(group) {
-                Some(a) => Ok(a),
-                None => tokio::time::timeout_at(deadline, self.find_coordinator(group))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ClientError::timeout(format!(
-                            "no coordinator found for group {group:?} in time"
-                        )))
-                    }),
-            };
-            let result = match addr {
-                Ok(addr) => self.call_at(&addr, deadline, &mut call).await,
-                Err(e) => Err(e),
-            };
-            let err = match result {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            match err.coordinator_hint().and_then(|h| h.address.clone()) {
-                Some(addr) => coordinators.set(group, addr),
-                // Any retriable failure may mean the coordinator moved (or its broker is down):
-                // ask again rather than hammer the same broker.
-                None if err.is_retriable() => coordinators.forget(group),
-                None => {}
-            }
-            attempt += 1;
-            if !err.is_retriable() || !(idempotent || err.is_definite()) {
-                return Err(err);
-            }
-            let wait = backoff(
-                cfg.retry_backoff,
-                backoff_cap(&err, cfg.retry_backoff_max),
-                attempt,
-            );
-            if Instant::now() + wait >= deadline {
-                return Err(err);
-            }
-            tracing::debug!(group, error = %err, "retrying group request");
-            tokio::time::sleep(wait).await;
-        }
-    }
-
     pub(crate) async fn group_heartbeat(
         &self,
         req: GroupHeartbeatRequest,
@@ -147,7 +124,7 @@ impl Client {
         // behind, which holds its share of the partitions until its session expires (see
         // `GroupConfig::session_timeout`); not retrying would not help, as the heartbeat task
         // joins again anyway.
-        self.call_coordinator(&group, deadline, true, |ch, t| {
+        self.call_routed(&GroupCoordinator(&group), deadline, true, |ch, t| {
             let req = req.clone();
             async move { groups_rpc(ch, max).heartbeat(with_timeout(req, t)).await }
         })
@@ -168,7 +145,7 @@ impl Client {
             temporary,
         };
         match self
-            .call_coordinator(group, deadline, true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
                 let req = req.clone();
                 async move { groups_rpc(ch, max).leave_group(with_timeout(req, t)).await }
             })
@@ -198,7 +175,7 @@ impl Client {
             member_epoch,
             offsets,
         };
-        self.call_coordinator(group, deadline, true, |ch, t| {
+        self.call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
             let req = req.clone();
             async move {
                 groups_rpc(ch, max)
@@ -223,7 +200,7 @@ impl Client {
             partitions,
         };
         let resp = self
-            .call_coordinator(group, deadline, true, |ch, t| {
+            .call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
                 let req = req.clone();
                 async move {
                     groups_rpc(ch, max)
@@ -255,6 +232,19 @@ pub(crate) fn by_topic<'a>(
         }
     }
     out
+}
+
+/// Offsets to commit, from `(topic, partition, next offset to consume, metadata)`.
+pub(crate) fn commits(offsets: &[(&str, u32, u64, &str)]) -> Vec<OffsetCommit> {
+    offsets
+        .iter()
+        .map(|&(topic, partition, offset, metadata)| OffsetCommit {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            metadata: metadata.to_owned(),
+        })
+        .collect()
 }
 
 /// The inverse of [`by_topic`].

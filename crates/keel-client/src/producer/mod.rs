@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::client::{Client, with_timeout};
+use crate::client::{Client, PartitionLeader, with_timeout};
 use crate::error::{ClientError, Result, Tp};
 use crate::partitioner::{StickyPartitioner, partition_for_key};
 use crate::util::{lock, millis_u32, now_ms, read};
@@ -571,20 +571,25 @@ impl Producer {
         let resp = self
             .inner
             .client
-            .call_leader(topic, partition, deadline, false, |ch, t| {
-                let req = ProduceRequest {
-                    correlation_id: 0,
-                    topic: topic.to_owned(),
-                    acks: acks.to_proto() as i32,
-                    timeout_ms,
-                    batches: vec![ProduceBatch {
-                        partition: Some(partition),
-                        data: Some(produce_batch::Data::RecordBatch(encoded_batch.clone())),
-                        producer: None,
-                    }],
-                };
-                async move { produce_rpc(ch, max).produce(with_timeout(req, t)).await }
-            })
+            .call_routed(
+                &PartitionLeader(topic, partition),
+                deadline,
+                false,
+                |ch, t| {
+                    let req = ProduceRequest {
+                        correlation_id: 0,
+                        topic: topic.to_owned(),
+                        acks: acks.to_proto() as i32,
+                        timeout_ms,
+                        batches: vec![ProduceBatch {
+                            partition: Some(partition),
+                            data: Some(produce_batch::Data::RecordBatch(encoded_batch.clone())),
+                            producer: None,
+                        }],
+                    };
+                    async move { produce_rpc(ch, max).produce(with_timeout(req, t)).await }
+                },
+            )
             .await?;
         resp.batches.into_iter().next().ok_or_else(|| {
             ClientError::Protocol(format!(

@@ -1,7 +1,9 @@
 //! A real in-process broker on 127.0.0.1 with ephemeral ports, shared by the client's
 //! integration tests.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use keel_broker::{BrokerConfig, BrokerHandle};
@@ -16,16 +18,27 @@ pub struct TestBroker {
 impl TestBroker {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = BrokerConfig::new(1, dir.path());
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let handle = keel_broker::start(config).await.expect("broker starts");
+        let handle = keel_broker::start(config(dir.path(), any_port()))
+            .await
+            .expect("broker starts");
         let addr = handle.grpc_addr.to_string();
         Self {
             handle: Some(handle),
             addr,
             _dir: dir,
         }
+    }
+
+    /// A broker, a client of it, and a topic of `partitions` partitions with default configs.
+    pub async fn with_topic(topic: &str, partitions: u32) -> (Self, Client) {
+        let broker = Self::start().await;
+        let client = broker.client().await;
+        client
+            .admin()
+            .create_topic(topic, partitions, 0, BTreeMap::new())
+            .await
+            .expect("create");
+        (broker, client)
     }
 
     pub async fn client(&self) -> Client {
@@ -39,6 +52,20 @@ impl TestBroker {
             shutdown(h).await;
         }
     }
+}
+
+/// Broker 1 with its data in `dir`, serving gRPC at `listen` and metrics on any free port of
+/// 127.0.0.1.
+pub fn config(dir: &Path, listen: SocketAddr) -> BrokerConfig {
+    let mut config = BrokerConfig::new(1, dir);
+    config.listen = listen;
+    config.metrics_listen = any_port();
+    config
+}
+
+/// 127.0.0.1 with port 0: the OS picks a free port.
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
 /// Bounded, so a broker that cannot stop fails the test instead of hanging it.

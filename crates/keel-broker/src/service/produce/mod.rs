@@ -167,7 +167,7 @@ impl ProduceService for Produce {
             Self::finish(plan, infos, correlation_id).await
         })
         .await
-        .map_err(|e| BrokerError::Internal(format!("produce task: {e}")))??;
+        .map_err(BrokerError::from)??;
         metrics::histogram!("keel_request_duration_seconds", "rpc" => "Produce")
             .record(started.elapsed().as_secs_f64());
         Ok(Response::new(resp))
@@ -260,10 +260,7 @@ impl ProduceService for Produce {
                     batches: Vec::new(),
                     error: Some(e.to_proto()),
                 };
-                let plan = plan
-                    .await
-                    .map_err(|e| BrokerError::Internal(format!("validating a request: {e}")))
-                    .and_then(|p| p);
+                let plan = plan.await.map_err(BrokerError::from).and_then(|p| p);
                 // Appends happen here, in stream order; waiting for fsync runs concurrently so
                 // later requests share the next group commit.
                 match plan {

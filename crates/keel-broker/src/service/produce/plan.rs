@@ -119,16 +119,10 @@ pub fn plan<L: Lookups>(
     }
     let timeout_ms = match req.timeout_ms {
         0 => DEFAULT_TIMEOUT_MS,
-        t if t > limits.max_produce_timeout_ms => {
-            return Err(BrokerError::invalid(
-                "timeout_ms",
-                format!(
-                    "{t} exceeds the limit of {} ms",
-                    limits.max_produce_timeout_ms
-                ),
-            ));
+        t => {
+            BrokerError::at_most("timeout_ms", t, limits.max_produce_timeout_ms, "ms")?;
+            t
         }
-        t => t,
     };
     if req.batches.is_empty() {
         return Err(BrokerError::invalid(
