@@ -90,7 +90,7 @@ impl From<Refusal> for BrokerError {
 }
 
 /// How `keel_log::LogError::DiskFull` reads. A replica's Raft core that stops on a failed log
-/// write keeps only the text of the error (openraft stores storage errors as strings), so this
+/// write keeps only the text of the error (the Raft core stores storage errors as strings), so this
 /// is how a stopped replica tells a full disk from other failures. A test below ties it to
 /// keel-log's message.
 const LOG_DISK_FULL: &str = "disk full while";
@@ -146,7 +146,7 @@ mod tests {
             path: "/d/log/00000000000000000000.log".into(),
             source: io::Error::from(io::ErrorKind::StorageFull),
         };
-        // What openraft keeps of the log store's error.
+        // What the Raft core keeps of the log store's error.
         let fatal = format!("StorageError: when Write Logs: std::io::error::Error: append: {log}");
         let unavailable = |definite| BrokerError::Unavailable {
             message: "t/0: raft group stopped".into(),
