@@ -38,7 +38,7 @@ pub struct SmState {
 #[derive(Debug, Default)]
 struct SmInner {
     state: SmState,
-    snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+    snapshot: Option<Snapshot<Vec<u8>>>,
 }
 
 /// Applies entries, tracks last applied and membership; snapshots are JSON of [`SmState`].
@@ -63,11 +63,12 @@ impl RaftSnapshotBuilder<KeelRaft> for MemStateMachine {
             last_log_id: g.state.last_applied,
             last_membership: g.state.last_membership.clone(),
         };
-        g.snapshot = Some((meta.clone(), data.clone()));
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             meta,
             snapshot: data,
-        })
+        };
+        g.snapshot = Some(snapshot.clone());
+        Ok(snapshot)
     }
 }
 
@@ -138,16 +139,15 @@ impl RaftStateMachine<KeelRaft> for MemStateMachine {
         g.state = state;
         g.state.last_applied = meta.last_log_id;
         g.state.last_membership = meta.last_membership.clone();
-        g.snapshot = Some((meta.clone(), snapshot));
+        g.snapshot = Some(Snapshot {
+            meta: meta.clone(),
+            snapshot,
+        });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<Vec<u8>>>, io::Error> {
-        let g = self.inner.lock().expect("sm lock");
-        Ok(g.snapshot.clone().map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: data,
-        }))
+        Ok(self.inner.lock().expect("sm lock").snapshot.clone())
     }
 }
 
