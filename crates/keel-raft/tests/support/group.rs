@@ -17,6 +17,7 @@ use super::Router;
 /// How long a test waits for a group to get anywhere.
 pub const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
+/// openraft's errors as the `io::Error` the tests return.
 pub fn err(e: impl ToString) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -43,6 +44,7 @@ pub fn raft_config(
     Arc::new(c.validate().expect("config"))
 }
 
+/// Node `id`, which the test knows is running.
 pub fn node<SM: RaftStateMachine<KeelRaft>>(router: &Router<SM>, id: u64) -> Raft<KeelRaft, SM> {
     router.get(id).expect("node is running")
 }
