@@ -17,6 +17,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
+use crate::log_store::blocking;
 use crate::state_file::StateFile;
 use crate::types::{
     AppendAck, BatchData, KeelRaft, LogId, Snapshot, SnapshotMeta, StoredMembership,
@@ -68,10 +69,20 @@ fn decode_command(batch: &bytes::Bytes) -> io::Result<Vec<u8>> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty metadata command"))
 }
 
+/// What `meta-snapshot` holds: the current snapshot, as openraft hands it over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
     data: Vec<u8>,
+}
+
+impl From<StoredSnapshot> for Snapshot<Vec<u8>> {
+    fn from(s: StoredSnapshot) -> Self {
+        Self {
+            meta: s.meta,
+            snapshot: s.data,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -129,9 +140,7 @@ impl MetaSm {
 
     async fn store(&self, stored: StoredSnapshot) -> io::Result<()> {
         let (file, s, fs) = (Arc::clone(&self.file), stored.clone(), Arc::clone(&self.fs));
-        tokio::task::spawn_blocking(move || file.store(&*fs, &Some(s)))
-            .await
-            .map_err(io::Error::other)??;
+        blocking(move || file.store(&*fs, &Some(s))).await?;
         self.lock().snapshot = Some(stored);
         Ok(())
     }
@@ -154,10 +163,7 @@ impl RaftSnapshotBuilder<KeelRaft> for MetaSm {
             data: self.machine.snapshot()?,
         };
         self.store(stored.clone()).await?;
-        Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: stored.data,
-        })
+        Ok(stored.into())
     }
 }
 
@@ -232,9 +238,6 @@ impl RaftStateMachine<KeelRaft> for MetaSm {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<Vec<u8>>>, io::Error> {
-        Ok(self.lock().snapshot.clone().map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: s.data,
-        }))
+        Ok(self.lock().snapshot.clone().map(Snapshot::from))
     }
 }

@@ -309,6 +309,10 @@ mod tests {
         }
     }
 
+    fn out_of_order(expected: i32, got: i32) -> Verdict {
+        Verdict::OutOfOrder { expected, got }
+    }
+
     #[test]
     fn duplicates_gaps_and_fencing() {
         let mut t = ProducerTable::new();
@@ -316,41 +320,17 @@ mod tests {
         t.record(7, 0, b(0, 10, 100), 1);
         assert_eq!(t.check(7, 0, 0, 9), Verdict::Duplicate(b(0, 10, 100)));
         assert_eq!(t.check(7, 0, 10, 19), Verdict::Append);
-        assert_eq!(
-            t.check(7, 0, 11, 19),
-            Verdict::OutOfOrder {
-                expected: 10,
-                got: 11
-            }
-        );
+        assert_eq!(t.check(7, 0, 11, 19), out_of_order(10, 11));
         // Same first sequence, different length: not the batch that was written.
-        assert_eq!(
-            t.check(7, 0, 0, 4),
-            Verdict::OutOfOrder {
-                expected: 10,
-                got: 0
-            }
-        );
+        assert_eq!(t.check(7, 0, 0, 4), out_of_order(10, 0));
         // A new epoch starts at 0 and fences the old one.
-        assert_eq!(
-            t.check(7, 1, 5, 9),
-            Verdict::OutOfOrder {
-                expected: 0,
-                got: 5
-            }
-        );
+        assert_eq!(t.check(7, 1, 5, 9), out_of_order(0, 5));
         assert_eq!(t.check(7, 1, 0, 0), Verdict::Append);
         t.record(7, 1, b(0, 1, 110), 2);
         assert_eq!(t.check(7, 0, 10, 19), Verdict::Fenced { current: 1 });
         // Unknown producers start at 0.
         assert_eq!(t.check(8, 3, 0, 50), Verdict::Append);
-        assert_eq!(
-            t.check(8, 3, 42, 50),
-            Verdict::OutOfOrder {
-                expected: 0,
-                got: 42
-            }
-        );
+        assert_eq!(t.check(8, 3, 42, 50), out_of_order(0, 42));
     }
 
     #[test]

@@ -15,7 +15,6 @@ use std::sync::{Arc, PoisonError, RwLock};
 use bytes::Bytes;
 
 use openraft::Raft;
-use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use openraft::storage::RaftStateMachine;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -127,7 +126,7 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
     /// The group a request is for, and its decoded payload.
     fn route<T: DeserializeOwned>(
         &self,
-        req: Request<pb::RaftRequest>,
+        req: RaftRequest,
     ) -> Result<(u64, Raft<KeelRaft, SM>, T), Status> {
         let req = req.into_inner();
         if req.target != self.node_id {
@@ -153,10 +152,36 @@ pub struct RaftServer<SM: RaftStateMachine<KeelRaft>> {
     registry: RaftRegistry<SM>,
 }
 
-fn reply<T: Serialize>(group_id: u64, resp: &T) -> Result<Response<pb::RaftReply>, Status> {
+/// What every method of the Raft service takes...
+type RaftRequest = Request<pb::RaftRequest>;
+/// ...and what it answers.
+type RaftReply = Result<Response<pb::RaftReply>, Status>;
+
+fn reply<T: Serialize>(group_id: u64, resp: &T) -> RaftReply {
     let payload =
         wire::encode(resp).map_err(|e| Status::internal(format!("raft group {group_id}: {e}")))?;
     Ok(Response::new(pb::RaftReply { payload }))
+}
+
+impl<SM: RaftStateMachine<KeelRaft>> RaftServer<SM> {
+    /// Serves one Raft message: routes the request to its group, hands the decoded message to
+    /// `call` with that group's Raft core, and encodes the answer. Every message kind but
+    /// `Forward` goes through here, so they all fail alike.
+    async fn serve<T, R, E, Fut>(
+        &self,
+        req: RaftRequest,
+        call: impl FnOnce(Raft<KeelRaft, SM>, T) -> Fut + Send,
+    ) -> RaftReply
+    where
+        T: DeserializeOwned + Send,
+        R: Serialize,
+        E: fmt::Display,
+        Fut: Future<Output = Result<R, E>> + Send,
+    {
+        let (g, raft, msg) = self.registry.route(req)?;
+        let resp = call(raft, msg).await.map_err(|e| stopped(g, e))?;
+        reply(g, &resp)
+    }
 }
 
 /// The group's Raft core has stopped (shut down or fatal error): peers back off.
@@ -170,52 +195,39 @@ where
     SM: RaftStateMachine<KeelRaft> + Send + Sync + 'static,
     SM::SnapshotData: DeserializeOwned,
 {
-    async fn append_entries(
-        &self,
-        req: Request<pb::RaftRequest>,
-    ) -> Result<Response<pb::RaftReply>, Status> {
-        let (g, raft, rpc): (_, _, AppendEntriesRequest<KeelRaft>) = self.registry.route(req)?;
-        let resp = raft.append_entries(rpc).await.map_err(|e| stopped(g, e))?;
-        reply(g, &resp)
+    async fn append_entries(&self, req: RaftRequest) -> RaftReply {
+        self.serve(
+            req,
+            |raft, rpc| async move { raft.append_entries(rpc).await },
+        )
+        .await
     }
 
-    async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        let (g, raft, rpc): (_, _, VoteRequest<KeelRaft>) = self.registry.route(req)?;
-        let resp = raft.vote(rpc).await.map_err(|e| stopped(g, e))?;
-        reply(g, &resp)
+    async fn vote(&self, req: RaftRequest) -> RaftReply {
+        self.serve(req, |raft, rpc| async move { raft.vote(rpc).await })
+            .await
     }
 
-    async fn pre_vote(
-        &self,
-        req: Request<pb::RaftRequest>,
-    ) -> Result<Response<pb::RaftReply>, Status> {
-        let (g, raft, rpc): (_, _, VoteRequest<KeelRaft>) = self.registry.route(req)?;
-        let resp = raft.pre_vote(rpc).await.map_err(|e| stopped(g, e))?;
-        reply(g, &resp)
+    async fn pre_vote(&self, req: RaftRequest) -> RaftReply {
+        self.serve(req, |raft, rpc| async move { raft.pre_vote(rpc).await })
+            .await
     }
 
-    async fn install_snapshot(
-        &self,
-        req: Request<pb::RaftRequest>,
-    ) -> Result<Response<pb::RaftReply>, Status> {
-        let (g, raft, msg): (_, _, InstallSnapshot<SM::SnapshotData>) = self.registry.route(req)?;
-        let resp = raft
-            .install_full_snapshot(
-                msg.vote,
-                Snapshot {
+    async fn install_snapshot(&self, req: RaftRequest) -> RaftReply {
+        self.serve(
+            req,
+            |raft, msg: InstallSnapshot<SM::SnapshotData>| async move {
+                let snapshot = Snapshot {
                     meta: msg.meta,
                     snapshot: msg.data,
-                },
-            )
-            .await
-            .map_err(|e| stopped(g, e))?;
-        reply(g, &resp)
+                };
+                raft.install_full_snapshot(msg.vote, snapshot).await
+            },
+        )
+        .await
     }
 
-    async fn forward(
-        &self,
-        req: Request<pb::RaftRequest>,
-    ) -> Result<Response<pb::RaftReply>, Status> {
+    async fn forward(&self, req: RaftRequest) -> RaftReply {
         let handler = self
             .registry
             .forward
@@ -234,15 +246,10 @@ where
         Ok(Response::new(pb::RaftReply { payload }))
     }
 
-    async fn transfer_leader(
-        &self,
-        req: Request<pb::RaftRequest>,
-    ) -> Result<Response<pb::RaftReply>, Status> {
-        let (g, raft, rpc): (_, _, TransferLeaderRequest<KeelRaft>) = self.registry.route(req)?;
-        let resp = raft
-            .handle_transfer_leader(rpc)
-            .await
-            .map_err(|e| stopped(g, e))?;
-        reply(g, &resp)
+    async fn transfer_leader(&self, req: RaftRequest) -> RaftReply {
+        self.serve(req, |raft, rpc| async move {
+            raft.handle_transfer_leader(rpc).await
+        })
+        .await
     }
 }

@@ -488,11 +488,16 @@ impl PartitionSm {
                 return Ok(cur);
             }
         }
-        let inner = Arc::clone(&self.inner);
-        let r = record.clone();
-        blocking(move || inner.file.store(&**inner.store.fs(), &r)).await?;
+        self.write_file(&record).await?;
         lock(&self.inner.state).set_snapshot(record.clone());
         Ok(record)
+    }
+
+    /// Durably writes `record` to the snapshot file, on the blocking pool. The caller holds
+    /// `persist`, so the file never goes back to an older snapshot.
+    async fn write_file(&self, record: &SnapshotRecord) -> io::Result<()> {
+        let (inner, r) = (Arc::clone(&self.inner), record.clone());
+        blocking(move || inner.file.store(&**inner.store.fs(), &r)).await
     }
 
     /// What the next snapshot is: `Ok(Err(current))` to return the current one as it is.
@@ -606,9 +611,7 @@ impl RaftStateMachine<KeelRaft> for PartitionSm {
         };
         {
             let _g = self.inner.persist.lock().await;
-            let inner = Arc::clone(&self.inner);
-            let r = record.clone();
-            blocking(move || inner.file.store(&**inner.store.fs(), &r)).await?;
+            self.write_file(&record).await?;
             let mut st = lock(&self.inner.state);
             st.last_applied = meta.last_log_id;
             st.memberships = vec![meta.last_membership.clone()];

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use keel_raft::wire::pb::RaftRequest;
@@ -18,7 +17,8 @@ use keel_raft::{KeelLogStore, KeelRaft, RaftRegistry, RaftTransport, TransportCo
 use openraft::error::RPCError;
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::VoteRequest;
-use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, Config, Raft};
+use support::group::{WAIT, err, raft_config, temp_dirs, wait_applied, wait_ready_leader};
 use support::{MemStateMachine, Row, batch, layout, small_config};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -29,22 +29,6 @@ type Node = Raft<KeelRaft, MemStateMachine>;
 
 const GROUPS: [u64; 2] = [1, 2];
 const BROKERS: [u64; 3] = [1, 2, 3];
-const WAIT: Option<Duration> = Some(Duration::from_secs(10));
-
-fn err(e: impl ToString) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
-fn config() -> Arc<Config> {
-    let c = Config {
-        heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
-        snapshot_policy: SnapshotPolicy::Never,
-        ..Config::default()
-    };
-    Arc::new(c.validate().expect("config"))
-}
 
 /// One broker: a Raft server on its own port and one replica of each group.
 struct Broker {
@@ -70,15 +54,12 @@ impl Broker {
         let mut stores = BTreeMap::new();
         for g in GROUPS {
             let store = KeelLogStore::open(dir.join(format!("group-{g}")), small_config())?;
-            let raft = Raft::new(
-                id,
-                config(),
-                transport.group::<Vec<u8>>(g),
-                store.clone(),
-                MemStateMachine::default(),
-            )
-            .await
-            .map_err(err)?;
+            let config = raft_config(100, 500..1000, Config::default());
+            let network = transport.group::<Vec<u8>>(g);
+            let sm = MemStateMachine::default();
+            let raft = Raft::new(id, config, network, store.clone(), sm)
+                .await
+                .map_err(err)?;
             registry.register(g, raft);
             stores.insert(g, store);
         }
@@ -150,18 +131,7 @@ async fn wait_leader(brokers: &[&Broker], g: u64, not: Option<u64>) -> io::Resul
         .iter()
         .find(|b| b.id == leader)
         .expect("leader broker");
-    b.raft(g)
-        .wait(WAIT)
-        .metrics(
-            |m| {
-                m.state == ServerState::Leader
-                    && m.last_applied
-                        .is_some_and(|a| m.vote.leader_id().term == a.committed_leader_id().term)
-            },
-            "leader has committed its blank entry",
-        )
-        .await
-        .map_err(err)?;
+    wait_ready_leader(&b.raft(g)).await?;
     Ok(leader)
 }
 
@@ -214,11 +184,7 @@ async fn check_group(
     acked: &[Acked],
 ) -> io::Result<Vec<Row>> {
     for b in brokers {
-        b.raft(g)
-            .wait(WAIT)
-            .applied_index_at_least(Some(index), "replica caught up")
-            .await
-            .map_err(err)?;
+        wait_applied(&b.raft(g), index).await?;
     }
     let reference = layout(&brokers[0].stores[&g]);
     for b in brokers {
@@ -248,10 +214,7 @@ fn last_index(acked: &[Acked]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_brokers_two_groups_over_grpc_survive_losing_a_leader() -> io::Result<()> {
-    let dirs: Vec<tempfile::TempDir> = BROKERS
-        .iter()
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let dirs = temp_dirs(BROKERS.len())?;
     let mut listeners = Vec::new();
     let mut members = BTreeMap::new();
     for id in BROKERS {
@@ -261,8 +224,8 @@ async fn three_brokers_two_groups_over_grpc_survive_losing_a_leader() -> io::Res
         listeners.push(l);
     }
     let mut brokers = Vec::new();
-    for (id, l) in BROKERS.into_iter().zip(listeners) {
-        brokers.push(Broker::start(id, l, dirs[id as usize - 1].path()).await?);
+    for ((id, l), dir) in BROKERS.into_iter().zip(listeners).zip(&dirs) {
+        brokers.push(Broker::start(id, l, dir.path()).await?);
     }
     // Group 1 is initialised from broker 1, group 2 from broker 2 (same member set).
     for g in GROUPS {
@@ -340,33 +303,26 @@ async fn transport_rejects_bad_routes_and_reports_unreachable_peers() -> io::Res
         .map_err(err)?;
     let vote = VoteRequest::<KeelRaft>::new(keel_raft::Vote::new(1, 2), None);
     let payload = keel_raft::wire::encode(&vote)?;
-    let status = client
-        .vote(RaftRequest {
-            group_id: 99,
-            target: 1,
+    let garbage = bytes::Bytes::from_static(b"\xff not cbor");
+    for (what, group_id, target, payload, code) in [
+        ("unknown group", 99, 1, &payload, tonic::Code::NotFound),
+        (
+            "wrong target",
+            1,
+            7,
+            &payload,
+            tonic::Code::FailedPrecondition,
+        ),
+        ("garbage", 1, 1, &garbage, tonic::Code::InvalidArgument),
+    ] {
+        let request = RaftRequest {
+            group_id,
+            target,
             payload: payload.clone(),
-        })
-        .await
-        .expect_err("unknown group");
-    assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
-    let status = client
-        .vote(RaftRequest {
-            group_id: 1,
-            target: 7,
-            payload: payload.clone(),
-        })
-        .await
-        .expect_err("wrong target");
-    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}");
-    let status = client
-        .vote(RaftRequest {
-            group_id: 1,
-            target: 1,
-            payload: bytes::Bytes::from_static(b"\xff not cbor"),
-        })
-        .await
-        .expect_err("garbage");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        };
+        let status = client.vote(request).await.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status}");
+    }
     let reply = client
         .vote(RaftRequest {
             group_id: 1,

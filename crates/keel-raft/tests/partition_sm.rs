@@ -10,13 +10,10 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use keel_batch::{BatchIter, DEFAULT_MAX_DECOMPRESSED, decode_records};
-use keel_log::fs::Fs;
-use keel_log::sim::CrashFs;
-use keel_log::{LogConfig, SystemClock};
+use keel_log::LogConfig;
 use keel_raft::types::{Membership, Payload};
 use keel_raft::{
     AppendAck, Entry, KeelLogStore, KeelRaft, LogId, PartitionSm, SnapshotState, log_id,
@@ -27,30 +24,24 @@ use openraft::storage::{
 };
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::type_config::TypeConfigExt;
-use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy, StorageError};
+use openraft::{BasicNode, Config, Raft, StorageError};
+use support::disk::CrashDisk;
+use support::group::{
+    WAIT, err, init, node, raft_config, stop, temp_dirs, wait_applied, wait_ready_leader,
+};
 use support::{Row, batch, layout, small_config};
 use tokio::sync::watch;
 
 type Node = Raft<KeelRaft, PartitionSm>;
 type Router = support::Router<PartitionSm>;
 
-const WAIT: Option<Duration> = Some(Duration::from_secs(10));
-
-fn err(e: impl ToString) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
+/// The broker drives snapshots (at the retention point) and purges.
 fn config() -> Arc<Config> {
-    let c = Config {
-        heartbeat_interval: 50,
-        election_timeout_min: 200,
-        election_timeout_max: 400,
-        // The broker drives snapshots (at the retention point) and purges.
-        snapshot_policy: SnapshotPolicy::Never,
+    let purge_all = Config {
         max_in_snapshot_log_to_keep: 0,
         ..Config::default()
     };
-    Arc::new(c.validate().expect("config"))
+    raft_config(50, 200..400, purge_all)
 }
 
 /// One replica: its store, state machine and high watermark watch.
@@ -66,14 +57,19 @@ impl Replica {
     }
 }
 
+/// The state machine over `store`, and a receiver of its high watermark.
+fn open_sm(store: &KeelLogStore) -> io::Result<(PartitionSm, watch::Receiver<u64>)> {
+    let (tx, hwm) = watch::channel(0);
+    Ok((PartitionSm::open(store, tx)?, hwm))
+}
+
 /// Opens store and state machine in `dir` (as the broker does, on the blocking pool).
 async fn open(dir: &Path, sync_appends: bool) -> io::Result<Replica> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let store = KeelLogStore::open(&dir, small_config())?;
         store.set_sync_appends(sync_appends);
-        let (tx, hwm) = watch::channel(0);
-        let sm = PartitionSm::open(&store, tx)?;
+        let (sm, hwm) = open_sm(&store)?;
         Ok(Replica { store, sm, hwm })
     })
     .await
@@ -88,51 +84,6 @@ async fn start(router: &Router, id: u64, dir: &Path, sync_appends: bool) -> io::
         .map_err(err)?;
     router.insert(id, raft);
     Ok(r)
-}
-
-/// Shuts a node down and takes it out of the network.
-async fn stop(router: &Router, id: u64) -> io::Result<()> {
-    if let Some(n) = router.remove(id) {
-        n.shutdown().await.map_err(err)?;
-    }
-    Ok(())
-}
-
-fn node(router: &Router, id: u64) -> Node {
-    router.get(id).expect("node is running")
-}
-
-/// Initialises the group from `members[0]` and waits until a leader committed its blank entry.
-async fn init(router: &Router, members: &[u64]) -> io::Result<u64> {
-    node(router, members[0])
-        .initialize(BTreeMap::from_iter(
-            members.iter().map(|&i| (i, BasicNode::default())),
-        ))
-        .await
-        .map_err(err)?;
-    let m = node(router, members[0])
-        .wait(WAIT)
-        .metrics(|m| m.current_leader.is_some(), "a leader")
-        .await
-        .map_err(err)?;
-    let leader = m.current_leader.expect("leader");
-    wait_ready_leader(&node(router, leader)).await?;
-    Ok(leader)
-}
-
-async fn wait_ready_leader(n: &Node) -> io::Result<()> {
-    n.wait(WAIT)
-        .metrics(
-            |m| {
-                m.state == ServerState::Leader
-                    && m.last_applied
-                        .is_some_and(|a| m.vote.leader_id().term == a.committed_leader_id().term)
-            },
-            "leader committed its blank entry",
-        )
-        .await
-        .map_err(err)?;
-    Ok(())
 }
 
 /// Writes `count` batches of `records` records one after the other; each acknowledgement must
@@ -163,14 +114,6 @@ async fn write(
 /// The Raft index of the last acknowledged write.
 fn last_index(acks: &[(LogId, AppendAck)]) -> u64 {
     acks.last().map_or(0, |a| a.0.index)
-}
-
-async fn wait_applied(n: &Node, index: u64) -> io::Result<()> {
-    n.wait(WAIT)
-        .applied_index_at_least(Some(index), "applied")
-        .await
-        .map_err(err)?;
-    Ok(())
 }
 
 /// Sets the snapshot point for a retention keeping `offset` onwards, builds the snapshot there
@@ -300,16 +243,11 @@ async fn single_node_high_watermark_follows_writes_and_survives_restarts() -> io
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_and_empty_followers_catch_up_through_a_retention_snapshot() -> io::Result<()> {
-    let dirs: Vec<tempfile::TempDir> = (0..4)
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let dirs = temp_dirs(4)?;
     let router = Router::default();
     let mut replicas = BTreeMap::new();
-    for id in 1..=3u64 {
-        replicas.insert(
-            id,
-            start(&router, id, dirs[id as usize - 1].path(), true).await?,
-        );
+    for (id, dir) in (1..=3u64).zip(&dirs) {
+        replicas.insert(id, start(&router, id, dir.path(), true).await?);
     }
     let leader = init(&router, &[1, 2, 3]).await?;
     let ln = node(&router, leader);
@@ -474,11 +412,6 @@ async fn apply_from_log(
     sm.apply(futures::stream::iter(items)).await
 }
 
-fn open_crash(fs: &CrashFs, dir: &Path) -> io::Result<KeelLogStore> {
-    let f: Arc<dyn Fs> = Arc::new(fs.clone());
-    KeelLogStore::open_with(dir, small_config(), f, Arc::new(SystemClock))
-}
-
 #[tokio::test]
 async fn snapshot_point_for_offset_stops_before_the_offset() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -541,8 +474,7 @@ async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io
     use keel_raft::producers::{SeqBatch, Verdict};
     let dir = tempfile::tempdir()?;
     let mut store = KeelLogStore::open(dir.path(), small_config())?;
-    let (tx, _) = watch::channel(0);
-    let mut sm = PartitionSm::open(&store, tx)?;
+    let (mut sm, _) = open_sm(&store)?;
     // Producer 7 writes batches of 2 records with sequences 0, 2, 4, ...; producer 8 one batch.
     let mut entries = vec![membership(1, 0, &[1])];
     entries.extend((1..9).map(|i| idempotent(1, i, 7, (i as i32 - 1) * 2, 2)));
@@ -572,8 +504,7 @@ async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io
 
     // A restart replays the log into the same state.
     drop(sm);
-    let (tx, _) = watch::channel(0);
-    let mut again = PartitionSm::open(&store, tx)?;
+    let (mut again, _) = open_sm(&store)?;
     assert_eq!(again.producer_count(), 0);
     apply_from_log(&mut store, &mut again, 0, 11).await?;
     assert_eq!(
@@ -592,8 +523,7 @@ async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io
     let snap = again.get_snapshot_builder().await.build_snapshot().await?;
     let dir2 = tempfile::tempdir()?;
     let mut store2 = KeelLogStore::open(dir2.path(), small_config())?;
-    let (tx2, _) = watch::channel(0);
-    let mut follower = PartitionSm::open(&store2, tx2)?;
+    let (mut follower, _) = open_sm(&store2)?;
     follower
         .install_snapshot(&snap.meta, snap.snapshot.clone())
         .await?;
@@ -619,11 +549,9 @@ async fn producer_state_is_rebuilt_from_the_log_and_carried_by_snapshots() -> io
 
 #[tokio::test]
 async fn snapshot_is_persisted_restored_and_installed() -> io::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let fs = CrashFs::new();
-    let mut store = open_crash(&fs, dir.path())?;
-    let (tx, hwm) = watch::channel(0);
-    let mut sm = PartitionSm::open(&store, tx)?;
+    let disk = CrashDisk::new()?;
+    let mut store = disk.open()?;
+    let (mut sm, hwm) = open_sm(&store)?;
     let mut entries = vec![membership(1, 0, &[1])];
     entries.extend((1..10).map(|i| normal(1, i, 2)));
     entries.push(membership(2, 10, &[1, 2]));
@@ -667,11 +595,10 @@ async fn snapshot_is_persisted_restored_and_installed() -> io::Result<()> {
     store.purge(log_id(1, 8)).await?;
     // Power loss: the snapshot file was fsynced.
     drop((store, sm));
-    fs.crash()?;
+    disk.fs.crash()?;
 
-    let store = open_crash(&fs, dir.path())?;
-    let (tx, hwm) = watch::channel(0);
-    let mut sm = PartitionSm::open(&store, tx)?;
+    let store = disk.open()?;
+    let (mut sm, hwm) = open_sm(&store)?;
     assert_eq!(*hwm.borrow(), 16);
     let (applied, m) = sm.applied_state().await?;
     assert_eq!(applied, Some(log_id(1, 8)));
@@ -683,8 +610,7 @@ async fn snapshot_is_persisted_restored_and_installed() -> io::Result<()> {
     // Installed on an empty replica: the log restarts at the snapshot's offsets.
     let dir2 = tempfile::tempdir()?;
     let mut store2 = KeelLogStore::open(dir2.path(), small_config())?;
-    let (tx2, hwm2) = watch::channel(0);
-    let mut sm2 = PartitionSm::open(&store2, tx2)?;
+    let (mut sm2, hwm2) = open_sm(&store2)?;
     sm2.install_snapshot(&cur.meta, cur.snapshot.clone())
         .await?;
     assert_eq!(*hwm2.borrow(), 16);
@@ -696,8 +622,7 @@ async fn snapshot_is_persisted_restored_and_installed() -> io::Result<()> {
     assert_eq!(store2.log().entry_header(9).map_err(err)?.base_offset, 16);
     drop((store2, sm2));
     let store2 = KeelLogStore::open(dir2.path(), small_config())?;
-    let (tx2, hwm2) = watch::channel(0);
-    let mut sm2 = PartitionSm::open(&store2, tx2)?;
+    let (mut sm2, hwm2) = open_sm(&store2)?;
     assert_eq!(sm2.applied_state().await?.0, Some(log_id(1, 8)));
     assert_eq!(*hwm2.borrow(), 16);
 
@@ -709,25 +634,24 @@ async fn snapshot_is_persisted_restored_and_installed() -> io::Result<()> {
 
 #[tokio::test]
 async fn appends_skip_the_fsync_only_when_asked_and_restart_after_power_loss() -> io::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let fs = CrashFs::new();
+    let disk = CrashDisk::new()?;
     {
-        let mut store = open_crash(&fs, dir.path())?;
+        let mut store = disk.open()?;
         assert!(store.sync_appends());
         append(&mut store, vec![membership(1, 0, &[1]), normal(1, 1, 2)]).await?;
-        let synced = fs.sync_count();
+        let synced = disk.fs.sync_count();
         append(&mut store, vec![normal(1, 2, 2)]).await?;
-        assert!(fs.sync_count() > synced, "a synchronous append fsyncs");
+        assert!(disk.fs.sync_count() > synced, "a synchronous append fsyncs");
         store.set_sync_appends(false);
-        let synced = fs.sync_count();
+        let synced = disk.fs.sync_count();
         append(&mut store, (3..8).map(|i| normal(1, i, 2)).collect()).await?;
-        assert_eq!(fs.sync_count(), synced, "no fsync");
+        assert_eq!(disk.fs.sync_count(), synced, "no fsync");
         assert_eq!(store.log().log_end_offset(), 14);
         store.save_committed(Some(log_id(1, 7))).await?;
     }
-    fs.crash()?;
+    disk.fs.crash()?;
     // The unsynced entries are gone; the committed id, fsynced, is clamped to what is left.
-    let mut store = open_crash(&fs, dir.path())?;
+    let mut store = disk.open()?;
     assert_eq!(store.log().next_raft_index(), 3);
     assert_eq!(store.read_committed().await?, Some(log_id(1, 2)));
     Ok(())

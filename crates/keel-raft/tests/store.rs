@@ -5,17 +5,15 @@ mod support;
 use std::collections::BTreeSet;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 
 use keel_batch::{BatchBuilder, BatchHeader, Compression, RecordRef};
-use keel_log::fs::Fs;
-use keel_log::sim::CrashFs;
-use keel_log::{LogConfig, SystemClock};
+use keel_log::LogConfig;
 use keel_raft::state_file::StateFile;
 use keel_raft::types::{Membership, Payload};
 use keel_raft::{BatchData, Entry, KeelLogStore, KeelRaft, LogId, Vote, log_id};
 use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
 use openraft::type_config::TypeConfigExt;
+use support::disk::CrashDisk;
 use support::small_config;
 
 fn data_batch(tag: &str, records: usize) -> BatchData {
@@ -69,6 +67,30 @@ async fn all_entries(store: &mut KeelLogStore) -> io::Result<Vec<Entry>> {
 
 fn open(dir: &Path) -> io::Result<KeelLogStore> {
     KeelLogStore::open(dir, small_config())
+}
+
+/// The header of a normal entry's batch.
+fn header(e: &Entry) -> io::Result<BatchHeader> {
+    let Payload::Normal(b) = &e.payload else {
+        panic!("not a normal entry: {:?}", e.payload)
+    };
+    BatchHeader::parse(b.bytes()).map_err(io::Error::other)
+}
+
+/// A store in `dir` holding two entries, purged to `point` past its end, as after installing a
+/// snapshot ahead of the log; `snapshot_offset` is the offset that snapshot continues at.
+async fn purged_past_the_end(
+    dir: &Path,
+    point: LogId,
+    snapshot_offset: Option<u64>,
+) -> io::Result<KeelLogStore> {
+    let mut store = open(dir)?;
+    append(&mut store, vec![blank(1, 0), normal(1, 1, "x", 2)]).await?;
+    if let Some(offset) = snapshot_offset {
+        store.set_snapshot_offset(point, offset);
+    }
+    store.purge(point).await?;
+    Ok(store)
 }
 
 fn vote(term: u64, node: u64, committed: bool) -> Vote {
@@ -163,10 +185,7 @@ async fn restart_preserves_vote_committed_entries_and_purge_point() -> io::Resul
     assert_eq!(got.len(), 39);
     assert_eq!(got[0].log_id, log_id(1, 21));
     // The purge removed whole segments below the first kept entry's offset.
-    let first_kept = match &got[0].payload {
-        Payload::Normal(b) => BatchHeader::parse(b.bytes()).map_err(io::Error::other)?,
-        other => panic!("unexpected payload {other:?}"),
-    };
+    let first_kept = header(&got[0])?;
     assert_eq!(store.log().log_start_offset(), first_kept.base_offset);
     assert!(store.log().first_raft_index() <= 21);
     // The same bytes come back (modulo stamping).
@@ -191,10 +210,7 @@ async fn restart_preserves_vote_committed_entries_and_purge_point() -> io::Resul
 async fn purge_past_the_end_survives_restart_and_appends_continue() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
     {
-        let mut store = open(dir.path())?;
-        append(&mut store, vec![blank(1, 0), normal(1, 1, "x", 2)]).await?;
-        // As after installing a snapshot that is ahead of the log.
-        store.purge(log_id(4, 100)).await?;
+        let mut store = purged_past_the_end(dir.path(), log_id(4, 100), None).await?;
         let st = store.get_log_state().await?;
         assert_eq!(st.last_purged_log_id, Some(log_id(4, 100)));
         assert_eq!(st.last_log_id, Some(log_id(4, 100)));
@@ -208,10 +224,7 @@ async fn purge_past_the_end_survives_restart_and_appends_continue() -> io::Resul
     append(&mut store, vec![normal(5, 101, "y", 3)]).await?;
     let got = all_entries(&mut store).await?;
     assert_eq!(got.len(), 1);
-    let Payload::Normal(b) = &got[0].payload else {
-        panic!("not normal")
-    };
-    let h = BatchHeader::parse(b.bytes()).map_err(io::Error::other)?;
+    let h = header(&got[0])?;
     assert_eq!((h.base_offset, h.raft_index, h.raft_term), (2, 101, 5));
     Ok(())
 }
@@ -303,11 +316,7 @@ async fn truncate_then_append_a_new_term() -> io::Result<()> {
     let got = all_entries(&mut store).await?;
     assert_eq!(got.len(), 13);
     assert_eq!(got[12].log_id, log_id(3, 12));
-    let Payload::Normal(b) = &got[12].payload else {
-        panic!("not normal")
-    };
-    let h = BatchHeader::parse(b.bytes()).map_err(io::Error::other)?;
-    assert_eq!(h.base_offset, 30);
+    assert_eq!(header(&got[12])?.base_offset, 30);
 
     // A hole is refused.
     assert!(
@@ -342,14 +351,9 @@ async fn limited_reads_respect_the_byte_budget() -> io::Result<()> {
 /// Acknowledged appends, the vote and the purge point survive a power loss.
 #[tokio::test]
 async fn acknowledged_state_survives_power_loss() -> io::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let fs = CrashFs::new();
-    let open_crash = |fs: &CrashFs| {
-        let f: Arc<dyn Fs> = Arc::new(fs.clone());
-        KeelLogStore::open_with(dir.path(), small_config(), f, Arc::new(SystemClock))
-    };
+    let disk = CrashDisk::new()?;
     {
-        let mut store = open_crash(&fs)?;
+        let mut store = disk.open()?;
         store.save_vote(&vote(2, 1, true)).await?;
         let mut entries = vec![membership(2, 0, &[1])];
         for i in 1..30 {
@@ -358,8 +362,8 @@ async fn acknowledged_state_survives_power_loss() -> io::Result<()> {
         append(&mut store, entries).await?;
         store.purge(log_id(2, 5)).await?;
     }
-    fs.crash()?;
-    let mut store = open_crash(&fs)?;
+    disk.fs.crash()?;
+    let mut store = disk.open()?;
     let mut reader = store.get_log_reader().await;
     assert_eq!(reader.read_vote().await?, Some(vote(2, 1, true)));
     let st = store.get_log_state().await?;
@@ -389,11 +393,8 @@ async fn log_config_is_taken_over_by_the_store() -> io::Result<()> {
 async fn purge_after_snapshot_install_continues_at_the_snapshot_offset() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
     {
-        let mut store = open(dir.path())?;
-        append(&mut store, vec![blank(1, 0), normal(1, 1, "x", 2)]).await?;
         // The state machine installs a snapshot of index 50 at offset 1234, then openraft purges.
-        store.set_snapshot_offset(log_id(3, 50), 1234);
-        store.purge(log_id(3, 50)).await?;
+        let store = purged_past_the_end(dir.path(), log_id(3, 50), Some(1234)).await?;
         assert_eq!(store.log().log_end_offset(), 1234);
         assert_eq!(store.log().log_start_offset(), 1234);
         // A crash now is fine: the purge record carries the offset.
@@ -402,10 +403,7 @@ async fn purge_after_snapshot_install_continues_at_the_snapshot_offset() -> io::
     assert_eq!(store.log().log_end_offset(), 1234);
     append(&mut store, vec![normal(3, 51, "y", 4)]).await?;
     let got = all_entries(&mut store).await?;
-    let Payload::Normal(b) = &got[0].payload else {
-        panic!("not normal")
-    };
-    let h = BatchHeader::parse(b.bytes()).map_err(io::Error::other)?;
+    let h = header(&got[0])?;
     assert_eq!((h.base_offset, h.raft_index), (1234, 51));
     Ok(())
 }

@@ -1,6 +1,10 @@
-//! Test support: a minimal in-memory state machine, a store builder for openraft's suite, and
-//! an in-process network between Raft nodes.
+//! Test support: a minimal in-memory state machine, a store builder for openraft's suite, an
+//! in-process network between Raft nodes; helpers that drive a group's nodes ([`group`]) and
+//! a store on a disk that can lose power ([`disk`]).
 #![allow(dead_code)]
+
+pub mod disk;
+pub mod group;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,7 +42,7 @@ pub struct SmState {
 #[derive(Debug, Default)]
 struct SmInner {
     state: SmState,
-    snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+    snapshot: Option<Snapshot<Vec<u8>>>,
 }
 
 /// Applies entries, tracks last applied and membership; snapshots are JSON of [`SmState`].
@@ -63,11 +67,12 @@ impl RaftSnapshotBuilder<KeelRaft> for MemStateMachine {
             last_log_id: g.state.last_applied,
             last_membership: g.state.last_membership.clone(),
         };
-        g.snapshot = Some((meta.clone(), data.clone()));
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             meta,
             snapshot: data,
-        })
+        };
+        g.snapshot = Some(snapshot.clone());
+        Ok(snapshot)
     }
 }
 
@@ -138,16 +143,15 @@ impl RaftStateMachine<KeelRaft> for MemStateMachine {
         g.state = state;
         g.state.last_applied = meta.last_log_id;
         g.state.last_membership = meta.last_membership.clone();
-        g.snapshot = Some((meta.clone(), snapshot));
+        g.snapshot = Some(Snapshot {
+            meta: meta.clone(),
+            snapshot,
+        });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<Vec<u8>>>, io::Error> {
-        let g = self.inner.lock().expect("sm lock");
-        Ok(g.snapshot.clone().map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: data,
-        }))
+        Ok(self.inner.lock().expect("sm lock").snapshot.clone())
     }
 }
 
@@ -267,6 +271,15 @@ fn unreachable(msg: impl ToString) -> Unreachable<KeelRaft> {
     Unreachable::from_string(msg)
 }
 
+impl<SM: RaftStateMachine<KeelRaft>> RouterClient<SM> {
+    /// The target node, if it is up.
+    fn target(&self) -> Result<Raft<KeelRaft, SM>, Unreachable<KeelRaft>> {
+        self.router
+            .get(self.target)
+            .ok_or_else(|| unreachable("down"))
+    }
+}
+
 impl<SM> RaftNetworkFactory<KeelRaft> for Router<SM>
 where
     SM: RaftStateMachine<KeelRaft, SnapshotData = Vec<u8>>,
@@ -292,10 +305,7 @@ where
         rpc: AppendEntriesRequest<KeelRaft>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let n = self
-            .router
-            .get(self.target)
-            .ok_or_else(|| unreachable("down"))?;
+        let n = self.target().map_err(RPCError::Unreachable)?;
         n.append_entries(rpc)
             .await
             .map_err(|e| RPCError::Unreachable(unreachable(e)))
@@ -306,10 +316,7 @@ where
         rpc: VoteRequest<KeelRaft>,
         _option: RPCOption,
     ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let n = self
-            .router
-            .get(self.target)
-            .ok_or_else(|| unreachable("down"))?;
+        let n = self.target().map_err(RPCError::Unreachable)?;
         n.vote(rpc)
             .await
             .map_err(|e| RPCError::Unreachable(unreachable(e)))
@@ -322,10 +329,7 @@ where
         _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<KeelRaft>, StreamingError<KeelRaft>> {
-        let n = self
-            .router
-            .get(self.target)
-            .ok_or_else(|| StreamingError::Unreachable(unreachable("down")))?;
+        let n = self.target().map_err(StreamingError::Unreachable)?;
         n.install_full_snapshot(vote, snapshot)
             .await
             .map_err(|e| StreamingError::Unreachable(unreachable(e)))
