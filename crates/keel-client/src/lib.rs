@@ -121,6 +121,7 @@ mod metadata;
 mod partitioner;
 mod producer;
 mod retry;
+mod rpc;
 mod util;
 
 pub use admin::Admin;

@@ -18,12 +18,14 @@ use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use keel_proto::v1::consume_service_client::ConsumeServiceClient;
 use keel_proto::v1::{FetchPartition, FetchRequest, FetchResponse, RecordFormat};
 use tokio::time::Instant;
 
-use crate::client::{Client, OffsetSpec, consume_rpc, unary, with_timeout};
+use crate::client::{Client, OffsetSpec, unary, with_timeout};
 use crate::error::{ClientError, Result, Tp};
 use crate::metadata::Route;
+use crate::rpc::Stub;
 use crate::util::{backoff, millis_u32, read};
 
 pub use stream::RecordStream;
@@ -509,7 +511,7 @@ impl Consumer {
             let timeout = max_wait + self.config.request_timeout;
             self.fetches.push(
                 async move {
-                    let mut rpc = consume_rpc(channel, max_message);
+                    let mut rpc = ConsumeServiceClient::open(channel, max_message);
                     let call = rpc.fetch(with_timeout(req, timeout));
                     let result = unary(&addr, timeout, call).await;
                     FetchOutcome { requested, result }

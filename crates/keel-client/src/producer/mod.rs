@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::client::{Client, PartitionLeader, with_timeout};
+use crate::client::{Client, PartitionLeader};
 use crate::error::{ClientError, Result, Tp};
 use crate::partitioner::{StickyPartitioner, partition_for_key};
 use crate::util::{lock, millis_u32, now_ms, read};
@@ -565,31 +565,26 @@ impl Producer {
         acks: Acks,
     ) -> Result<BatchAck> {
         let config = &self.inner.config;
-        let max = self.inner.client.inner.config.max_message_size;
         let timeout_ms = millis_u32(config.request_timeout);
         let deadline = Instant::now() + config.delivery_timeout;
-        let resp = self
-            .inner
-            .client
-            .call_routed(
-                &PartitionLeader(topic, partition),
-                deadline,
-                false,
-                |ch, t| {
-                    let req = ProduceRequest {
-                        correlation_id: 0,
-                        topic: topic.to_owned(),
-                        acks: acks.to_proto() as i32,
-                        timeout_ms,
-                        batches: vec![ProduceBatch {
-                            partition: Some(partition),
-                            data: Some(produce_batch::Data::RecordBatch(encoded_batch.clone())),
-                            producer: None,
-                        }],
-                    };
-                    async move { produce_rpc(ch, max).produce(with_timeout(req, t)).await }
-                },
-            )
+        let req = ProduceRequest {
+            correlation_id: 0,
+            topic: topic.to_owned(),
+            acks: acks.to_proto() as i32,
+            timeout_ms,
+            batches: vec![ProduceBatch {
+                partition: Some(partition),
+                data: Some(produce_batch::Data::RecordBatch(encoded_batch)),
+                producer: None,
+            }],
+        };
+        let client = &self.inner.client;
+        let attempt = client.attempt(req, |mut s: ProduceServiceClient<Channel>, r| async move {
+            s.produce(r).await
+        });
+        let leader = PartitionLeader(topic, partition);
+        let resp = client
+            .call_routed(&leader, deadline, false, attempt)
             .await?;
         resp.batches.into_iter().next().ok_or_else(|| {
             ClientError::Protocol(format!(
@@ -598,12 +593,6 @@ impl Producer {
             ))
         })
     }
-}
-
-pub(crate) fn produce_rpc(ch: Channel, max: usize) -> ProduceServiceClient<Channel> {
-    ProduceServiceClient::new(ch)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
 }
 
 #[cfg(test)]
