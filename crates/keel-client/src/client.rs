@@ -59,22 +59,11 @@ impl Default for ClientConfig {
     }
 }
 
-impl ClientConfig {
-    pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.connect_timeout = d;
-        self
-    }
-
-    pub fn request_timeout(mut self, d: Duration) -> Self {
-        self.request_timeout = d;
-        self
-    }
-
-    pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.max_message_size = bytes;
-        self
-    }
-}
+setters!(ClientConfig {
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    max_message_size: usize,
+});
 
 /// Which offset [`Client::list_offsets`] looks up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -112,6 +112,10 @@
 //! rejections, and [`ClientError::is_definite`] whether the failed request certainly had no
 //! effect.
 
+// First, so that the config modules can use its macro.
+#[macro_use]
+mod setters;
+
 mod admin;
 mod client;
 mod consumer;

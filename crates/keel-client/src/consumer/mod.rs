@@ -89,32 +89,13 @@ impl Default for ConsumerConfig {
     }
 }
 
-impl ConsumerConfig {
-    pub fn auto_offset_reset(mut self, r: OffsetReset) -> Self {
-        self.auto_offset_reset = r;
-        self
-    }
-
-    pub fn max_wait(mut self, d: Duration) -> Self {
-        self.max_wait = d;
-        self
-    }
-
-    pub fn min_bytes(mut self, n: u32) -> Self {
-        self.min_bytes = n;
-        self
-    }
-
-    pub fn max_bytes(mut self, n: u32) -> Self {
-        self.max_bytes = n;
-        self
-    }
-
-    pub fn max_partition_bytes(mut self, n: u32) -> Self {
-        self.max_partition_bytes = n;
-        self
-    }
-}
+setters!(ConsumerConfig {
+    auto_offset_reset: OffsetReset,
+    max_wait: Duration,
+    min_bytes: u32,
+    max_bytes: u32,
+    max_partition_bytes: u32,
+});
 
 /// A record as consumed.
 #[derive(Debug, Clone, PartialEq, Eq)]

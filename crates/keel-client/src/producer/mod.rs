@@ -142,52 +142,19 @@ impl Default for ProducerConfig {
     }
 }
 
+setters!(ProducerConfig {
+    acks: Acks,
+    batch_size: usize,
+    linger: Duration,
+    buffer_memory: usize,
+    compression: Compression,
+    max_in_flight: usize,
+    request_timeout: Duration,
+    delivery_timeout: Duration,
+    idempotence: bool,
+});
+
 impl ProducerConfig {
-    pub fn acks(mut self, acks: Acks) -> Self {
-        self.acks = acks;
-        self
-    }
-
-    pub fn batch_size(mut self, bytes: usize) -> Self {
-        self.batch_size = bytes;
-        self
-    }
-
-    pub fn linger(mut self, d: Duration) -> Self {
-        self.linger = d;
-        self
-    }
-
-    pub fn buffer_memory(mut self, bytes: usize) -> Self {
-        self.buffer_memory = bytes;
-        self
-    }
-
-    pub fn compression(mut self, c: Compression) -> Self {
-        self.compression = c;
-        self
-    }
-
-    pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n;
-        self
-    }
-
-    pub fn request_timeout(mut self, d: Duration) -> Self {
-        self.request_timeout = d;
-        self
-    }
-
-    pub fn delivery_timeout(mut self, d: Duration) -> Self {
-        self.delivery_timeout = d;
-        self
-    }
-
-    pub fn idempotence(mut self, on: bool) -> Self {
-        self.idempotence = on;
-        self
-    }
-
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
         self
