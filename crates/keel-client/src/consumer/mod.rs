@@ -654,9 +654,23 @@ mod tests {
     use crate::client::ClientConfig;
 
     fn consumer() -> Consumer {
+        consumer_with(ConsumerConfig::default())
+    }
+
+    fn consumer_with(config: ConsumerConfig) -> Consumer {
         Client::connect_lazy(&["127.0.0.1:1"], ClientConfig::default())
             .expect("client")
-            .consumer(ConsumerConfig::default())
+            .consumer(config)
+    }
+
+    /// The partitions retain offsets 9 to 20.
+    fn out_of_range() -> ClientError {
+        ClientError::OffsetOutOfRange {
+            message: "x".into(),
+            log_start_offset: Some(9),
+            high_watermark: Some(20),
+            definite: true,
+        }
     }
 
     #[test]
@@ -696,15 +710,7 @@ mod tests {
             s.position = Some(5);
         }
         let requested = vec![(Arc::from("a"), 0, 5), (Arc::from("a"), 1, 5)];
-        c.fetch_failed(
-            &requested,
-            ClientError::OffsetOutOfRange {
-                message: "x".into(),
-                log_start_offset: Some(9),
-                high_watermark: Some(20),
-                definite: true,
-            },
-        );
+        c.fetch_failed(&requested, out_of_range());
         assert!(c.partitions.iter().all(|s| s.validate));
         assert!(c.pending_error.is_none());
     }
@@ -716,20 +722,10 @@ mod tests {
             (OffsetReset::Latest, Some(20)),
             (OffsetReset::None, Some(5)),
         ] {
-            let mut c = Client::connect_lazy(&["127.0.0.1:1"], ClientConfig::default())
-                .expect("client")
-                .consumer(ConsumerConfig::default().auto_offset_reset(reset));
+            let mut c = consumer_with(ConsumerConfig::default().auto_offset_reset(reset));
             c.assign(&[("a", 0)]);
             c.partitions[0].position = Some(5);
-            c.fetch_failed(
-                &[(Arc::from("a"), 0, 5)],
-                ClientError::OffsetOutOfRange {
-                    message: "x".into(),
-                    log_start_offset: Some(9),
-                    high_watermark: Some(20),
-                    definite: true,
-                },
-            );
+            c.fetch_failed(&[(Arc::from("a"), 0, 5)], out_of_range());
             assert_eq!(c.position("a", 0), want, "{reset:?}");
             assert_eq!(c.pending_error.is_some(), reset == OffsetReset::None);
         }
