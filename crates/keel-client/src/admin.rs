@@ -4,15 +4,18 @@
 use std::collections::BTreeMap;
 
 use keel_proto::v1::admin_service_client::AdminServiceClient;
+use keel_proto::v1::cluster_service_client::ClusterServiceClient;
 use keel_proto::v1::{
     AddPartitionsRequest, AlterTopicConfigRequest, CreateTopicRequest, DecommissionBrokerRequest,
     DeleteTopicRequest, DescribeClusterRequest, DescribeClusterResponse, DescribeTopicRequest,
     ListTopicsRequest, ReassignPartitionRequest, TopicInfo,
 };
+use tonic::Request;
 use tonic::transport::Channel;
 
-use crate::client::{Client, cluster_rpc, with_timeout};
+use crate::client::Client;
 use crate::error::{ClientError, Result};
+use crate::rpc::Answer;
 
 /// Admin operations, from [`Client::admin`].
 #[derive(Debug, Clone)]
@@ -20,10 +23,15 @@ pub struct Admin {
     pub(crate) client: Client,
 }
 
-fn admin_rpc(ch: Channel, max: usize) -> AdminServiceClient<Channel> {
-    AdminServiceClient::new(ch)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
+/// What an admin request does, which decides how it is retried and what follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Reads, or sets something to a value: repeating it is harmless, so ambiguous failures
+    /// are retried.
+    Idempotent,
+    /// Changes topics or partitions: not repeated after an ambiguous failure (it may have taken
+    /// effect), and once done this client's producers and consumers see it at once.
+    Change,
 }
 
 fn topic_of(t: Option<TopicInfo>, op: &str) -> Result<TopicInfo> {
@@ -35,8 +43,22 @@ impl Admin {
         Self { client }
     }
 
-    fn max(&self) -> usize {
-        self.client.inner.config.max_message_size
+    /// Runs an admin request that any broker answers; `send` picks the method.
+    async fn call<Req: Clone, T, Fut: Answer<T>>(
+        &self,
+        kind: Kind,
+        req: Req,
+        send: impl Fn(AdminServiceClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<T> {
+        let attempt = self.client.attempt(req, send);
+        let resp = self
+            .client
+            .call_any(kind == Kind::Idempotent, attempt)
+            .await?;
+        if kind == Kind::Change {
+            self.topics_changed().await;
+        }
+        Ok(resp)
     }
 
     /// Creates a topic. `partitions` or `replication_factor` 0 mean the broker's default.
@@ -47,7 +69,6 @@ impl Admin {
         replication_factor: u32,
         configs: BTreeMap<String, String>,
     ) -> Result<TopicInfo> {
-        let max = self.max();
         let req = CreateTopicRequest {
             name: name.to_owned(),
             partitions,
@@ -55,56 +76,42 @@ impl Admin {
             config: configs.into_iter().collect(),
         };
         let resp = self
-            .client
-            .call_any(false, |ch, t| {
-                let req = req.clone();
-                async move { admin_rpc(ch, max).create_topic(with_timeout(req, t)).await }
+            .call(Kind::Change, req, |mut s, r| async move {
+                s.create_topic(r).await
             })
             .await?;
-        self.topics_changed().await;
         topic_of(resp.topic, "CreateTopic")
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let max = self.max();
-        self.client
-            .call_any(false, |ch, t| {
-                let req = DeleteTopicRequest {
-                    name: name.to_owned(),
-                };
-                async move { admin_rpc(ch, max).delete_topic(with_timeout(req, t)).await }
-            })
-            .await?;
-        self.topics_changed().await;
+        let req = DeleteTopicRequest {
+            name: name.to_owned(),
+        };
+        self.call(Kind::Change, req, |mut s, r| async move {
+            s.delete_topic(r).await
+        })
+        .await?;
         Ok(())
     }
 
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
-        let max = self.max();
         let resp = self
-            .client
-            .call_any(true, |ch, t| async move {
-                admin_rpc(ch, max)
-                    .list_topics(with_timeout(ListTopicsRequest {}, t))
-                    .await
-            })
+            .call(
+                Kind::Idempotent,
+                ListTopicsRequest {},
+                |mut s, r| async move { s.list_topics(r).await },
+            )
             .await?;
         Ok(resp.topics)
     }
 
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
-        let max = self.max();
+        let req = DescribeTopicRequest {
+            name: name.to_owned(),
+        };
         let resp = self
-            .client
-            .call_any(true, |ch, t| {
-                let req = DescribeTopicRequest {
-                    name: name.to_owned(),
-                };
-                async move {
-                    admin_rpc(ch, max)
-                        .describe_topic(with_timeout(req, t))
-                        .await
-                }
+            .call(Kind::Idempotent, req, |mut s, r| async move {
+                s.describe_topic(r).await
             })
             .await?;
         topic_of(resp.topic, "DescribeTopic")
@@ -117,7 +124,6 @@ impl Admin {
         set: BTreeMap<String, String>,
         remove: Vec<String>,
     ) -> Result<TopicInfo> {
-        let max = self.max();
         let req = AlterTopicConfigRequest {
             name: name.to_owned(),
             set: set.into_iter().collect(),
@@ -126,14 +132,8 @@ impl Admin {
         // Setting a config to a value is idempotent, so a retry after an ambiguous failure is
         // harmless.
         let resp = self
-            .client
-            .call_any(true, |ch, t| {
-                let req = req.clone();
-                async move {
-                    admin_rpc(ch, max)
-                        .alter_topic_config(with_timeout(req, t))
-                        .await
-                }
+            .call(Kind::Idempotent, req, |mut s, r| async move {
+                s.alter_topic_config(r).await
             })
             .await?;
         topic_of(resp.topic, "AlterTopicConfig")
@@ -141,22 +141,15 @@ impl Admin {
 
     /// Grows `name` to `total_partitions` partitions.
     pub async fn add_partitions(&self, name: &str, total_partitions: u32) -> Result<TopicInfo> {
-        let max = self.max();
+        let req = AddPartitionsRequest {
+            name: name.to_owned(),
+            partitions: total_partitions,
+        };
         let resp = self
-            .client
-            .call_any(false, |ch, t| {
-                let req = AddPartitionsRequest {
-                    name: name.to_owned(),
-                    partitions: total_partitions,
-                };
-                async move {
-                    admin_rpc(ch, max)
-                        .add_partitions(with_timeout(req, t))
-                        .await
-                }
+            .call(Kind::Change, req, |mut s, r| async move {
+                s.add_partitions(r).await
             })
             .await?;
-        self.topics_changed().await;
         topic_of(resp.topic, "AddPartitions")
     }
 
@@ -167,53 +160,38 @@ impl Admin {
         partition: u32,
         replicas: Vec<u32>,
     ) -> Result<TopicInfo> {
-        let max = self.max();
+        let req = ReassignPartitionRequest {
+            name: name.to_owned(),
+            partition,
+            replicas,
+        };
         let resp = self
-            .client
-            .call_any(false, |ch, t| {
-                let req = ReassignPartitionRequest {
-                    name: name.to_owned(),
-                    partition,
-                    replicas: replicas.clone(),
-                };
-                async move {
-                    admin_rpc(ch, max)
-                        .reassign_partition(with_timeout(req, t))
-                        .await
-                }
+            .call(Kind::Change, req, |mut s, r| async move {
+                s.reassign_partition(r).await
             })
             .await?;
-        self.topics_changed().await;
         topic_of(resp.topic, "ReassignPartition")
     }
 
     /// Moves every replica off broker `id`; returns the partitions moved ("topic/partition").
     pub async fn decommission_broker(&self, id: u32) -> Result<Vec<String>> {
-        let max = self.max();
-        let resp = self
+        let req = DecommissionBrokerRequest { broker_id: id };
+        let attempt = self
             .client
-            .call_any(false, |ch, t| async move {
-                cluster_rpc(ch, max)
-                    .decommission_broker(with_timeout(
-                        DecommissionBrokerRequest { broker_id: id },
-                        t,
-                    ))
-                    .await
-            })
-            .await?;
+            .attempt(req, |mut s: ClusterServiceClient<Channel>, r| async move {
+                s.decommission_broker(r).await
+            });
+        let resp = self.client.call_any(false, attempt).await?;
         self.topics_changed().await;
         Ok(resp.moved)
     }
 
     pub async fn describe_cluster(&self) -> Result<DescribeClusterResponse> {
-        let max = self.max();
-        self.client
-            .call_any(true, |ch, t| async move {
-                cluster_rpc(ch, max)
-                    .describe_cluster(with_timeout(DescribeClusterRequest {}, t))
-                    .await
-            })
-            .await
+        let attempt = self.client.attempt(
+            DescribeClusterRequest {},
+            |mut s: ClusterServiceClient<Channel>, r| async move { s.describe_cluster(r).await },
+        );
+        self.client.call_any(true, attempt).await
     }
 
     /// Producers and consumers of this client should see the change at once rather than after

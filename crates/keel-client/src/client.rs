@@ -3,19 +3,20 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use keel_proto::v1::cluster_service_client::ClusterServiceClient;
 use keel_proto::v1::consume_service_client::ConsumeServiceClient;
+use keel_proto::v1::produce_service_client::ProduceServiceClient;
 use keel_proto::v1::{
-    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, StartPosition, list_offsets_request,
+    InitProducerRequest, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, StartPosition,
+    list_offsets_request,
 };
 use tokio::time::Instant;
+use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
 
 use crate::admin::Admin;
 use crate::consumer::{Consumer, ConsumerConfig};
@@ -24,6 +25,7 @@ use crate::group::Coordinators;
 use crate::metadata::{MetadataCache, Route};
 use crate::producer::{Producer, ProducerConfig};
 use crate::retry::Target;
+use crate::rpc::Answer;
 use crate::util::{backoff, lock, read, write};
 
 /// Connection settings shared by everything created from one [`Client`].
@@ -57,22 +59,11 @@ impl Default for ClientConfig {
     }
 }
 
-impl ClientConfig {
-    pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.connect_timeout = d;
-        self
-    }
-
-    pub fn request_timeout(mut self, d: Duration) -> Self {
-        self.request_timeout = d;
-        self
-    }
-
-    pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.max_message_size = bytes;
-        self
-    }
-}
+setters!(ClientConfig {
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    max_message_size: usize,
+});
 
 /// Which offset [`Client::list_offsets`] looks up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,21 +212,16 @@ impl Client {
             OffsetSpec::Timestamp(ts) => list_offsets_request::Spec::TimestampMs(ts),
         };
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        let max = self.inner.config.max_message_size;
-        let leader = PartitionLeader(topic, partition);
-        self.call_routed(&leader, deadline, true, |ch, t| {
-            let req = ListOffsetsRequest {
-                topic: topic.to_owned(),
-                partition,
-                spec: Some(spec),
-            };
-            async move {
-                consume_rpc(ch, max)
-                    .list_offsets(with_timeout(req, t))
-                    .await
-            }
-        })
-        .await
+        let req = ListOffsetsRequest {
+            topic: topic.to_owned(),
+            partition,
+            spec: Some(spec),
+        };
+        let attempt = self.attempt(req, |mut s: ConsumeServiceClient<Channel>, r| async move {
+            s.list_offsets(r).await
+        });
+        self.call_routed(&PartitionLeader(topic, partition), deadline, true, attempt)
+            .await
     }
 
     /// The channel to `addr`, created on first use. Channels multiplex every request to a broker
@@ -274,14 +260,11 @@ impl Client {
         if read(&self.inner.metadata).generation != seen_generation {
             return Ok(());
         }
-        let max = self.inner.config.max_message_size;
-        let resp = self
-            .call_any(true, |ch, t| async move {
-                cluster_rpc(ch, max)
-                    .metadata(with_timeout(MetadataRequest { topics: Vec::new() }, t))
-                    .await
-            })
-            .await?;
+        let req = MetadataRequest { topics: Vec::new() };
+        let attempt = self.attempt(req, |mut s: ClusterServiceClient<Channel>, r| async move {
+            s.metadata(r).await
+        });
+        let resp = self.call_any(true, attempt).await?;
         write(&self.inner.metadata).apply(&resp, std::time::Instant::now());
         Ok(())
     }
@@ -303,7 +286,7 @@ impl Client {
     pub(crate) async fn call_any<T, F, Fut>(&self, idempotent: bool, mut call: F) -> Result<T>
     where
         F: FnMut(Channel, Duration) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+        Fut: Answer<T>,
     {
         let cfg = &self.inner.config;
         let deadline = Instant::now() + cfg.request_timeout;
@@ -366,23 +349,16 @@ impl Client {
         bump: Option<(i64, i16)>,
         request_id: u64,
     ) -> Result<(i64, i16)> {
-        let max = self.inner.config.max_message_size;
-        let req = keel_proto::v1::InitProducerRequest {
+        let req = InitProducerRequest {
             instance_id: instance.unwrap_or_default().to_owned(),
             producer_id: bump.map(|b| b.0),
             producer_epoch: bump.map_or(0, |b| i32::from(b.1)),
             request_id,
         };
-        let resp = self
-            .call_any(true, |ch, t| {
-                let req = req.clone();
-                async move {
-                    crate::producer::produce_rpc(ch, max)
-                        .init_producer(with_timeout(req, t))
-                        .await
-                }
-            })
-            .await?;
+        let attempt = self.attempt(req, |mut s: ProduceServiceClient<Channel>, r| async move {
+            s.init_producer(r).await
+        });
+        let resp = self.call_any(true, attempt).await?;
         let epoch = i16::try_from(resp.producer_epoch).map_err(|_| {
             ClientError::Protocol(format!(
                 "InitProducer answered epoch {}, outside the i16 range",
@@ -425,7 +401,7 @@ impl Client {
     ) -> Result<T>
     where
         F: FnMut(Channel, Duration) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+        Fut: Answer<T>,
     {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let ch = self.channel(addr)?;
@@ -508,11 +484,7 @@ pub(crate) fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
 
 /// Awaits a unary call with a client-side deadline (tonic enforces none by itself) and maps its
 /// status.
-pub(crate) async fn unary<T>(
-    addr: &str,
-    timeout: Duration,
-    fut: impl Future<Output = std::result::Result<tonic::Response<T>, Status>>,
-) -> Result<T> {
+pub(crate) async fn unary<T>(addr: &str, timeout: Duration, fut: impl Answer<T>) -> Result<T> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(resp)) => Ok(resp.into_inner()),
         Ok(Err(status)) => Err(ClientError::from_status_at(&status, addr)),
@@ -521,18 +493,6 @@ pub(crate) async fn unary<T>(
             timeout.as_millis()
         ))),
     }
-}
-
-pub(crate) fn cluster_rpc(ch: Channel, max: usize) -> ClusterServiceClient<Channel> {
-    ClusterServiceClient::new(ch)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
-}
-
-pub(crate) fn consume_rpc(ch: Channel, max: usize) -> ConsumeServiceClient<Channel> {
-    ConsumeServiceClient::new(ch)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
 }
 
 #[cfg(test)]

@@ -112,6 +112,10 @@
 //! rejections, and [`ClientError::is_definite`] whether the failed request certainly had no
 //! effect.
 
+// First, so that the config modules can use its macro.
+#[macro_use]
+mod setters;
+
 mod admin;
 mod client;
 mod consumer;
@@ -121,6 +125,7 @@ mod metadata;
 mod partitioner;
 mod producer;
 mod retry;
+mod rpc;
 mod util;
 
 pub use admin::Admin;

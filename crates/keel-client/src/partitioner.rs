@@ -88,23 +88,11 @@ mod tests {
 
     use super::*;
 
+    /// `murmur2` and `partition_for_key` are keel-types' own, checked against all of Kafka's
+    /// UtilsTest vectors there; here, that the re-exports put keys where Java clients do.
     #[test]
-    fn kafka_murmur2_vectors() {
-        // Kafka's UtilsTest.testMurmur2: keys must land where Java clients put them.
-        let cases: &[(&[u8], i32)] = &[
-            (b"21", -973_932_308),
-            (b"foobar", -790_332_482),
-            (b"a-little-bit-long-string", -985_981_536),
-            (b"a-little-bit-longer-string", -1_486_304_829),
-            (
-                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58_897_971,
-            ),
-            (b"abc", 479_470_107),
-        ];
-        for (key, want) in cases {
-            assert_eq!(murmur2(key), *want, "{}", String::from_utf8_lossy(key));
-        }
+    fn keys_land_where_kafka_puts_them() {
+        assert_eq!(murmur2(b"21"), -973_932_308);
         // toPositive(-790332482) = 1357151166; 1357151166 % 50 = 16.
         assert_eq!(partition_for_key(b"foobar", 50), 16);
         assert_eq!(

@@ -8,11 +8,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::client::Client;
 use crate::error::{ClientError, Result};
+use crate::rpc::Answer;
 use crate::util::{backoff, backoff_cap};
 
 /// The broker a request must reach, found again before every attempt.
@@ -38,7 +38,7 @@ impl Client {
     ) -> Result<T>
     where
         F: FnMut(Channel, Duration) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+        Fut: Answer<T>,
     {
         let cfg = &self.inner.config;
         let mut attempt = 0u32;

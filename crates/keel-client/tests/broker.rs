@@ -20,17 +20,13 @@ async fn poll_n(
     n: usize,
     limit: Duration,
 ) -> Vec<ConsumerRecord> {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    while out.len() < n && start.elapsed() < limit {
-        out.extend(
-            consumer
-                .poll(Duration::from_millis(500))
-                .await
-                .expect("poll"),
-        );
-    }
-    out
+    common::collect(n, limit, async || {
+        consumer
+            .poll(Duration::from_millis(500))
+            .await
+            .expect("poll")
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,11 +405,7 @@ async fn producer_back_pressure_and_drop_delivers() {
     for _ in 0..2000 {
         acks.push(
             producer
-                .send(ProducerRecord {
-                    topic: "bp".into(),
-                    value: Some(value.clone()),
-                    ..Default::default()
-                })
+                .send(ProducerRecord::new("bp", value.clone()))
                 .await
                 .expect("send"),
         );

@@ -68,14 +68,14 @@ async fn poll_all(
     n: usize,
     limit: Duration,
 ) -> Vec<ConsumerRecord> {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    while out.len() < n && start.elapsed() < limit {
+    common::collect(n, limit, async || {
+        let mut out = Vec::new();
         for c in consumers.iter_mut() {
             out.extend(c.poll(Duration::from_millis(200)).await.expect("poll"));
         }
-    }
-    out
+        out
+    })
+    .await
 }
 
 /// Polls until `cond` holds for the consumers' assignments.

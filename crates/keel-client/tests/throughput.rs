@@ -27,11 +27,7 @@ async fn produce_and_consume_throughput() {
     for _ in 0..RECORDS {
         last = Some(
             producer
-                .send(ProducerRecord {
-                    topic: "perf".into(),
-                    value: Some(value.clone()),
-                    ..Default::default()
-                })
+                .send(ProducerRecord::new("perf", value.clone()))
                 .await
                 .expect("send"),
         );

@@ -18,12 +18,14 @@ use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use keel_proto::v1::consume_service_client::ConsumeServiceClient;
 use keel_proto::v1::{FetchPartition, FetchRequest, FetchResponse, RecordFormat};
 use tokio::time::Instant;
 
-use crate::client::{Client, OffsetSpec, consume_rpc, unary, with_timeout};
+use crate::client::{Client, OffsetSpec, unary, with_timeout};
 use crate::error::{ClientError, Result, Tp};
 use crate::metadata::Route;
+use crate::rpc::Stub;
 use crate::util::{backoff, millis_u32, read};
 
 pub use stream::RecordStream;
@@ -87,32 +89,13 @@ impl Default for ConsumerConfig {
     }
 }
 
-impl ConsumerConfig {
-    pub fn auto_offset_reset(mut self, r: OffsetReset) -> Self {
-        self.auto_offset_reset = r;
-        self
-    }
-
-    pub fn max_wait(mut self, d: Duration) -> Self {
-        self.max_wait = d;
-        self
-    }
-
-    pub fn min_bytes(mut self, n: u32) -> Self {
-        self.min_bytes = n;
-        self
-    }
-
-    pub fn max_bytes(mut self, n: u32) -> Self {
-        self.max_bytes = n;
-        self
-    }
-
-    pub fn max_partition_bytes(mut self, n: u32) -> Self {
-        self.max_partition_bytes = n;
-        self
-    }
-}
+setters!(ConsumerConfig {
+    auto_offset_reset: OffsetReset,
+    max_wait: Duration,
+    min_bytes: u32,
+    max_bytes: u32,
+    max_partition_bytes: u32,
+});
 
 /// A record as consumed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -509,7 +492,7 @@ impl Consumer {
             let timeout = max_wait + self.config.request_timeout;
             self.fetches.push(
                 async move {
-                    let mut rpc = consume_rpc(channel, max_message);
+                    let mut rpc = ConsumeServiceClient::open(channel, max_message);
                     let call = rpc.fetch(with_timeout(req, timeout));
                     let result = unary(&addr, timeout, call).await;
                     FetchOutcome { requested, result }
@@ -671,9 +654,23 @@ mod tests {
     use crate::client::ClientConfig;
 
     fn consumer() -> Consumer {
+        consumer_with(ConsumerConfig::default())
+    }
+
+    fn consumer_with(config: ConsumerConfig) -> Consumer {
         Client::connect_lazy(&["127.0.0.1:1"], ClientConfig::default())
             .expect("client")
-            .consumer(ConsumerConfig::default())
+            .consumer(config)
+    }
+
+    /// The partitions retain offsets 9 to 20.
+    fn out_of_range() -> ClientError {
+        ClientError::OffsetOutOfRange {
+            message: "x".into(),
+            log_start_offset: Some(9),
+            high_watermark: Some(20),
+            definite: true,
+        }
     }
 
     #[test]
@@ -713,15 +710,7 @@ mod tests {
             s.position = Some(5);
         }
         let requested = vec![(Arc::from("a"), 0, 5), (Arc::from("a"), 1, 5)];
-        c.fetch_failed(
-            &requested,
-            ClientError::OffsetOutOfRange {
-                message: "x".into(),
-                log_start_offset: Some(9),
-                high_watermark: Some(20),
-                definite: true,
-            },
-        );
+        c.fetch_failed(&requested, out_of_range());
         assert!(c.partitions.iter().all(|s| s.validate));
         assert!(c.pending_error.is_none());
     }
@@ -733,20 +722,10 @@ mod tests {
             (OffsetReset::Latest, Some(20)),
             (OffsetReset::None, Some(5)),
         ] {
-            let mut c = Client::connect_lazy(&["127.0.0.1:1"], ClientConfig::default())
-                .expect("client")
-                .consumer(ConsumerConfig::default().auto_offset_reset(reset));
+            let mut c = consumer_with(ConsumerConfig::default().auto_offset_reset(reset));
             c.assign(&[("a", 0)]);
             c.partitions[0].position = Some(5);
-            c.fetch_failed(
-                &[(Arc::from("a"), 0, 5)],
-                ClientError::OffsetOutOfRange {
-                    message: "x".into(),
-                    log_start_offset: Some(9),
-                    high_watermark: Some(20),
-                    definite: true,
-                },
-            );
+            c.fetch_failed(&[(Arc::from("a"), 0, 5)], out_of_range());
             assert_eq!(c.position("a", 0), want, "{reset:?}");
             assert_eq!(c.pending_error.is_some(), reset == OffsetReset::None);
         }

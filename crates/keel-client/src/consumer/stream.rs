@@ -11,13 +11,15 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use futures::stream::BoxStream;
+use keel_proto::v1::consume_service_client::ConsumeServiceClient;
 use keel_proto::v1::{RecordFormat, SubscribeRequest, SubscribeResponse, subscribe_request};
 use tonic::Streaming;
 
 use super::decode::decode_batches;
 use super::{ConsumerConfig, ConsumerRecord, OffsetReset, SeekTo};
-use crate::client::{Client, OffsetSpec, consume_rpc, with_timeout};
+use crate::client::{Client, OffsetSpec, with_timeout};
 use crate::error::{ClientError, Result};
+use crate::rpc::Stub;
 use crate::util::backoff;
 
 /// Records of one partition, from [`Consumer::subscribe_stream`](super::Consumer::subscribe_stream).
@@ -158,7 +160,7 @@ impl Subscription {
         };
         // No grpc-timeout on the request: it would end the whole subscription. The timeout
         // only bounds waiting for the stream to open.
-        let mut rpc = consume_rpc(channel, max);
+        let mut rpc = ConsumeServiceClient::open(channel, max);
         let call = rpc.subscribe(with_timeout(req, std::time::Duration::ZERO));
         match tokio::time::timeout(self.config.request_timeout, call).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),

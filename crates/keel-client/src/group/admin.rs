@@ -1,15 +1,16 @@
 //! Group administration on [`Admin`]: list, describe, delete, reset, and offsets read and
 //! written from outside the group protocol.
 
+use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::{
     CommittedOffset, DeleteGroupRequest, DescribeGroupRequest, DescribeGroupResponse, GroupListing,
     ListGroupsRequest, ResetOffsetsRequest, StartPosition, reset_offsets_request,
 };
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
-use super::coordinator::{GroupCoordinator, by_topic, commits, groups_rpc};
+use super::coordinator::{by_topic, commits};
 use crate::admin::Admin;
-use crate::client::with_timeout;
 use crate::error::Result;
 
 /// Where [`Admin::reset_offsets`] moves a group's committed offsets.
@@ -32,46 +33,37 @@ impl Admin {
 
     /// Every group of the cluster, by group id.
     pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
-        let max = self.client.inner.config.max_message_size;
-        let resp = self
+        let req = ListGroupsRequest { local_only: false };
+        let attempt = self
             .client
-            .call_any(true, |ch, t| async move {
-                groups_rpc(ch, max)
-                    .list_groups(with_timeout(ListGroupsRequest { local_only: false }, t))
-                    .await
-            })
-            .await?;
-        let mut groups = resp.groups;
+            .attempt(req, |mut s: GroupsServiceClient<Channel>, r| async move {
+                s.list_groups(r).await
+            });
+        let mut groups = self.client.call_any(true, attempt).await?.groups;
         groups.sort_by(|a, b| a.group_id.cmp(&b.group_id));
         Ok(groups)
     }
 
     /// A group's state, members, committed offsets and lag.
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
-        let max = self.client.inner.config.max_message_size;
+        let req = DescribeGroupRequest {
+            group_id: group.to_owned(),
+        };
         self.client
-            .call_routed(&GroupCoordinator(group), self.deadline(), true, |ch, t| {
-                let req = DescribeGroupRequest {
-                    group_id: group.to_owned(),
-                };
-                async move {
-                    groups_rpc(ch, max)
-                        .describe_group(with_timeout(req, t))
-                        .await
-                }
+            .call_coordinator(group, self.deadline(), true, req, |mut s, r| async move {
+                s.describe_group(r).await
             })
             .await
     }
 
     /// Deletes a group's committed offsets. Refused (`GroupNotEmpty`) while it has members.
     pub async fn delete_group(&self, group: &str) -> Result<()> {
-        let max = self.client.inner.config.max_message_size;
+        let req = DeleteGroupRequest {
+            group_id: group.to_owned(),
+        };
         self.client
-            .call_routed(&GroupCoordinator(group), self.deadline(), false, |ch, t| {
-                let req = DeleteGroupRequest {
-                    group_id: group.to_owned(),
-                };
-                async move { groups_rpc(ch, max).delete_group(with_timeout(req, t)).await }
+            .call_coordinator(group, self.deadline(), false, req, |mut s, r| async move {
+                s.delete_group(r).await
             })
             .await?;
         Ok(())
@@ -85,7 +77,6 @@ impl Admin {
         topic: &str,
         to: ResetTo,
     ) -> Result<Vec<CommittedOffset>> {
-        let max = self.client.inner.config.max_message_size;
         let to = match to {
             ResetTo::Earliest => {
                 reset_offsets_request::To::Position(StartPosition::Earliest as i32)
@@ -102,13 +93,8 @@ impl Admin {
         // Repeating a reset lands on the same target, so ambiguous failures are retried.
         let resp = self
             .client
-            .call_routed(&GroupCoordinator(group), self.deadline(), true, |ch, t| {
-                let req = req.clone();
-                async move {
-                    groups_rpc(ch, max)
-                        .reset_offsets(with_timeout(req, t))
-                        .await
-                }
+            .call_coordinator(group, self.deadline(), true, req, |mut s, r| async move {
+                s.reset_offsets(r).await
             })
             .await?;
         let mut offsets = resp.offsets;

@@ -978,13 +978,17 @@ mod tests {
 
     fn assert_send<T: Send>(_: &T) {}
 
+    /// A member of group "g" on a cluster that does not answer: nothing listens on port 1.
+    fn unreachable_member() -> GroupConsumer {
+        Client::connect_lazy(&["127.0.0.1:1"], ClientConfig::default())
+            .expect("client")
+            .group_consumer(GroupConfig::new("g").subscribe(["t"]))
+            .expect("consumer")
+    }
+
     #[tokio::test]
     async fn consumer_and_its_futures_are_send() {
-        let client =
-            Client::connect_lazy(&["127.0.0.1:1"], ClientConfig::default()).expect("client");
-        let mut c = client
-            .group_consumer(GroupConfig::new("g").subscribe(["t"]))
-            .expect("consumer");
+        let mut c = unreachable_member();
         assert_send(&c);
         assert_send(&c.poll(Duration::ZERO));
         assert_send(&c.commit_sync());
@@ -997,11 +1001,7 @@ mod tests {
     #[tokio::test]
     async fn poll_without_a_coordinator_returns_nothing_and_commits_are_noops() {
         // Nothing listens on port 1: the member never joins, poll just waits out its timeout.
-        let client =
-            Client::connect_lazy(&["127.0.0.1:1"], ClientConfig::default()).expect("client");
-        let mut c = client
-            .group_consumer(GroupConfig::new("g").subscribe(["t"]))
-            .expect("consumer");
+        let mut c = unreachable_member();
         let started = Instant::now();
         let records = c.poll(Duration::from_millis(200)).await.expect("poll");
         assert!(records.is_empty());

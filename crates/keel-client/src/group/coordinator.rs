@@ -12,11 +12,13 @@ use keel_proto::v1::{
     TopicPartitions,
 };
 use tokio::time::Instant;
+use tonic::Request;
 use tonic::transport::Channel;
 
-use crate::client::{Client, with_timeout};
+use crate::client::Client;
 use crate::error::{ClientError, Result};
 use crate::retry::Target;
+use crate::rpc::Answer;
 use crate::util::lock;
 
 /// Where each group's coordinator was last found.
@@ -77,28 +79,30 @@ impl Target for GroupCoordinator<'_> {
     }
 }
 
-pub(crate) fn groups_rpc(ch: Channel, max: usize) -> GroupsServiceClient<Channel> {
-    GroupsServiceClient::new(ch)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
-}
-
 impl Client {
+    /// Runs a request on `group`'s coordinator until `deadline`; `send` picks the method.
+    pub(crate) async fn call_coordinator<Req: Clone, T, Fut: Answer<T>>(
+        &self,
+        group: &str,
+        deadline: Instant,
+        idempotent: bool,
+        req: Req,
+        send: impl Fn(GroupsServiceClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<T> {
+        let attempt = self.attempt(req, send);
+        self.call_routed(&GroupCoordinator(group), deadline, idempotent, attempt)
+            .await
+    }
+
     /// Asks any broker which broker coordinates `group`, and caches the answer.
     pub(crate) async fn find_coordinator(&self, group: &str) -> Result<String> {
-        let max = self.inner.config.max_message_size;
-        let resp = self
-            .call_any(true, |ch, t| {
-                let req = FindCoordinatorRequest {
-                    group_id: group.to_owned(),
-                };
-                async move {
-                    groups_rpc(ch, max)
-                        .find_coordinator(with_timeout(req, t))
-                        .await
-                }
-            })
-            .await?;
+        let req = FindCoordinatorRequest {
+            group_id: group.to_owned(),
+        };
+        let attempt = self.attempt(req, |mut s: GroupsServiceClient<Channel>, r| async move {
+            s.find_coordinator(r).await
+        });
+        let resp = self.call_any(true, attempt).await?;
         if resp.coordinator_id == 0 || resp.coordinator_address.is_empty() {
             // The coordinator's partition is electing a leader: worth retrying shortly.
             return Err(ClientError::Unavailable {
@@ -117,16 +121,14 @@ impl Client {
         req: GroupHeartbeatRequest,
         deadline: Instant,
     ) -> Result<GroupHeartbeatResponse> {
-        let max = self.inner.config.max_message_size;
         let group = req.group_id.clone();
         // A repeated heartbeat is harmless: the coordinator trusts only reports made with the
         // member's current epoch. A join repeated after a lost answer may leave a ghost member
         // behind, which holds its share of the partitions until its session expires (see
         // `GroupConfig::session_timeout`); not retrying would not help, as the heartbeat task
         // joins again anyway.
-        self.call_routed(&GroupCoordinator(&group), deadline, true, |ch, t| {
-            let req = req.clone();
-            async move { groups_rpc(ch, max).heartbeat(with_timeout(req, t)).await }
+        self.call_coordinator(&group, deadline, true, req, |mut s, r| async move {
+            s.heartbeat(r).await
         })
         .await
     }
@@ -138,16 +140,14 @@ impl Client {
         temporary: bool,
         deadline: Instant,
     ) -> Result<()> {
-        let max = self.inner.config.max_message_size;
         let req = LeaveGroupRequest {
             group_id: group.to_owned(),
             member_id: member_id.to_owned(),
             temporary,
         };
         match self
-            .call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
-                let req = req.clone();
-                async move { groups_rpc(ch, max).leave_group(with_timeout(req, t)).await }
+            .call_coordinator(group, deadline, true, req, |mut s, r| async move {
+                s.leave_group(r).await
             })
             .await
         {
@@ -168,20 +168,14 @@ impl Client {
         offsets: Vec<OffsetCommit>,
         deadline: Instant,
     ) -> Result<()> {
-        let max = self.inner.config.max_message_size;
         let req = CommitOffsetsRequest {
             group_id: group.to_owned(),
             member_id: member_id.to_owned(),
             member_epoch,
             offsets,
         };
-        self.call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
-            let req = req.clone();
-            async move {
-                groups_rpc(ch, max)
-                    .commit_offsets(with_timeout(req, t))
-                    .await
-            }
+        self.call_coordinator(group, deadline, true, req, |mut s, r| async move {
+            s.commit_offsets(r).await
         })
         .await?;
         Ok(())
@@ -194,19 +188,13 @@ impl Client {
         partitions: Vec<TopicPartitions>,
         deadline: Instant,
     ) -> Result<Vec<CommittedOffset>> {
-        let max = self.inner.config.max_message_size;
         let req = FetchOffsetsRequest {
             group_id: group.to_owned(),
             partitions,
         };
         let resp = self
-            .call_routed(&GroupCoordinator(group), deadline, true, |ch, t| {
-                let req = req.clone();
-                async move {
-                    groups_rpc(ch, max)
-                        .fetch_offsets(with_timeout(req, t))
-                        .await
-                }
+            .call_coordinator(group, deadline, true, req, |mut s, r| async move {
+                s.fetch_offsets(r).await
             })
             .await?;
         Ok(resp.offsets)

@@ -388,6 +388,14 @@ mod tests {
         flatten(&req.owned).collect()
     }
 
+    /// A member granted `assignment` when it joined (at epoch 1), and its first plan.
+    fn joined(assignment: &[u32]) -> (Membership, Plan) {
+        let mut m = Membership::default();
+        m.on_heartbeat(0, Instant::now(), &answer(1, assignment, &[]));
+        let plan = m.plan();
+        (m, plan)
+    }
+
     /// What `poll` does with a plan's additions when the offset lookup is instant.
     fn start(m: &mut Membership, plan: &Plan) -> Option<Vec<Part>> {
         let parts = m.begin_start(plan.generation, &plan.add)?;
@@ -437,9 +445,7 @@ mod tests {
 
     #[test]
     fn lost_membership_waits_for_poll_before_rejoining() {
-        let mut m = Membership::default();
-        m.on_heartbeat(0, Instant::now(), &answer(1, &[0, 1], &[]));
-        let plan = m.plan();
+        let (mut m, plan) = joined(&[0, 1]);
         start(&mut m, &plan);
 
         assert!(m.on_lost(0, false));
@@ -476,9 +482,7 @@ mod tests {
 
     #[test]
     fn adoption_under_an_old_membership_is_refused() {
-        let mut m = Membership::default();
-        m.on_heartbeat(0, Instant::now(), &answer(1, &[0], &[]));
-        let plan = m.plan();
+        let (mut m, plan) = joined(&[0]);
         assert_eq!(m.begin_start(plan.generation, &plan.add), Some(vec![p(0)]));
         // The membership is lost while poll looks up committed offsets.
         m.on_lost(0, false);
@@ -497,9 +501,7 @@ mod tests {
     #[test]
     fn partition_revoked_while_starting_is_held_then_not_started() {
         let t = HeartbeatTemplate::default();
-        let mut m = Membership::default();
-        m.on_heartbeat(0, Instant::now(), &answer(1, &[0, 1], &[]));
-        let plan = m.plan();
+        let (mut m, plan) = joined(&[0, 1]);
         assert_eq!(plan.add, vec![p(0), p(1)]);
         let starting = m
             .begin_start(plan.generation, &plan.add)
@@ -524,9 +526,7 @@ mod tests {
 
     #[test]
     fn partition_revoked_between_plan_and_start_is_not_started() {
-        let mut m = Membership::default();
-        m.on_heartbeat(0, Instant::now(), &answer(1, &[0, 1], &[]));
-        let plan = m.plan();
+        let (mut m, plan) = joined(&[0, 1]);
         m.on_heartbeat(0, Instant::now(), &answer(2, &[0], &[1]));
         assert_eq!(m.begin_start(plan.generation, &plan.add), Some(vec![p(0)]));
         assert_eq!(m.starting, BTreeSet::from([p(0)]));
@@ -537,9 +537,7 @@ mod tests {
     #[test]
     fn abandoned_start_releases_what_was_revoked_meanwhile() {
         let t = HeartbeatTemplate::default();
-        let mut m = Membership::default();
-        m.on_heartbeat(0, Instant::now(), &answer(1, &[0, 1], &[]));
-        let plan = m.plan();
+        let (mut m, plan) = joined(&[0, 1]);
         let starting = m
             .begin_start(plan.generation, &plan.add)
             .expect("same membership");
@@ -601,9 +599,7 @@ mod tests {
 
     #[test]
     fn leaving_for_max_poll_interval_resumes_on_poll() {
-        let mut m = Membership::default();
-        m.on_heartbeat(0, Instant::now(), &answer(1, &[0], &[]));
-        let plan = m.plan();
+        let (mut m, plan) = joined(&[0]);
         start(&mut m, &plan);
         assert!(m.on_lost(0, true));
         assert_eq!(m.phase, Phase::Left);
@@ -620,9 +616,7 @@ mod tests {
 
     #[test]
     fn fenced_commit_drops_only_those_partitions() {
-        let mut m = Membership::default();
-        m.on_heartbeat(0, Instant::now(), &answer(1, &[0, 1], &[]));
-        let plan = m.plan();
+        let (mut m, plan) = joined(&[0, 1]);
         start(&mut m, &plan);
         assert!(m.on_fenced(0, &[p(1), p(7)]));
         let plan = m.plan();

@@ -89,6 +89,15 @@ pub struct GroupConfig {
     pub consumer: ConsumerConfig,
 }
 
+setters!(GroupConfig {
+    session_timeout: Duration,
+    max_poll_interval: Duration,
+    auto_commit: bool,
+    auto_commit_interval: Duration,
+    auto_offset_reset: OffsetReset,
+    consumer: ConsumerConfig,
+});
+
 impl GroupConfig {
     pub fn new(group_id: impl Into<String>) -> Self {
         Self {
@@ -132,38 +141,8 @@ impl GroupConfig {
         self
     }
 
-    pub fn session_timeout(mut self, d: Duration) -> Self {
-        self.session_timeout = d;
-        self
-    }
-
-    pub fn max_poll_interval(mut self, d: Duration) -> Self {
-        self.max_poll_interval = d;
-        self
-    }
-
-    pub fn auto_commit(mut self, on: bool) -> Self {
-        self.auto_commit = on;
-        self
-    }
-
-    pub fn auto_commit_interval(mut self, d: Duration) -> Self {
-        self.auto_commit_interval = d;
-        self
-    }
-
-    pub fn auto_offset_reset(mut self, r: OffsetReset) -> Self {
-        self.auto_offset_reset = r;
-        self
-    }
-
     pub fn strategy(mut self, s: impl Into<String>) -> Self {
         self.strategy = Some(s.into());
-        self
-    }
-
-    pub fn consumer(mut self, c: ConsumerConfig) -> Self {
-        self.consumer = c;
         self
     }
 

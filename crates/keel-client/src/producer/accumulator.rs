@@ -389,6 +389,15 @@ mod tests {
         })
     }
 
+    /// An accumulator of `batch_size` and `max_in_flight`, what feeds it, and the time it starts.
+    fn setup(batch_size: usize, max_in_flight: usize) -> (Accumulator, Harness, Instant) {
+        (
+            acc(batch_size, max_in_flight),
+            Harness::new(),
+            Instant::now(),
+        )
+    }
+
     struct Harness {
         sem: Arc<Semaphore>,
         receivers: Vec<oneshot::Receiver<Result<RecordMetadata>>>,
@@ -445,9 +454,7 @@ mod tests {
 
     #[test]
     fn batches_close_when_full_and_oversized_records_go_alone() {
-        let mut a = acc(100, 5);
-        let mut h = Harness::new();
-        let now = Instant::now();
+        let (mut a, mut h, now) = setup(100, 5);
         let o = h.append(&mut a, 0, 40, now);
         assert!(o.opened && !o.closed);
         let o = h.append(&mut a, 0, 40, now);
@@ -476,9 +483,7 @@ mod tests {
 
     #[test]
     fn linger_and_flush() {
-        let mut a = acc(1000, 5);
-        let mut h = Harness::new();
-        let t0 = Instant::now();
+        let (mut a, mut h, t0) = setup(1000, 5);
         h.append(&mut a, 0, 10, t0);
         h.append(&mut a, 1, 10, t0 + Duration::from_millis(2));
         let d = a.drain(t0 + Duration::from_millis(1), false, route_all);
@@ -496,9 +501,7 @@ mod tests {
 
     #[test]
     fn in_flight_limit_and_ordered_retries() {
-        let mut a = acc(10, 2);
-        let mut h = Harness::new();
-        let now = Instant::now();
+        let (mut a, mut h, now) = setup(10, 2);
         for _ in 0..4 {
             h.append(&mut a, 0, 10, now);
         }
@@ -523,9 +526,7 @@ mod tests {
 
     #[test]
     fn waits_for_a_leader_and_expires() {
-        let mut a = acc(10, 5);
-        let mut h = Harness::new();
-        let now = Instant::now();
+        let (mut a, mut h, now) = setup(10, 5);
         h.append(&mut a, 0, 10, now);
         let d = a.drain(now, false, |_, _| None);
         assert!(d.need_metadata);
@@ -539,9 +540,7 @@ mod tests {
 
     #[test]
     fn flush_target_tracks_incomplete_batches() {
-        let mut a = acc(10, 5);
-        let mut h = Harness::new();
-        let now = Instant::now();
+        let (mut a, mut h, now) = setup(10, 5);
         assert_eq!(a.min_incomplete(), 0);
         h.append(&mut a, 0, 10, now);
         h.append(&mut a, 1, 10, now);
@@ -555,9 +554,7 @@ mod tests {
 
     #[test]
     fn encoded_once() {
-        let mut a = acc(10, 5);
-        let mut h = Harness::new();
-        let now = Instant::now();
+        let (mut a, mut h, now) = setup(10, 5);
         h.append(&mut a, 0, 10, now);
         let mut d = a.drain(now, false, route_all);
         let (_, b) = &mut d.sendable[0];

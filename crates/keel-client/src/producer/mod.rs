@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::client::{Client, PartitionLeader, with_timeout};
+use crate::client::{Client, PartitionLeader};
 use crate::error::{ClientError, Result, Tp};
 use crate::partitioner::{StickyPartitioner, partition_for_key};
 use crate::util::{lock, millis_u32, now_ms, read};
@@ -142,52 +142,19 @@ impl Default for ProducerConfig {
     }
 }
 
+setters!(ProducerConfig {
+    acks: Acks,
+    batch_size: usize,
+    linger: Duration,
+    buffer_memory: usize,
+    compression: Compression,
+    max_in_flight: usize,
+    request_timeout: Duration,
+    delivery_timeout: Duration,
+    idempotence: bool,
+});
+
 impl ProducerConfig {
-    pub fn acks(mut self, acks: Acks) -> Self {
-        self.acks = acks;
-        self
-    }
-
-    pub fn batch_size(mut self, bytes: usize) -> Self {
-        self.batch_size = bytes;
-        self
-    }
-
-    pub fn linger(mut self, d: Duration) -> Self {
-        self.linger = d;
-        self
-    }
-
-    pub fn buffer_memory(mut self, bytes: usize) -> Self {
-        self.buffer_memory = bytes;
-        self
-    }
-
-    pub fn compression(mut self, c: Compression) -> Self {
-        self.compression = c;
-        self
-    }
-
-    pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n;
-        self
-    }
-
-    pub fn request_timeout(mut self, d: Duration) -> Self {
-        self.request_timeout = d;
-        self
-    }
-
-    pub fn delivery_timeout(mut self, d: Duration) -> Self {
-        self.delivery_timeout = d;
-        self
-    }
-
-    pub fn idempotence(mut self, on: bool) -> Self {
-        self.idempotence = on;
-        self
-    }
-
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
         self
@@ -565,31 +532,26 @@ impl Producer {
         acks: Acks,
     ) -> Result<BatchAck> {
         let config = &self.inner.config;
-        let max = self.inner.client.inner.config.max_message_size;
         let timeout_ms = millis_u32(config.request_timeout);
         let deadline = Instant::now() + config.delivery_timeout;
-        let resp = self
-            .inner
-            .client
-            .call_routed(
-                &PartitionLeader(topic, partition),
-                deadline,
-                false,
-                |ch, t| {
-                    let req = ProduceRequest {
-                        correlation_id: 0,
-                        topic: topic.to_owned(),
-                        acks: acks.to_proto() as i32,
-                        timeout_ms,
-                        batches: vec![ProduceBatch {
-                            partition: Some(partition),
-                            data: Some(produce_batch::Data::RecordBatch(encoded_batch.clone())),
-                            producer: None,
-                        }],
-                    };
-                    async move { produce_rpc(ch, max).produce(with_timeout(req, t)).await }
-                },
-            )
+        let req = ProduceRequest {
+            correlation_id: 0,
+            topic: topic.to_owned(),
+            acks: acks.to_proto() as i32,
+            timeout_ms,
+            batches: vec![ProduceBatch {
+                partition: Some(partition),
+                data: Some(produce_batch::Data::RecordBatch(encoded_batch)),
+                producer: None,
+            }],
+        };
+        let client = &self.inner.client;
+        let attempt = client.attempt(req, |mut s: ProduceServiceClient<Channel>, r| async move {
+            s.produce(r).await
+        });
+        let leader = PartitionLeader(topic, partition);
+        let resp = client
+            .call_routed(&leader, deadline, false, attempt)
             .await?;
         resp.batches.into_iter().next().ok_or_else(|| {
             ClientError::Protocol(format!(
@@ -598,12 +560,6 @@ impl Producer {
             ))
         })
     }
-}
-
-pub(crate) fn produce_rpc(ch: Channel, max: usize) -> ProduceServiceClient<Channel> {
-    ProduceServiceClient::new(ch)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
 }
 
 #[cfg(test)]

@@ -5,13 +5,15 @@
 
 use bytes::Bytes;
 use keel_batch::{BatchHeader, ProducerInfo, sequence, set_producer};
+use keel_proto::v1::produce_service_client::ProduceServiceClient;
 use keel_proto::v1::{BatchAck, ProduceBatch, ProduceRequest, ProduceResponse, produce_batch};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{Acks, produce_rpc};
+use super::Acks;
 use crate::client::Client;
 use crate::error::{ClientError, Result, Tp};
+use crate::rpc::Stub;
 use crate::util::millis_u32;
 
 /// See the module docs. From [`Client::batch_pipeline`].
@@ -50,7 +52,7 @@ impl Client {
         let addr = self.leader_for(topic, partition).await?;
         let max = self.inner.config.max_message_size;
         let (tx, rx) = mpsc::unbounded_channel();
-        let answers = produce_rpc(self.channel(&addr)?, max)
+        let answers = ProduceServiceClient::open(self.channel(&addr)?, max)
             .produce_stream(UnboundedReceiverStream::new(rx))
             .await
             .map_err(|s| ClientError::from_status_at(&s, &addr))?

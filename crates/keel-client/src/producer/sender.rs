@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use keel_proto::v1::produce_service_client::ProduceServiceClient;
 use keel_proto::v1::{ProduceBatch, ProduceRequest, ProduceResponse, produce_batch};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -19,10 +20,11 @@ use bytes::Bytes;
 use keel_batch::{ProducerInfo, sequence, set_producer};
 
 use super::accumulator::{BatchData, ProducerBatch};
-use super::{Acks, ProducerConfig, RecordMetadata, Shared, produce_rpc};
+use super::{Acks, ProducerConfig, RecordMetadata, Shared};
 use crate::client::Client;
 use crate::error::{ClientError, Tp};
 use crate::metadata::Route;
+use crate::rpc::Stub;
 use crate::util::{backoff, backoff_cap, lock, millis_u32, read};
 
 /// Grace beyond `request_timeout` before the client gives up on an answer, so that the broker's
@@ -493,7 +495,13 @@ impl Sender {
             let events = self.events_tx.clone();
             let addr_owned = addr.to_owned();
             tokio::spawn(async move {
-                let error = run_stream(produce_rpc(channel, max), rx, &events, &addr_owned).await;
+                let error = run_stream(
+                    ProduceServiceClient::open(channel, max),
+                    rx,
+                    &events,
+                    &addr_owned,
+                )
+                .await;
                 let _ = events.send(Event::Closed {
                     conn: id,
                     addr: addr_owned,

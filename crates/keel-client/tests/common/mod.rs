@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_broker::{BrokerConfig, BrokerHandle};
 use keel_client::Client;
@@ -74,4 +74,19 @@ pub async fn shutdown(broker: BrokerHandle) {
         .await
         .expect("broker shut down in time")
         .expect("clean shutdown");
+}
+
+/// Calls `poll` until it has returned `n` items in all, or `limit` passed.
+#[allow(dead_code, reason = "not every test binary polls")]
+pub async fn collect<T>(
+    n: usize,
+    limit: Duration,
+    mut poll: impl AsyncFnMut() -> Vec<T>,
+) -> Vec<T> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n && start.elapsed() < limit {
+        out.extend(poll().await);
+    }
+    out
 }
