@@ -6,7 +6,7 @@ use keel_client::{CommittedOffset, DescribeGroupResponse, GroupListing, ResetTo,
 use serde::Serialize;
 
 use crate::common::{ClientOpts, ListArgs, connect, explain, parse_timestamp};
-use crate::output::{OutputOpts, print_json, print_text, table};
+use crate::output::{OutputOpts, print_text, table_of};
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
@@ -226,10 +226,11 @@ fn describe_table(d: &DescribeGroupResponse) -> String {
         d.total_lag
     );
     if !json.members.is_empty() {
-        let rows: Vec<Vec<String>> = json
-            .members
-            .iter()
-            .map(|m| {
+        out.push('\n');
+        out.push_str(&table_of(
+            &["MEMBER", "INSTANCE", "EPOCH", "ASSIGNMENT"],
+            json.members.iter(),
+            |m| {
                 let assignment: Vec<String> = m
                     .assignment
                     .iter()
@@ -245,31 +246,12 @@ fn describe_table(d: &DescribeGroupResponse) -> String {
                         assignment.join(",")
                     },
                 ]
-            })
-            .collect();
-        out.push('\n');
-        out.push_str(&table(
-            &["MEMBER", "INSTANCE", "EPOCH", "ASSIGNMENT"],
-            &rows,
+            },
         ));
     }
     if !json.offsets.is_empty() {
-        let rows: Vec<Vec<String>> = json
-            .offsets
-            .iter()
-            .map(|o| {
-                vec![
-                    o.topic.clone(),
-                    o.partition.to_string(),
-                    opt(o.committed),
-                    opt(o.log_end_offset),
-                    opt(o.lag),
-                    o.member.clone().unwrap_or_else(|| "-".to_owned()),
-                ]
-            })
-            .collect();
         out.push('\n');
-        out.push_str(&table(
+        out.push_str(&table_of(
             &[
                 "TOPIC",
                 "PARTITION",
@@ -278,7 +260,17 @@ fn describe_table(d: &DescribeGroupResponse) -> String {
                 "LAG",
                 "MEMBER",
             ],
-            &rows,
+            json.offsets.iter(),
+            |o| {
+                vec![
+                    o.topic.clone(),
+                    o.partition.to_string(),
+                    opt(o.committed),
+                    opt(o.log_end_offset),
+                    opt(o.lag),
+                    o.member.clone().unwrap_or_else(|| "-".to_owned()),
+                ]
+            },
         ));
     }
     out
@@ -323,24 +315,22 @@ pub async fn run(cmd: GroupCommand) -> Result<()> {
                 .list_groups()
                 .await
                 .map_err(|e| explain(e, None))?;
-            if a.output.json() {
-                print_json(&list_json(&groups))
-            } else {
-                let rows: Vec<Vec<String>> = list_json(&groups)
-                    .groups
-                    .into_iter()
-                    .map(|g| {
+            let json = list_json(&groups);
+            a.output.print(&json, || {
+                table_of(
+                    &["GROUP", "STATE", "MEMBERS", "COORDINATOR"],
+                    json.groups.iter(),
+                    |g| {
                         vec![
-                            g.group,
-                            g.state,
+                            g.group.clone(),
+                            g.state.clone(),
                             g.members.to_string(),
                             g.coordinator
                                 .map_or_else(|| "none".to_owned(), |c| c.to_string()),
                         ]
-                    })
-                    .collect();
-                print_text(&table(&["GROUP", "STATE", "MEMBERS", "COORDINATOR"], &rows))
-            }
+                    },
+                )
+            })
         }
         GroupCommand::Describe(a) => {
             let client = connect(&a.client).await?;
@@ -349,11 +339,7 @@ pub async fn run(cmd: GroupCommand) -> Result<()> {
                 .describe_group(&a.group)
                 .await
                 .map_err(|e| explain(e, None))?;
-            if a.output.json() {
-                print_json(&describe_json(&d))
-            } else {
-                print_text(&describe_table(&d))
-            }
+            a.output.print(&describe_json(&d), || describe_table(&d))
         }
         GroupCommand::Delete(a) => {
             let client = connect(&a.client).await?;
@@ -371,21 +357,16 @@ pub async fn run(cmd: GroupCommand) -> Result<()> {
                 .reset_offsets(&a.group, &a.topic, reset_to(&a))
                 .await
                 .map_err(|e| explain(e, Some(&a.topic)))?;
-            if a.output.json() {
-                print_json(&reset_json(&a.group, &a.topic, &offsets))
-            } else {
-                let rows: Vec<Vec<String>> = offsets
-                    .iter()
-                    .map(|o| {
+            a.output
+                .print(&reset_json(&a.group, &a.topic, &offsets), || {
+                    table_of(&["TOPIC", "PARTITION", "OFFSET"], offsets.iter(), |o| {
                         vec![
                             o.topic.clone(),
                             o.partition.to_string(),
                             o.offset.to_string(),
                         ]
                     })
-                    .collect();
-                print_text(&table(&["TOPIC", "PARTITION", "OFFSET"], &rows))
-            }
+                })
         }
     }
 }

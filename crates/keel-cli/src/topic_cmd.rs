@@ -8,7 +8,7 @@ use keel_client::{PartitionInfo, TopicInfo};
 use serde::Serialize;
 
 use crate::common::{ClientOpts, ListArgs, connect, explain, parse_key_value, usage};
-use crate::output::{OutputOpts, id_list, print_json, print_text, table};
+use crate::output::{OutputOpts, id_list, print_text, table_of};
 
 /// Config keys as documented in `--help` (the broker validates them).
 const CONFIG_HELP: &str = "Topic config (repeatable). Keys: retention.ms, retention.bytes, \
@@ -188,9 +188,18 @@ fn describe_table(t: &TopicInfo) -> String {
         t.partitions.len(),
         if t.partitions.len() == 1 { "" } else { "s" }
     );
-    let rows: Vec<Vec<String>> = sorted_partitions(t)
-        .into_iter()
-        .map(|p| {
+    out.push_str(&table_of(
+        &[
+            "PARTITION",
+            "LEADER",
+            "REPLICAS",
+            "IN-SYNC",
+            "LOG-START",
+            "LOG-END",
+            "HIGH-WATERMARK",
+        ],
+        sorted_partitions(t),
+        |p| {
             vec![
                 p.partition.to_string(),
                 if p.leader == 0 {
@@ -204,27 +213,13 @@ fn describe_table(t: &TopicInfo) -> String {
                 p.log_end_offset.to_string(),
                 p.high_watermark.to_string(),
             ]
-        })
-        .collect();
-    out.push_str(&table(
-        &[
-            "PARTITION",
-            "LEADER",
-            "REPLICAS",
-            "IN-SYNC",
-            "LOG-START",
-            "LOG-END",
-            "HIGH-WATERMARK",
-        ],
-        &rows,
+        },
     ));
     let config: BTreeMap<&String, &String> = t.config.iter().collect();
-    let rows: Vec<Vec<String>> = config
-        .into_iter()
-        .map(|(k, v)| vec![k.clone(), v.clone()])
-        .collect();
     out.push('\n');
-    out.push_str(&table(&["CONFIG", "VALUE"], &rows));
+    out.push_str(&table_of(&["CONFIG", "VALUE"], config, |(k, v)| {
+        vec![k.clone(), v.clone()]
+    }));
     out
 }
 
@@ -270,30 +265,29 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
                 .await
                 .map_err(|e| explain(e, None))?;
             topics.sort_by(|x, y| x.name.cmp(&y.name));
-            if a.output.json() {
-                print_json(&TopicListJson {
-                    topics: topics
-                        .iter()
-                        .map(|t| TopicSummaryJson {
-                            name: t.name.clone(),
-                            partitions: t.partitions.len(),
-                            replication_factor: replication_factor(t),
-                        })
-                        .collect(),
-                })
-            } else {
-                let rows: Vec<Vec<String>> = topics
+            let json = TopicListJson {
+                topics: topics
                     .iter()
-                    .map(|t| {
+                    .map(|t| TopicSummaryJson {
+                        name: t.name.clone(),
+                        partitions: t.partitions.len(),
+                        replication_factor: replication_factor(t),
+                    })
+                    .collect(),
+            };
+            a.output.print(&json, || {
+                table_of(
+                    &["NAME", "PARTITIONS", "REPLICATION-FACTOR"],
+                    topics.iter(),
+                    |t| {
                         vec![
                             t.name.clone(),
                             t.partitions.len().to_string(),
                             replication_factor(t).to_string(),
                         ]
-                    })
-                    .collect();
-                print_text(&table(&["NAME", "PARTITIONS", "REPLICATION-FACTOR"], &rows))
-            }
+                    },
+                )
+            })
         }
         TopicCommand::Describe(a) => {
             let client = connect(&a.client).await?;
@@ -302,11 +296,7 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
                 .describe_topic(&a.name)
                 .await
                 .map_err(|e| explain(e, Some(&a.name)))?;
-            if a.output.json() {
-                print_json(&topic_json(&t))
-            } else {
-                print_text(&describe_table(&t))
-            }
+            a.output.print(&topic_json(&t), || describe_table(&t))
         }
         TopicCommand::Delete(a) => {
             let client = connect(&a.client).await?;
