@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use keel_client::{DescribeClusterResponse, TopicInfo};
 use serde::Serialize;
 
-use crate::common::{ClientOpts, connect, explain};
+use crate::common::{ClientOpts, admin_request};
 use crate::output::{OutputOpts, print_text, table_of};
 
 #[derive(Debug, Subcommand)]
@@ -140,27 +140,18 @@ fn status_table(s: &StatusJson) -> String {
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
     match cmd {
         ClusterCommand::Status(a) => {
-            let client = connect(&a.client).await?;
-            let c = client
-                .admin()
-                .describe_cluster()
-                .await
-                .map_err(|e| explain(e, None))?;
-            let topics = client
-                .admin()
-                .list_topics()
-                .await
-                .map_err(|e| explain(e, None))?;
+            let (c, topics) = admin_request(&a.client, None, async |admin| {
+                Ok((admin.describe_cluster().await?, admin.list_topics().await?))
+            })
+            .await?;
             let s = status_json(&c, &topics);
             a.output.print(&s, || status_table(&s))
         }
         ClusterCommand::Decommission(a) => {
-            let client = connect(&a.client).await?;
-            let moved = client
-                .admin()
-                .decommission_broker(a.broker_id)
-                .await
-                .map_err(|e| explain(e, None))?;
+            let moved = admin_request(&a.client, None, async |admin| {
+                admin.decommission_broker(a.broker_id).await
+            })
+            .await?;
             print_text(&format!(
                 "Broker {} is being emptied: {} partition replica(s) moving ({})\n",
                 a.broker_id,

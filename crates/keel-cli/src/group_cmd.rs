@@ -5,7 +5,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use keel_client::{CommittedOffset, DescribeGroupResponse, GroupListing, ResetTo, TopicPartitions};
 use serde::Serialize;
 
-use crate::common::{ClientOpts, ListArgs, connect, explain, parse_timestamp};
+use crate::common::{ClientOpts, ListArgs, admin_request, parse_timestamp};
 use crate::output::{OutputOpts, print_text, table_of};
 
 #[derive(Debug, Subcommand)]
@@ -309,12 +309,8 @@ fn reset_json(group: &str, topic: &str, offsets: &[CommittedOffset]) -> ResetJso
 pub async fn run(cmd: GroupCommand) -> Result<()> {
     match cmd {
         GroupCommand::List(a) => {
-            let client = connect(&a.client).await?;
-            let groups = client
-                .admin()
-                .list_groups()
-                .await
-                .map_err(|e| explain(e, None))?;
+            let groups =
+                admin_request(&a.client, None, async |admin| admin.list_groups().await).await?;
             let json = list_json(&groups);
             a.output.print(&json, || {
                 table_of(
@@ -333,30 +329,24 @@ pub async fn run(cmd: GroupCommand) -> Result<()> {
             })
         }
         GroupCommand::Describe(a) => {
-            let client = connect(&a.client).await?;
-            let d = client
-                .admin()
-                .describe_group(&a.group)
-                .await
-                .map_err(|e| explain(e, None))?;
+            let d = admin_request(&a.client, None, async |admin| {
+                admin.describe_group(&a.group).await
+            })
+            .await?;
             a.output.print(&describe_json(&d), || describe_table(&d))
         }
         GroupCommand::Delete(a) => {
-            let client = connect(&a.client).await?;
-            client
-                .admin()
-                .delete_group(&a.group)
-                .await
-                .map_err(|e| explain(e, None))?;
+            admin_request(&a.client, None, async |admin| {
+                admin.delete_group(&a.group).await
+            })
+            .await?;
             print_text(&format!("Deleted group {:?}\n", a.group))
         }
         GroupCommand::ResetOffsets(a) => {
-            let client = connect(&a.client).await?;
-            let offsets = client
-                .admin()
-                .reset_offsets(&a.group, &a.topic, reset_to(&a))
-                .await
-                .map_err(|e| explain(e, Some(&a.topic)))?;
+            let offsets = admin_request(&a.client, Some(&a.topic), async |admin| {
+                admin.reset_offsets(&a.group, &a.topic, reset_to(&a)).await
+            })
+            .await?;
             a.output
                 .print(&reset_json(&a.group, &a.topic, &offsets), || {
                     table_of(&["TOPIC", "PARTITION", "OFFSET"], offsets.iter(), |o| {

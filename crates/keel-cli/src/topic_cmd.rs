@@ -7,7 +7,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use keel_client::{PartitionInfo, TopicInfo};
 use serde::Serialize;
 
-use crate::common::{ClientOpts, ListArgs, connect, explain, parse_key_value, usage};
+use crate::common::{ClientOpts, ListArgs, admin_request, parse_key_value, usage};
 use crate::output::{OutputOpts, id_list, print_text, table_of};
 
 /// Config keys as documented in `--help` (the broker validates them).
@@ -238,17 +238,17 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
     match cmd {
         TopicCommand::Create(a) => {
             let configs = config_map(a.configs)?;
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .create_topic(
-                    &a.name,
-                    a.partitions.unwrap_or(0),
-                    a.replication_factor.unwrap_or(0),
-                    configs,
-                )
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin
+                    .create_topic(
+                        &a.name,
+                        a.partitions.unwrap_or(0),
+                        a.replication_factor.unwrap_or(0),
+                        configs,
+                    )
+                    .await
+            })
+            .await?;
             print_text(&format!(
                 "Created topic {:?} with {} partition{}, replication factor {}\n",
                 t.name,
@@ -258,12 +258,8 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
             ))
         }
         TopicCommand::List(a) => {
-            let client = connect(&a.client).await?;
-            let mut topics = client
-                .admin()
-                .list_topics()
-                .await
-                .map_err(|e| explain(e, None))?;
+            let mut topics =
+                admin_request(&a.client, None, async |admin| admin.list_topics().await).await?;
             topics.sort_by(|x, y| x.name.cmp(&y.name));
             let json = TopicListJson {
                 topics: topics
@@ -290,21 +286,17 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
             })
         }
         TopicCommand::Describe(a) => {
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .describe_topic(&a.name)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.describe_topic(&a.name).await
+            })
+            .await?;
             a.output.print(&topic_json(&t), || describe_table(&t))
         }
         TopicCommand::Delete(a) => {
-            let client = connect(&a.client).await?;
-            client
-                .admin()
-                .delete_topic(&a.name)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.delete_topic(&a.name).await
+            })
+            .await?;
             print_text(&format!("Deleted topic {:?}\n", a.name))
         }
         TopicCommand::Alter(a) => {
@@ -320,13 +312,11 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
                     remove.push(k);
                 }
             }
-            let client = connect(&a.client).await?;
             let keys: Vec<String> = set.keys().cloned().chain(remove.iter().cloned()).collect();
-            let t = client
-                .admin()
-                .alter_topic_config(&a.name, set, remove)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.alter_topic_config(&a.name, set, remove).await
+            })
+            .await?;
             let now: Vec<String> = keys
                 .iter()
                 .map(|k| {
@@ -337,12 +327,10 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
             print_text(&format!("Altered topic {:?}: {}\n", t.name, now.join(", ")))
         }
         TopicCommand::AddPartitions(a) => {
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .add_partitions(&a.name, a.partitions)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.add_partitions(&a.name, a.partitions).await
+            })
+            .await?;
             print_text(&format!(
                 "Topic {:?} now has {} partitions\n",
                 t.name,
@@ -350,12 +338,12 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
             ))
         }
         TopicCommand::Reassign(a) => {
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .reassign_partition(&a.name, a.partition, a.replicas.clone())
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin
+                    .reassign_partition(&a.name, a.partition, a.replicas.clone())
+                    .await
+            })
+            .await?;
             let replicas = t
                 .partitions
                 .get(a.partition as usize)
