@@ -112,26 +112,19 @@ impl BatchBuilder {
                 out
             }
         };
-        let header = BatchHeader {
-            base_offset: 0,
-            batch_length: 0,
-            raft_term: 0,
-            raft_index: 0,
-            magic: MAGIC_V1,
-            crc: 0,
-            attributes: Attributes {
-                compression: self.compression,
-                timestamp_type: self.timestamp_type,
-                control: false,
-            },
-            last_offset_delta: self.count - 1,
-            first_timestamp: first,
-            max_timestamp: self.max_timestamp.max(first),
-            producer_id: self.producer.producer_id,
-            producer_epoch: self.producer.producer_epoch,
-            base_sequence: self.producer.base_sequence,
-            record_count: self.count,
+        let attributes = Attributes {
+            compression: self.compression,
+            timestamp_type: self.timestamp_type,
+            control: false,
         };
+        let header = unstamped_header(
+            attributes,
+            self.count - 1,
+            self.count,
+            first,
+            self.max_timestamp.max(first),
+            self.producer,
+        );
         finish(header, &mut out)?;
         Ok(out)
     }
@@ -156,28 +149,49 @@ pub fn control_batch(payload: &[u8], timestamp: i64) -> Result<Vec<u8>, BatchErr
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.resize(HEADER_LEN, 0);
     out.extend_from_slice(payload);
-    let header = BatchHeader {
+    let attributes = Attributes {
+        compression: Compression::None,
+        timestamp_type: TimestampType::CreateTime,
+        control: true,
+    };
+    let header = unstamped_header(
+        attributes,
+        0,
+        0,
+        timestamp,
+        timestamp,
+        ProducerInfo::default(),
+    );
+    finish(header, &mut out)?;
+    Ok(out)
+}
+
+/// The header of a freshly encoded batch: base offset, term and index stay 0 because the log
+/// stamps them on append, and `finish` fills in the length and CRC once the body is known.
+fn unstamped_header(
+    attributes: Attributes,
+    last_offset_delta: u32,
+    record_count: u32,
+    first_timestamp: i64,
+    max_timestamp: i64,
+    producer: ProducerInfo,
+) -> BatchHeader {
+    BatchHeader {
         base_offset: 0,
         batch_length: 0,
         raft_term: 0,
         raft_index: 0,
         magic: MAGIC_V1,
         crc: 0,
-        attributes: Attributes {
-            compression: Compression::None,
-            timestamp_type: TimestampType::CreateTime,
-            control: true,
-        },
-        last_offset_delta: 0,
-        first_timestamp: timestamp,
-        max_timestamp: timestamp,
-        producer_id: NO_PRODUCER_ID,
-        producer_epoch: -1,
-        base_sequence: -1,
-        record_count: 0,
-    };
-    finish(header, &mut out)?;
-    Ok(out)
+        attributes,
+        last_offset_delta,
+        first_timestamp,
+        max_timestamp,
+        producer_id: producer.producer_id,
+        producer_epoch: producer.producer_epoch,
+        base_sequence: producer.base_sequence,
+        record_count,
+    }
 }
 
 fn finish(mut header: BatchHeader, out: &mut [u8]) -> Result<(), BatchError> {

@@ -55,15 +55,20 @@ impl Topic {
         self.placement.len() as u32
     }
 
+    /// The error for a request naming partition `id`, which this topic does not have.
+    pub fn unknown_partition(&self, id: u32) -> BrokerError {
+        BrokerError::UnknownPartition {
+            topic: self.meta.name.clone(),
+            partition: id,
+            count: self.partition_count(),
+        }
+    }
+
     /// This broker's replica of partition `id`, if it may serve produce and fetch requests
     /// for it (it leads it); NOT_LEADER with the best known leader otherwise.
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>> {
         let Some(slot) = self.partitions.get(id as usize) else {
-            return Err(BrokerError::UnknownPartition {
-                topic: self.meta.name.clone(),
-                partition: id,
-                count: self.partition_count(),
-            });
+            return Err(self.unknown_partition(id));
         };
         let hint = self
             .placement

@@ -209,6 +209,18 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
             }
         }
     };
+    // Every client-facing service gets the same message-size limits and the metadata gate; the
+    // generated servers share no trait for those setters, hence a macro.
+    macro_rules! client_service {
+        ($server:ident, $service:ident) => {
+            InterceptedService::new(
+                $server::new($service(Arc::clone(&state)))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(encode_max),
+                gate.clone(),
+            )
+        };
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -229,36 +241,11 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         .http2_max_pending_accept_reset_streams(Some(256))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InterceptedService::new(
-            AdminServiceServer::new(Admin(Arc::clone(&state)))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(encode_max),
-            gate.clone(),
-        ))
-        .add_service(InterceptedService::new(
-            ClusterServiceServer::new(Cluster(Arc::clone(&state)))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(encode_max),
-            gate.clone(),
-        ))
-        .add_service(InterceptedService::new(
-            ProduceServiceServer::new(Produce(Arc::clone(&state)))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(encode_max),
-            gate.clone(),
-        ))
-        .add_service(InterceptedService::new(
-            ConsumeServiceServer::new(Consume(Arc::clone(&state)))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(encode_max),
-            gate.clone(),
-        ))
-        .add_service(InterceptedService::new(
-            GroupsServiceServer::new(Groups(Arc::clone(&state)))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(encode_max),
-            gate.clone(),
-        ));
+        .add_service(client_service!(AdminServiceServer, Admin))
+        .add_service(client_service!(ClusterServiceServer, Cluster))
+        .add_service(client_service!(ProduceServiceServer, Produce))
+        .add_service(client_service!(ConsumeServiceServer, Consume))
+        .add_service(client_service!(GroupsServiceServer, Groups));
     let router = router.add_service(cluster.raft_service());
     let mut rx = shutdown_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(

@@ -347,11 +347,7 @@ impl BrokerState {
     ) -> Result<Arc<Topic>> {
         let topic = self.registry.lookup("name", name)?;
         if partition >= topic.partition_count() {
-            return Err(BrokerError::UnknownPartition {
-                topic: name.to_owned(),
-                partition,
-                count: topic.partition_count(),
-            });
+            return Err(topic.unknown_partition(partition));
         }
         self.cluster
             .propose(Command::Reassign {

@@ -5,8 +5,8 @@ use clap::{Args, Subcommand};
 use keel_client::{DescribeClusterResponse, TopicInfo};
 use serde::Serialize;
 
-use crate::common::{ClientOpts, connect, explain};
-use crate::output::{OutputOpts, print_json, print_text, table};
+use crate::common::{ClientOpts, admin_request};
+use crate::output::{OutputOpts, print_text, table_of};
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
@@ -96,24 +96,19 @@ fn status_json(c: &DescribeClusterResponse, topics: &[TopicInfo]) -> StatusJson 
 }
 
 fn status_table(s: &StatusJson) -> String {
-    let rows: Vec<Vec<String>> = s
-        .brokers
-        .iter()
-        .map(|b| {
-            let role = if Some(b.id) == s.metadata_leader {
-                "metadata leader"
-            } else {
-                "-"
-            };
-            vec![
-                b.id.to_string(),
-                b.address.clone(),
-                if b.alive { "yes" } else { "no" }.to_owned(),
-                role.to_owned(),
-            ]
-        })
-        .collect();
-    let mut out = table(&["ID", "ADDRESS", "ALIVE", "ROLE"], &rows);
+    let mut out = table_of(&["ID", "ADDRESS", "ALIVE", "ROLE"], s.brokers.iter(), |b| {
+        let role = if Some(b.id) == s.metadata_leader {
+            "metadata leader"
+        } else {
+            "-"
+        };
+        vec![
+            b.id.to_string(),
+            b.address.clone(),
+            if b.alive { "yes" } else { "no" }.to_owned(),
+            role.to_owned(),
+        ]
+    });
     if s.metadata_leader.is_none() {
         out.push_str("No metadata leader right now (an election is running).\n");
     }
@@ -125,10 +120,10 @@ fn status_table(s: &StatusJson) -> String {
             s.under_replicated.len()
         ));
         let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let rows: Vec<Vec<String>> = s
-            .under_replicated
-            .iter()
-            .map(|u| {
+        out.push_str(&table_of(
+            &["TOPIC", "PARTITION", "LEADER", "REPLICAS", "IN_SYNC"],
+            s.under_replicated.iter(),
+            |u| {
                 vec![
                     u.topic.clone(),
                     u.partition.to_string(),
@@ -136,11 +131,7 @@ fn status_table(s: &StatusJson) -> String {
                     ids(&u.replicas),
                     ids(&u.in_sync),
                 ]
-            })
-            .collect();
-        out.push_str(&table(
-            &["TOPIC", "PARTITION", "LEADER", "REPLICAS", "IN_SYNC"],
-            &rows,
+            },
         ));
     }
     out
@@ -149,31 +140,18 @@ fn status_table(s: &StatusJson) -> String {
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
     match cmd {
         ClusterCommand::Status(a) => {
-            let client = connect(&a.client).await?;
-            let c = client
-                .admin()
-                .describe_cluster()
-                .await
-                .map_err(|e| explain(e, None))?;
-            let topics = client
-                .admin()
-                .list_topics()
-                .await
-                .map_err(|e| explain(e, None))?;
+            let (c, topics) = admin_request(&a.client, None, async |admin| {
+                Ok((admin.describe_cluster().await?, admin.list_topics().await?))
+            })
+            .await?;
             let s = status_json(&c, &topics);
-            if a.output.json() {
-                print_json(&s)
-            } else {
-                print_text(&status_table(&s))
-            }
+            a.output.print(&s, || status_table(&s))
         }
         ClusterCommand::Decommission(a) => {
-            let client = connect(&a.client).await?;
-            let moved = client
-                .admin()
-                .decommission_broker(a.broker_id)
-                .await
-                .map_err(|e| explain(e, None))?;
+            let moved = admin_request(&a.client, None, async |admin| {
+                admin.decommission_broker(a.broker_id).await
+            })
+            .await?;
             print_text(&format!(
                 "Broker {} is being emptied: {} partition replica(s) moving ({})\n",
                 a.broker_id,

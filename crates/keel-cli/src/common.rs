@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use clap::Args;
-use keel_client::{Client, ClientConfig, ClientError};
+use keel_client::{Admin, Client, ClientConfig, ClientError};
 
 /// The default bootstrap broker when neither `--brokers` nor `KEEL_BROKERS` says otherwise.
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9292";
@@ -120,6 +120,17 @@ pub async fn connect(opts: &ClientOpts) -> Result<Client> {
             CONNECT_TIMEOUT.as_secs()
         )),
     }
+}
+
+/// Connects (see [`connect`]) and makes the admin requests of one command, explaining a failure
+/// as [`explain`] does (`topic` names the topic they are about).
+pub async fn admin_request<T>(
+    opts: &ClientOpts,
+    topic: Option<&str>,
+    request: impl AsyncFnOnce(&Admin) -> std::result::Result<T, ClientError>,
+) -> Result<T> {
+    let admin = connect(opts).await?.admin();
+    request(&admin).await.map_err(|e| explain(e, topic))
 }
 
 /// One clear message for a client error; `topic` names the topic the command was about, for

@@ -157,15 +157,8 @@ pub async fn run(a: ConsumeArgs) -> Result<()> {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut stdout = std::io::stdout();
     while printed < limit {
-        let wait = match idle {
-            Some(idle) => {
-                let left = (last_record + idle).saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                left
-            }
-            None => FOLLOW_POLL,
+        let Some(wait) = poll_wait(idle, last_record) else {
+            break;
         };
         let records = consumer
             .poll(wait)
@@ -197,6 +190,18 @@ pub async fn run(a: ConsumeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long the next poll may wait: what is left of `--timeout-ms` since the last record, or
+/// `None` once that has run out (the command stops); without a timeout, one follow interval.
+fn poll_wait(idle: Option<Duration>, last_record: Instant) -> Option<Duration> {
+    match idle {
+        Some(idle) => {
+            let left = (last_record + idle).saturating_duration_since(Instant::now());
+            (!left.is_zero()).then_some(left)
+        }
+        None => Some(FOLLOW_POLL),
+    }
 }
 
 /// `consume --group`: prints what the group assigns and, after each batch is printed and
@@ -249,15 +254,8 @@ async fn run_group(a: &ConsumeArgs, client: Client, group: String) -> Result<()>
     let mut batch = Batch::default();
     let result: Result<()> = async {
         while printed < limit {
-            let wait = match idle {
-                Some(idle) => {
-                    let left = (last_record + idle).saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    left
-                }
-                None => FOLLOW_POLL,
+            let Some(wait) = poll_wait(idle, last_record) else {
+                break;
             };
             let records = tokio::select! {
                 r = consumer.poll(wait) => r.map_err(|e| explain(e, Some(topic)))?,

@@ -5,8 +5,8 @@ use clap::{ArgGroup, Args, Subcommand};
 use keel_client::{CommittedOffset, DescribeGroupResponse, GroupListing, ResetTo, TopicPartitions};
 use serde::Serialize;
 
-use crate::common::{ClientOpts, ListArgs, connect, explain, parse_timestamp};
-use crate::output::{OutputOpts, print_json, print_text, table};
+use crate::common::{ClientOpts, ListArgs, admin_request, parse_timestamp};
+use crate::output::{OutputOpts, print_text, table_of};
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
@@ -226,10 +226,11 @@ fn describe_table(d: &DescribeGroupResponse) -> String {
         d.total_lag
     );
     if !json.members.is_empty() {
-        let rows: Vec<Vec<String>> = json
-            .members
-            .iter()
-            .map(|m| {
+        out.push('\n');
+        out.push_str(&table_of(
+            &["MEMBER", "INSTANCE", "EPOCH", "ASSIGNMENT"],
+            json.members.iter(),
+            |m| {
                 let assignment: Vec<String> = m
                     .assignment
                     .iter()
@@ -245,31 +246,12 @@ fn describe_table(d: &DescribeGroupResponse) -> String {
                         assignment.join(",")
                     },
                 ]
-            })
-            .collect();
-        out.push('\n');
-        out.push_str(&table(
-            &["MEMBER", "INSTANCE", "EPOCH", "ASSIGNMENT"],
-            &rows,
+            },
         ));
     }
     if !json.offsets.is_empty() {
-        let rows: Vec<Vec<String>> = json
-            .offsets
-            .iter()
-            .map(|o| {
-                vec![
-                    o.topic.clone(),
-                    o.partition.to_string(),
-                    opt(o.committed),
-                    opt(o.log_end_offset),
-                    opt(o.lag),
-                    o.member.clone().unwrap_or_else(|| "-".to_owned()),
-                ]
-            })
-            .collect();
         out.push('\n');
-        out.push_str(&table(
+        out.push_str(&table_of(
             &[
                 "TOPIC",
                 "PARTITION",
@@ -278,7 +260,17 @@ fn describe_table(d: &DescribeGroupResponse) -> String {
                 "LAG",
                 "MEMBER",
             ],
-            &rows,
+            json.offsets.iter(),
+            |o| {
+                vec![
+                    o.topic.clone(),
+                    o.partition.to_string(),
+                    opt(o.committed),
+                    opt(o.log_end_offset),
+                    opt(o.lag),
+                    o.member.clone().unwrap_or_else(|| "-".to_owned()),
+                ]
+            },
         ));
     }
     out
@@ -317,75 +309,54 @@ fn reset_json(group: &str, topic: &str, offsets: &[CommittedOffset]) -> ResetJso
 pub async fn run(cmd: GroupCommand) -> Result<()> {
     match cmd {
         GroupCommand::List(a) => {
-            let client = connect(&a.client).await?;
-            let groups = client
-                .admin()
-                .list_groups()
-                .await
-                .map_err(|e| explain(e, None))?;
-            if a.output.json() {
-                print_json(&list_json(&groups))
-            } else {
-                let rows: Vec<Vec<String>> = list_json(&groups)
-                    .groups
-                    .into_iter()
-                    .map(|g| {
+            let groups =
+                admin_request(&a.client, None, async |admin| admin.list_groups().await).await?;
+            let json = list_json(&groups);
+            a.output.print(&json, || {
+                table_of(
+                    &["GROUP", "STATE", "MEMBERS", "COORDINATOR"],
+                    json.groups.iter(),
+                    |g| {
                         vec![
-                            g.group,
-                            g.state,
+                            g.group.clone(),
+                            g.state.clone(),
                             g.members.to_string(),
                             g.coordinator
                                 .map_or_else(|| "none".to_owned(), |c| c.to_string()),
                         ]
-                    })
-                    .collect();
-                print_text(&table(&["GROUP", "STATE", "MEMBERS", "COORDINATOR"], &rows))
-            }
+                    },
+                )
+            })
         }
         GroupCommand::Describe(a) => {
-            let client = connect(&a.client).await?;
-            let d = client
-                .admin()
-                .describe_group(&a.group)
-                .await
-                .map_err(|e| explain(e, None))?;
-            if a.output.json() {
-                print_json(&describe_json(&d))
-            } else {
-                print_text(&describe_table(&d))
-            }
+            let d = admin_request(&a.client, None, async |admin| {
+                admin.describe_group(&a.group).await
+            })
+            .await?;
+            a.output.print(&describe_json(&d), || describe_table(&d))
         }
         GroupCommand::Delete(a) => {
-            let client = connect(&a.client).await?;
-            client
-                .admin()
-                .delete_group(&a.group)
-                .await
-                .map_err(|e| explain(e, None))?;
+            admin_request(&a.client, None, async |admin| {
+                admin.delete_group(&a.group).await
+            })
+            .await?;
             print_text(&format!("Deleted group {:?}\n", a.group))
         }
         GroupCommand::ResetOffsets(a) => {
-            let client = connect(&a.client).await?;
-            let offsets = client
-                .admin()
-                .reset_offsets(&a.group, &a.topic, reset_to(&a))
-                .await
-                .map_err(|e| explain(e, Some(&a.topic)))?;
-            if a.output.json() {
-                print_json(&reset_json(&a.group, &a.topic, &offsets))
-            } else {
-                let rows: Vec<Vec<String>> = offsets
-                    .iter()
-                    .map(|o| {
+            let offsets = admin_request(&a.client, Some(&a.topic), async |admin| {
+                admin.reset_offsets(&a.group, &a.topic, reset_to(&a)).await
+            })
+            .await?;
+            a.output
+                .print(&reset_json(&a.group, &a.topic, &offsets), || {
+                    table_of(&["TOPIC", "PARTITION", "OFFSET"], offsets.iter(), |o| {
                         vec![
                             o.topic.clone(),
                             o.partition.to_string(),
                             o.offset.to_string(),
                         ]
                     })
-                    .collect();
-                print_text(&table(&["TOPIC", "PARTITION", "OFFSET"], &rows))
-            }
+                })
         }
     }
 }

@@ -26,6 +26,16 @@ impl OutputOpts {
     pub fn json(&self) -> bool {
         self.output == OutputFormat::Json
     }
+
+    /// Prints a command's answer in the chosen format: `json` as one line of JSON, or the text
+    /// `table` renders (built only when it is printed).
+    pub fn print(&self, json: &impl Serialize, table: impl FnOnce() -> String) -> Result<()> {
+        if self.json() {
+            print_json(json)
+        } else {
+            print_text(&table())
+        }
+    }
 }
 
 /// Prints `value` as one line of JSON.
@@ -73,6 +83,16 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         line(&mut row.iter().map(String::as_str));
     }
     out
+}
+
+/// `table` with a row per item, `row` giving an item's cells.
+pub fn table_of<T>(
+    headers: &[&str],
+    items: impl IntoIterator<Item = T>,
+    row: impl FnMut(T) -> Vec<String>,
+) -> String {
+    let rows: Vec<Vec<String>> = items.into_iter().map(row).collect();
+    table(headers, &rows)
 }
 
 /// `1,2,3`, or `-` for none.

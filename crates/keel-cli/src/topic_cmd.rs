@@ -7,8 +7,8 @@ use clap::{ArgGroup, Args, Subcommand};
 use keel_client::{PartitionInfo, TopicInfo};
 use serde::Serialize;
 
-use crate::common::{ClientOpts, ListArgs, connect, explain, parse_key_value, usage};
-use crate::output::{OutputOpts, id_list, print_json, print_text, table};
+use crate::common::{ClientOpts, ListArgs, admin_request, parse_key_value, usage};
+use crate::output::{OutputOpts, id_list, print_text, table_of};
 
 /// Config keys as documented in `--help` (the broker validates them).
 const CONFIG_HELP: &str = "Topic config (repeatable). Keys: retention.ms, retention.bytes, \
@@ -188,9 +188,18 @@ fn describe_table(t: &TopicInfo) -> String {
         t.partitions.len(),
         if t.partitions.len() == 1 { "" } else { "s" }
     );
-    let rows: Vec<Vec<String>> = sorted_partitions(t)
-        .into_iter()
-        .map(|p| {
+    out.push_str(&table_of(
+        &[
+            "PARTITION",
+            "LEADER",
+            "REPLICAS",
+            "IN-SYNC",
+            "LOG-START",
+            "LOG-END",
+            "HIGH-WATERMARK",
+        ],
+        sorted_partitions(t),
+        |p| {
             vec![
                 p.partition.to_string(),
                 if p.leader == 0 {
@@ -204,27 +213,13 @@ fn describe_table(t: &TopicInfo) -> String {
                 p.log_end_offset.to_string(),
                 p.high_watermark.to_string(),
             ]
-        })
-        .collect();
-    out.push_str(&table(
-        &[
-            "PARTITION",
-            "LEADER",
-            "REPLICAS",
-            "IN-SYNC",
-            "LOG-START",
-            "LOG-END",
-            "HIGH-WATERMARK",
-        ],
-        &rows,
+        },
     ));
     let config: BTreeMap<&String, &String> = t.config.iter().collect();
-    let rows: Vec<Vec<String>> = config
-        .into_iter()
-        .map(|(k, v)| vec![k.clone(), v.clone()])
-        .collect();
     out.push('\n');
-    out.push_str(&table(&["CONFIG", "VALUE"], &rows));
+    out.push_str(&table_of(&["CONFIG", "VALUE"], config, |(k, v)| {
+        vec![k.clone(), v.clone()]
+    }));
     out
 }
 
@@ -243,17 +238,17 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
     match cmd {
         TopicCommand::Create(a) => {
             let configs = config_map(a.configs)?;
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .create_topic(
-                    &a.name,
-                    a.partitions.unwrap_or(0),
-                    a.replication_factor.unwrap_or(0),
-                    configs,
-                )
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin
+                    .create_topic(
+                        &a.name,
+                        a.partitions.unwrap_or(0),
+                        a.replication_factor.unwrap_or(0),
+                        configs,
+                    )
+                    .await
+            })
+            .await?;
             print_text(&format!(
                 "Created topic {:?} with {} partition{}, replication factor {}\n",
                 t.name,
@@ -263,58 +258,45 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
             ))
         }
         TopicCommand::List(a) => {
-            let client = connect(&a.client).await?;
-            let mut topics = client
-                .admin()
-                .list_topics()
-                .await
-                .map_err(|e| explain(e, None))?;
+            let mut topics =
+                admin_request(&a.client, None, async |admin| admin.list_topics().await).await?;
             topics.sort_by(|x, y| x.name.cmp(&y.name));
-            if a.output.json() {
-                print_json(&TopicListJson {
-                    topics: topics
-                        .iter()
-                        .map(|t| TopicSummaryJson {
-                            name: t.name.clone(),
-                            partitions: t.partitions.len(),
-                            replication_factor: replication_factor(t),
-                        })
-                        .collect(),
-                })
-            } else {
-                let rows: Vec<Vec<String>> = topics
+            let json = TopicListJson {
+                topics: topics
                     .iter()
-                    .map(|t| {
+                    .map(|t| TopicSummaryJson {
+                        name: t.name.clone(),
+                        partitions: t.partitions.len(),
+                        replication_factor: replication_factor(t),
+                    })
+                    .collect(),
+            };
+            a.output.print(&json, || {
+                table_of(
+                    &["NAME", "PARTITIONS", "REPLICATION-FACTOR"],
+                    topics.iter(),
+                    |t| {
                         vec![
                             t.name.clone(),
                             t.partitions.len().to_string(),
                             replication_factor(t).to_string(),
                         ]
-                    })
-                    .collect();
-                print_text(&table(&["NAME", "PARTITIONS", "REPLICATION-FACTOR"], &rows))
-            }
+                    },
+                )
+            })
         }
         TopicCommand::Describe(a) => {
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .describe_topic(&a.name)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
-            if a.output.json() {
-                print_json(&topic_json(&t))
-            } else {
-                print_text(&describe_table(&t))
-            }
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.describe_topic(&a.name).await
+            })
+            .await?;
+            a.output.print(&topic_json(&t), || describe_table(&t))
         }
         TopicCommand::Delete(a) => {
-            let client = connect(&a.client).await?;
-            client
-                .admin()
-                .delete_topic(&a.name)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.delete_topic(&a.name).await
+            })
+            .await?;
             print_text(&format!("Deleted topic {:?}\n", a.name))
         }
         TopicCommand::Alter(a) => {
@@ -330,13 +312,11 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
                     remove.push(k);
                 }
             }
-            let client = connect(&a.client).await?;
             let keys: Vec<String> = set.keys().cloned().chain(remove.iter().cloned()).collect();
-            let t = client
-                .admin()
-                .alter_topic_config(&a.name, set, remove)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.alter_topic_config(&a.name, set, remove).await
+            })
+            .await?;
             let now: Vec<String> = keys
                 .iter()
                 .map(|k| {
@@ -347,12 +327,10 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
             print_text(&format!("Altered topic {:?}: {}\n", t.name, now.join(", ")))
         }
         TopicCommand::AddPartitions(a) => {
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .add_partitions(&a.name, a.partitions)
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin.add_partitions(&a.name, a.partitions).await
+            })
+            .await?;
             print_text(&format!(
                 "Topic {:?} now has {} partitions\n",
                 t.name,
@@ -360,12 +338,12 @@ pub async fn run(cmd: TopicCommand) -> Result<()> {
             ))
         }
         TopicCommand::Reassign(a) => {
-            let client = connect(&a.client).await?;
-            let t = client
-                .admin()
-                .reassign_partition(&a.name, a.partition, a.replicas.clone())
-                .await
-                .map_err(|e| explain(e, Some(&a.name)))?;
+            let t = admin_request(&a.client, Some(&a.name), async |admin| {
+                admin
+                    .reassign_partition(&a.name, a.partition, a.replicas.clone())
+                    .await
+            })
+            .await?;
             let replicas = t
                 .partitions
                 .get(a.partition as usize)

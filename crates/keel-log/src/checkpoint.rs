@@ -23,6 +23,7 @@ use std::path::Path;
 
 use crate::error::{LogError, Result};
 use crate::fs::Fs;
+use crate::le;
 
 pub(crate) const FILE: &str = "checkpoint";
 /// What [`crate::fs::write_atomic`] names its temporary file.
@@ -71,16 +72,8 @@ impl Checkpoint {
         if b.len() != LEN || &b[0..8] != MAGIC {
             return None;
         }
-        let u32_at = |i: usize| {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(&b[i..i + 4]);
-            u32::from_le_bytes(a)
-        };
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
+        let u32_at = |i: usize| le::u32_at(b, i);
+        let u64_at = |i: usize| le::u64_at(b, i);
         if u32_at(8) != 1 || crc32c::crc32c(&b[0..76]) != u32_at(76) {
             return None;
         }

@@ -18,6 +18,7 @@ mod config;
 mod error;
 pub mod fs;
 mod index;
+mod le;
 mod log;
 mod recovery;
 mod segment;

@@ -11,7 +11,7 @@ use crate::config::{FlushPolicy, LogConfig};
 use crate::error::{LogError, Result};
 use crate::fs::{Fs, RealFs};
 use crate::segment::{ActiveSegment, Key, Segment, Tail};
-use crate::segment_file::{SEGMENT_HEADER_LEN, SegmentHeader, paths};
+use crate::segment_file::{SEGMENT_HEADER_LEN, paths};
 use keel_batch::{
     BatchError, BatchHeader, DEFAULT_MAX_DECOMPRESSED, VerifiedBatch, decode_records,
     parse_verified,
@@ -185,16 +185,7 @@ impl Log {
     }
 
     fn tail(&self) -> Tail {
-        self.active().map_or(
-            Tail {
-                data_len: SEGMENT_HEADER_LEN,
-                next_offset: 0,
-                next_raft_index: 0,
-                last_term: 0,
-                max_timestamp: i64::MIN,
-            },
-            |s| s.tail(),
-        )
+        self.active().map_or(Tail::empty(0, 0, 0), |s| s.tail())
     }
 
     /// First offset still readable.
@@ -481,30 +472,14 @@ impl Log {
         let tail = w.active.seg.tail();
         self.durable_next
             .fetch_max(tail.next_raft_index, Ordering::AcqRel);
-        let header = SegmentHeader {
-            base_offset: tail.next_offset,
-            base_raft_index: tail.next_raft_index,
-            created_at_ms: now,
-        };
-        let next = ActiveSegment::create(
+        let next = ActiveSegment::create_empty(
             &*self.fs,
             &self.dir,
-            header,
+            Tail::empty(tail.next_offset, tail.next_raft_index, tail.last_term),
+            now,
             w.config.segment_bytes,
             w.config.index_interval_bytes,
         )?;
-        next.seg.set_loaded(
-            Tail {
-                data_len: SEGMENT_HEADER_LEN,
-                next_offset: tail.next_offset,
-                next_raft_index: tail.next_raft_index,
-                last_term: tail.last_term,
-                max_timestamp: i64::MIN,
-            },
-            0,
-            0,
-            SEGMENT_HEADER_LEN,
-        );
         w.active.finish_time_index();
         if let Err(e) = w.active.seg.seal() {
             return Err(self.poison(&e));
@@ -513,7 +488,7 @@ impl Log {
         segs.push(Arc::clone(&next.seg));
         w.active = next;
         self.set_segments(segs);
-        tracing::debug!(dir = %self.dir.display(), base_offset = header.base_offset, "rolled segment");
+        tracing::debug!(dir = %self.dir.display(), base_offset = tail.next_offset, "rolled segment");
         self.checkpoint_locked(w)
     }
 
@@ -840,33 +815,17 @@ impl Log {
             return Err(self.poison(&e));
         }
         let now = self.clock.now_ms();
-        let header = SegmentHeader {
-            base_offset: next_offset,
-            base_raft_index: next_raft_index,
-            created_at_ms: now,
-        };
-        let next = match ActiveSegment::create(
+        let next = match ActiveSegment::create_empty(
             &*self.fs,
             &self.dir,
-            header,
+            Tail::empty(next_offset, next_raft_index, last_term),
+            now,
             w.config.segment_bytes,
             w.config.index_interval_bytes,
         ) {
             Ok(n) => n,
             Err(e) => return Err(self.poison(&e)),
         };
-        next.seg.set_loaded(
-            Tail {
-                data_len: SEGMENT_HEADER_LEN,
-                next_offset,
-                next_raft_index,
-                last_term,
-                max_timestamp: i64::MIN,
-            },
-            0,
-            0,
-            SEGMENT_HEADER_LEN,
-        );
         self.set_segments(vec![Arc::clone(&next.seg)]);
         w.active = next;
         self.durable_next.store(next_raft_index, Ordering::Release);

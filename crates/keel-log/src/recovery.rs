@@ -26,9 +26,7 @@ use crate::error::{LogError, Result};
 use crate::fs::Fs;
 use crate::index::{self, ENTRY_LEN};
 use crate::segment::{ActiveSegment, Segment, Tail};
-use crate::segment_file::{
-    INDEX_SUFFIX, SEGMENT_HEADER_LEN, SegmentHeader, TIME_SUFFIX, parse_log_name, paths,
-};
+use crate::segment_file::{INDEX_SUFFIX, SEGMENT_HEADER_LEN, TIME_SUFFIX, parse_log_name, paths};
 
 pub(crate) struct Recovered {
     pub segments: Vec<Arc<Segment>>,
@@ -169,13 +167,11 @@ pub(crate) fn recover(
                 tail
             }
             None => {
-                let tail = Tail {
-                    data_len: SEGMENT_HEADER_LEN,
-                    next_offset: seg.base_offset,
-                    next_raft_index: seg.base_raft_index,
-                    last_term: prev_tail.map_or(0, |t| t.last_term),
-                    max_timestamp: i64::MIN,
-                };
+                let tail = Tail::empty(
+                    seg.base_offset,
+                    seg.base_raft_index,
+                    prev_tail.map_or(0, |t| t.last_term),
+                );
                 seg.set_loaded(tail, 0, 0, SEGMENT_HEADER_LEN);
                 tail
             }
@@ -243,30 +239,14 @@ pub(crate) fn recover(
                     .map_or((0, 0, 0), |c: Checkpoint| {
                         (c.next_offset, c.next_raft_index, c.last_term)
                     });
-                let header = SegmentHeader {
-                    base_offset: next_offset,
-                    base_raft_index: next_raft_index,
-                    created_at_ms: now_ms,
-                };
-                let a = ActiveSegment::create(
+                let a = ActiveSegment::create_empty(
                     fs,
                     dir,
-                    header,
+                    Tail::empty(next_offset, next_raft_index, last_term),
+                    now_ms,
                     config.segment_bytes,
                     config.index_interval_bytes,
                 )?;
-                a.seg.set_loaded(
-                    Tail {
-                        data_len: SEGMENT_HEADER_LEN,
-                        next_offset,
-                        next_raft_index,
-                        last_term,
-                        max_timestamp: i64::MIN,
-                    },
-                    0,
-                    0,
-                    SEGMENT_HEADER_LEN,
-                );
                 segments.push(Arc::clone(&a.seg));
                 needs_checkpoint = true;
                 a

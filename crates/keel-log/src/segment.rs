@@ -73,6 +73,19 @@ pub(crate) struct Tail {
     pub max_timestamp: i64,
 }
 
+impl Tail {
+    /// The tail of a segment holding no batches: the next batch continues at these positions.
+    pub fn empty(next_offset: u64, next_raft_index: u64, last_term: u64) -> Self {
+        Self {
+            data_len: SEGMENT_HEADER_LEN,
+            next_offset,
+            next_raft_index,
+            last_term,
+            max_timestamp: i64::MIN,
+        }
+    }
+}
+
 impl Segment {
     pub fn data_len(&self) -> u64 {
         self.data_len.load(Ordering::Acquire)
@@ -586,11 +599,38 @@ const RESERVE_CHUNK: u64 = 16 << 20;
 /// Appended bytes after which writeback of them is started early.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
 
+/// How many of an index's first `n` entries pass `keep`, counting up to the first that fails:
+/// index entries are sorted, so the ones past a cut point all come after it.
+fn leading(n: usize, keep: impl Fn(usize) -> bool) -> usize {
+    (0..n).take_while(|&i| keep(i)).count()
+}
+
 fn index_capacity_for(segment_bytes: u64, interval: u64) -> usize {
     (segment_bytes / interval.max(1) + 2) as usize
 }
 
 impl ActiveSegment {
+    /// Creates a new segment (see [`Self::create`]) that starts at `at`, an empty tail, and
+    /// loads it as holding nothing yet: the log rolls, resets and recovers an empty
+    /// directory this way.
+    pub fn create_empty(
+        fs: &dyn Fs,
+        dir: &std::path::Path,
+        at: Tail,
+        created_at_ms: i64,
+        segment_bytes: u64,
+        index_interval: u64,
+    ) -> Result<Self> {
+        let header = SegmentHeader {
+            base_offset: at.next_offset,
+            base_raft_index: at.next_raft_index,
+            created_at_ms,
+        };
+        let a = Self::create(fs, dir, header, segment_bytes, index_interval)?;
+        a.seg.set_loaded(at, 0, 0, SEGMENT_HEADER_LEN);
+        Ok(a)
+    }
+
     /// Creates a new, empty segment: files created, space reserved, header written and
     /// everything (directory included) synced before the first append.
     pub fn create(
@@ -890,27 +930,15 @@ impl ActiveSegment {
             region.fill(0);
             self.seg.files[0].wrote_mapped(pos, zero_to.saturating_sub(pos));
         }
-        let keep_index = {
-            let n = self.seg.index_entries.load(Ordering::Acquire);
-            let idx = &self.maps[1];
-            (0..n)
-                .take_while(|i| {
-                    index::offset_entry(idx, *i).is_some_and(|e| u64::from(e.position) < pos)
-                })
-                .count()
-        };
+        let keep_index = leading(self.seg.index_entries.load(Ordering::Acquire), |i| {
+            index::offset_entry(&self.maps[1], i).is_some_and(|e| u64::from(e.position) < pos)
+        });
         zero_entries(&mut self.maps[1], &*self.seg.files[1], keep_index);
         self.seg.index_entries.store(keep_index, Ordering::Release);
-        let keep_time = {
-            let n = self.seg.time_entries.load(Ordering::Acquire);
-            let t = &self.maps[2];
-            let limit = tail.next_offset.saturating_sub(self.seg.base_offset);
-            (0..n)
-                .take_while(|i| {
-                    index::time_entry(t, *i).is_some_and(|e| u64::from(e.rel_offset) < limit)
-                })
-                .count()
-        };
+        let limit = tail.next_offset.saturating_sub(self.seg.base_offset);
+        let keep_time = leading(self.seg.time_entries.load(Ordering::Acquire), |i| {
+            index::time_entry(&self.maps[2], i).is_some_and(|e| u64::from(e.rel_offset) < limit)
+        });
         zero_entries(&mut self.maps[2], &*self.seg.files[2], keep_time);
         self.seg.time_entries.store(keep_time, Ordering::Release);
         self.last_time_ts = self.seg.last_time_entry().map_or(i64::MIN, |e| e.timestamp);

@@ -14,6 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::le;
+
 pub(crate) const SEGMENT_HEADER_LEN: u64 = 64;
 const MAGIC: &[u8; 8] = b"KEELSEG1";
 const VERSION: u32 = 1;
@@ -49,16 +51,8 @@ impl SegmentHeader {
         if &h[0..8] != MAGIC {
             return Err("bad segment magic".to_owned());
         }
-        let u32_at = |i: usize| {
-            let mut b = [0u8; 4];
-            b.copy_from_slice(&h[i..i + 4]);
-            u32::from_le_bytes(b)
-        };
-        let u64_at = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&h[i..i + 8]);
-            u64::from_le_bytes(b)
-        };
+        let u32_at = |i: usize| le::u32_at(h, i);
+        let u64_at = |i: usize| le::u64_at(h, i);
         if crc32c::crc32c(&h[0..60]) != u32_at(60) {
             return Err("segment header CRC mismatch".to_owned());
         }

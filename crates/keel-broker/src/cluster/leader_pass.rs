@@ -210,6 +210,24 @@ mod tests {
         }
     }
 
+    /// The pass of a replica with nothing remembered (just elected), made now; with that time.
+    fn first_pass(s: &Status, pm: &PartitionMeta) -> (Decision, Instant) {
+        let now = Instant::now();
+        (decide(&input(s, Memory::default(), Some(pm), now)), now)
+    }
+
+    /// The pass of a replica of placement [1, 2, 3] that has led for `led` (with 10 committed
+    /// at its previous pass); with the time of the pass.
+    fn pass_after_leading(s: &Status, led: Duration) -> (Decision, Instant) {
+        let start = Instant::now();
+        let pm = placement(&[1, 2, 3]);
+        let at = start + led;
+        (
+            decide(&input(s, leading_since(start, 10), Some(&pm), at)),
+            at,
+        )
+    }
+
     fn input<'a>(
         s: &'a Status,
         memory: Memory,
@@ -243,9 +261,7 @@ mod tests {
     #[test]
     fn a_new_leader_counts_in_sync_only_followers_holding_everything_committed() {
         let s = status(1, Role::Leader, &[1, 2, 3], &[(2, Some(10)), (3, Some(9))]);
-        let pm = placement(&[1, 2, 3]);
-        let now = Instant::now();
-        let d = decide(&input(&s, Memory::default(), Some(&pm), now));
+        let (d, now) = first_pass(&s, &placement(&[1, 2, 3]));
         assert_eq!(d.in_sync, Some((vec![1, 2], 3)));
         assert_eq!(d.memory.prev_committed, 10);
         assert_eq!(d.memory.leader_since, Some(now));
@@ -275,8 +291,7 @@ mod tests {
     fn nothing_is_reported_when_the_metadata_already_says_it_or_it_was_sent() {
         let s = status(1, Role::Leader, &[1], &[]);
         let mut pm = placement(&[1]);
-        let now = Instant::now();
-        let d = decide(&input(&s, Memory::default(), Some(&pm), now));
+        let (d, now) = first_pass(&s, &pm);
         let Some(Action::Report(report)) = d.actions.first().cloned() else {
             panic!("expected a report, got {:?}", d.actions);
         };
@@ -298,8 +313,7 @@ mod tests {
     fn a_new_replica_set_starts_one_membership_change() {
         let s = status(1, Role::Leader, &[1, 2, 3], &[(2, Some(10)), (3, Some(10))]);
         let pm = placement(&[1, 2, 4]);
-        let now = Instant::now();
-        let d = decide(&input(&s, Memory::default(), Some(&pm), now));
+        let (d, now) = first_pass(&s, &pm);
         assert!(d.memory.changing);
         assert_eq!(
             d.actions.last(),
@@ -313,31 +327,17 @@ mod tests {
     #[test]
     fn leadership_goes_back_to_the_preferred_replica_once_it_is_in_sync_for_a_while() {
         let s = status(2, Role::Leader, &[1, 2, 3], &[(1, Some(10)), (3, Some(10))]);
-        let pm = placement(&[1, 2, 3]);
-        let start = Instant::now();
-        let memory = leading_since(start, 10);
-        let early = decide(&input(&s, memory, Some(&pm), start + PREFERRED_AFTER / 2));
+        let (early, _) = pass_after_leading(&s, PREFERRED_AFTER / 2);
         assert!(!early.actions.contains(&Action::TransferLeader(1)));
-        let late = decide(&input(
-            &s,
-            memory,
-            Some(&pm),
-            start + PREFERRED_AFTER + Duration::from_millis(1),
-        ));
+        let (late, at) = pass_after_leading(&s, PREFERRED_AFTER + Duration::from_millis(1));
         assert!(late.actions.contains(&Action::TransferLeader(1)));
-        assert_eq!(
-            late.memory.leader_since,
-            Some(start + PREFERRED_AFTER + Duration::from_millis(1))
-        );
+        assert_eq!(late.memory.leader_since, Some(at));
     }
 
     #[test]
     fn no_hand_back_to_a_preferred_replica_that_lags() {
         let s = status(2, Role::Leader, &[1, 2, 3], &[(1, Some(3)), (3, Some(10))]);
-        let pm = placement(&[1, 2, 3]);
-        let start = Instant::now();
-        let memory = leading_since(start, 10);
-        let d = decide(&input(&s, memory, Some(&pm), start + PREFERRED_AFTER * 2));
+        let (d, _) = pass_after_leading(&s, PREFERRED_AFTER * 2);
         assert_eq!(d.in_sync, Some((vec![2, 3], 3)));
         assert!(
             !d.actions

@@ -564,6 +564,22 @@ mod tests {
         s
     }
 
+    /// A create proposal with the default config.
+    fn create_topic(
+        request_id: u64,
+        name: &str,
+        replication_factor: u32,
+        assignments: Vec<Vec<u32>>,
+    ) -> Command {
+        Command::CreateTopic {
+            request_id,
+            name: name.into(),
+            config: TopicConfig::default(),
+            replication_factor,
+            assignments,
+        }
+    }
+
     #[test]
     fn adopting_a_single_node_catalogue_keeps_ids_and_repeats_harmlessly() {
         let topic = |name: &str, id: u64, partitions: u32| TopicMeta {
@@ -609,14 +625,8 @@ mod tests {
         s.apply(&cmd).expect("repeat");
         assert_eq!(s, before);
         // New topics get fresh ids after the adopted ones.
-        s.apply(&Command::CreateTopic {
-            request_id: 1,
-            name: "c".into(),
-            config: TopicConfig::default(),
-            replication_factor: 1,
-            assignments: vec![vec![7]],
-        })
-        .expect("create");
+        s.apply(&create_topic(1, "c", 1, vec![vec![7]]))
+            .expect("create");
         assert_eq!(s.topics["c"].meta.id, 5);
         // A cluster with topics of its own refuses the catalogue, changing nothing.
         let before = s.clone();
@@ -646,14 +656,8 @@ mod tests {
     fn assignment_accounts_for_existing_load() {
         let mut s = state(&[1, 2, 3]);
         let first = assign(&[1, 2, 3], &load_of(&s), 1, 1);
-        s.apply(&Command::CreateTopic {
-            request_id: 1,
-            name: "a".into(),
-            config: TopicConfig::default(),
-            replication_factor: 1,
-            assignments: first.clone(),
-        })
-        .expect("create");
+        s.apply(&create_topic(1, "a", 1, first.clone()))
+            .expect("create");
         let next = assign(&[1, 2, 3], &load_of(&s), 2, 1);
         let mut used: Vec<u32> = first.iter().chain(&next).map(|r| r[0]).collect();
         used.sort_unstable();
@@ -663,13 +667,7 @@ mod tests {
     #[test]
     fn commands_apply_deterministically_and_refusals_change_nothing() {
         let mut s = state(&[1, 2]);
-        let create = Command::CreateTopic {
-            request_id: 7,
-            name: "t".into(),
-            config: TopicConfig::default(),
-            replication_factor: 2,
-            assignments: vec![vec![1, 2], vec![2, 1]],
-        };
+        let create = create_topic(7, "t", 2, vec![vec![1, 2], vec![2, 1]]);
         s.apply(&create).expect("create");
         let before = s.clone();
         assert_eq!(
@@ -677,22 +675,10 @@ mod tests {
             Ok(Reply::Done),
             "a retried create is recognised"
         );
-        let other = Command::CreateTopic {
-            request_id: 9,
-            name: "t".into(),
-            config: TopicConfig::default(),
-            replication_factor: 2,
-            assignments: vec![vec![1, 2]],
-        };
+        let other = create_topic(9, "t", 2, vec![vec![1, 2]]);
         assert_eq!(s.apply(&other), Err(Refusal::TopicExists("t".into())));
         assert_eq!(
-            s.apply(&Command::CreateTopic {
-                request_id: 8,
-                name: "u".into(),
-                config: TopicConfig::default(),
-                replication_factor: 1,
-                assignments: vec![vec![7]],
-            }),
+            s.apply(&create_topic(8, "u", 1, vec![vec![7]])),
             Err(Refusal::Invalid {
                 field: "replicas".into(),
                 message: "partition 0: broker 7 is not a member of the cluster".into()
@@ -725,14 +711,8 @@ mod tests {
     #[test]
     fn reassignment_waits_for_the_first_leader_and_keeps_the_initial_set() {
         let mut s = state(&[1, 2, 3, 4]);
-        s.apply(&Command::CreateTopic {
-            request_id: 3,
-            name: "t".into(),
-            config: TopicConfig::default(),
-            replication_factor: 2,
-            assignments: vec![vec![1, 2]],
-        })
-        .expect("create");
+        s.apply(&create_topic(3, "t", 2, vec![vec![1, 2]]))
+            .expect("create");
         let reassign = Command::Reassign {
             name: "t".into(),
             partition: 0,
@@ -763,13 +743,7 @@ mod tests {
     #[test]
     fn retried_proposals_apply_once() {
         let mut s = state(&[1]);
-        let create = Command::CreateTopic {
-            request_id: 5,
-            name: "t".into(),
-            config: TopicConfig::default(),
-            replication_factor: 1,
-            assignments: vec![vec![1]],
-        };
+        let create = create_topic(5, "t", 1, vec![vec![1]]);
         s.apply(&create).expect("create");
         let add = Command::AddPartitions {
             name: "t".into(),

@@ -322,73 +322,95 @@ mod tests {
         }
     }
 
+    /// Hand-checked assignments from scratch: (case, strategy, members, partitions, each
+    /// member's share).
     #[test]
-    fn range_gives_contiguous_runs_extra_to_first_members() {
-        let ms = members(&["c", "a", "b"], &["t", "u"]);
-        let ps = parts(&[("t", 7), ("u", 2)]);
-        let out = assign(Strategy::Range, &ms, &ps, &Assignment::new());
-        assert_eq!(check_valid(&out, &ms, &ps), Ok(()));
-        assert_eq!(
-            get(&out, "a"),
-            &set(&[("t", 0), ("t", 1), ("t", 2), ("u", 0)])
+    fn fresh_assignments_match_worked_examples() {
+        type Share = (&'static str, &'static [(&'static str, u32)]);
+        type Case = (
+            &'static str,
+            Strategy,
+            Vec<MemberSpec>,
+            Vec<(&'static str, u32)>,
+            Vec<Share>,
         );
-        assert_eq!(get(&out, "b"), &set(&[("t", 3), ("t", 4), ("u", 1)]));
-        assert_eq!(get(&out, "c"), &set(&[("t", 5), ("t", 6)]));
-    }
-
-    #[test]
-    fn range_only_counts_subscribers_of_each_topic() {
-        let ms = vec![
-            MemberSpec::new("a", ["t"]),
-            MemberSpec::new("b", ["t", "u"]),
-            MemberSpec::new("c", ["v"]),
+        let cases: Vec<Case> = vec![
+            (
+                "range gives contiguous runs, the extra to the first members",
+                Strategy::Range,
+                members(&["c", "a", "b"], &["t", "u"]),
+                vec![("t", 7), ("u", 2)],
+                vec![
+                    ("a", &[("t", 0), ("t", 1), ("t", 2), ("u", 0)]),
+                    ("b", &[("t", 3), ("t", 4), ("u", 1)]),
+                    ("c", &[("t", 5), ("t", 6)]),
+                ],
+            ),
+            (
+                "range only counts the subscribers of each topic",
+                Strategy::Range,
+                vec![
+                    MemberSpec::new("a", ["t"]),
+                    MemberSpec::new("b", ["t", "u"]),
+                    MemberSpec::new("c", ["v"]),
+                ],
+                vec![("t", 3), ("u", 2)],
+                vec![
+                    ("a", &[("t", 0), ("t", 1)]),
+                    ("b", &[("t", 2), ("u", 0), ("u", 1)]),
+                    ("c", &[]),
+                ],
+            ),
+            (
+                "range orders static members by instance id",
+                Strategy::Range,
+                vec![
+                    MemberSpec::new("a", ["t"]),
+                    MemberSpec::new("z-restarted", ["t"]).with_instance_id("i1"),
+                    MemberSpec::new("m", ["t"]).with_instance_id("i2"),
+                ],
+                vec![("t", 3)],
+                vec![
+                    ("z-restarted", &[("t", 0)]),
+                    ("m", &[("t", 1)]),
+                    ("a", &[("t", 2)]),
+                ],
+            ),
+            (
+                "round robin deals across two topics",
+                Strategy::RoundRobin,
+                members(&["b", "a"], &["t", "u"]),
+                vec![("t", 3), ("u", 2)],
+                vec![
+                    ("a", &[("t", 0), ("t", 2), ("u", 1)]),
+                    ("b", &[("t", 1), ("u", 0)]),
+                ],
+            ),
+            (
+                // t0 a, t1 b, t2 a (c skipped), u0 b, u1 c, u2 b (a skipped).
+                "round robin skips members not subscribed",
+                Strategy::RoundRobin,
+                vec![
+                    MemberSpec::new("a", ["t"]),
+                    MemberSpec::new("b", ["t", "u"]),
+                    MemberSpec::new("c", ["u"]),
+                ],
+                vec![("t", 3), ("u", 3)],
+                vec![
+                    ("a", &[("t", 0), ("t", 2)]),
+                    ("b", &[("t", 1), ("u", 0), ("u", 2)]),
+                    ("c", &[("u", 1)]),
+                ],
+            ),
         ];
-        let ps = parts(&[("t", 3), ("u", 2)]);
-        let out = assign(Strategy::Range, &ms, &ps, &Assignment::new());
-        assert_eq!(check_valid(&out, &ms, &ps), Ok(()));
-        assert_eq!(get(&out, "a"), &set(&[("t", 0), ("t", 1)]));
-        assert_eq!(get(&out, "b"), &set(&[("t", 2), ("u", 0), ("u", 1)]));
-        assert!(get(&out, "c").is_empty());
-    }
-
-    #[test]
-    fn range_orders_static_members_by_instance_id() {
-        let ms = vec![
-            MemberSpec::new("a", ["t"]),
-            MemberSpec::new("z-restarted", ["t"]).with_instance_id("i1"),
-            MemberSpec::new("m", ["t"]).with_instance_id("i2"),
-        ];
-        let ps = parts(&[("t", 3)]);
-        let out = assign(Strategy::Range, &ms, &ps, &Assignment::new());
-        assert_eq!(get(&out, "z-restarted"), &set(&[("t", 0)]));
-        assert_eq!(get(&out, "m"), &set(&[("t", 1)]));
-        assert_eq!(get(&out, "a"), &set(&[("t", 2)]));
-    }
-
-    #[test]
-    fn round_robin_deals_across_two_topics() {
-        let ms = members(&["b", "a"], &["t", "u"]);
-        let ps = parts(&[("t", 3), ("u", 2)]);
-        let out = assign(Strategy::RoundRobin, &ms, &ps, &Assignment::new());
-        assert_eq!(check_valid(&out, &ms, &ps), Ok(()));
-        assert_eq!(get(&out, "a"), &set(&[("t", 0), ("t", 2), ("u", 1)]));
-        assert_eq!(get(&out, "b"), &set(&[("t", 1), ("u", 0)]));
-    }
-
-    #[test]
-    fn round_robin_skips_members_not_subscribed() {
-        let ms = vec![
-            MemberSpec::new("a", ["t"]),
-            MemberSpec::new("b", ["t", "u"]),
-            MemberSpec::new("c", ["u"]),
-        ];
-        let ps = parts(&[("t", 3), ("u", 3)]);
-        let out = assign(Strategy::RoundRobin, &ms, &ps, &Assignment::new());
-        assert_eq!(check_valid(&out, &ms, &ps), Ok(()));
-        // t0 a, t1 b, t2 a (c skipped), u0 b, u1 c, u2 b (a skipped).
-        assert_eq!(get(&out, "a"), &set(&[("t", 0), ("t", 2)]));
-        assert_eq!(get(&out, "b"), &set(&[("t", 1), ("u", 0), ("u", 2)]));
-        assert_eq!(get(&out, "c"), &set(&[("u", 1)]));
+        for (case, strategy, ms, ps, want) in cases {
+            let ps = parts(&ps);
+            let out = assign(strategy, &ms, &ps, &Assignment::new());
+            assert_eq!(check_valid(&out, &ms, &ps), Ok(()), "{case}");
+            for (id, share) in want {
+                assert_eq!(get(&out, id), &set(share), "{case}: {id}");
+            }
+        }
     }
 
     #[test]

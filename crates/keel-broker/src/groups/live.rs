@@ -429,22 +429,38 @@ mod tests {
         }
     }
 
+    /// What a new member sends first: no id yet, epoch 0, its subscription and what it claims.
+    fn join_request(s: Subscription, owned: BTreeSet<TopicPartition>) -> HeartbeatRequest {
+        HeartbeatRequest {
+            member_id: String::new(),
+            member_epoch: 0,
+            instance_id: None,
+            subscription: Some(s),
+            owned,
+            session_timeout_ms: 1000,
+            strategy: None,
+        }
+    }
+
     fn join(g: &mut LiveGroup, id: &str, s: Subscription, cat: &Catalog) -> HeartbeatAnswer {
-        g.heartbeat(
-            HeartbeatRequest {
-                member_id: String::new(),
-                member_epoch: 0,
-                instance_id: None,
-                subscription: Some(s),
-                owned: BTreeSet::new(),
-                session_timeout_ms: 1000,
-                strategy: None,
-            },
-            0,
-            cat,
-            || id.to_owned(),
-        )
-        .expect("join")
+        g.heartbeat(join_request(s, BTreeSet::new()), 0, cat, || id.to_owned())
+            .expect("join")
+    }
+
+    /// A member of the previous coordinator's time joining again with the partitions it held.
+    fn rejoin(
+        g: &mut LiveGroup,
+        id: &str,
+        claim: &BTreeSet<TopicPartition>,
+        now: u64,
+        cat: &Catalog,
+    ) -> HeartbeatAnswer {
+        let req = HeartbeatRequest {
+            session_timeout_ms: 5000,
+            ..join_request(sub(&["t"], &[]), claim.clone())
+        };
+        g.heartbeat(req, now, cat, || id.to_owned())
+            .expect("rejoin")
     }
 
     fn beat(
@@ -608,44 +624,14 @@ mod tests {
         let mut g = LiveGroup::new("g").holding_until(1000);
         let claim: BTreeSet<TopicPartition> =
             [TopicPartition::new("t", 0), TopicPartition::new("t", 1)].into();
-        let a = g
-            .heartbeat(
-                HeartbeatRequest {
-                    member_id: String::new(),
-                    member_epoch: 0,
-                    instance_id: None,
-                    subscription: Some(sub(&["t"], &[])),
-                    owned: claim.clone(),
-                    session_timeout_ms: 5000,
-                    strategy: None,
-                },
-                10,
-                &cat,
-                || "a".into(),
-            )
-            .expect("rejoin");
+        let a = rejoin(&mut g, "a", &claim, 10, &cat);
         assert_eq!(
             a.assignment, claim,
             "only what it claims while others may rejoin"
         );
         // Another old member rejoins with its partitions.
         let claim_b: BTreeSet<TopicPartition> = [TopicPartition::new("t", 2)].into();
-        let b = g
-            .heartbeat(
-                HeartbeatRequest {
-                    member_id: String::new(),
-                    member_epoch: 0,
-                    instance_id: None,
-                    subscription: Some(sub(&["t"], &[])),
-                    owned: claim_b.clone(),
-                    session_timeout_ms: 5000,
-                    strategy: None,
-                },
-                20,
-                &cat,
-                || "b".into(),
-            )
-            .expect("rejoin");
+        let b = rejoin(&mut g, "b", &claim_b, 20, &cat);
         assert!(b.assignment.is_subset(&claim_b));
         // After the hold, the unclaimed partition is assigned too.
         assert!(g.refresh(1000, &cat));
@@ -663,13 +649,8 @@ mod tests {
         let _a = join(&mut g, "a", sub(&["t"], &[]), &cat);
         let r = g.heartbeat(
             HeartbeatRequest {
-                member_id: String::new(),
-                member_epoch: 0,
-                instance_id: None,
-                subscription: Some(sub(&["t"], &[])),
-                owned: BTreeSet::new(),
-                session_timeout_ms: 1000,
                 strategy: Some(Strategy::Range),
+                ..join_request(sub(&["t"], &[]), BTreeSet::new())
             },
             1,
             &cat,

@@ -273,6 +273,19 @@ mod tests {
         ps.iter().map(|&p| tp("t", p)).collect()
     }
 
+    /// A group whose member "a" joined and confirmed partitions 0 and 1 (at the epoch returned),
+    /// and whose target then moves 1 to "b".
+    fn moving_1_from_a_to_b() -> (GroupState, u64) {
+        let mut g = GroupState::new();
+        g.set_target(target(&[("a", &[0, 1])]));
+        let first = g.heartbeat("a", 0, &set(&[])).expect("a");
+        let e = first.member_epoch;
+        let confirmed = g.heartbeat("a", e, &set(&[0, 1])).expect("a");
+        assert_eq!(confirmed.member_epoch, e, "nothing changed, no new epoch");
+        g.set_target(target(&[("a", &[0]), ("b", &[1])]));
+        (g, e)
+    }
+
     fn target(entries: &[(&str, &[u32])]) -> Assignment {
         entries
             .iter()
@@ -331,14 +344,7 @@ mod tests {
 
     #[test]
     fn a_stale_report_frees_nothing() {
-        let mut g = GroupState::new();
-        g.set_target(target(&[("a", &[0, 1])]));
-        let first = g.heartbeat("a", 0, &set(&[])).expect("a");
-        let e1 = first.member_epoch;
-        let second = g.heartbeat("a", e1, &set(&[0, 1])).expect("a");
-        assert_eq!(second.member_epoch, e1, "nothing changed, no new epoch");
-
-        g.set_target(target(&[("a", &[0]), ("b", &[1])]));
+        let (mut g, e1) = moving_1_from_a_to_b();
         // This answer (revoke 1) is lost; a reports again from its old epoch...
         let lost = g.heartbeat("a", e1, &set(&[0, 1])).expect("a");
         assert!(lost.member_epoch > e1);
@@ -356,12 +362,7 @@ mod tests {
 
     #[test]
     fn a_late_join_request_does_not_free_what_was_granted_since() {
-        let mut g = GroupState::new();
-        g.set_target(target(&[("a", &[0, 1])]));
-        let hb = g.heartbeat("a", 0, &set(&[])).expect("a");
-        let e = hb.member_epoch;
-        g.heartbeat("a", e, &set(&[0, 1])).expect("a");
-        g.set_target(target(&[("a", &[0]), ("b", &[1])]));
+        let (mut g, _) = moving_1_from_a_to_b();
         // A retry of a's join arrives late, or a restarted: either way it is not a release.
         let hb = g.heartbeat("a", 0, &set(&[])).expect("a");
         assert_eq!((hb.assignment, hb.revoke), (set(&[0]), set(&[1])));

@@ -28,6 +28,18 @@ const DEFAULT_SESSION_MS: u32 = 10_000;
 const MIN_SESSION_MS: u32 = 500;
 const MAX_SESSION_MS: u32 = 300_000;
 
+/// INVALID_ARGUMENT about `field` when `count` is over `limit`, worded
+/// "{count} {what}; the limit is {limit}{per}" (`per` e.g. " per request").
+fn within(field: &'static str, count: usize, limit: usize, what: &str, per: &str) -> Result<()> {
+    if count > limit {
+        return Err(BrokerError::invalid(
+            field,
+            format!("{count} {what}; the limit is {limit}{per}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Group and instance ids become log keys and metric labels: keep them to a safe alphabet.
 fn check_id(field: &'static str, id: &str, required: bool) -> Result<()> {
     if id.is_empty() {
@@ -37,12 +49,7 @@ fn check_id(field: &'static str, id: &str, required: bool) -> Result<()> {
             Ok(())
         };
     }
-    if id.len() > MAX_ID_LEN {
-        return Err(BrokerError::invalid(
-            field,
-            format!("{} characters long; the limit is {MAX_ID_LEN}", id.len()),
-        ));
-    }
+    within(field, id.len(), MAX_ID_LEN, "characters long", "")?;
     if !id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -57,12 +64,7 @@ fn check_id(field: &'static str, id: &str, required: bool) -> Result<()> {
 
 fn topic_partitions(field: &'static str, list: &[TopicPartitions]) -> Result<Vec<TopicPartition>> {
     let count: usize = list.iter().map(|t| t.partitions.len()).sum();
-    if count > MAX_PARTITIONS_LISTED {
-        return Err(BrokerError::invalid(
-            field,
-            format!("{count} partitions listed; the limit is {MAX_PARTITIONS_LISTED}"),
-        ));
-    }
+    within(field, count, MAX_PARTITIONS_LISTED, "partitions listed", "")?;
     let mut out = Vec::with_capacity(count);
     for t in list {
         validate_topic_name(&t.topic).map_err(|e| BrokerError::invalid(field, e.to_string()))?;
@@ -86,15 +88,8 @@ fn to_proto(tps: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
 }
 
 fn subscription(topics: &[String], patterns: &[String]) -> Result<Subscription> {
-    if topics.len() + patterns.len() > MAX_SUBSCRIPTION {
-        return Err(BrokerError::invalid(
-            "topics",
-            format!(
-                "{} topics and patterns; the limit is {MAX_SUBSCRIPTION}",
-                topics.len() + patterns.len()
-            ),
-        ));
-    }
+    let count = topics.len() + patterns.len();
+    within("topics", count, MAX_SUBSCRIPTION, "topics and patterns", "")?;
     let mut sub = Subscription::default();
     for t in topics {
         validate_topic_name(t).map_err(|e| BrokerError::invalid("topics", e.to_string()))?;
@@ -197,28 +192,20 @@ impl Groups {
 
     async fn commit_inner(&self, r: CommitOffsetsRequest) -> Result<()> {
         check_id("group_id", &r.group_id, true)?;
-        if r.offsets.len() > MAX_COMMIT_ENTRIES {
-            return Err(BrokerError::invalid(
-                "offsets",
-                format!(
-                    "{} entries; the limit is {MAX_COMMIT_ENTRIES} per request",
-                    r.offsets.len()
-                ),
-            ));
-        }
+        let count = r.offsets.len();
+        within(
+            "offsets",
+            count,
+            MAX_COMMIT_ENTRIES,
+            "entries",
+            " per request",
+        )?;
         let mut tps = Vec::with_capacity(r.offsets.len());
         for o in &r.offsets {
             validate_topic_name(&o.topic)
                 .map_err(|e| BrokerError::invalid("offsets.topic", e.to_string()))?;
-            if o.metadata.len() > MAX_METADATA_BYTES {
-                return Err(BrokerError::invalid(
-                    "offsets.metadata",
-                    format!(
-                        "{} bytes; the limit is {MAX_METADATA_BYTES}",
-                        o.metadata.len()
-                    ),
-                ));
-            }
+            let bytes = o.metadata.len();
+            within("offsets.metadata", bytes, MAX_METADATA_BYTES, "bytes", "")?;
             tps.push(TopicPartition::new(o.topic.clone(), o.partition));
         }
         let st = Arc::clone(&self.0);

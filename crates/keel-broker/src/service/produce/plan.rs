@@ -185,16 +185,7 @@ pub fn plan<L: Lookups>(
                         format!("batches[{i}] has no records"),
                     ));
                 }
-                if list.records.len() as u64 > u64::from(limits.max_records_per_batch) {
-                    return Err(BrokerError::invalid(
-                        "batches.records",
-                        format!(
-                            "batches[{i}] holds {} records; the limit is {}",
-                            list.records.len(),
-                            limits.max_records_per_batch
-                        ),
-                    ));
-                }
+                records_at_most("batches.records", i, list.records.len() as u64, limits)?;
                 let producer = match &b.producer {
                     None => None,
                     Some(f) => {
@@ -246,6 +237,26 @@ pub fn plan<L: Lookups>(
     })
 }
 
+/// Request batch `index` holds `count` records: at most `max_records_per_batch`, whether it came
+/// as a record list or encoded (the same message either way).
+fn records_at_most(
+    field: &'static str,
+    index: usize,
+    count: u64,
+    limits: &ProduceLimits,
+) -> Result<()> {
+    if count > u64::from(limits.max_records_per_batch) {
+        return Err(BrokerError::invalid(
+            field,
+            format!(
+                "batches[{index}] holds {count} records; the limit is {}",
+                limits.max_records_per_batch
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks request batch `index`, an encoded record batch: its size, CRC and records, that it
 /// is a data batch, and its producer fields.
 fn check_encoded<L: Lookups>(
@@ -291,15 +302,12 @@ fn check_encoded<L: Lookups>(
             ),
         });
     }
-    if header.record_count > limits.max_records_per_batch {
-        return Err(BrokerError::invalid(
-            "batches.record_batch",
-            format!(
-                "batches[{index}] holds {} records; the limit is {}",
-                header.record_count, limits.max_records_per_batch
-            ),
-        ));
-    }
+    records_at_most(
+        "batches.record_batch",
+        index,
+        u64::from(header.record_count),
+        limits,
+    )?;
     let producer = idempotent(
         lookups,
         index,
