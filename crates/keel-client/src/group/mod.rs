@@ -2,7 +2,7 @@
 //! group administration calls on [`Admin`](crate::Admin).
 //!
 //! Every group call goes to the group's coordinator (see `coordinator.rs`); membership is kept by
-//! a background heartbeat task (see `consumer.rs`) following the bookkeeping in
+//! a background heartbeat task (see `consumer/heartbeat.rs`) following the bookkeeping in
 //! `membership.rs`.
 
 mod admin;
