@@ -52,13 +52,14 @@ use accumulator::{Accumulator, AccumulatorConfig, PendingRecord};
 /// How many replicas must have a batch before the broker acknowledges it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Acks {
-    /// Acknowledged once the broker validated the request; the append may still fail, and no
-    /// offsets are returned.
+    /// Kafka's `acks=0`. The broker answers it as [`Acks::All`]; the producer does not report
+    /// the offsets it was given.
     None,
-    /// Acknowledged once the leader appended the batch (not necessarily fsynced or replicated).
+    /// Kafka's `acks=1`. The broker answers it as [`Acks::All`] (the offsets are only known once
+    /// the batch is committed).
     Leader,
-    /// Acknowledged once the batch is committed on a majority of replicas. Survives the failure
-    /// of a minority of replicas.
+    /// Acknowledged once the batch is committed on a majority of replicas under the topic's
+    /// flush policy. Survives the failure of a minority of replicas.
     #[default]
     All,
 }
@@ -259,7 +260,8 @@ impl ProducerRecord {
 pub struct RecordMetadata {
     pub topic: Arc<str>,
     pub partition: u32,
-    /// `None` with [`Acks::None`], where the broker answers before it assigns offsets.
+    /// `None` with [`Acks::None`], where the producer does not report offsets (as Kafka's
+    /// `acks=0` cannot).
     pub offset: Option<u64>,
     /// The record's timestamp as written (the producer's clock when not given).
     pub timestamp_ms: i64,
