@@ -331,6 +331,32 @@ pub fn check(h: &History) -> Report {
         }
     }
 
+    // Each producer's records appear in each partition in the order it sent them: values are
+    // `{producer}-{sequence}`, and an idempotent producer's retries must never put a later
+    // record before an earlier one (Kafka's ordering guarantee with idempotence).
+    for (p, log) in &h.final_log {
+        let mut last: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for (o, v) in log {
+            let Some((producer, seq)) = v
+                .rsplit_once('-')
+                .and_then(|(name, seq)| Some((name, seq.parse::<u64>().ok()?)))
+            else {
+                continue;
+            };
+            if let Some((prev_seq, prev_offset)) = last.get(producer)
+                && seq < *prev_seq
+            {
+                fail(
+                    &mut r,
+                    format!(
+                        "partition {p}: {v} at offset {o} follows {producer}-{prev_seq:08} at {prev_offset} (out of send order)"
+                    ),
+                );
+            }
+            last.insert(producer, (seq, *o));
+        }
+    }
+
     // Committed offsets never move backwards.
     for ((group, p), offsets) in &h.commits {
         for w in offsets.windows(2) {
@@ -447,6 +473,33 @@ mod tests {
             ..History::default()
         };
         assert!(!check(&refused_written).ok());
+    }
+
+    #[test]
+    fn a_producer_s_records_out_of_send_order_are_a_violation() {
+        let acked = |offset| Outcome::Acked {
+            partition: 0,
+            offset,
+        };
+        let mut h = History::default();
+        for (value, offset) in [("p1-00000002", 0), ("p2-00000001", 1), ("p1-00000001", 2)] {
+            h.writes.insert(value.into(), acked(offset));
+        }
+        h.final_log.insert(
+            0,
+            log(&[(0, "p1-00000002"), (1, "p2-00000001"), (2, "p1-00000001")]),
+        );
+        let r = check(&h);
+        assert_eq!(r.violations.len(), 1, "{r}");
+        assert!(r.violations[0].contains("out of send order"), "{r}");
+        // Another producer's records in between, and sequence gaps, are fine.
+        h.final_log.insert(
+            0,
+            log(&[(0, "p1-00000001"), (1, "p2-00000001"), (2, "p1-00000002")]),
+        );
+        h.writes.insert("p1-00000001".into(), acked(0));
+        h.writes.insert("p1-00000002".into(), acked(2));
+        assert!(check(&h).ok(), "{}", check(&h));
     }
 
     #[test]
