@@ -45,7 +45,10 @@ fn write_old_layout(dir: &Path) -> Bytes {
                 "id": 2,
                 "partitions": 2,
                 "replication_factor": 1,
-                "config": { "overrides": { "segment.bytes": "4096" } }
+                // The records carry a 2023 timestamp (`keel_tests::records`): without
+                // `retention.ms=-1` the broker's first retention pass may delete them by time
+                // before the test looks, which made this test flaky.
+                "config": { "overrides": { "segment.bytes": "4096", "retention.ms": "-1" } }
             }
         },
         "producers": {
