@@ -108,11 +108,3 @@ pub async fn wait_applied<SM: RaftStateMachine<KeelRaft>>(
     Ok(())
 }
 
-/// The index of the last entry `n` applied.
-pub fn last_applied_index<SM: RaftStateMachine<KeelRaft>>(n: &Raft<KeelRaft, SM>) -> u64 {
-    n.metrics()
-        .borrow_watched()
-        .last_applied
-        .expect("applied")
-        .index
-}
