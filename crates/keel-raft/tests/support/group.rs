@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use keel_raft::KeelRaft;
 use openraft::storage::RaftStateMachine;
-use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 
 use super::Router;
