@@ -212,7 +212,12 @@ impl BrokerProc {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra)
-            .env("RUST_LOG", "info")
+            // KEEL_TEST_BROKER_LOG raises the brokers' log level when a failure needs replaying
+            // with more detail (e.g. `info,openraft=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("KEEL_TEST_BROKER_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

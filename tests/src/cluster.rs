@@ -251,6 +251,15 @@ impl ClusterProc {
                 }
             }
         }
+        // KEEL_TEST_KEEP_DATA keeps the brokers' data directories too, for replaying a failure
+        // against what was on disk (they can be large).
+        if std::env::var_os("KEEL_TEST_KEEP_DATA").is_some() {
+            let _ = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&self.dir)
+                .arg(out.join("data"))
+                .status();
+        }
         out
     }
 

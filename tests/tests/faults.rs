@@ -516,10 +516,14 @@ async fn faults_under_load_keep_every_invariant() {
         if caught_up {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the group consumer never caught up"
-        );
+        if Instant::now() >= deadline {
+            let logs = cluster.preserve_logs();
+            keep_history(&logs);
+            panic!(
+                "seed {seed}: the group consumer never caught up (consumed up to {last:?}); broker logs and the event history in {}",
+                logs.display()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     consumer_stop.store(true, Ordering::Relaxed);

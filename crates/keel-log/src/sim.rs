@@ -130,6 +130,23 @@ impl CrashFs {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The state, for recording that a sync completed: blocks for good once the power is gone.
+    /// [`CrashFs::power_loss`] sets `frozen` before it takes the lock to write the durable
+    /// state out, so a sync that got past [`CrashFs::gate`] before the power went, but records
+    /// its result after, never returns: on a real machine a sync the power cut short does not
+    /// report success. (Returning `Ok` there let a replica acknowledge entries as durable that
+    /// the power loss had just dropped: the fault run saw a new leader without them.)
+    fn lock_live(&self) -> MutexGuard<'_, State> {
+        loop {
+            let st = self.lock();
+            if !self.faults.frozen.load(Ordering::SeqCst) {
+                return st;
+            }
+            drop(st);
+            self.gate();
+        }
+    }
+
     /// Blocks the calling thread for good once the power is gone: nothing may reach the disk
     /// after the durable state was written out.
     fn gate(&self) {
@@ -295,7 +312,7 @@ impl Fs for CrashFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.gate();
         RealFs.sync_dir(dir)?;
-        let mut st = self.lock();
+        let mut st = self.lock_live();
         st.durable.retain(|p, _| p.parent() != Some(dir));
         let entries: Vec<(PathBuf, InodeId)> = st
             .live
@@ -400,7 +417,7 @@ impl FileHandle for CrashFile {
         // Take the range first: a write landing after this is recorded again and goes with
         // the next sync (its bytes may also be copied now, as a real disk might).
         let (dirty, shrunk) = {
-            let mut st = self.fs.lock();
+            let mut st = self.fs.lock_live();
             (st.dirty.remove(&self.inode), st.shrunk.remove(&self.inode))
         };
         let copied = match dirty {
@@ -412,7 +429,7 @@ impl FileHandle for CrashFile {
             }
             _ => None,
         };
-        let mut st = self.fs.lock();
+        let mut st = self.fs.lock_live();
         let image = st
             .synced
             .entry(self.inode)
@@ -429,5 +446,42 @@ impl FileHandle for CrashFile {
         drop(st);
         self.fs.faults.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A sync that was under way when the power went must not report success once the durable
+    /// state has been written out without its data.
+    #[test]
+    fn a_sync_cut_short_by_a_power_loss_never_returns() -> io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("keel-sim-cut-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let fs = CrashFs::new();
+        let f = fs.create(&dir.join("f"))?;
+        f.allocate(4096)?;
+        f.write_all_at(b"acknowledged?", 0)?;
+        // The power loss is writing the durable state out (it holds the state lock) while the
+        // sync gets past the gate and waits to record its result.
+        let writing_out = fs.lock();
+        let (done, finished) = mpsc::channel();
+        let file = Arc::clone(&f);
+        std::thread::spawn(move || {
+            let _ = done.send(file.sync_data());
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        fs.faults.frozen.store(true, Ordering::SeqCst);
+        drop(writing_out);
+        assert!(
+            finished.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the sync returned after the power loss"
+        );
+        // The blocked thread keeps its handle; the file goes with the directory.
+        std::fs::remove_dir_all(&dir)
     }
 }
