@@ -106,4 +106,3 @@ pub async fn wait_applied<SM: RaftStateMachine<KeelRaft>>(
         .map_err(err)?;
     Ok(())
 }
-
