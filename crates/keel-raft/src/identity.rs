@@ -37,7 +37,7 @@ pub enum Refused {
     )]
     ForeignCluster { theirs: String, ours: String },
     #[error(
-        "storage identity: broker {node} sent from data directory {sent}, but the cluster knows it with data directory {known}: its directory was wiped or replaced, so it has forgotten its votes and log; replace it with `keel cluster replace-broker --broker-id {node}`"
+        "storage identity: broker {node} sent from data directory {sent}, but the cluster knows it with data directory {known}: its directory was wiped or replaced, so it has forgotten its votes and log; replace it with `keel cluster replace-broker {node}`"
     )]
     ReplacedSender {
         node: u64,
@@ -221,10 +221,7 @@ mod tests {
             })
         );
         let message = err.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            message.contains("replace-broker --broker-id 2"),
-            "{message}"
-        );
+        assert!(message.contains("replace-broker 2"), "{message}");
     }
 
     #[test]

@@ -290,19 +290,21 @@ where
             .clone()
             .ok_or_else(|| Status::unimplemented("this broker accepts no forwarded requests"))?;
         let req = req.into_inner();
+        // Forwarded requests are checked for the cluster only: a broker whose data directory
+        // was replaced registers its new storage through one (and is told why it is refused).
+        // Checked before the target, so that a probe for "whoever answers" learns whether it
+        // is of the same cluster.
+        self.registry.check_identity(&Stamp {
+            from: req.from,
+            cluster_id: req.cluster_id.clone(),
+            ..Stamp::default()
+        })?;
         if req.target != self.registry.node_id {
             return Err(Status::failed_precondition(format!(
                 "forwarded request for node {} reached node {}",
                 req.target, self.registry.node_id
             )));
         }
-        // Forwarded requests are checked for the cluster only: a broker whose data directory
-        // was replaced registers its new storage through one (and is told why it is refused).
-        self.registry.check_identity(&Stamp {
-            from: req.from,
-            cluster_id: req.cluster_id.clone(),
-            ..Stamp::default()
-        })?;
         let payload = handler(req.group_id, req.payload).await?;
         Ok(Response::new(pb::RaftReply { payload }))
     }
