@@ -22,8 +22,9 @@ const ALIVE_WITHIN: Duration = Duration::from_secs(3);
 /// What one broker asks another over `Forward`.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum ForwardRequest {
-    /// Propose a metadata command (the receiver must lead the metadata group).
-    Propose(Command),
+    /// Propose a metadata command (the receiver must lead the metadata group). Boxed: the
+    /// other requests are a few bytes (the JSON is the same).
+    Propose(Box<Command>),
     /// Which brokers the metadata leader hears from.
     Liveness,
     /// The metadata leader's commit index: everything up to it is what the cluster knows now.
@@ -61,8 +62,9 @@ impl ClusterNode {
                     Err(Some(e)) => return Err(e),
                 },
                 Some((l, Some(addr))) => {
-                    let payload = serde_json::to_vec(&ForwardRequest::Propose(cmd.clone()))
-                        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                    let payload =
+                        serde_json::to_vec(&ForwardRequest::Propose(Box::new(cmd.clone())))
+                            .map_err(|e| BrokerError::Internal(e.to_string()))?;
                     let reply = self
                         .transport
                         .forward(&addr, l, META_GROUP, Bytes::from(payload), PROPOSE_TIMEOUT)
@@ -126,7 +128,7 @@ impl ClusterNode {
             ForwardRequest::Propose(cmd) => match self.propose_local(&cmd).await {
                 Ok(outcome) => ForwardReply::Outcome(outcome),
                 // Not the leader: pass it on (a joining broker knows no leader address yet).
-                Err(None) => match self.propose_for_reply(cmd).await {
+                Err(None) => match self.propose_for_reply(*cmd).await {
                     Ok(r) => ForwardReply::Outcome(Ok(r)),
                     Err(e) => ForwardReply::Error(e.into()),
                 },

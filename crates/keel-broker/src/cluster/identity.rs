@@ -143,7 +143,8 @@ impl ClusterNode {
         let Ok(probe) = serde_json::to_vec(&ForwardRequest::Liveness) else {
             return;
         };
-        let majority = (self.seeds.len() + 1) / 2 + 1;
+        // A majority of the cluster's brokers: the seeds and this one.
+        let majority = self.seeds.len().div_ceil(2) + 1;
         for _ in 0..30 {
             let mut refused = Vec::new();
             for via in &self.seeds {

@@ -197,7 +197,7 @@ impl ClusterNode {
     /// that does not know the metadata (yet) and so cannot tell who leads.
     pub(super) async fn propose_via(&self, via: &str, cmd: Command) -> Result<()> {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
-        let req = ForwardRequest::Propose(cmd);
+        let req = ForwardRequest::Propose(Box::new(cmd));
         let payload = Bytes::from(
             serde_json::to_vec(&req).map_err(|e| BrokerError::Internal(e.to_string()))?,
         );
