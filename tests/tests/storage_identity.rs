@@ -118,11 +118,15 @@ async fn a_wiped_broker_is_refused_until_replaced_then_rebuilt_and_a_foreign_dir
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(
-        identity(&dirs[2]).map(|i| i.cluster_id),
-        Some(cluster_id.clone()),
-        "the new directory records the cluster"
-    );
+    wait_until("the new directory to record the cluster", WAIT, || {
+        identity(&dirs[2]).is_some_and(|i| i.cluster_id == cluster_id)
+    });
+    // It was a voter of the metadata group and is one again once caught up.
+    let metrics = cluster.node(1).http.clone();
+    wait_until("broker 3 to be a metadata voter again", WAIT, || {
+        keel_tests::broker::http_get(&metrics, "/metrics")
+            .is_some_and(|(_, body)| body.lines().any(|l| l == "keel_metadata_voters 3"))
+    });
     acked.extend(produce_all(&client, "ids", values(1000, 1500)).await);
     let acked: BTreeMap<u64, String> = acked.into_iter().map(|(v, o)| (o, v)).collect();
     assert_acked_and_replicas_identical(&mut cluster, &client, "ids", 0, &acked).await;

@@ -19,6 +19,7 @@ impl ClusterNode {
     /// This broker's part, every tick.
     pub(super) async fn identity_pass(self: &Arc<Self>) {
         let state = self.state();
+        metrics::gauge!("keel_metadata_voters").set(self.meta_raft.status().voters.len() as f64);
         let identity = self.transport.identity();
         identity.set_peers(
             state
@@ -87,7 +88,7 @@ impl ClusterNode {
             .registering
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if registering.as_ref().is_some_and(|t| !t.is_finished()) {
+        if registering.as_ref().is_some_and(|t| !t.is_finished()) || self.fatal.borrow().is_some() {
             return;
         }
         let node = Arc::clone(self);
@@ -96,14 +97,16 @@ impl ClusterNode {
                 id: node.id,
                 storage_id,
             };
-            // A broker that does not know the metadata (a wiped directory) asks its seeds.
-            let result = if node.state().brokers.contains_key(&node.id) {
+            // A broker that does not know the metadata (a wiped directory) asks its seeds; a
+            // broker alone waits for its own metadata.
+            let known = node.state().brokers.contains_key(&node.id);
+            if !known && node.seeds.is_empty() {
+                return;
+            }
+            let result = if known {
                 node.propose(cmd).await
             } else {
-                let mut last = Err(BrokerError::Unavailable {
-                    message: "no --initial-cluster or --join address to register through".into(),
-                    definite: true,
-                });
+                let mut last = Ok(());
                 for via in &node.seeds {
                     last = node.propose_via(via, cmd.clone()).await;
                     if !matches!(last, Err(BrokerError::Unavailable { .. })) {
@@ -228,6 +231,19 @@ impl ClusterNode {
                 tracing::warn!(error = %e, "removing replaced metadata voters failed");
             }
             return;
+        }
+        // Out of the (committed) voters: the new directory may register.
+        for b in state
+            .brokers
+            .values()
+            .filter(|b| b.leaving_metadata_voters && !s.committed_voters.contains(&u64::from(b.id)))
+        {
+            if let Err(e) = self
+                .propose(Command::MetadataVoterRemoved { id: b.id })
+                .await
+            {
+                tracing::debug!(error = %e, "recording a removed metadata voter failed; retrying");
+            }
         }
         let committed = s.committed.unwrap_or(0);
         let promote: BTreeSet<u64> = state

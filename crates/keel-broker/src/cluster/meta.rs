@@ -42,6 +42,10 @@ pub struct BrokerMeta {
     /// replaced voter is taken out, so that it is promoted again once it caught up).
     #[serde(default)]
     pub metadata_voter: bool,
+    /// A replaced metadata voter that the metadata group has not removed yet (the metadata
+    /// leader clears it with `MetadataVoterRemoved`); its new directory waits until then.
+    #[serde(default)]
+    pub leaving_metadata_voters: bool,
 }
 
 impl BrokerMeta {
@@ -198,6 +202,10 @@ pub enum Command {
         id: u32,
         /// It was a voter of the metadata group, and becomes one again once it caught up.
         metadata_voter: bool,
+    },
+    /// The metadata group no longer counts replaced broker `id` among its voters.
+    MetadataVoterRemoved {
+        id: u32,
     },
     /// Hands out an idempotent producer id and epoch (see [`ProducerIds::init`]).
     InitProducer {
@@ -418,6 +426,11 @@ impl ClusterState {
                 let b = self.broker_mut(*id)?;
                 b.replacing = true;
                 b.metadata_voter |= *metadata_voter;
+                b.leaving_metadata_voters |= *metadata_voter;
+                Ok(())
+            }
+            Command::MetadataVoterRemoved { id } => {
+                self.broker_mut(*id)?.leaving_metadata_voters = false;
                 Ok(())
             }
             // Answered by `apply`.
@@ -467,6 +480,11 @@ impl ClusterState {
             .take(3)
             .collect();
         let b = self.broker_mut(id)?;
+        if b.replacing && b.leaving_metadata_voters {
+            return Err(Refusal::Replacing(format!(
+                "broker {id} is being replaced but is still a voter of the cluster metadata (it is being removed); retry shortly"
+            )));
+        }
         if b.storage_id == storage_id {
             // The directory the cluster knows (a replacement of a broker whose directory
             // survived after all: its data is real, it simply rejoins).
@@ -914,6 +932,13 @@ mod tests {
         })
         .expect("replace");
         assert!(s.brokers[&2].replacing && s.brokers[&2].metadata_voter);
+        let waiting = s.apply(&register("new"));
+        assert!(
+            matches!(&waiting, Err(Refusal::Replacing(message)) if message.contains("cluster metadata")),
+            "{waiting:?}"
+        );
+        s.apply(&Command::MetadataVoterRemoved { id: 2 })
+            .expect("removed from the metadata voters");
         let waiting = s.apply(&register("new"));
         assert!(
             matches!(&waiting, Err(Refusal::Replacing(message)) if message.contains("still a voter of t/0")),

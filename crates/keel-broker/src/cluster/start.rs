@@ -139,7 +139,9 @@ impl ClusterNode {
             tokio::spawn(async move {
                 if let Some(why) = failed.await {
                     tracing::error!(error = %why, "the metadata group's Raft core stopped on a failure");
-                    fatal.send_replace(Some(format!("the metadata group stopped: {why}")));
+                    fatal.send_replace(Some(format!(
+                        "the metadata group stopped: {why}; exiting so that a restart recovers from disk"
+                    )));
                 }
             });
         }
