@@ -66,14 +66,19 @@ async fn a_wiped_broker_is_refused_until_replaced_then_rebuilt_and_a_foreign_dir
     let cluster_id = identity(&dirs[0]).map(|i| i.cluster_id).unwrap_or_default();
     let mut acked = produce_all(&client, "ids", values(0, 500)).await;
 
-    // Broker 3 loses its directory. Started again, it is refused and stops, saying why.
-    cluster.node(3).kill9();
-    std::fs::remove_dir_all(&dirs[2]).expect("wipe broker 3");
-    cluster.node(3).relaunch();
-    let log = wait_stopped(cluster.node(3));
+    // Broker 1, the lowest id (which initialised the cluster), loses its directory. Started
+    // again, it does not initialise a second cluster: it is refused and stops, saying why.
+    cluster.node(1).kill9();
+    std::fs::remove_dir_all(&dirs[0]).expect("wipe broker 1");
+    cluster.node(1).relaunch();
+    let log = wait_stopped(cluster.node(1));
     assert!(
-        log.contains("was wiped or replaced") && log.contains("keel cluster replace-broker 3"),
-        "broker 3's log does not say why it stopped:\n{log}"
+        log.contains("was wiped or replaced") && log.contains("keel cluster replace-broker 1"),
+        "broker 1's log does not say why it stopped:\n{log}"
+    );
+    assert!(
+        log.contains("already form a cluster: not initialising"),
+        "broker 1 initialised a new metadata group:\n{log}"
     );
     // Two of three voters keep acknowledging.
     acked.extend(produce_all(&client, "ids", values(500, 1000)).await);
@@ -82,7 +87,7 @@ async fn a_wiped_broker_is_refused_until_replaced_then_rebuilt_and_a_foreign_dir
         .args([
             "cluster",
             "replace-broker",
-            "3",
+            "1",
             "--brokers",
             &cluster.brokers(),
         ])
@@ -96,7 +101,7 @@ async fn a_wiped_broker_is_refused_until_replaced_then_rebuilt_and_a_foreign_dir
     );
 
     // On its new directory it registers, rejoins as a new replica and catches up.
-    cluster.node(3).relaunch();
+    cluster.node(1).relaunch();
     let deadline = Instant::now() + WAIT;
     loop {
         let t = client
@@ -112,18 +117,18 @@ async fn a_wiped_broker_is_refused_until_replaced_then_rebuilt_and_a_foreign_dir
         if Instant::now() > deadline {
             let logs = cluster.preserve_logs();
             panic!(
-                "broker 3 never caught up: {t:?}; logs in {}",
+                "broker 1 never caught up: {t:?}; logs in {}",
                 logs.display()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     wait_until("the new directory to record the cluster", WAIT, || {
-        identity(&dirs[2]).is_some_and(|i| i.cluster_id == cluster_id)
+        identity(&dirs[0]).is_some_and(|i| i.cluster_id == cluster_id)
     });
     // It was a voter of the metadata group and is one again once caught up.
-    let metrics = cluster.node(1).http.clone();
-    wait_until("broker 3 to be a metadata voter again", WAIT, || {
+    let metrics = cluster.node(2).http.clone();
+    wait_until("broker 1 to be a metadata voter again", WAIT, || {
         keel_tests::broker::http_get(&metrics, "/metrics")
             .is_some_and(|(_, body)| body.lines().any(|l| l == "keel_metadata_voters 3"))
     });

@@ -31,6 +31,9 @@ pub(super) enum ForwardRequest {
     ReadIndex,
     /// A broker's periodic beat: it is alive, and leads these (group, term)s quietly.
     Beat { from: u32, quiet: Vec<(u64, u64)> },
+    /// The cluster id the receiver knows (empty if none yet): asked before initialising a
+    /// new metadata group.
+    ClusterId,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +44,7 @@ pub(super) enum ForwardReply {
     Error(crate::error::RemoteError),
     /// The metadata leader's commit index (for a read-index catch-up).
     Committed(u64),
+    ClusterId(String),
 }
 
 impl ClusterNode {
@@ -147,6 +151,7 @@ impl ClusterNode {
                 self.liveness.beat_from(from, quiet.into_iter().collect());
                 ForwardReply::Outcome(Ok(Reply::Done))
             }
+            ForwardRequest::ClusterId => ForwardReply::ClusterId(self.state().cluster_id.clone()),
             ForwardRequest::Liveness => match self.local_liveness() {
                 Some(l) => ForwardReply::Liveness(l),
                 None => not_leader(),

@@ -174,11 +174,54 @@ impl ClusterNode {
         {
             return Ok(());
         }
+        if members.len() > 1
+            && let Some(existing) = self.existing_cluster().await
+        {
+            // A data directory wiped (or new) while the cluster runs: initialising would start
+            // a second metadata group beside the real one.
+            tracing::warn!(cluster_id = %existing, "the other brokers already form a cluster: not initialising a new one");
+            return Ok(());
+        }
         tracing::info!(?members, "initialising the metadata group");
         if let Err(e) = self.meta_raft.initialize(members).await {
             tracing::warn!(error = %e, "metadata group initialisation refused");
         }
         Ok(())
+    }
+
+    /// The id of the cluster the seeds already belong to, if one answers with one.
+    async fn existing_cluster(&self) -> Option<String> {
+        let probe = serde_json::to_vec(&ForwardRequest::ClusterId).ok()?;
+        for via in &self.seeds {
+            // Target 0 is "whoever answers": its first answer names its id.
+            let mut target = 0u64;
+            for _ in 0..2 {
+                let reply = self
+                    .transport
+                    .forward(
+                        via,
+                        target,
+                        META_GROUP,
+                        Bytes::from(probe.clone()),
+                        Duration::from_secs(2),
+                    )
+                    .await;
+                match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
+                    Ok(Ok(ForwardReply::ClusterId(id))) if !id.is_empty() => return Some(id),
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => match status
+                        .message()
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                    {
+                        Some(id) => target = id,
+                        None => break,
+                    },
+                    _ => break,
+                }
+            }
+        }
+        None
     }
 
     /// Asks a known broker (`--join`) to register this one; the metadata leader then adds it
