@@ -70,6 +70,7 @@ fn bench(c: &mut Criterion) {
                 group_id: 1,
                 target: 2,
                 payload,
+                ..pb::RaftRequest::default()
             }
             .encode_to_vec()
         });
@@ -79,6 +80,7 @@ fn bench(c: &mut Criterion) {
             group_id: 1,
             target: 2,
             payload: wire::encode(&entries).expect("encodes"),
+            ..pb::RaftRequest::default()
         }
         .encode_to_vec(),
     );

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_batch::{BatchBuilder, Compression, ProducerInfo, RecordRef};
-use keel_client::{Client, ConsumerConfig, SeekTo};
+use keel_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
 
 /// One encoded batch of `values` (no keys or headers, timestamp 1 700 000 000 000) with the
 /// given codec and producer fields (`ProducerInfo::default()`: not idempotent).
@@ -61,4 +61,36 @@ pub async fn read_partition(
         }
         assert!(Instant::now() < deadline, "reading {topic}/{p} timed out");
     }
+}
+
+/// A producer for tests: short linger and small batches, patient delivery across failovers.
+pub fn producer_config() -> ProducerConfig {
+    ProducerConfig::default()
+        .linger(Duration::from_millis(2))
+        .batch_size(8 * 1024)
+        .request_timeout(Duration::from_secs(5))
+        .delivery_timeout(Duration::from_secs(60))
+}
+
+/// Sends `values` to partition 0 of `topic` (acks=all, idempotent) and waits for every
+/// acknowledgement; returns (value, offset) pairs.
+pub async fn produce_all(client: &Client, topic: &str, values: Vec<String>) -> Vec<(String, u64)> {
+    let producer = client.producer(producer_config()).expect("producer");
+    let mut pending = Vec::with_capacity(values.len());
+    for v in values {
+        let fut = producer
+            .send(ProducerRecord::new(topic, v.clone().into_bytes()).partition(0))
+            .await
+            .expect("send");
+        pending.push((v, fut));
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for (v, fut) in pending {
+        let md = fut
+            .await
+            .unwrap_or_else(|e| panic!("record {v} not acknowledged: {e}"));
+        out.push((v, md.offset.expect("acks=all returns an offset")));
+    }
+    producer.close().await.expect("close producer");
+    out
 }

@@ -5,43 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use keel_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, SeekTo};
+use keel_client::{Client, ConsumerConfig, ProducerRecord, SeekTo};
 use keel_tests::cluster::{
     ClusterProc, NetPartition, client, cluster_with_topic, committed_prefix, replica_batches,
 };
-use keel_tests::records::read_partition;
+use keel_tests::records::{produce_all, producer_config, read_partition};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn producer_config() -> ProducerConfig {
-    ProducerConfig::default()
-        .linger(Duration::from_millis(2))
-        .batch_size(8 * 1024)
-        .request_timeout(Duration::from_secs(5))
-        .delivery_timeout(Duration::from_secs(60))
-}
-
-/// Sends `values` and waits for every acknowledgement; returns (value, offset) pairs.
-async fn produce_all(client: &Client, topic: &str, values: Vec<String>) -> Vec<(String, u64)> {
-    let producer = client.producer(producer_config()).expect("producer");
-    let mut pending = Vec::with_capacity(values.len());
-    for v in values {
-        let fut = producer
-            .send(ProducerRecord::new(topic, v.clone().into_bytes()).partition(0))
-            .await
-            .expect("send");
-        pending.push((v, fut));
-    }
-    let mut out = Vec::with_capacity(pending.len());
-    for (v, fut) in pending {
-        let md = fut
-            .await
-            .unwrap_or_else(|e| panic!("record {v} not acknowledged: {e}"));
-        out.push((v, md.offset.expect("acks=all returns an offset")));
-    }
-    producer.close().await.expect("close producer");
-    out
-}
 
 /// Reads partition 0 from the beginning up to its high watermark.
 async fn read_all(client: &Client, topic: &str) -> BTreeMap<u64, String> {

@@ -16,6 +16,7 @@ pub mod registry;
 mod server;
 pub mod service;
 pub mod state;
+pub mod storage_identity;
 pub mod topic_config;
 
 pub use error::BrokerError;

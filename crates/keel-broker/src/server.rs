@@ -134,6 +134,14 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         }));
     }
 
+    // The directory's identity comes first: a directory of another broker is refused before
+    // anything in it is touched.
+    let storage = {
+        let (dir, id, fs) = (config.data_dir.clone(), config.id, Arc::clone(&config.fs));
+        tokio::task::spawn_blocking(move || crate::storage_identity::load_or_create(&fs, &dir, id))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??
+    };
     // A data directory of a single-node broker from before brokers always formed a cluster
     // is converted first (see `legacy`).
     let legacy = {
@@ -153,10 +161,11 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         advertise.clone(),
         &config.data_dir,
         &config.initial_cluster,
-        config.join.is_some(),
+        config.join.as_deref(),
         // Peers see this broker's own address as the source of its connections.
         Some(grpc_addr.ip()).filter(|ip| !ip.is_unspecified()),
         Arc::clone(&config.fs),
+        storage,
     )
     .await?;
     if let Some(meta) = legacy {

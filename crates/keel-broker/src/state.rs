@@ -386,6 +386,47 @@ impl BrokerState {
             .await
     }
 
+    /// Replaces broker `id`, whose data directory was lost (see `ReplaceBroker` in
+    /// cluster.proto); returns the partitions whose replica on it is rebuilt.
+    pub async fn replace_broker(&self, id: u32) -> Result<Vec<String>> {
+        let c = &self.cluster;
+        let state = c.state();
+        if !state.brokers.contains_key(&id) {
+            return Err(BrokerError::invalid(
+                "broker_id",
+                format!("broker {id} is not a member of the cluster"),
+            ));
+        }
+        let voters = c.metadata_voters();
+        if voters.len() == 1 && voters.contains(&id) {
+            return Err(BrokerError::invalid(
+                "broker_id",
+                format!(
+                    "broker {id} is the only voter of the cluster metadata: with its directory lost, start it as a new cluster"
+                ),
+            ));
+        }
+        c.propose(Command::ReplaceBroker {
+            id,
+            metadata_voter: voters.contains(&id),
+        })
+        .await?;
+        let mut partitions = Vec::new();
+        for t in state.topics.values() {
+            for (p, pm) in t.partitions.iter().enumerate() {
+                if pm.replicas.contains(&id) {
+                    partitions.push(format!("{}/{p}", t.meta.name));
+                }
+            }
+        }
+        tracing::warn!(
+            broker = id,
+            ?partitions,
+            "replacing a broker whose data directory was lost"
+        );
+        Ok(partitions)
+    }
+
     /// Marks broker `id` as leaving and moves each of its replicas to the least loaded other
     /// broker (keeping the rest of each replica set and its order).
     pub async fn decommission(&self, id: u32) -> Result<Vec<String>> {

@@ -179,7 +179,7 @@ pub async fn run(args: BrokerArgs) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            why = handle.failed() => bail!("{why}; exiting so that a restart recovers from disk"),
+            why = handle.failed() => bail!("{why}"),
             _ = usr1.recv(), if fault_disk.is_some() => {
                 if let Some(disk) = &fault_disk {
                     disk.power_loss();

@@ -1,4 +1,4 @@
-//! `keel cluster status`.
+//! `keel cluster status`, `decommission` and `replace-broker`.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -14,6 +14,18 @@ pub enum ClusterCommand {
     Status(StatusArgs),
     /// Move every partition replica off a broker so that it can be removed.
     Decommission(DecommissionArgs),
+    /// Let a broker whose data directory was lost (wiped, or a new disk) rejoin: the cluster
+    /// stops counting it as a voter, then rebuilds its replicas from the others once it is
+    /// started on its new directory.
+    ReplaceBroker(ReplaceBrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplaceBrokerArgs {
+    /// Id of the broker whose data directory was lost.
+    pub broker_id: u32,
+    #[command(flatten)]
+    pub client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +169,18 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
                 a.broker_id,
                 moved.len(),
                 moved.join(", ")
+            ))
+        }
+        ClusterCommand::ReplaceBroker(a) => {
+            let rebuilt = admin_request(&a.client, None, async |admin| {
+                admin.replace_broker(a.broker_id).await
+            })
+            .await?;
+            print_text(&format!(
+                "Broker {} is being replaced: start it on its new data directory; {} partition replica(s) will be rebuilt from the others ({})\n",
+                a.broker_id,
+                rebuilt.len(),
+                rebuilt.join(", ")
             ))
         }
     }

@@ -8,7 +8,7 @@ use keel_proto::v1::cluster_service_client::ClusterServiceClient;
 use keel_proto::v1::{
     AddPartitionsRequest, AlterTopicConfigRequest, CreateTopicRequest, DecommissionBrokerRequest,
     DeleteTopicRequest, DescribeClusterRequest, DescribeClusterResponse, DescribeTopicRequest,
-    ListTopicsRequest, ReassignPartitionRequest, TopicInfo,
+    ListTopicsRequest, ReassignPartitionRequest, ReplaceBrokerRequest, TopicInfo,
 };
 use tonic::Request;
 use tonic::transport::Channel;
@@ -184,6 +184,19 @@ impl Admin {
         let resp = self.client.call_any(false, attempt).await?;
         self.topics_changed().await;
         Ok(resp.moved)
+    }
+
+    /// Replaces broker `id`, whose data directory was lost: the cluster rebuilds its replicas
+    /// once it is started on its new directory. Returns the partitions rebuilt
+    /// ("topic/partition").
+    pub async fn replace_broker(&self, id: u32) -> Result<Vec<String>> {
+        let req = ReplaceBrokerRequest { broker_id: id };
+        let attempt = self
+            .client
+            .attempt(req, |mut s: ClusterServiceClient<Channel>, r| async move {
+                s.replace_broker(r).await
+            });
+        Ok(self.client.call_any(false, attempt).await?.partitions)
     }
 
     pub async fn describe_cluster(&self) -> Result<DescribeClusterResponse> {

@@ -19,6 +19,7 @@ mod adopt;
 pub mod codec;
 mod flusher;
 mod group_sm;
+pub mod identity;
 mod log_store;
 pub mod meta_sm;
 pub mod network;
@@ -32,6 +33,7 @@ pub mod wire;
 
 pub use adopt::adopt_as_single_voter;
 pub use group_sm::GroupSm;
+pub use identity::Identity;
 pub use log_store::{DEFAULT_MAX_READ_BYTES, KeelLogReader, KeelLogStore, log_err};
 pub use meta_sm::{MetaMachine, MetaSm, encode_command};
 pub use network::{GroupNetwork, RaftTransport, TransportConfig};

@@ -30,6 +30,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::identity::Identity;
 use crate::types::{Entry, KeelRaft, Payload, Snapshot, Vote};
 use crate::wire::pb::raft_service_client::RaftServiceClient;
 use crate::wire::{self, InstallSnapshot, pb};
@@ -82,6 +83,8 @@ struct Inner {
     node_id: u64,
     config: TransportConfig,
     peers: Mutex<HashMap<String, Peer>>,
+    /// Stamped on every request (see [`crate::identity`]).
+    identity: Identity,
 }
 
 /// A broker's Raft client transport: the peer-channel cache shared by all its groups.
@@ -106,12 +109,45 @@ impl RaftTransport {
                 node_id,
                 config,
                 peers: Mutex::new(HashMap::new()),
+                identity: Identity::default(),
             }),
         }
     }
 
     pub fn node_id(&self) -> u64 {
         self.inner.node_id
+    }
+
+    /// The storage identity stamped on this broker's requests; share it with the Raft
+    /// service ([`crate::RaftRegistry::set_identity`]) so both sides know the same.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// Replaces the (initially empty) identity: call before any group is started.
+    pub fn with_identity(node_id: u64, config: TransportConfig, identity: Identity) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                node_id,
+                config,
+                peers: Mutex::new(HashMap::new()),
+                identity,
+            }),
+        }
+    }
+
+    /// A request to `target` for group `group_id`, stamped with this broker's identity.
+    fn request(&self, group_id: u64, target: u64, payload: bytes::Bytes) -> pb::RaftRequest {
+        let stamp = self.inner.identity.stamp(self.inner.node_id, target);
+        pb::RaftRequest {
+            group_id,
+            target,
+            payload,
+            from: stamp.from,
+            cluster_id: stamp.cluster_id,
+            from_storage: stamp.from_storage,
+            target_storage: stamp.target_storage,
+        }
     }
 
     /// The network factory of group `group_id`, to pass to `Raft::new`. `SD` is the state
@@ -150,11 +186,7 @@ impl RaftTransport {
         let mut client = RaftServiceClient::new(peer.control)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-        let mut req = tonic::Request::new(pb::RaftRequest {
-            group_id,
-            target,
-            payload,
-        });
+        let mut req = tonic::Request::new(self.request(group_id, target, payload));
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, client.forward(req)).await {
             Ok(r) => r.map(|r| r.into_inner().payload),
@@ -251,6 +283,7 @@ impl<SD> GroupNetwork<SD> {
         PeerClient {
             group_id: self.group_id,
             from: self.transport.node_id(),
+            transport: self.transport.clone(),
             target,
             conns,
             max_append_bytes: self.transport.inner.config.max_append_bytes,
@@ -327,6 +360,7 @@ impl From<CallError> for StreamingError<KeelRaft> {
 pub struct PeerClient<SD> {
     group_id: u64,
     from: u64,
+    transport: RaftTransport,
     target: u64,
     /// `Err` for a client that must not connect (to itself, or a malformed address).
     conns: Result<Conns, String>,
@@ -355,11 +389,8 @@ impl<SD> PeerClient<SD> {
             Method::AppendEntries | Method::InstallSnapshot => conns.append.clone(),
             Method::Vote | Method::PreVote | Method::TransferLeader => conns.control.clone(),
         };
-        let mut req = tonic::Request::new(pb::RaftRequest {
-            group_id: self.group_id,
-            target: self.target,
-            payload,
-        });
+        let mut req =
+            tonic::Request::new(self.transport.request(self.group_id, self.target, payload));
         req.set_timeout(ttl);
         let fut = async move {
             match method {

@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use crate::identity::{Identity, Refused, Stamp};
 use crate::types::{KeelRaft, Snapshot};
 use crate::wire::pb::raft_service_server::{RaftService, RaftServiceServer};
 use crate::wire::{self, InstallSnapshot, pb};
@@ -37,6 +38,8 @@ pub struct RaftRegistry<SM: RaftStateMachine<KeelRaft>> {
     max_message_bytes: usize,
     groups: Arc<RwLock<HashMap<u64, Raft<KeelRaft, SM>>>>,
     forward: Arc<RwLock<Option<ForwardHandler>>>,
+    /// Checked on every request (see [`crate::identity`]).
+    identity: Arc<RwLock<Identity>>,
 }
 
 impl<SM: RaftStateMachine<KeelRaft>> Clone for RaftRegistry<SM> {
@@ -46,6 +49,7 @@ impl<SM: RaftStateMachine<KeelRaft>> Clone for RaftRegistry<SM> {
             max_message_bytes: self.max_message_bytes,
             groups: Arc::clone(&self.groups),
             forward: Arc::clone(&self.forward),
+            identity: Arc::clone(&self.identity),
         }
     }
 }
@@ -72,6 +76,7 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
             max_message_bytes: max,
             groups: Arc::default(),
             forward: Arc::default(),
+            identity: Arc::default(),
         }
     }
 
@@ -82,6 +87,24 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// Checks requests against `identity` (share the transport's, [`crate::RaftTransport::identity`]).
+    pub fn set_identity(&self, identity: Identity) {
+        *self
+            .identity
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = identity;
+    }
+
+    /// Refuses a request whose identity stamp disagrees with what this broker knows.
+    fn check_identity(&self, stamp: &Stamp) -> Result<(), Status> {
+        let identity = self
+            .identity
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        identity.check(stamp).map_err(|why| refused(&why))
     }
 
     /// Starts routing group `group_id`'s messages to `raft`; returns the instance it replaces.
@@ -135,6 +158,7 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
                 req.target, self.node_id
             )));
         }
+        self.check_identity(&stamp_of(&req))?;
         let raft = self.get(req.group_id).ok_or_else(|| {
             Status::not_found(format!(
                 "raft group {} is not hosted on node {}",
@@ -182,6 +206,36 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftServer<SM> {
         let resp = call(raft, msg).await.map_err(|e| stopped(g, e))?;
         reply(g, &resp)
     }
+}
+
+fn stamp_of(req: &pb::RaftRequest) -> Stamp {
+    Stamp {
+        from: req.from,
+        cluster_id: req.cluster_id.clone(),
+        from_storage: req.from_storage.clone(),
+        target_storage: req.target_storage.clone(),
+    }
+}
+
+/// A refused message: counted, logged at most every few seconds (a refused peer retries
+/// constantly), and answered FAILED_PRECONDITION with the reason.
+fn refused(why: &Refused) -> Status {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOGGED_S: AtomicU64 = AtomicU64::new(0);
+    let kind = match why {
+        Refused::ForeignCluster { .. } => "foreign_cluster",
+        Refused::ReplacedSender { .. } => "replaced_sender",
+        Refused::ReplacedTarget { .. } => "replaced_target",
+    };
+    metrics::counter!("keel_raft_refused_messages_total", "reason" => kind).increment(1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now >= LAST_LOGGED_S.load(Ordering::Relaxed) + 10 {
+        LAST_LOGGED_S.store(now, Ordering::Relaxed);
+        tracing::error!(reason = kind, "refused a Raft message: {why}");
+    }
+    Status::failed_precondition(why.to_string())
 }
 
 /// The group's Raft core has stopped (shut down or fatal error): peers back off.
@@ -236,6 +290,15 @@ where
             .clone()
             .ok_or_else(|| Status::unimplemented("this broker accepts no forwarded requests"))?;
         let req = req.into_inner();
+        // Forwarded requests are checked for the cluster only: a broker whose data directory
+        // was replaced registers its new storage through one (and is told why it is refused).
+        // Checked before the target, so that a probe for "whoever answers" learns whether it
+        // is of the same cluster.
+        self.registry.check_identity(&Stamp {
+            from: req.from,
+            cluster_id: req.cluster_id.clone(),
+            ..Stamp::default()
+        })?;
         if req.target != self.registry.node_id {
             return Err(Status::failed_precondition(format!(
                 "forwarded request for node {} reached node {}",

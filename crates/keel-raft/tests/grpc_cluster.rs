@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use keel_raft::wire::pb::RaftRequest;
 use keel_raft::wire::pb::raft_service_client::RaftServiceClient;
-use keel_raft::{KeelLogStore, KeelRaft, RaftRegistry, RaftTransport, TransportConfig};
+use keel_raft::{Identity, KeelLogStore, KeelRaft, RaftRegistry, RaftTransport, TransportConfig};
 use openraft::error::RPCError;
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::VoteRequest;
@@ -319,6 +319,7 @@ async fn transport_rejects_bad_routes_and_reports_unreachable_peers() -> io::Res
             group_id,
             target,
             payload: payload.clone(),
+            ..RaftRequest::default()
         };
         let status = client.vote(request).await.expect_err(what);
         assert_eq!(status.code(), code, "{what}: {status}");
@@ -327,7 +328,8 @@ async fn transport_rejects_bad_routes_and_reports_unreachable_peers() -> io::Res
         .vote(RaftRequest {
             group_id: 1,
             target: 1,
-            payload,
+            payload: payload.clone(),
+            ..RaftRequest::default()
         })
         .await
         .map_err(err)?;
@@ -357,6 +359,48 @@ async fn transport_rejects_bad_routes_and_reports_unreachable_peers() -> io::Res
         .new_heartbeat_client(2, &BasicNode::new(dead.to_string()))
         .await;
     assert_eq!(transport.peer_count(), 1);
+
+    // Storage identity: once the broker knows its cluster and its peers' data directories, a
+    // message from another cluster, from a wiped peer, or meant for a directory this one
+    // replaced is refused with the reason; matching or unknown ids pass.
+    let identity = Identity::new("s1", "c1");
+    identity.set_peers(std::collections::HashMap::from([(2, "s2".to_owned())]));
+    broker.registry.set_identity(identity);
+    let stamped = |cluster: &str, from_storage: &str, target_storage: &str| RaftRequest {
+        group_id: 1,
+        target: 1,
+        payload: payload.clone(),
+        from: 2,
+        cluster_id: cluster.to_owned(),
+        from_storage: from_storage.to_owned(),
+        target_storage: target_storage.to_owned(),
+    };
+    for (what, request) in [
+        ("another cluster", stamped("c2", "s2", "s1")),
+        ("a wiped sender", stamped("c1", "s2-new", "")),
+        ("a replaced target", stamped("c1", "s2", "s1-old")),
+    ] {
+        let status = client.vote(request).await.expect_err(what);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{what}");
+        assert!(
+            status.message().starts_with("storage identity:"),
+            "{what}: {status}"
+        );
+    }
+    for request in [stamped("c1", "s2", "s1"), stamped("", "", "")] {
+        client.vote(request).await.map_err(err)?;
+    }
+    // Through the transport, a refused message is Unreachable (openraft backs off) and says why.
+    let wiped =
+        RaftTransport::with_identity(2, TransportConfig::default(), Identity::new("s2-new", "c1"));
+    let mut net = wiped.group::<Vec<u8>>(1);
+    let mut to_one = net.new_client(1, &BasicNode::new(addr.to_string())).await;
+    let r = to_one.vote(vote.clone(), option.clone()).await;
+    let text = format!("{r:?}");
+    assert!(
+        matches!(r, Err(RPCError::Unreachable(_))) && text.contains("replace-broker"),
+        "{text}"
+    );
 
     broker.shutdown().await
 }

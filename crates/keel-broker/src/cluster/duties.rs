@@ -86,7 +86,9 @@ impl ClusterNode {
                                 }));
                             }
                         }
+                        node.identity_pass().await;
                         node.controller_pass().await;
+                        node.metadata_identity_pass().await;
                         node.leader_pass().await;
                         if node.has_stopped_replica().await
                             && let Err(e) = node.reconcile(registry.registry()).await
@@ -103,6 +105,12 @@ impl ClusterNode {
     /// in-sync replicas, carry out reassignments, hand leadership to the preferred replica.
     async fn leader_pass(self: &Arc<Self>) {
         let state = self.state();
+        let replacing: BTreeSet<u32> = state
+            .brokers
+            .values()
+            .filter(|b| b.replacing)
+            .map(|b| b.id)
+            .collect();
         let now = Instant::now();
         let mut reports = Vec::new();
         let mut under_replicated = 0u64;
@@ -138,6 +146,7 @@ impl ClusterNode {
                 memory: h.memory,
                 placement,
                 sent: sent.as_ref(),
+                replacing: &replacing,
             });
             h.memory = decision.memory;
             if let Some((in_sync, voters)) = &decision.in_sync {
@@ -373,7 +382,8 @@ impl ClusterNode {
         if !s.is_leader() {
             return;
         }
-        for b in self.state().brokers.values() {
+        // A broker being replaced rejoins once its new directory is registered.
+        for b in self.state().brokers.values().filter(|b| !b.replacing) {
             if !s.addresses.contains_key(&u64::from(b.id)) {
                 tracing::info!(
                     broker = b.id,

@@ -22,14 +22,18 @@ const ALIVE_WITHIN: Duration = Duration::from_secs(3);
 /// What one broker asks another over `Forward`.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum ForwardRequest {
-    /// Propose a metadata command (the receiver must lead the metadata group).
-    Propose(Command),
+    /// Propose a metadata command (the receiver must lead the metadata group). Boxed: the
+    /// other requests are a few bytes (the JSON is the same).
+    Propose(Box<Command>),
     /// Which brokers the metadata leader hears from.
     Liveness,
     /// The metadata leader's commit index: everything up to it is what the cluster knows now.
     ReadIndex,
     /// A broker's periodic beat: it is alive, and leads these (group, term)s quietly.
     Beat { from: u32, quiet: Vec<(u64, u64)> },
+    /// The cluster id the receiver knows (empty if none yet): asked before initialising a
+    /// new metadata group.
+    ClusterId,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +44,7 @@ pub(super) enum ForwardReply {
     Error(crate::error::RemoteError),
     /// The metadata leader's commit index (for a read-index catch-up).
     Committed(u64),
+    ClusterId(String),
 }
 
 impl ClusterNode {
@@ -61,8 +66,9 @@ impl ClusterNode {
                     Err(Some(e)) => return Err(e),
                 },
                 Some((l, Some(addr))) => {
-                    let payload = serde_json::to_vec(&ForwardRequest::Propose(cmd.clone()))
-                        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                    let payload =
+                        serde_json::to_vec(&ForwardRequest::Propose(Box::new(cmd.clone())))
+                            .map_err(|e| BrokerError::Internal(e.to_string()))?;
                     let reply = self
                         .transport
                         .forward(&addr, l, META_GROUP, Bytes::from(payload), PROPOSE_TIMEOUT)
@@ -126,7 +132,7 @@ impl ClusterNode {
             ForwardRequest::Propose(cmd) => match self.propose_local(&cmd).await {
                 Ok(outcome) => ForwardReply::Outcome(outcome),
                 // Not the leader: pass it on (a joining broker knows no leader address yet).
-                Err(None) => match self.propose_for_reply(cmd).await {
+                Err(None) => match self.propose_for_reply(*cmd).await {
                     Ok(r) => ForwardReply::Outcome(Ok(r)),
                     Err(e) => ForwardReply::Error(e.into()),
                 },
@@ -145,6 +151,7 @@ impl ClusterNode {
                 self.liveness.beat_from(from, quiet.into_iter().collect());
                 ForwardReply::Outcome(Ok(Reply::Done))
             }
+            ForwardRequest::ClusterId => ForwardReply::ClusterId(self.state().cluster_id.clone()),
             ForwardRequest::Liveness => match self.local_liveness() {
                 Some(l) => ForwardReply::Liveness(l),
                 None => not_leader(),

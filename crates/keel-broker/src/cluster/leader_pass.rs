@@ -54,6 +54,9 @@ pub struct Input<'a> {
     pub placement: Option<&'a PartitionMeta>,
     /// The report last sent for this group that the metadata does not show yet.
     pub sent: Option<&'a LeaderReport>,
+    /// Brokers being replaced (`replace-broker`): no group keeps them as voters until their
+    /// new data directory is registered.
+    pub replacing: &'a BTreeSet<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +136,12 @@ pub fn decide(input: &Input<'_>) -> Decision {
     if !current && input.sent != Some(&report) {
         decision.actions.push(Action::Report(report));
     }
-    let target: BTreeSet<u32> = pm.replicas.iter().copied().collect();
+    let target: BTreeSet<u32> = pm
+        .replicas
+        .iter()
+        .copied()
+        .filter(|r| !input.replacing.contains(r))
+        .collect();
     let voters_now: BTreeSet<u32> = s.voters.iter().map(|v| *v as u32).collect();
     if target != voters_now && !decision.memory.changing && !target.is_empty() {
         decision.memory.changing = true;
@@ -142,6 +150,7 @@ pub fn decide(input: &Input<'_>) -> Decision {
     }
     if let Some(&preferred) = pm.replicas.first()
         && preferred != input.me
+        && !input.replacing.contains(&preferred)
         && in_sync.contains(&preferred)
         && input.now.saturating_duration_since(since) > PREFERRED_AFTER
         && !decision.memory.changing
@@ -243,7 +252,56 @@ mod tests {
             memory,
             placement: pm,
             sent: None,
+            replacing: &NOBODY,
         }
+    }
+
+    static NOBODY: BTreeSet<u32> = BTreeSet::new();
+
+    #[test]
+    fn a_replaced_broker_leaves_the_voters_and_returns_once_registered() {
+        let now = Instant::now();
+        let s = status(1, Role::Leader, &[1, 2, 3], &[(2, Some(10)), (3, Some(10))]);
+        let pm = placement(&[2, 1, 3]);
+        let replacing = BTreeSet::from([2]);
+        let d = decide(&Input {
+            replacing: &replacing,
+            ..input(
+                &s,
+                leading_since(now, 10),
+                Some(&pm),
+                now + PREFERRED_AFTER * 2,
+            )
+        });
+        assert!(
+            d.actions
+                .contains(&Action::ChangeVoters(BTreeSet::from([1, 3]))),
+            "{d:?}"
+        );
+        // Out of the voters, and not preferred while it is being replaced.
+        let s = status(1, Role::Leader, &[1, 3], &[(3, Some(10))]);
+        let d = decide(&Input {
+            replacing: &replacing,
+            ..input(
+                &s,
+                leading_since(now, 10),
+                Some(&pm),
+                now + PREFERRED_AFTER * 2,
+            )
+        });
+        assert!(
+            !d.actions
+                .iter()
+                .any(|a| matches!(a, Action::ChangeVoters(_) | Action::TransferLeader(_))),
+            "{d:?}"
+        );
+        // Registered again: back in.
+        let d = decide(&input(&s, leading_since(now, 10), Some(&pm), now));
+        assert!(
+            d.actions
+                .contains(&Action::ChangeVoters(BTreeSet::from([1, 2, 3]))),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -402,6 +460,7 @@ mod tests {
             prev in prop::option::of(0u64..20),
             changing in prop::bool::ANY,
             led_for in 0u64..10_000,
+            replacing in prop::collection::vec(1u32..6, 0..2),
         ) {
             let start = Instant::now();
             let now = start + Duration::from_millis(led_for);
@@ -412,7 +471,8 @@ mod tests {
             };
             let mut pm = placement(&replicas);
             pm.replicas.dedup();
-            let d = decide(&input(&s, memory, Some(&pm), now));
+            let replacing: BTreeSet<u32> = replacing.into_iter().collect();
+            let d = decide(&Input { replacing: &replacing, ..input(&s, memory, Some(&pm), now) });
             let me = s.id as u32;
             if !s.is_leader() {
                 prop_assert!(d.actions.is_empty());
@@ -434,8 +494,13 @@ mod tests {
                 prop_assert_eq!(changes, 0);
                 prop_assert!(transfers.is_empty());
             }
+            for a in &d.actions {
+                if let Action::ChangeVoters(target) = a {
+                    prop_assert!(target.iter().all(|b| !replacing.contains(b)));
+                }
+            }
             for to in transfers {
-                prop_assert!(to != me && in_sync.contains(&to));
+                prop_assert!(to != me && in_sync.contains(&to) && !replacing.contains(&to));
                 prop_assert_eq!(Some(&to), pm.replicas.first());
             }
             for a in &d.actions {

@@ -17,7 +17,7 @@ pub fn partition_group(topic_id: u64, partition: u32) -> u64 {
     (topic_id << 16) | u64::from(partition)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerMeta {
     pub id: u32,
     /// Where clients reach it (its `--advertise` address).
@@ -30,6 +30,22 @@ pub struct BrokerMeta {
     /// Set by a decommission: no new replicas go there and its replicas move away.
     #[serde(default)]
     pub decommissioning: bool,
+    /// The storage id of its data directory (see `storage_identity`), registered at its first
+    /// start; empty until then. Peers refuse Raft messages from another directory.
+    #[serde(default)]
+    pub storage_id: String,
+    /// Set by `replace-broker` (its directory was wiped or replaced): it is removed from every
+    /// group's voters, and rejoins as a new replica once it registers its new storage.
+    #[serde(default)]
+    pub replacing: bool,
+    /// The metadata leader keeps this broker a voter of the metadata group (set when a
+    /// replaced voter is taken out, so that it is promoted again once it caught up).
+    #[serde(default)]
+    pub metadata_voter: bool,
+    /// A replaced metadata voter that the metadata group has not removed yet (the metadata
+    /// leader clears it with `MetadataVoterRemoved`); its new directory waits until then.
+    #[serde(default)]
+    pub leaving_metadata_voters: bool,
 }
 
 impl BrokerMeta {
@@ -85,6 +101,10 @@ pub struct ClusterState {
     pub topics: BTreeMap<String, TopicState>,
     #[serde(default)]
     pub producers: ProducerIds,
+    /// Chosen once by the first metadata leader; every data directory records it, and a
+    /// directory of another cluster is refused.
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 /// A report from a partition leader.
@@ -166,6 +186,27 @@ pub enum Command {
         broker: BrokerMeta,
         catalogue: crate::metadata::ClusterMeta,
     },
+    /// Names the cluster; applied only while it has no id (the first proposal wins).
+    SetClusterId {
+        cluster_id: String,
+    },
+    /// Records the storage id of broker `id`'s data directory: at its first start, or after
+    /// a `ReplaceBroker`. Refused when another directory is registered for it.
+    RegisterStorage {
+        id: u32,
+        storage_id: String,
+    },
+    /// Broker `id`'s data directory was lost: take it out of every group's voters, then let a
+    /// new directory register (see [`BrokerMeta::replacing`]).
+    ReplaceBroker {
+        id: u32,
+        /// It was a voter of the metadata group, and becomes one again once it caught up.
+        metadata_voter: bool,
+    },
+    /// The metadata group no longer counts replaced broker `id` among its voters.
+    MetadataVoterRemoved {
+        id: u32,
+    },
     /// Hands out an idempotent producer id and epoch (see [`ProducerIds::init`]).
     InitProducer {
         request_id: u64,
@@ -179,8 +220,13 @@ pub enum Command {
 pub enum Refusal {
     TopicExists(String),
     UnknownTopic(String),
-    Invalid { field: String, message: String },
+    Invalid {
+        field: String,
+        message: String,
+    },
     Producer(InitRefusal),
+    /// A replaced broker's new directory must wait: its groups are still removing it.
+    Replacing(String),
 }
 
 /// What an applied command answers beyond success.
@@ -229,8 +275,7 @@ impl ClusterState {
                 let b = self.brokers.entry(*id).or_insert_with(|| BrokerMeta {
                     id: *id,
                     address: address.clone(),
-                    peer_address: String::new(),
-                    decommissioning: false,
+                    ..BrokerMeta::default()
                 });
                 b.address.clone_from(address);
                 b.peer_address.clone_from(peer_address);
@@ -366,14 +411,28 @@ impl ClusterState {
                 Ok(())
             }
             Command::Decommission { id } => {
-                let b = self.brokers.get_mut(id).ok_or_else(|| Refusal::Invalid {
-                    field: "broker_id".into(),
-                    message: format!("broker {id} is not a member of the cluster"),
-                })?;
-                b.decommissioning = true;
+                self.broker_mut(*id)?.decommissioning = true;
                 Ok(())
             }
             Command::AdoptSingleNode { broker, catalogue } => self.adopt(broker, catalogue),
+            Command::SetClusterId { cluster_id } => {
+                if self.cluster_id.is_empty() {
+                    cluster_id.clone_into(&mut self.cluster_id);
+                }
+                Ok(())
+            }
+            Command::RegisterStorage { id, storage_id } => self.register_storage(*id, storage_id),
+            Command::ReplaceBroker { id, metadata_voter } => {
+                let b = self.broker_mut(*id)?;
+                b.replacing = true;
+                b.metadata_voter |= *metadata_voter;
+                b.leaving_metadata_voters |= *metadata_voter;
+                Ok(())
+            }
+            Command::MetadataVoterRemoved { id } => {
+                self.broker_mut(*id)?.leaving_metadata_voters = false;
+                Ok(())
+            }
             // Answered by `apply`.
             Command::InitProducer { .. } => Ok(()),
             Command::Leaders { reports } => {
@@ -395,6 +454,65 @@ impl ClusterState {
                 Ok(())
             }
         }
+    }
+
+    fn broker_mut(&mut self, id: u32) -> Result<&mut BrokerMeta, Refusal> {
+        self.brokers.get_mut(&id).ok_or_else(|| Refusal::Invalid {
+            field: "broker_id".into(),
+            message: format!("broker {id} is not a member of the cluster"),
+        })
+    }
+
+    /// See [`Command::RegisterStorage`]. A replaced broker's new directory is accepted only
+    /// once no partition group counts the broker among its voters any more (the old directory
+    /// may have voted and acknowledged entries the new one does not hold).
+    fn register_storage(&mut self, id: u32, storage_id: &str) -> Result<(), Refusal> {
+        let still_voter: Vec<String> = self
+            .topics
+            .values()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.voters.contains(&id))
+                    .map(|(i, _)| format!("{}/{i}", t.meta.name))
+            })
+            .take(3)
+            .collect();
+        let b = self.broker_mut(id)?;
+        if b.replacing && b.leaving_metadata_voters {
+            return Err(Refusal::Replacing(format!(
+                "broker {id} is being replaced but is still a voter of the cluster metadata (it is being removed); retry shortly"
+            )));
+        }
+        if b.storage_id == storage_id {
+            // The directory the cluster knows (a replacement of a broker whose directory
+            // survived after all: its data is real, it simply rejoins).
+            b.replacing = false;
+            return Ok(());
+        }
+        if b.storage_id.is_empty() {
+            storage_id.clone_into(&mut b.storage_id);
+            return Ok(());
+        }
+        if !b.replacing {
+            return Err(Refusal::Invalid {
+                field: "storage_id".into(),
+                message: format!(
+                    "broker {id} started with data directory {storage_id}, but the cluster knows it with {}: the directory was wiped or replaced, so the broker has forgotten its votes and log and may not rejoin as the voter it was; run `keel cluster replace-broker {id}`, then start it again",
+                    b.storage_id
+                ),
+            });
+        }
+        if !still_voter.is_empty() {
+            return Err(Refusal::Replacing(format!(
+                "broker {id} is being replaced but is still a voter of {} (its groups are removing it); retry shortly",
+                still_voter.join(", ")
+            )));
+        }
+        storage_id.clone_into(&mut b.storage_id);
+        b.replacing = false;
+        Ok(())
     }
 
     fn adopt(
@@ -600,8 +718,7 @@ mod tests {
         let broker = BrokerMeta {
             id: 7,
             address: "127.0.0.1:9292".into(),
-            peer_address: String::new(),
-            decommissioning: false,
+            ..BrokerMeta::default()
         };
         let cmd = Command::AdoptSingleNode {
             broker: broker.clone(),
@@ -763,6 +880,82 @@ mod tests {
         s.apply(&delete)
             .expect("a retried delete of the old incarnation is a no-op");
         assert!(s.topics.contains_key("t"), "the new incarnation survives");
+    }
+
+    #[test]
+    fn the_first_cluster_id_wins() {
+        let mut s = state(&[1]);
+        for id in ["c1", "c2"] {
+            s.apply(&Command::SetClusterId {
+                cluster_id: id.into(),
+            })
+            .expect("set");
+        }
+        assert_eq!(s.cluster_id, "c1");
+    }
+
+    #[test]
+    fn a_wiped_broker_registers_again_only_after_it_was_replaced_and_left_every_group() {
+        let mut s = state(&[1, 2, 3]);
+        let register = |id: &str| Command::RegisterStorage {
+            id: 2,
+            storage_id: id.into(),
+        };
+        s.apply(&register("old")).expect("first start");
+        s.apply(&register("old"))
+            .expect("a restart with the same directory");
+        let refused = s.apply(&register("new"));
+        assert!(
+            matches!(&refused, Err(Refusal::Invalid { field, message })
+                if field == "storage_id" && message.contains("replace-broker 2")),
+            "{refused:?}"
+        );
+        assert_eq!(s.brokers[&2].storage_id, "old", "a refusal changes nothing");
+
+        s.apply(&create_topic(3, "t", 1, vec![vec![1, 2, 3]]))
+            .expect("create");
+        let id = s.topics["t"].meta.id;
+        let report = |voters: Vec<u32>| Command::Leaders {
+            reports: vec![LeaderReport {
+                topic_id: id,
+                partition: 0,
+                leader: 1,
+                term: 1,
+                in_sync: voters.clone(),
+                voters,
+            }],
+        };
+        s.apply(&report(vec![1, 2, 3])).expect("report");
+        s.apply(&Command::ReplaceBroker {
+            id: 2,
+            metadata_voter: true,
+        })
+        .expect("replace");
+        assert!(s.brokers[&2].replacing && s.brokers[&2].metadata_voter);
+        let waiting = s.apply(&register("new"));
+        assert!(
+            matches!(&waiting, Err(Refusal::Replacing(message)) if message.contains("cluster metadata")),
+            "{waiting:?}"
+        );
+        s.apply(&Command::MetadataVoterRemoved { id: 2 })
+            .expect("removed from the metadata voters");
+        let waiting = s.apply(&register("new"));
+        assert!(
+            matches!(&waiting, Err(Refusal::Replacing(message)) if message.contains("still a voter of t/0")),
+            "{waiting:?}"
+        );
+        s.apply(&report(vec![1, 3])).expect("report");
+        s.apply(&register("new"))
+            .expect("registered once out of every group");
+        let b = &s.brokers[&2];
+        assert_eq!((b.storage_id.as_str(), b.replacing), ("new", false));
+        assert!(matches!(
+            s.apply(&Command::ReplaceBroker {
+                id: 9,
+                metadata_voter: false
+            }),
+            Err(Refusal::Invalid { .. })
+        ));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 mod duties;
 mod forward;
+mod identity;
 pub mod leader_pass;
 pub mod meta;
 pub mod meta_machine;
@@ -41,6 +42,7 @@ use tokio::sync::watch;
 use crate::error::{BrokerError, Result};
 use crate::partition::Partition;
 use crate::registry::Registry;
+use crate::storage_identity::StorageIdentity;
 use meta::{ClusterState, LeaderReport};
 use meta_machine::MetadataMachine;
 use quiet::Liveness;
@@ -61,6 +63,13 @@ pub struct ClusterNode {
     data_dir: PathBuf,
     /// All storage goes through it: the real filesystem, or `CrashFs` in the fault suite.
     fs: Arc<dyn Fs>,
+    /// Peer addresses from `--initial-cluster` and `--join`: where to propose before the
+    /// metadata names a leader.
+    seeds: Vec<String>,
+    /// The data directory's identity (see `identity`).
+    storage: Mutex<StorageIdentity>,
+    /// The registration of this directory's storage id in flight, if any.
+    registering: Mutex<Option<tokio::task::JoinHandle<()>>>,
     transport: RaftTransport,
     rafts: keel_raft::Registry,
     meta_raft: Replica,
@@ -129,6 +138,16 @@ impl ClusterNode {
 
     pub fn state(&self) -> Arc<ClusterState> {
         self.metadata.state()
+    }
+
+    /// The metadata group's voters, as this broker knows them.
+    pub fn metadata_voters(&self) -> std::collections::BTreeSet<u32> {
+        self.meta_raft
+            .status()
+            .voters
+            .iter()
+            .map(|v| *v as u32)
+            .collect()
     }
 
     pub fn metadata_leader(&self) -> Option<u32> {

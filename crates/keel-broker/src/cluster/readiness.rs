@@ -18,7 +18,8 @@ impl ClusterNode {
     pub async fn wait_ready(&self, registry: &Registry, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut caught_up = false;
-        while !caught_up && Instant::now() < deadline {
+        // A broker that must stop (its data directory was refused) does not wait.
+        while !caught_up && Instant::now() < deadline && self.fatal.borrow().is_none() {
             caught_up = self.catch_up_once(deadline).await;
             if !caught_up {
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use keel_log::fs::Fs;
 use keel_log::{LogConfig, SystemClock};
 use keel_raft::{
-    GroupConfig, GroupSm, KeelLogStore, MetaSm, RaftTransport, Replica, TransportConfig,
+    GroupConfig, GroupSm, Identity, KeelLogStore, MetaSm, RaftTransport, Replica, TransportConfig,
 };
 use tokio::sync::watch;
 
@@ -21,6 +21,7 @@ use super::quiet::Liveness;
 use super::{ClusterNode, blocking, raft_err, storage_err};
 use crate::error::{BrokerError, Result};
 use crate::metadata::ClusterMeta;
+use crate::storage_identity::StorageIdentity;
 
 fn config_err(e: keel_raft::ReplicaError) -> BrokerError {
     BrokerError::Internal(e.to_string())
@@ -29,24 +30,30 @@ fn config_err(e: keel_raft::ReplicaError) -> BrokerError {
 impl ClusterNode {
     /// Opens the metadata group's storage and starts its Raft node. With `initial_cluster`,
     /// the broker with the lowest id initialises the group over all of them (once); with
-    /// neither `initial_cluster` nor `joining`, the broker is a cluster of one.
+    /// neither `initial_cluster` nor `join`, the broker is a cluster of one. `storage` is the
+    /// data directory's identity, stamped on and checked against every Raft message.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         id: u32,
         advertise: String,
         data_dir: &Path,
         initial_cluster: &[(u32, String)],
-        joining: bool,
+        join: Option<&str>,
         local_address: Option<std::net::IpAddr>,
         fs: Arc<dyn Fs>,
+        storage: StorageIdentity,
     ) -> Result<Arc<Self>> {
-        let transport = RaftTransport::new(
+        let identity = Identity::new(&storage.storage_id, &storage.cluster_id);
+        let transport = RaftTransport::with_identity(
             u64::from(id),
             TransportConfig {
                 local_address,
                 ..TransportConfig::default()
             },
+            identity.clone(),
         );
         let rafts = keel_raft::Registry::new(u64::from(id));
+        rafts.set_identity(identity);
         let metadata = MetadataMachine::default();
         let (meta_store, meta_sm) = {
             let (dir, fs, machine) = (data_dir.join("metadata"), Arc::clone(&fs), metadata.clone());
@@ -84,12 +91,22 @@ impl ClusterNode {
             .iter()
             .find(|(i, _)| *i == id)
             .map_or_else(|| advertise.clone(), |(_, a)| a.clone());
+        // Where to reach the cluster before the metadata says who leads it.
+        let seeds = initial_cluster
+            .iter()
+            .filter(|(i, _)| *i != id)
+            .map(|(_, a)| a.clone())
+            .chain(join.map(str::to_owned))
+            .collect();
         let node = Arc::new(Self {
             id,
             peer_address,
             advertise,
             data_dir: data_dir.to_path_buf(),
             fs,
+            seeds,
+            storage: Mutex::new(storage),
+            registering: Mutex::new(None),
             transport,
             rafts,
             meta_raft,
@@ -122,11 +139,15 @@ impl ClusterNode {
             tokio::spawn(async move {
                 if let Some(why) = failed.await {
                     tracing::error!(error = %why, "the metadata group's Raft core stopped on a failure");
-                    fatal.send_replace(Some(format!("the metadata group stopped: {why}")));
+                    fatal.send_replace(Some(format!(
+                        "the metadata group stopped: {why}; exiting so that a restart recovers from disk"
+                    )));
                 }
             });
         }
-        node.initialise_metadata(initial_cluster, joining).await?;
+        tokio::spawn(Arc::clone(&node).probe_seeds());
+        node.initialise_metadata(initial_cluster, join.is_some())
+            .await?;
         Ok(node)
     }
 
@@ -153,6 +174,14 @@ impl ClusterNode {
         {
             return Ok(());
         }
+        if members.len() > 1
+            && let Some(existing) = self.existing_cluster().await
+        {
+            // A data directory wiped (or new) while the cluster runs: initialising would start
+            // a second metadata group beside the real one.
+            tracing::warn!(cluster_id = %existing, "the other brokers already form a cluster: not initialising a new one");
+            return Ok(());
+        }
         tracing::info!(?members, "initialising the metadata group");
         if let Err(e) = self.meta_raft.initialize(members).await {
             tracing::warn!(error = %e, "metadata group initialisation refused");
@@ -160,15 +189,60 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// The id of the cluster the seeds already belong to, if one answers with one.
+    async fn existing_cluster(&self) -> Option<String> {
+        let probe = serde_json::to_vec(&ForwardRequest::ClusterId).ok()?;
+        for via in &self.seeds {
+            // Target 0 is "whoever answers": its first answer names its id.
+            let mut target = 0u64;
+            for _ in 0..2 {
+                let reply = self
+                    .transport
+                    .forward(
+                        via,
+                        target,
+                        META_GROUP,
+                        Bytes::from(probe.clone()),
+                        Duration::from_secs(2),
+                    )
+                    .await;
+                match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
+                    Ok(Ok(ForwardReply::ClusterId(id))) if !id.is_empty() => return Some(id),
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => match status
+                        .message()
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                    {
+                        Some(id) => target = id,
+                        None => break,
+                    },
+                    _ => break,
+                }
+            }
+        }
+        None
+    }
+
     /// Asks a known broker (`--join`) to register this one; the metadata leader then adds it
     /// to the metadata group as a learner.
     pub async fn join(&self, via: &str) -> Result<()> {
+        self.propose_via(
+            via,
+            Command::RegisterBroker {
+                id: self.id,
+                address: self.advertise.clone(),
+                peer_address: self.peer_address.clone(),
+            },
+        )
+        .await
+    }
+
+    /// Proposes `cmd` through the broker at `via`, following its leader hints: for a broker
+    /// that does not know the metadata (yet) and so cannot tell who leads.
+    pub(super) async fn propose_via(&self, via: &str, cmd: Command) -> Result<()> {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
-        let req = ForwardRequest::Propose(Command::RegisterBroker {
-            id: self.id,
-            address: self.advertise.clone(),
-            peer_address: self.peer_address.clone(),
-        });
+        let req = ForwardRequest::Propose(Box::new(cmd));
         let payload = Bytes::from(
             serde_json::to_vec(&req).map_err(|e| BrokerError::Internal(e.to_string()))?,
         );
@@ -228,7 +302,7 @@ impl ClusterNode {
                 id: self.id,
                 address: self.advertise.clone(),
                 peer_address: self.peer_address.clone(),
-                decommissioning: false,
+                ..meta::BrokerMeta::default()
             },
             catalogue,
         })

@@ -81,9 +81,15 @@ impl From<Refusal> for BrokerError {
                     "replicas" => "replicas",
                     "partition" => "partition",
                     "broker_id" => "broker_id",
+                    "storage_id" => "storage_id",
                     _ => "request",
                 },
                 message,
+            },
+            // Retriable: the replaced broker's groups are still removing it.
+            Refusal::Replacing(message) => Self::Unavailable {
+                message,
+                definite: true,
             },
         }
     }

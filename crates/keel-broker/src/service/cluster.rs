@@ -53,4 +53,12 @@ impl ClusterService for Cluster {
         let moved = self.0.decommission(req.into_inner().broker_id).await?;
         Ok(Response::new(DecommissionBrokerResponse { moved }))
     }
+
+    async fn replace_broker(
+        &self,
+        req: Request<ReplaceBrokerRequest>,
+    ) -> Result<Response<ReplaceBrokerResponse>, Status> {
+        let partitions = self.0.replace_broker(req.into_inner().broker_id).await?;
+        Ok(Response::new(ReplaceBrokerResponse { partitions }))
+    }
 }
