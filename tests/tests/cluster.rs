@@ -826,3 +826,75 @@ async fn an_idle_partition_goes_quiet_and_its_first_write_succeeds_without_retri
     check_acknowledged(&acks, &log);
     assert_eq!(log.get(&100).map(String::as_str), Some("wake-up"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_insync_replicas_refuses_acks_all_while_a_replica_is_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic(
+            "strict",
+            1,
+            3,
+            BTreeMap::from([("min.insync.replicas".to_owned(), "3".to_owned())]),
+        )
+        .await
+        .expect("create topic");
+    let leader = cluster.wait_leader("strict", 0, WAIT).await;
+    wait_in_sync_count(&cluster, "strict", 3).await;
+    let acked = produce_all(&client, "strict", values(0, 100)).await;
+
+    // A follower goes down: the leader counts two replicas in sync, fewer than 3.
+    let follower = (1..=3u32).find(|i| *i != leader).expect("a follower");
+    cluster.node(follower).kill9();
+    wait_in_sync_count(&cluster, "strict", 2).await;
+    let producer = client
+        .producer(producer_config().delivery_timeout(Duration::from_secs(3)))
+        .expect("producer");
+    let refused = producer
+        .send(ProducerRecord::new("strict", b"refused".to_vec()).partition(0))
+        .await
+        .expect("send")
+        .await;
+    let err = refused.expect_err("written with two of three replicas in sync");
+    assert!(
+        format!("{err:?}").contains("NotEnoughReplicas")
+            && err.to_string().contains("min.insync.replicas=3"),
+        "{err:?}"
+    );
+    producer.close().await.expect("close producer");
+
+    // Back in sync, writes go through again, and the refused record was never written.
+    cluster.node(follower).restart();
+    wait_in_sync_count(&cluster, "strict", 3).await;
+    let more = produce_all(&client, "strict", values(100, 200)).await;
+    let log = read_all(&client, "strict").await;
+    assert_eq!(
+        log.len(),
+        200,
+        "only the acknowledged records are in the log"
+    );
+    for (v, o) in acked.iter().chain(&more) {
+        assert_eq!(log.get(o), Some(v));
+    }
+}
+
+/// Waits until the partition's leader reports `n` replicas in sync.
+async fn wait_in_sync_count(cluster: &ClusterProc, topic: &str, n: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(t) = cluster.describe(topic).await
+            && t.partitions[0].leader != 0
+            && t.partitions[0].in_sync.len() == n
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic}/0 never had {n} replicas in sync"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

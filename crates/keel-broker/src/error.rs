@@ -103,6 +103,17 @@ pub enum BrokerError {
     OffsetBackwards(String),
     #[error("disk full: {0}")]
     DiskFull(String),
+    /// `acks=all` on a partition with fewer replicas in sync than its topic's
+    /// `min.insync.replicas`: the batch was not written.
+    #[error(
+        "partition {topic}/{partition} has {in_sync} replica(s) in sync, fewer than min.insync.replicas={required}; the batch was not written"
+    )]
+    NotEnoughReplicas {
+        topic: String,
+        partition: u32,
+        in_sync: u32,
+        required: u32,
+    },
     #[error("storage error: {message}")]
     Storage { message: String, definite: bool },
     #[error("timed out after {0} ms waiting for acknowledgement; the write may still complete")]
@@ -174,6 +185,7 @@ impl BrokerError {
             Self::UnknownGroup(_) => ErrorReason::UnknownGroup,
             Self::OffsetBackwards(_) => ErrorReason::OffsetBackwards,
             Self::DiskFull(_) => ErrorReason::DiskFull,
+            Self::NotEnoughReplicas { .. } => ErrorReason::NotEnoughReplicas,
             Self::Storage { .. } => ErrorReason::StorageError,
             Self::Timeout(_) => ErrorReason::Timeout,
             Self::ShuttingDown => ErrorReason::ShuttingDown,

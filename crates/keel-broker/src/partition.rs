@@ -3,7 +3,7 @@
 //! polls and subscriptions wait on.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 use keel_batch::VerifiedBatch;
@@ -30,6 +30,9 @@ pub struct Partition {
     /// same order for a producer, and what is appended but not committed must be visible to
     /// the next check.
     admission: AsyncMutex<Admission>,
+    /// How many voters are in sync, as the leader pass last found on this replica as leader
+    /// (`u32::MAX`: not known, e.g. not leading).
+    in_sync: AtomicU32,
 }
 
 /// A batch's idempotent-producer fields.
@@ -188,7 +191,30 @@ impl Partition {
             hwm_tx,
             replica,
             admission: AsyncMutex::new(Admission::default()),
+            in_sync: AtomicU32::new(u32::MAX),
         }
+    }
+
+    /// Records how many voters the leader pass found in sync (`None`: not leading).
+    pub fn set_in_sync(&self, count: Option<usize>) {
+        let n = count.map_or(u32::MAX, |c| u32::try_from(c).unwrap_or(u32::MAX));
+        self.in_sync.store(n, Ordering::Release);
+    }
+
+    /// Refuses an `acks=all` write while fewer than `required` replicas are in sync
+    /// (`min.insync.replicas`). Until the first leader pass after gaining leadership the count
+    /// is not known and nothing is refused: the Raft majority still guards the commit.
+    pub fn check_min_insync(&self, required: u32) -> Result<()> {
+        let in_sync = self.in_sync.load(Ordering::Acquire);
+        if in_sync >= required {
+            return Ok(());
+        }
+        Err(BrokerError::NotEnoughReplicas {
+            topic: self.topic.to_string(),
+            partition: self.id,
+            in_sync,
+            required,
+        })
     }
 
     pub fn raft(&self) -> &RaftReplica {

@@ -18,6 +18,7 @@ pub enum ErrorReason {
     OffsetOutOfRange,
     NotLeader,
     Unavailable,
+    NotEnoughReplicas,
     MessageTooLarge,
     OutOfOrderSequence,
     ProducerFenced,
@@ -51,7 +52,7 @@ mod code {
 
 impl ErrorReason {
     /// Every reason, in the order of `docs/api.md`'s table.
-    pub const ALL: [Self; 24] = [
+    pub const ALL: [Self; 25] = [
         Self::InvalidArgument,
         Self::InvalidConfig,
         Self::CorruptBatch,
@@ -61,6 +62,7 @@ impl ErrorReason {
         Self::OffsetOutOfRange,
         Self::NotLeader,
         Self::Unavailable,
+        Self::NotEnoughReplicas,
         Self::MessageTooLarge,
         Self::OutOfOrderSequence,
         Self::ProducerFenced,
@@ -89,6 +91,7 @@ impl ErrorReason {
             Self::TopicExists => "TOPIC_EXISTS",
             Self::OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
             Self::NotLeader => "NOT_LEADER",
+            Self::NotEnoughReplicas => "NOT_ENOUGH_REPLICAS",
             Self::Unavailable => "UNAVAILABLE",
             Self::MessageTooLarge => "MESSAGE_TOO_LARGE",
             Self::OutOfOrderSequence => "OUT_OF_ORDER_SEQUENCE",
@@ -131,9 +134,11 @@ impl ErrorReason {
             | Self::InconsistentStrategy
             | Self::GroupNotEmpty
             | Self::OffsetBackwards => code::FAILED_PRECONDITION,
-            Self::NotLeader | Self::NotCoordinator | Self::ShuttingDown | Self::Unavailable => {
-                code::UNAVAILABLE
-            }
+            Self::NotLeader
+            | Self::NotCoordinator
+            | Self::ShuttingDown
+            | Self::Unavailable
+            | Self::NotEnoughReplicas => code::UNAVAILABLE,
             Self::MessageTooLarge | Self::DiskFull => code::RESOURCE_EXHAUSTED,
             Self::Timeout => code::DEADLINE_EXCEEDED,
             Self::StorageError | Self::Internal => code::INTERNAL,
@@ -151,6 +156,7 @@ impl ErrorReason {
                 | Self::ShuttingDown
                 | Self::Unavailable
                 | Self::Timeout
+                | Self::NotEnoughReplicas
         )
     }
 
@@ -221,6 +227,7 @@ mod tests {
             [
                 ErrorReason::NotLeader,
                 ErrorReason::Unavailable,
+                ErrorReason::NotEnoughReplicas,
                 ErrorReason::NotCoordinator,
                 ErrorReason::Timeout,
                 ErrorReason::ShuttingDown,

@@ -111,6 +111,14 @@ impl ClusterNode {
             .filter(|b| b.replacing)
             .map(|b| b.id)
             .collect();
+        let silent: BTreeSet<u32> = state
+            .brokers
+            .keys()
+            .copied()
+            .filter(|b| {
+                *b != self.id && !self.liveness.heard_within(*b, leader_pass::IN_SYNC_CONTACT)
+            })
+            .collect();
         let now = Instant::now();
         let mut reports = Vec::new();
         let mut under_replicated = 0u64;
@@ -147,8 +155,11 @@ impl ClusterNode {
                 placement,
                 sent: sent.as_ref(),
                 replacing: &replacing,
+                silent: &silent,
             });
             h.memory = decision.memory;
+            h.partition
+                .set_in_sync(decision.in_sync.as_ref().map(|(in_sync, _)| in_sync.len()));
             if let Some((in_sync, voters)) = &decision.in_sync {
                 metrics::gauge!("keel_partition_in_sync_replicas", &labels)
                     .set(in_sync.len() as f64);

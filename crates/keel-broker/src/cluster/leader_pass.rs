@@ -16,6 +16,12 @@ use super::meta::{LeaderReport, PartitionMeta};
 /// How long a leader keeps leadership before handing it to a caught-up preferred replica.
 pub const PREFERRED_AFTER: Duration = Duration::from_secs(5);
 
+/// A follower whose broker was not heard from (beats, answers) for this long is not in sync,
+/// even if it held everything committed: an idle partition commits nothing, so a dead
+/// follower would otherwise stay "in sync" and `min.insync.replicas` would not notice it.
+/// Beats come every 150 ms; 3 s rides out pauses without flapping the reported set.
+pub const IN_SYNC_CONTACT: Duration = Duration::from_secs(3);
+
 /// What the pass remembers about a hosted replica from one pass to the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Memory {
@@ -57,6 +63,8 @@ pub struct Input<'a> {
     /// Brokers being replaced (`replace-broker`): no group keeps them as voters until their
     /// new data directory is registered.
     pub replacing: &'a BTreeSet<u32>,
+    /// Brokers not heard from within [`IN_SYNC_CONTACT`]: their replicas are not in sync.
+    pub silent: &'a BTreeSet<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,11 +110,12 @@ pub fn decide(input: &Input<'_>) -> Decision {
         .iter()
         .filter(|v| {
             **v == me
-                || s.matched
-                    .get(v)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|matched| matched >= caught_up_to)
+                || (!input.silent.contains(&(**v as u32))
+                    && s.matched
+                        .get(v)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|matched| matched >= caught_up_to))
         })
         .map(|v| *v as u32)
         .collect();
@@ -253,7 +262,21 @@ mod tests {
             placement: pm,
             sent: None,
             replacing: &NOBODY,
+            silent: &NOBODY,
         }
+    }
+
+    #[test]
+    fn a_silent_broker_is_not_in_sync_even_when_caught_up() {
+        let now = Instant::now();
+        let s = status(1, Role::Leader, &[1, 2, 3], &[(2, Some(10)), (3, Some(10))]);
+        let pm = placement(&[1, 2, 3]);
+        let silent = BTreeSet::from([3]);
+        let d = decide(&Input {
+            silent: &silent,
+            ..input(&s, leading_since(now, 10), Some(&pm), now)
+        });
+        assert_eq!(d.in_sync, Some((vec![1, 2], 3)));
     }
 
     static NOBODY: BTreeSet<u32> = BTreeSet::new();

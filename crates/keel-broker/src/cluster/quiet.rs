@@ -59,9 +59,14 @@ impl Liveness {
 
     /// True when `peer` was heard from within [`BEAT_TIMEOUT`].
     pub fn reachable(&self, peer: u32) -> bool {
+        self.heard_within(peer, BEAT_TIMEOUT)
+    }
+
+    /// True when `peer` was heard from within `window`.
+    pub fn heard_within(&self, peer: u32, window: Duration) -> bool {
         lock(&self.contact)
             .get(&peer)
-            .is_some_and(|t| t.elapsed() < BEAT_TIMEOUT)
+            .is_some_and(|t| t.elapsed() < window)
     }
 
     /// True when this broker (`me`) plus the reachable peers among `voters` form a majority.

@@ -58,6 +58,10 @@ pub enum ClientError {
     CorruptBatch { message: String, definite: bool },
     #[error("{message}")]
     DiskFull { message: String, definite: bool },
+    /// `acks=all` on a partition with fewer replicas in sync than `min.insync.replicas`:
+    /// nothing was written. Retried by the producer until its delivery timeout.
+    #[error("{message}")]
+    NotEnoughReplicas { message: String, definite: bool },
     /// An idempotent batch did not continue its producer's sequence on the partition (nothing
     /// was written). The producer retries it when an earlier batch of the partition is still
     /// unresolved; otherwise the batch fails and the producer starts a new epoch.
@@ -192,6 +196,7 @@ impl ClientError {
             | Self::MessageTooLarge { definite, .. }
             | Self::CorruptBatch { definite, .. }
             | Self::DiskFull { definite, .. }
+            | Self::NotEnoughReplicas { definite, .. }
             | Self::OutOfOrderSequence { definite, .. }
             | Self::ProducerFenced { definite, .. }
             | Self::Storage { definite, .. }
@@ -267,6 +272,10 @@ impl ClientError {
                 definite: false,
             },
             Self::DiskFull { message, .. } => Self::DiskFull {
+                message,
+                definite: false,
+            },
+            Self::NotEnoughReplicas { message, .. } => Self::NotEnoughReplicas {
                 message,
                 definite: false,
             },
@@ -364,6 +373,7 @@ impl ClientError {
             Self::MessageTooLarge { .. } => ErrorReason::MessageTooLarge,
             Self::CorruptBatch { .. } => ErrorReason::CorruptBatch,
             Self::DiskFull { .. } => ErrorReason::DiskFull,
+            Self::NotEnoughReplicas { .. } => ErrorReason::NotEnoughReplicas,
             Self::OutOfOrderSequence { .. } => ErrorReason::OutOfOrderSequence,
             Self::ProducerFenced { .. } => ErrorReason::ProducerFenced,
             Self::Storage { .. } => ErrorReason::StorageError,

@@ -160,6 +160,7 @@ impl ClientError {
             ErrorReason::MessageTooLarge => Self::MessageTooLarge { message, definite },
             ErrorReason::CorruptBatch => Self::CorruptBatch { message, definite },
             ErrorReason::DiskFull => Self::DiskFull { message, definite },
+            ErrorReason::NotEnoughReplicas => Self::NotEnoughReplicas { message, definite },
             ErrorReason::OutOfOrderSequence => Self::OutOfOrderSequence { message, definite },
             ErrorReason::ProducerFenced => Self::ProducerFenced { message, definite },
             ErrorReason::StorageError => Self::Storage { message, definite },

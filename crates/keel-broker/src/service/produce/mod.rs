@@ -100,7 +100,17 @@ impl Produce {
         let Accepted { plan, topic } = accepted;
         let mut infos = Vec::with_capacity(plan.batches.len());
         for b in &plan.batches {
-            match b.partition.append_only(b.batch.clone(), b.producer).await {
+            let admitted = if plan.acks_all {
+                b.partition
+                    .check_min_insync(topic.config.min_insync_replicas)
+            } else {
+                Ok(())
+            };
+            let appended = match admitted {
+                Ok(()) => b.partition.append_only(b.batch.clone(), b.producer).await,
+                Err(e) => Err(e),
+            };
+            match appended {
                 Ok(info) => infos.push(info),
                 Err(e) if infos.is_empty() => return Err(e),
                 Err(e) => return Err(e.after_write()),

@@ -59,6 +59,8 @@ pub trait Lookups {
 #[derive(Debug)]
 pub struct Plan<P> {
     pub timeout: Duration,
+    /// `acks=all` (or unspecified): the topic's `min.insync.replicas` applies, as in Kafka.
+    pub acks_all: bool,
     pub batches: Vec<Prepared<P>>,
     /// Per request batch: its record count (plain records) or `None` (encoded batch).
     pub sources: Vec<Option<usize>>,
@@ -232,6 +234,7 @@ pub fn plan<L: Lookups>(
     }
     Ok(Plan {
         timeout: Duration::from_millis(u64::from(timeout_ms)),
+        acks_all: matches!(Acks::try_from(req.acks), Ok(Acks::All | Acks::Unspecified)),
         batches,
         sources,
     })
