@@ -175,6 +175,12 @@ impl Status {
 pub struct GroupConfig(Arc<Config>);
 
 impl GroupConfig {
+    /// The openraft configuration, for keel-raft's own tests of how groups behave with it.
+    #[doc(hidden)]
+    pub fn openraft_config(&self) -> Config {
+        (*self.0).clone()
+    }
+
     /// Partition groups. Elections start after 0.4–0.8 s without a leader, which bounds
     /// failover; heartbeats every 100 ms keep leases well inside that. Only active groups pay
     /// for this: a broker puts idle ones to sleep (quiet groups).
@@ -207,9 +213,20 @@ impl GroupConfig {
 
     /// Pre-vote on: a replica that restarts or reconnects with a stale log must not bump the
     /// term and depose a healthy leader.
+    ///
+    /// Leader restore off: openraft 0.10 by default lets a node that led before a restart lead
+    /// again at once, in the same term, without an election. A leader sends entries to its
+    /// followers while its own write is still in the page cache; after a power loss it comes
+    /// back without them, and leading the same term again it writes different entries under
+    /// the same (term, index) that the followers hold, which Raft then never repairs. The
+    /// release fault run hit exactly this after whole-cluster power losses (seed
+    /// 1796100000000000017: acknowledged records lost, replicas diverging at one index of one
+    /// term). A restarted node therefore always starts as a follower; a new election takes a
+    /// new term (a sole voter elects itself on its first tick).
     fn validated(c: Config) -> Result<Self> {
         Config {
             enable_pre_vote: Some(true),
+            enable_leader_restore: Some(false),
             ..c
         }
         .validate()

@@ -9,6 +9,7 @@ use std::io;
 use std::path::Path;
 
 use keel_raft::KeelLogStore;
+use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::{Config, Raft};
 use support::group::{err, init, node, raft_config, stop, temp_dirs, wait_applied};
 use support::{MemStateMachine, batch, layout, small_config};
@@ -16,8 +17,18 @@ use support::{MemStateMachine, batch, layout, small_config};
 type Router = support::Router<MemStateMachine>;
 
 async fn start(router: &Router, id: u64, dir: &Path) -> io::Result<KeelLogStore> {
+    start_with(router, id, dir, Config::default()).await
+}
+
+/// Node `id` with the test's timings over `rest` (e.g. a real group's configuration).
+async fn start_with(
+    router: &Router,
+    id: u64,
+    dir: &Path,
+    rest: Config,
+) -> io::Result<KeelLogStore> {
     let store = KeelLogStore::open(dir, small_config())?;
-    let config = raft_config(50, 200..400, Config::default());
+    let config = raft_config(50, 200..400, rest);
     let sm = MemStateMachine::default();
     let raft = Raft::new(id, config, router.clone(), store.clone(), sm)
         .await
@@ -83,4 +94,43 @@ async fn three_replicas_agree_on_offsets_and_a_restarted_follower_catches_up() -
         stop(&router, id).await?;
     }
     Ok(())
+}
+
+/// A leader that restarts must not lead again without an election: after a power loss its log
+/// may lack entries it had already sent to its followers, and leading the same term again it
+/// would write different entries under the same (term, index). Alone after the restart, it
+/// can win no election, so it must stay a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_does_not_lead_again_without_an_election() -> io::Result<()> {
+    let dirs = temp_dirs(3)?;
+    let router = Router::default();
+    let rest = keel_raft::GroupConfig::partition()
+        .map_err(err)?
+        .openraft_config();
+    for (id, dir) in (1..=3u64).zip(&dirs) {
+        start_with(&router, id, dir.path(), rest.clone()).await?;
+    }
+    let leader_id = init(&router, &[1, 2, 3]).await?;
+    node(&router, leader_id)
+        .client_write(batch("w", 3))
+        .await
+        .map_err(err)?;
+    for id in 1..=3u64 {
+        stop(&router, id).await?;
+    }
+    start_with(
+        &router,
+        leader_id,
+        dirs[leader_id as usize - 1].path(),
+        rest,
+    )
+    .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let m = node(&router, leader_id).metrics().borrow_watched().clone();
+    assert_ne!(
+        m.current_leader,
+        Some(leader_id),
+        "the restarted leader leads again without an election: {m:?}"
+    );
+    stop(&router, leader_id).await
 }
