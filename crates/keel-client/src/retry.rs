@@ -28,7 +28,9 @@ pub(crate) trait Target: fmt::Display {
 impl Client {
     /// Runs a request on `target` until `deadline`, following its hints and retrying retriable
     /// errors with backoff. A request that may have had an effect is retried only when
-    /// `idempotent`.
+    /// `idempotent`. The error returned is definite only if every attempt's was: a later
+    /// attempt's refusal says nothing of an earlier one that may have taken effect (the fault
+    /// run saw an offset commit reported refused that had been applied).
     pub(crate) async fn call_routed<T, F, Fut>(
         &self,
         target: &impl Target,
@@ -42,6 +44,10 @@ impl Client {
     {
         let cfg = &self.inner.config;
         let mut attempt = 0u32;
+        let mut maybe_applied = false;
+        let settle = |err: ClientError, maybe_applied: bool| {
+            if maybe_applied { err.indefinite() } else { err }
+        };
         loop {
             let result = match target.find(self, deadline).await {
                 Ok(addr) => self.call_at(&addr, deadline, &mut call).await,
@@ -54,15 +60,16 @@ impl Client {
             target.failed(self, &err);
             attempt += 1;
             if !err.is_retriable() || !(idempotent || err.is_definite()) {
-                return Err(err);
+                return Err(settle(err, maybe_applied));
             }
+            maybe_applied |= !err.is_definite();
             let wait = backoff(
                 cfg.retry_backoff,
                 backoff_cap(&err, cfg.retry_backoff_max),
                 attempt,
             );
             if Instant::now() + wait >= deadline {
-                return Err(err);
+                return Err(settle(err, maybe_applied));
             }
             tracing::debug!(%target, error = %err, "retrying");
             tokio::time::sleep(wait).await;
