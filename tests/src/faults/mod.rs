@@ -1,12 +1,16 @@
 //! The fault-injection suite's pure parts: a seeded fault schedule and the checker that
-//! verifies the brief's invariants from a recorded history (`check.rs`). No IO, so both are
-//! unit-tested and a failing run can be replayed from its printed seed.
+//! verifies the brief's invariants from a recorded history (`history.rs`, `check/`), and
+//! whether retention ran (`retention.rs`). No IO, so all of it is unit-tested and a failing run
+//! can be replayed from its printed seed.
 
 use std::fmt;
 
 mod check;
+mod history;
+pub mod retention;
 
-pub use check::{History, Outcome, Report, check};
+pub use check::{Report, check};
+pub use history::{Batch, CommitOutcome, History, Member, MemberEvent, Outcome, Replicas};
 
 /// SplitMix64: tiny, seedable and the same everywhere, so a schedule is reproducible from its
 /// seed without a random-number crate.
