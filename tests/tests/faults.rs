@@ -1,10 +1,11 @@
 //! The fault-injection run: three real brokers under load from idempotent `acks=all` producers
-//! and a committing group consumer, while a seeded schedule kills (`kill -9`), pauses
-//! (SIGSTOP longer than an election timeout), isolates (iptables between the brokers' own
+//! and two committing members of one consumer group, while a seeded schedule kills (`kill -9`),
+//! pauses (SIGSTOP longer than an election timeout), isolates (iptables between the brokers' own
 //! loopback addresses, when run as root), cuts the power of (losing every byte not fsynced)
 //! and fails the fsyncs of brokers: partition leaders, the metadata leader, the group
-//! coordinator; and once cuts the power of the whole cluster. After healing, the recorded history is checked against the brief's
-//! invariants (`keel_tests::faults::check`) and the replicas' logs on disk are compared.
+//! coordinator; and once cuts the power of the whole cluster. After healing, the recorded
+//! history, with every replica's log as read from the stopped brokers' files, is checked against
+//! the brief's invariants (`keel_tests::faults::check`).
 //!
 //! `cargo test` runs a short schedule. Longer runs and replays:
 //!   KEEL_FAULT_SEED=S KEEL_FAULT_COUNT=N cargo test -p keel-tests --test faults -- --nocapture
