@@ -1,10 +1,11 @@
 //! The fault-injection run: three real brokers under load from idempotent `acks=all` producers
-//! and a committing group consumer, while a seeded schedule kills (`kill -9`), pauses
-//! (SIGSTOP longer than an election timeout), isolates (iptables between the brokers' own
+//! and two committing members of one consumer group, while a seeded schedule kills (`kill -9`),
+//! pauses (SIGSTOP longer than an election timeout), isolates (iptables between the brokers' own
 //! loopback addresses, when run as root), cuts the power of (losing every byte not fsynced)
 //! and fails the fsyncs of brokers: partition leaders, the metadata leader, the group
-//! coordinator; and once cuts the power of the whole cluster. After healing, the recorded history is checked against the brief's
-//! invariants (`keel_tests::faults::check`) and the replicas' logs on disk are compared.
+//! coordinator; and once cuts the power of the whole cluster. After healing, the recorded
+//! history, with every replica's log as read from the stopped brokers' files, is checked against
+//! the brief's invariants (`keel_tests::faults::check`).
 //!
 //! `cargo test` runs a short schedule. Longer runs and replays:
 //!   KEEL_FAULT_SEED=S KEEL_FAULT_COUNT=N cargo test -p keel-tests --test faults -- --nocapture
@@ -14,21 +15,34 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_client::{Client, ClientError, GroupConfig, OffsetReset, ProducerConfig, ProducerRecord};
-use keel_proto::v1::FindCoordinatorRequest;
+use keel_client::{
+    Client, ClientError, GroupConfig, OffsetReset, PartitionInfo, ProducerConfig, ProducerRecord,
+    RebalanceListener,
+};
+use keel_proto::v1::admin_service_client::AdminServiceClient;
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
-use keel_tests::cluster::{ClusterProc, NetPartition, committed_prefix, replica_batches};
-use keel_tests::faults::{Fault, FaultKind, History, Outcome, Target, check, schedule};
+use keel_proto::v1::{DescribeTopicRequest, FindCoordinatorRequest};
+use keel_tests::broker::http_get;
+use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches};
+use keel_tests::faults::retention::{
+    CounterTotal, RETENTION_DELETED_METRIC, metric_value, retention_can_delete,
+};
+use keel_tests::faults::{
+    Batch, CommitOutcome, Fault, FaultKind, History, Member, MemberEvent, Outcome, Replicas,
+    Target, check, schedule,
+};
 use keel_tests::proxy::FaultProxy;
 use keel_tests::records::read_partition;
 
 const TOPIC: &str = "jepsen";
 const PARTITIONS: u32 = 3;
 const GROUP: &str = "checker";
+/// The brokers' internal topic of committed offsets: its replicas are compared too.
+const OFFSETS_TOPIC: &str = "__consumer_offsets";
 const WAIT: Duration = Duration::from_secs(90);
 
-/// (group, partition) to the committed offsets observed, in order.
-type Commits = BTreeMap<(String, u32), Vec<u64>>;
+/// (group, partition) to the committed offsets observed, in order: (when seen in µs, offset).
+type Commits = BTreeMap<(String, u32), Vec<(u64, u64)>>;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -63,6 +77,18 @@ impl Events {
         use std::io::Write as _;
         let _ = self.out.lock().expect("lock").flush();
     }
+
+    /// Microseconds since the start: the clock of the history's member events.
+    fn us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+}
+
+/// What the producers wrote: each value's outcome, and the key of each keyed one.
+#[derive(Default)]
+struct Writes {
+    outcomes: Mutex<BTreeMap<String, Outcome>>,
+    keys: Mutex<BTreeMap<String, String>>,
 }
 
 /// One producer's loop: unique values, some keyed, some to fixed partitions.
@@ -71,7 +97,7 @@ async fn produce(
     name: &'static str,
     keyed: bool,
     stop: Arc<AtomicBool>,
-    writes: Arc<Mutex<BTreeMap<String, Outcome>>>,
+    writes: Arc<Writes>,
     acked_at: Arc<Mutex<Vec<Instant>>>,
     events: Events,
 ) {
@@ -100,13 +126,19 @@ async fn produce(
                 Outcome::Unknown
             }
         };
-        writes.lock().expect("lock").insert(value, outcome);
+        writes.outcomes.lock().expect("lock").insert(value, outcome);
     };
     while !stop.load(Ordering::Relaxed) {
         let value = format!("{name}-{seq:08}");
         let mut record = ProducerRecord::new(TOPIC, value.clone());
         record = if keyed {
-            record.key(format!("k{}", seq % 16))
+            let key = format!("k{}", seq % 16);
+            writes
+                .keys
+                .lock()
+                .expect("lock")
+                .insert(value.clone(), key.clone());
+            record.key(key)
         } else {
             record.partition((seq % u64::from(PARTITIONS)) as u32)
         };
@@ -146,6 +178,165 @@ fn restart_exited(
             ));
             events.log(format_args!("broker {} exited ({status}); restarted", n.id));
             n.restart();
+        }
+    }
+}
+
+/// Records a member's assignment changes as they happen.
+struct Recorder {
+    name: &'static str,
+    history: Arc<Mutex<Vec<MemberEvent>>>,
+    events: Events,
+}
+
+impl Recorder {
+    fn note(&self, parts: &[(String, u32)], what: &str) {
+        let mut h = self.history.lock().expect("lock");
+        for (_, p) in parts.iter().filter(|(t, _)| t == TOPIC) {
+            let at = self.events.us();
+            self.events
+                .log(format_args!("{} {what} partition {p}", self.name));
+            h.push(if what == "assigned" {
+                MemberEvent::Assigned { at, partition: *p }
+            } else {
+                MemberEvent::Released { at, partition: *p }
+            });
+        }
+    }
+}
+
+impl RebalanceListener for Recorder {
+    fn on_assigned(&mut self, partitions: &[(String, u32)]) {
+        self.note(partitions, "assigned");
+    }
+
+    fn on_revoked(&mut self, partitions: &[(String, u32)]) {
+        self.note(partitions, "revoked");
+    }
+
+    fn on_lost(&mut self, partitions: &[(String, u32)]) {
+        self.note(partitions, "lost");
+    }
+}
+
+/// One member of the test's group: joins after `join_after`, polls, and commits its positions
+/// after every poll (no auto-commit). With `leave_every`, it leaves the group that often and
+/// joins again two seconds later, so partitions are handed over between the members
+/// throughout the run. Everything it does goes to `history`.
+async fn member(
+    client: Client,
+    name: &'static str,
+    join_after: Duration,
+    leave_every: Option<Duration>,
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<Vec<MemberEvent>>>,
+    events: Events,
+) {
+    tokio::time::sleep(join_after).await;
+    while !stop.load(Ordering::Relaxed) {
+        let mut consumer = client
+            .group_consumer(
+                GroupConfig::new(GROUP)
+                    .subscribe([TOPIC])
+                    .auto_commit(false)
+                    .auto_offset_reset(OffsetReset::Earliest)
+                    .session_timeout(Duration::from_secs(6)),
+            )
+            .expect("group consumer");
+        consumer.set_rebalance_listener(Box::new(Recorder {
+            name,
+            history: Arc::clone(&history),
+            events: events.clone(),
+        }));
+        events.log(format_args!("{name} joins"));
+        let joined = Instant::now();
+        while !stop.load(Ordering::Relaxed) && leave_every.is_none_or(|d| joined.elapsed() < d) {
+            let started = events.us();
+            match consumer.poll(Duration::from_millis(200)).await {
+                Ok(records) if !records.is_empty() => {
+                    let returned = events.us();
+                    let records: Vec<(u32, u64, String)> = records
+                        .into_iter()
+                        .map(|r| {
+                            let v = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
+                                .into_owned();
+                            events
+                                .log(format_args!("poll {name} {}@{} {v}", r.partition, r.offset));
+                            (r.partition, r.offset, v)
+                        })
+                        .collect();
+                    history.lock().expect("lock").push(MemberEvent::Polled {
+                        started,
+                        returned,
+                        records,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => events.log(format_args!("{name} poll failed: {e}")),
+            }
+            // The positions `commit_sync` commits: those of every partition held.
+            let offsets: Vec<(u32, u64)> = consumer
+                .assignment()
+                .iter()
+                .filter(|(t, _)| t == TOPIC)
+                .filter_map(|(t, p)| Some((*p, consumer.position(t, *p)?)))
+                .collect();
+            let sent = events.us();
+            let result = consumer.commit_sync().await;
+            let done = events.us();
+            let outcome = match &result {
+                Ok(()) => CommitOutcome::Ok,
+                Err(e) if e.is_definite() => CommitOutcome::Refused,
+                Err(_) => CommitOutcome::Unknown,
+            };
+            match &result {
+                Ok(()) => events.log(format_args!("{name} commit ok {offsets:?}")),
+                Err(e) => events.log(format_args!("{name} commit {offsets:?} failed: {e}")),
+            }
+            if !offsets.is_empty() {
+                history.lock().expect("lock").push(MemberEvent::Committed {
+                    sent,
+                    done,
+                    offsets,
+                    outcome,
+                });
+            }
+        }
+        if let Err(e) = consumer.close().await {
+            events.log(format_args!("{name} close failed: {e}"));
+        }
+        events.log(format_args!("{name} left"));
+        if !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+}
+
+/// Samples every broker's retention counter once a second, adding across restarts.
+async fn sample_retention(
+    http: Vec<(u32, String)>,
+    stop: Arc<AtomicBool>,
+    total: Arc<Mutex<CounterTotal>>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        sample_retention_once(&http, &total).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    sample_retention_once(&http, &total).await;
+}
+
+async fn sample_retention_once(http: &[(u32, String)], total: &Mutex<CounterTotal>) {
+    for (id, addr) in http {
+        let addr = addr.clone();
+        // A paused broker accepts the connection and answers nothing: a blocking read with a
+        // timeout, off the runtime's workers.
+        let text = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics"))
+            .await
+            .ok()
+            .flatten();
+        if let Some((200, body)) = text {
+            let v = metric_value(&body, RETENTION_DELETED_METRIC).unwrap_or(0.0);
+            total.lock().expect("lock").observe(*id, v);
         }
     }
 }
@@ -196,11 +387,89 @@ async fn resolve(client: &Client, cluster: &ClusterProc, target: Target) -> Opti
 }
 
 async fn all_in_sync(client: &Client) -> bool {
-    client.admin().describe_topic(TOPIC).await.is_ok_and(|t| {
+    topic_in_sync(client, TOPIC).await
+}
+
+async fn topic_in_sync(client: &Client, topic: &str) -> bool {
+    client.admin().describe_topic(topic).await.is_ok_and(|t| {
         t.partitions
             .iter()
             .all(|p| p.leader != 0 && p.in_sync.len() == p.replicas.len())
     })
+}
+
+/// A topic as one broker sees it (its own replicas' log starts and high watermarks), asked
+/// directly rather than through the clients' proxies.
+async fn describe_at(endpoint: String, topic: &str) -> Option<keel_client::TopicInfo> {
+    let ch = tonic::transport::Channel::from_shared(endpoint)
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    AdminServiceClient::new(ch)
+        .describe_topic(DescribeTopicRequest {
+            name: topic.to_owned(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .topic
+}
+
+/// Every partition of `topic` as its leader reports it, once every broker that holds a replica
+/// has reported a high watermark at least the leader's (so each has the leader's committed
+/// entries), with `true`. If that does not happen within `wait`, the leaders' reports of the
+/// last attempt with `false`, so that the checker judges the replicas as they are.
+async fn leader_reports(
+    cluster: &ClusterProc,
+    topic: &str,
+    wait: Duration,
+) -> (BTreeMap<u32, PartitionInfo>, bool) {
+    let deadline = Instant::now() + wait;
+    let mut best = BTreeMap::new();
+    loop {
+        let mut views: BTreeMap<u32, keel_client::TopicInfo> = BTreeMap::new();
+        for n in &cluster.nodes {
+            if let Some(t) = describe_at(n.endpoint(), topic).await {
+                views.insert(n.id, t);
+            }
+        }
+        let count = views
+            .values()
+            .map(|t| t.partitions.len())
+            .max()
+            .unwrap_or(0);
+        let mut leaders = BTreeMap::new();
+        let mut caught_up = count > 0;
+        for p in 0..count {
+            let Some(lead) = views
+                .iter()
+                .find_map(|(id, t)| t.partitions.get(p).filter(|x| x.leader == *id))
+            else {
+                caught_up = false;
+                continue;
+            };
+            caught_up &= lead.replicas.iter().all(|r| {
+                views
+                    .get(r)
+                    .and_then(|t| t.partitions.get(p))
+                    .is_some_and(|x| x.high_watermark >= lead.high_watermark)
+            });
+            leaders.insert(p as u32, lead.clone());
+        }
+        if leaders.len() >= best.len() {
+            best = leaders;
+        }
+        if caught_up && best.len() == count {
+            return (best, true);
+        }
+        if Instant::now() >= deadline {
+            return (best, false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +524,17 @@ async fn faults_under_load_keep_every_invariant() {
     let client = Client::connect(&advertised).await.expect("client");
     client
         .admin()
-        .create_topic(TOPIC, PARTITIONS, 3, BTreeMap::new())
+        .create_topic(
+            TOPIC,
+            PARTITIONS,
+            3,
+            // Keeps everything: a log start above 0 is then a violation, not retention.
+            [
+                ("retention.ms".to_owned(), "-1".to_owned()),
+                ("retention.bytes".to_owned(), "-1".to_owned()),
+            ]
+            .into(),
+        )
         .await
         .expect("create topic");
 
@@ -270,7 +549,7 @@ async fn faults_under_load_keep_every_invariant() {
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writes: Arc<Mutex<BTreeMap<String, Outcome>>> = Arc::default();
+    let writes: Arc<Writes> = Arc::default();
     let acked_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let producers: Vec<_> = [("keyed", true), ("fixed", false)]
         .into_iter()
@@ -287,55 +566,35 @@ async fn faults_under_load_keep_every_invariant() {
         })
         .collect();
 
-    // A group member that commits what it read, and an observer of the group's committed
-    // offsets as the coordinator (whichever it is) reports them.
-    let consumed: Arc<Mutex<Vec<(u32, u64, String)>>> = Arc::default();
-    let commits: Arc<Mutex<Commits>> = Arc::default();
+    // Two members of one group that commit what they read: m1 stays, m2 joins a little later
+    // and then leaves and joins again every 20 s, so partitions change hands throughout the
+    // run. An observer polls the group's committed offsets as the coordinator (whichever it
+    // is) reports them.
     let consumer_stop = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let (client, consumed, stop, events) = (
-            client.clone(),
-            Arc::clone(&consumed),
-            Arc::clone(&consumer_stop),
-            events.clone(),
-        );
-        tokio::spawn(async move {
-            let mut member = client
-                .group_consumer(
-                    GroupConfig::new(GROUP)
-                        .subscribe([TOPIC])
-                        .auto_commit(false)
-                        .auto_offset_reset(OffsetReset::Earliest)
-                        .session_timeout(Duration::from_secs(6)),
-                )
-                .expect("group consumer");
-            while !stop.load(Ordering::Relaxed) {
-                match member.poll(Duration::from_millis(200)).await {
-                    Ok(records) => {
-                        let mut seen = consumed.lock().expect("lock");
-                        for r in records {
-                            let v = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
-                                .into_owned();
-                            events.log(format_args!("poll {}@{} {v}", r.partition, r.offset));
-                            seen.push((r.partition, r.offset, v));
-                        }
-                    }
-                    Err(e) => {
-                        events.log(format_args!("poll failed: {e}"));
-                        println!("consumer poll: {e}");
-                    }
-                }
-                match member.commit_sync().await {
-                    Ok(()) => events.log(format_args!("commit ok")),
-                    Err(e) => {
-                        events.log(format_args!("commit failed: {e}"));
-                        println!("consumer commit: {e}");
-                    }
-                }
-            }
-            let _ = member.close().await;
+    let members: Vec<(&'static str, Arc<Mutex<Vec<MemberEvent>>>)> = ["m1", "m2"]
+        .into_iter()
+        .map(|name| (name, Arc::default()))
+        .collect();
+    let member_tasks: Vec<_> = members
+        .iter()
+        .map(|(name, history)| {
+            let (join_after, leave_every) = if *name == "m1" {
+                (Duration::ZERO, None)
+            } else {
+                (Duration::from_secs(3), Some(Duration::from_secs(20)))
+            };
+            tokio::spawn(member(
+                client.clone(),
+                name,
+                join_after,
+                leave_every,
+                Arc::clone(&consumer_stop),
+                Arc::clone(history),
+                events.clone(),
+            ))
         })
-    };
+        .collect();
+    let commits: Arc<Mutex<Commits>> = Arc::default();
     let observer = {
         let (client, commits, stop, events) = (
             client.clone(),
@@ -346,12 +605,13 @@ async fn faults_under_load_keep_every_invariant() {
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(offsets) = client.admin().fetch_offsets(GROUP, &[]).await {
+                    let at = events.us();
                     let mut c = commits.lock().expect("lock");
-                    for o in offsets {
+                    for o in offsets.into_iter().filter(|o| o.topic == TOPIC) {
                         let seen = c.entry((GROUP.to_owned(), o.partition)).or_default();
-                        if seen.last() != Some(&o.offset) {
+                        if seen.last().map(|(_, offset)| *offset) != Some(o.offset) {
                             events.log(format_args!("committed {}@{}", o.partition, o.offset));
-                            seen.push(o.offset);
+                            seen.push((at, o.offset));
                         }
                     }
                 }
@@ -359,6 +619,17 @@ async fn faults_under_load_keep_every_invariant() {
             }
         })
     };
+    // Whether retention deleted anything, from the brokers' own counter.
+    let retention_deleted: Arc<Mutex<CounterTotal>> = Arc::default();
+    let sampler = tokio::spawn(sample_retention(
+        cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.http.clone()))
+            .collect(),
+        Arc::clone(&consumer_stop),
+        Arc::clone(&retention_deleted),
+    ));
 
     // The schedule.
     let started = Instant::now();
@@ -492,22 +763,22 @@ async fn faults_under_load_keep_every_invariant() {
         p.await.expect("producer task");
     }
     let mut final_log = BTreeMap::new();
-    let mut log_start = BTreeMap::new();
     for p in 0..PARTITIONS {
         final_log.insert(p, read_partition(&client, TOPIC, p, false).await);
-        let t = client
-            .admin()
-            .describe_topic(TOPIC)
-            .await
-            .expect("describe");
-        log_start.insert(p, t.partitions[p as usize].log_start_offset);
     }
     let total: usize = final_log.values().map(BTreeMap::len).sum();
     let deadline = Instant::now() + WAIT;
     loop {
+        // The furthest offset of each partition any member got.
         let mut last: BTreeMap<u32, u64> = BTreeMap::new();
-        for (p, o, _) in consumed.lock().expect("lock").iter() {
-            last.insert(*p, (*o).max(last.get(p).copied().unwrap_or(0)));
+        for (_, history) in &members {
+            for e in history.lock().expect("lock").iter() {
+                if let MemberEvent::Polled { records, .. } = e {
+                    for (p, o, _) in records {
+                        last.insert(*p, (*o).max(last.get(p).copied().unwrap_or(0)));
+                    }
+                }
+            }
         }
         let caught_up = (0..PARTITIONS).all(|p| {
             let end = final_log[&p].keys().next_back().copied();
@@ -520,44 +791,136 @@ async fn faults_under_load_keep_every_invariant() {
             let logs = cluster.preserve_logs();
             keep_history(&logs);
             panic!(
-                "seed {seed}: the group consumer never caught up (consumed up to {last:?}); broker logs and the event history in {}",
+                "seed {seed}: the group's members never caught up (consumed up to {last:?}); broker logs and the event history in {}",
                 logs.display()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     consumer_stop.store(true, Ordering::Relaxed);
-    consumer.await.expect("consumer task");
+    for t in member_tasks {
+        t.await.expect("member task");
+    }
     observer.await.expect("observer task");
+    sampler.await.expect("retention sampler task");
 
-    // Every replica's committed prefix, from the files of the stopped brokers.
-    let hwm: BTreeMap<u32, u64> = final_log
+    // The replicas of both topics, once every partition is in sync and every replica has
+    // reported its leader's high watermark.
+    let deadline = Instant::now() + WAIT;
+    while !(topic_in_sync(&client, TOPIC).await && topic_in_sync(&client, OFFSETS_TOPIC).await) {
+        restart_exited(&mut cluster, &mut timeline, &events, started);
+        if Instant::now() >= deadline {
+            let logs = cluster.preserve_logs();
+            keep_history(&logs);
+            panic!(
+                "seed {seed}: the replicas were not in sync at the end; broker logs and the event history in {}",
+                logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut leaders = BTreeMap::new();
+    for topic in [TOPIC, OFFSETS_TOPIC] {
+        let (reports, caught_up) = leader_reports(&cluster, topic, Duration::from_secs(20)).await;
+        if !caught_up {
+            println!(
+                "note: not every replica of {topic} reported its leader's high watermark; the checker judges the files as they are"
+            );
+        }
+        leaders.insert(topic, reports);
+    }
+    assert_eq!(
+        leaders[TOPIC].len(),
+        PARTITIONS as usize,
+        "a partition of {TOPIC} without a leader reporting it: {:?}",
+        leaders[TOPIC]
+    );
+    // Records below a log start are excused only if the topic lets retention delete and the
+    // brokers say it deleted something. The test topic keeps everything.
+    let deleted_bytes = retention_deleted.lock().expect("lock").total();
+    let config = client
+        .admin()
+        .describe_topic(TOPIC)
+        .await
+        .expect("describe")
+        .config;
+    let can_delete = retention_can_delete(config.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let retention_ran = deleted_bytes > 0.0;
+    println!(
+        "retention: {TOPIC} {} delete, the brokers deleted {deleted_bytes} bytes",
+        if can_delete { "may" } else { "may not" }
+    );
+    let log_start: BTreeMap<u32, u64> = leaders[TOPIC]
         .iter()
-        .map(|(p, l)| (*p, l.keys().next_back().map_or(0, |o| o + 1)))
+        .map(|(p, info)| (*p, info.log_start_offset))
         .collect();
+
+    // Every replica's copy, from the files of the stopped brokers.
     for n in &mut cluster.nodes {
         let status = n.terminate();
         assert!(status.success(), "broker {} exited with {status}", n.id);
     }
     let mut replicas = BTreeMap::new();
-    for id in 1..=3u32 {
-        let mut per = BTreeMap::new();
-        for p in 0..PARTITIONS {
-            let rows = replica_batches(&cluster.replica_dir(id, TOPIC, p));
-            let prefix: Vec<String> = committed_prefix(&rows, hwm[&p])
+    for (topic, reports) in &leaders {
+        // The offsets topic deletes its old segments once it wrote a compacted image.
+        let retention = retention_ran && (can_delete || *topic == OFFSETS_TOPIC);
+        for (p, info) in reports {
+            let logs = info
+                .replicas
                 .iter()
-                .map(|r| format!("{}:{}:{}:{}:{:08x}", r.0, r.1, r.2, r.3, r.4))
+                .map(|b| {
+                    let rows = replica_batches(&cluster.replica_dir(*b, topic, *p));
+                    (*b, rows.into_iter().map(Batch::from).collect())
+                })
                 .collect();
-            per.insert(p, prefix);
+            replicas.insert(
+                ((*topic).to_owned(), *p),
+                Replicas {
+                    leader: info.leader,
+                    high_watermark: info.high_watermark,
+                    retention_deleted: retention,
+                    logs,
+                },
+            );
         }
-        replicas.insert(id, per);
     }
 
+    println!(
+        "replicas compared with their leader's copy: {} partitions of {TOPIC} and {OFFSETS_TOPIC}",
+        replicas.len()
+    );
+    let members: BTreeMap<String, Member> = members
+        .iter()
+        .map(|(name, history)| {
+            let events = history.lock().expect("lock").clone();
+            let count = |f: fn(&MemberEvent) -> bool| events.iter().filter(|e| f(e)).count();
+            println!(
+                "{name}: {} assignments, {} polls with records, {} commits",
+                count(|e| matches!(e, MemberEvent::Assigned { .. })),
+                count(|e| matches!(e, MemberEvent::Polled { .. })),
+                count(|e| matches!(e, MemberEvent::Committed { .. })),
+            );
+            (
+                (*name).to_owned(),
+                Member {
+                    group: GROUP.to_owned(),
+                    events,
+                },
+            )
+        })
+        .collect();
     let history = History {
-        writes: writes.lock().expect("lock").clone(),
+        topic: TOPIC.to_owned(),
+        writes: writes.outcomes.lock().expect("lock").clone(),
+        keys: writes.keys.lock().expect("lock").clone(),
         final_log,
         log_start,
-        consumed: [("member".to_owned(), consumed.lock().expect("lock").clone())].into(),
+        retention_deleted: if can_delete && retention_ran {
+            (0..PARTITIONS).collect()
+        } else {
+            Default::default()
+        },
+        members,
         commits: commits.lock().expect("lock").clone(),
         replicas,
     };
