@@ -450,6 +450,48 @@ async fn faults_under_load_keep_every_invariant() {
                     tokio::time::sleep(hold).await;
                     cluster.node(node).toggle_failing_fsyncs();
                 }
+                FaultKind::Wipe => {
+                    let b = cluster.node(node);
+                    b.kill9();
+                    std::fs::remove_dir_all(&b.data_dir).expect("wipe the data directory");
+                    b.relaunch();
+                    // Refused by the others, it stops by itself.
+                    let deadline = Instant::now() + WAIT;
+                    let status = loop {
+                        if let Some(s) = cluster.node(node).reap_exited() {
+                            break s;
+                        }
+                        if Instant::now() >= deadline {
+                            let logs = cluster.preserve_logs();
+                            panic!(
+                                "seed {seed}: broker {node} ran on a wiped data directory without being refused; logs in {}",
+                                logs.display()
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    };
+                    events.log(format_args!(
+                        "wiped broker {node} was refused and stopped ({status})"
+                    ));
+                    tokio::time::sleep(hold).await;
+                    let deadline = Instant::now() + WAIT;
+                    loop {
+                        match client.admin().replace_broker(node).await {
+                            Ok(rebuilt) => {
+                                events.log(format_args!(
+                                    "replaced broker {node}: rebuilding {rebuilt:?}"
+                                ));
+                                break;
+                            }
+                            Err(e) if Instant::now() < deadline => {
+                                events.log(format_args!("replace-broker {node}: {e}; retrying"));
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            Err(e) => panic!("seed {seed}: replace-broker {node} failed: {e}"),
+                        }
+                    }
+                    cluster.node(node).relaunch();
+                }
                 FaultKind::PowerLossAll => {
                     for n in &mut cluster.nodes {
                         n.power_loss();
