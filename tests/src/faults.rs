@@ -50,6 +50,12 @@ pub enum FaultKind {
     Pause,
     /// Cut the broker off the others (both directions) for `hold_ms`.
     Isolate,
+    /// An asymmetric cut: the broker's packets to the others are dropped for `hold_ms`, theirs
+    /// to it still arrive (it hears the cluster, the cluster never hears it).
+    OneWay,
+    /// A partial partition: the broker and the next one (by id) cannot reach each other for
+    /// `hold_ms`, while the third still reaches both.
+    CutPair,
     /// Lose responses on the clients' links to the broker (the request was processed, the
     /// answer never arrives) for `hold_ms`: the clients retry, and idempotent producing must
     /// not write anything twice.
@@ -94,6 +100,24 @@ impl fmt::Display for Fault {
     }
 }
 
+/// Every fault kind, in the order a schedule's first faults go through them: those that need
+/// iptables (root) only with `isolate`; the rare ones (a wiped broker, a whole-cluster power
+/// loss) last. A run of at least this many faults covers every kind.
+pub fn first_pass(isolate: bool) -> Vec<FaultKind> {
+    let mut kinds = vec![
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::PowerLoss,
+        FaultKind::DropResponses,
+        FaultKind::FailFsync,
+    ];
+    if isolate {
+        kinds.extend([FaultKind::Isolate, FaultKind::OneWay, FaultKind::CutPair]);
+    }
+    kinds.extend([FaultKind::Wipe, FaultKind::PowerLossAll]);
+    kinds
+}
+
 /// `count` faults, one at a time: apart from `PowerLossAll`, at most one broker of three is
 /// down or cut off, so a majority remains. The first faults go through every kind and every
 /// target kind, so even a short schedule covers them all; the rest are random, with a
@@ -104,19 +128,9 @@ impl fmt::Display for Fault {
 pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: bool) -> Vec<Fault> {
     let mut rng = Rng::new(seed);
     let mut over = Rng::new(seed ^ 0x6f76_6572_6c61_7073);
-    let mut kinds = vec![
-        FaultKind::Kill,
-        FaultKind::Pause,
-        FaultKind::PowerLoss,
-        FaultKind::DropResponses,
-        FaultKind::FailFsync,
-    ];
-    if isolate {
-        kinds.push(FaultKind::Isolate);
-    }
-    let first = kinds.len();
-    kinds.push(FaultKind::Wipe);
-    kinds.push(FaultKind::PowerLossAll);
+    let kinds = first_pass(isolate);
+    // The kinds drawn at random after the first pass (the rare ones are drawn apart).
+    let first = kinds.len() - 2;
     let targets = |rng: &mut Rng| match rng.range(0, 3) {
         0 => Target::Node(rng.range(1, u64::from(nodes)) as u32),
         1 => Target::LeaderOf(rng.range(0, u64::from(partitions.max(1)) - 1) as u32),
@@ -527,14 +541,17 @@ mod tests {
         let a = schedule(42, 12, 3, 3, true);
         assert_eq!(a, schedule(42, 12, 3, 3, true));
         assert_ne!(a, schedule(43, 12, 3, 3, true));
-        let kinds: BTreeSet<String> = a[..8].iter().map(|f| format!("{:?}", f.kind)).collect();
-        assert_eq!(kinds.len(), 8, "every kind in the first eight: {a:?}");
-        assert_eq!(a[6].kind, FaultKind::Wipe);
-        assert_eq!(a[7].kind, FaultKind::PowerLossAll);
+        let kinds: BTreeSet<String> = a[..10].iter().map(|f| format!("{:?}", f.kind)).collect();
+        assert_eq!(kinds.len(), 10, "every kind in the first ten: {a:?}");
+        assert_eq!(a[8].kind, FaultKind::Wipe);
+        assert_eq!(a[9].kind, FaultKind::PowerLossAll);
         assert!(a.iter().all(|f| f.hold_ms >= 1500));
         assert!(a[..4].iter().any(|f| f.target == Target::GroupCoordinator));
         let no_net = schedule(1, 20, 3, 3, false);
-        assert!(no_net.iter().all(|f| f.kind != FaultKind::Isolate));
+        assert!(no_net.iter().all(|f| !matches!(
+            f.kind,
+            FaultKind::Isolate | FaultKind::OneWay | FaultKind::CutPair
+        )));
         let no_net_kinds: BTreeSet<String> = no_net[..7]
             .iter()
             .map(|f| format!("{:?}", f.kind))
@@ -542,7 +559,7 @@ mod tests {
         assert_eq!(no_net_kinds.len(), 7);
         // The whole-cluster outage stays rare after the first pass.
         let long = schedule(7, 400, 3, 3, true);
-        let outages = long[8..]
+        let outages = long[10..]
             .iter()
             .filter(|f| f.kind == FaultKind::PowerLossAll)
             .count();
@@ -550,7 +567,7 @@ mod tests {
             (5..=45).contains(&outages),
             "{outages} whole-cluster power losses"
         );
-        let wipes = long[8..]
+        let wipes = long[10..]
             .iter()
             .filter(|f| f.kind == FaultKind::Wipe)
             .count();
@@ -560,7 +577,7 @@ mod tests {
             (100..=250).contains(&overlapping),
             "{overlapping} overlapping faults"
         );
-        assert!(long[..8].iter().all(|f| f.lose_responses.is_none()));
+        assert!(long[..10].iter().all(|f| f.lose_responses.is_none()));
         assert!(
             long.iter()
                 .all(|f| f.lose_responses.is_none_or(|n| (1..=3).contains(&n)))

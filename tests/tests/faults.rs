@@ -18,7 +18,7 @@ use keel_client::{Client, ClientError, GroupConfig, OffsetReset, ProducerConfig,
 use keel_proto::v1::FindCoordinatorRequest;
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_tests::cluster::{ClusterProc, NetPartition, committed_prefix, replica_batches};
-use keel_tests::faults::{Fault, FaultKind, History, Outcome, Target, check, schedule};
+use keel_tests::faults::{Fault, FaultKind, History, Outcome, Target, check, first_pass, schedule};
 use keel_tests::proxy::FaultProxy;
 use keel_tests::records::read_partition;
 
@@ -210,13 +210,14 @@ async fn faults_under_load_keep_every_invariant() {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    // Enough for every kind of fault once (seven with iptables), the first ones in order.
-    let count = env_u64("KEEL_FAULT_COUNT").unwrap_or(8) as usize;
     let net = 100 + (std::process::id() % 100) as u8;
     let ip = |id: u32| format!("127.0.{net}.{id}");
     let isolate = NetPartition::isolate(&ip(250), &[ip(251)])
         .map(NetPartition::heal)
         .is_some();
+    // By default, every kind of fault once (ten with iptables, seven without), in order.
+    let count =
+        env_u64("KEEL_FAULT_COUNT").map_or_else(|| first_pass(isolate).len(), |c| c as usize);
     let faults = schedule(seed, count, 3, PARTITIONS, isolate);
     println!(
         "fault schedule: seed {seed}, {count} faults{} (replay: KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)",
@@ -434,9 +435,15 @@ async fn faults_under_load_keep_every_invariant() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-                FaultKind::Isolate => {
+                FaultKind::Isolate | FaultKind::OneWay | FaultKind::CutPair => {
                     let others: Vec<String> = (1..=3).filter(|i| *i != node).map(ip).collect();
-                    let cut = NetPartition::isolate(&ip(node), &others).expect("iptables");
+                    let cut = match kind {
+                        FaultKind::Isolate => NetPartition::isolate(&ip(node), &others),
+                        FaultKind::OneWay => NetPartition::one_way(&ip(node), &others),
+                        // The next broker by id: the third one still sees both.
+                        _ => NetPartition::isolate(&ip(node), &[ip(node % 3 + 1)]),
+                    }
+                    .expect("iptables");
                     tokio::time::sleep(hold).await;
                     cut.heal();
                 }
