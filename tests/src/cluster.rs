@@ -375,18 +375,32 @@ impl NetPartition {
     /// Cuts `ip` off from `others` in both directions. `None` when iptables cannot be used
     /// here (not Linux, not root): callers skip the test.
     pub fn isolate(ip: &str, others: &[String]) -> Option<Self> {
+        let pairs: Vec<(&str, &str)> = others
+            .iter()
+            .flat_map(|o| [(ip, o.as_str()), (o.as_str(), ip)])
+            .collect();
+        Self::drop_packets(&pairs)
+    }
+
+    /// An asymmetric cut: packets from `ip` to each of `others` are dropped, the other
+    /// direction still flows (so `ip` hears its peers but they never hear back).
+    pub fn one_way(ip: &str, others: &[String]) -> Option<Self> {
+        let pairs: Vec<(&str, &str)> = others.iter().map(|o| (ip, o.as_str())).collect();
+        Self::drop_packets(&pairs)
+    }
+
+    /// Drops every packet from the first address of each pair to the second.
+    fn drop_packets(pairs: &[(&str, &str)]) -> Option<Self> {
         let mut p = Self { rules: Vec::new() };
-        for o in others {
-            for (src, dst) in [(ip, o.as_str()), (o.as_str(), ip)] {
-                let ok = std::process::Command::new("iptables")
-                    .args(["-w", "-I", "INPUT", "-s", src, "-d", dst, "-j", "DROP"])
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if !ok {
-                    return None;
-                }
-                p.rules.push((src.to_owned(), dst.to_owned()));
+        for (src, dst) in pairs {
+            let ok = std::process::Command::new("iptables")
+                .args(["-w", "-I", "INPUT", "-s", src, "-d", dst, "-j", "DROP"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return None;
             }
+            p.rules.push(((*src).to_owned(), (*dst).to_owned()));
         }
         Some(p)
     }

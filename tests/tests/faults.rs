@@ -29,7 +29,7 @@ use keel_tests::faults::retention::{
 };
 use keel_tests::faults::{
     Batch, CommitOutcome, Fault, FaultKind, History, Member, MemberEvent, Outcome, Replicas,
-    Target, check, schedule,
+    Target, check, first_pass, schedule,
 };
 use keel_tests::proxy::FaultProxy;
 use keel_tests::records::read_partition;
@@ -479,13 +479,14 @@ async fn faults_under_load_keep_every_invariant() {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    // Enough for every kind of fault once (seven with iptables), the first ones in order.
-    let count = env_u64("KEEL_FAULT_COUNT").unwrap_or(8) as usize;
     let net = 100 + (std::process::id() % 100) as u8;
     let ip = |id: u32| format!("127.0.{net}.{id}");
     let isolate = NetPartition::isolate(&ip(250), &[ip(251)])
         .map(NetPartition::heal)
         .is_some();
+    // By default, every kind of fault once (ten with iptables, seven without), in order.
+    let count =
+        env_u64("KEEL_FAULT_COUNT").map_or_else(|| first_pass(isolate).len(), |c| c as usize);
     let faults = schedule(seed, count, 3, PARTITIONS, isolate);
     println!(
         "fault schedule: seed {seed}, {count} faults{} (replay: KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)",
@@ -705,9 +706,15 @@ async fn faults_under_load_keep_every_invariant() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-                FaultKind::Isolate => {
+                FaultKind::Isolate | FaultKind::OneWay | FaultKind::CutPair => {
                     let others: Vec<String> = (1..=3).filter(|i| *i != node).map(ip).collect();
-                    let cut = NetPartition::isolate(&ip(node), &others).expect("iptables");
+                    let cut = match kind {
+                        FaultKind::Isolate => NetPartition::isolate(&ip(node), &others),
+                        FaultKind::OneWay => NetPartition::one_way(&ip(node), &others),
+                        // The next broker by id: the third one still sees both.
+                        _ => NetPartition::isolate(&ip(node), &[ip(node % 3 + 1)]),
+                    }
+                    .expect("iptables");
                     tokio::time::sleep(hold).await;
                     cut.heal();
                 }
@@ -720,6 +727,48 @@ async fn faults_under_load_keep_every_invariant() {
                     cluster.node(node).toggle_failing_fsyncs();
                     tokio::time::sleep(hold).await;
                     cluster.node(node).toggle_failing_fsyncs();
+                }
+                FaultKind::Wipe => {
+                    let b = cluster.node(node);
+                    b.kill9();
+                    std::fs::remove_dir_all(&b.data_dir).expect("wipe the data directory");
+                    b.relaunch();
+                    // Refused by the others, it stops by itself.
+                    let deadline = Instant::now() + WAIT;
+                    let status = loop {
+                        if let Some(s) = cluster.node(node).reap_exited() {
+                            break s;
+                        }
+                        if Instant::now() >= deadline {
+                            let logs = cluster.preserve_logs();
+                            panic!(
+                                "seed {seed}: broker {node} ran on a wiped data directory without being refused; logs in {}",
+                                logs.display()
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    };
+                    events.log(format_args!(
+                        "wiped broker {node} was refused and stopped ({status})"
+                    ));
+                    tokio::time::sleep(hold).await;
+                    let deadline = Instant::now() + WAIT;
+                    loop {
+                        match client.admin().replace_broker(node).await {
+                            Ok(rebuilt) => {
+                                events.log(format_args!(
+                                    "replaced broker {node}: rebuilding {rebuilt:?}"
+                                ));
+                                break;
+                            }
+                            Err(e) if Instant::now() < deadline => {
+                                events.log(format_args!("replace-broker {node}: {e}; retrying"));
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            Err(e) => panic!("seed {seed}: replace-broker {node} failed: {e}"),
+                        }
+                    }
+                    cluster.node(node).relaunch();
                 }
                 FaultKind::PowerLossAll => {
                     for n in &mut cluster.nodes {

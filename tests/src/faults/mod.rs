@@ -57,6 +57,12 @@ pub enum FaultKind {
     Pause,
     /// Cut the broker off the others (both directions) for `hold_ms`.
     Isolate,
+    /// An asymmetric cut: the broker's packets to the others are dropped for `hold_ms`, theirs
+    /// to it still arrive (it hears the cluster, the cluster never hears it).
+    OneWay,
+    /// A partial partition: the broker and the next one (by id) cannot reach each other for
+    /// `hold_ms`, while the third still reaches both.
+    CutPair,
     /// Lose responses on the clients' links to the broker (the request was processed, the
     /// answer never arrives) for `hold_ms`: the clients retry, and idempotent producing must
     /// not write anything twice.
@@ -69,6 +75,10 @@ pub enum FaultKind {
     /// Power loss of every broker at once, then all restart after `hold_ms`. The one fault
     /// that takes more than a minority down: it tests unavailability and recovery from it.
     PowerLossAll,
+    /// The broker loses its data directory (`kill -9`, the directory deleted): started again
+    /// it must be refused and stop; after `keel cluster replace-broker` it rejoins and every
+    /// replica it had is rebuilt from the others. Down for at least `hold_ms`.
+    Wipe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,16 +107,10 @@ impl fmt::Display for Fault {
     }
 }
 
-/// `count` faults, one at a time: apart from `PowerLossAll`, at most one broker of three is
-/// down or cut off, so a majority remains. The first faults go through every kind and every
-/// target kind, so even a short schedule covers them all; the rest are random, with a
-/// whole-cluster power loss rarer than the others. After the first pass, the first fault and
-/// then about half of the others that take a broker down or cut it off also lose responses on
-/// the clients' link to a broker while they hold (drawn from a second stream, so a seed's main
-/// schedule is the same with or without overlaps).
-pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: bool) -> Vec<Fault> {
-    let mut rng = Rng::new(seed);
-    let mut over = Rng::new(seed ^ 0x6f76_6572_6c61_7073);
+/// Every fault kind, in the order a schedule's first faults go through them: those that need
+/// iptables (root) only with `isolate`; the rare ones (a wiped broker, a whole-cluster power
+/// loss) last. A run of at least this many faults covers every kind.
+pub fn first_pass(isolate: bool) -> Vec<FaultKind> {
     let mut kinds = vec![
         FaultKind::Kill,
         FaultKind::Pause,
@@ -115,10 +119,25 @@ pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: b
         FaultKind::FailFsync,
     ];
     if isolate {
-        kinds.push(FaultKind::Isolate);
+        kinds.extend([FaultKind::Isolate, FaultKind::OneWay, FaultKind::CutPair]);
     }
-    let first = kinds.len();
-    kinds.push(FaultKind::PowerLossAll);
+    kinds.extend([FaultKind::Wipe, FaultKind::PowerLossAll]);
+    kinds
+}
+
+/// `count` faults, one at a time: apart from `PowerLossAll`, at most one broker of three is
+/// down or cut off, so a majority remains. The first faults go through every kind and every
+/// target kind, so even a short schedule covers them all; the rest are random, with a
+/// whole-cluster power loss and a wiped broker rarer than the others. After the first pass, the first fault and
+/// then about half of the others that take a broker down or cut it off also lose responses on
+/// the clients' link to a broker while they hold (drawn from a second stream, so a seed's main
+/// schedule is the same with or without overlaps).
+pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: bool) -> Vec<Fault> {
+    let mut rng = Rng::new(seed);
+    let mut over = Rng::new(seed ^ 0x6f76_6572_6c61_7073);
+    let kinds = first_pass(isolate);
+    // The kinds drawn at random after the first pass (the rare ones are drawn apart).
+    let first = kinds.len() - 2;
     let targets = |rng: &mut Rng| match rng.range(0, 3) {
         0 => Target::Node(rng.range(1, u64::from(nodes)) as u32),
         1 => Target::LeaderOf(rng.range(0, u64::from(partitions.max(1)) - 1) as u32),
@@ -133,20 +152,27 @@ pub fn schedule(seed: u64, count: usize, nodes: u32, partitions: u32, isolate: b
     ];
     (0..count)
         .map(|i| {
+            // Whole-cluster power losses and wiped brokers stay rare after the first pass (a
+            // wipe rebuilds every replica the broker had). Drawn so that a seed's schedule is
+            // the one it was before wipes existed up to its first wipe.
             let kind = if i < kinds.len() {
                 kinds[i]
-            } else if rng.range(0, 19) == 0 {
-                FaultKind::PowerLossAll
             } else {
-                kinds[rng.range(0, first as u64 - 1) as usize]
+                match rng.range(0, 19) {
+                    0 => FaultKind::PowerLossAll,
+                    1 => FaultKind::Wipe,
+                    _ => kinds[rng.range(0, first as u64 - 1) as usize],
+                }
             };
             let target = if i < fixed_targets.len() {
                 fixed_targets[i]
             } else {
                 targets(&mut rng)
             };
-            let overlaps = !matches!(kind, FaultKind::DropResponses | FaultKind::PowerLossAll)
-                && i >= kinds.len()
+            let overlaps = !matches!(
+                kind,
+                FaultKind::DropResponses | FaultKind::PowerLossAll | FaultKind::Wipe
+            ) && i >= kinds.len()
                 && (over.range(0, 1) == 0 || i == kinds.len());
             Fault {
                 after_ms: rng.range(500, 2500),
@@ -172,21 +198,25 @@ mod tests {
         let a = schedule(42, 12, 3, 3, true);
         assert_eq!(a, schedule(42, 12, 3, 3, true));
         assert_ne!(a, schedule(43, 12, 3, 3, true));
-        let kinds: BTreeSet<String> = a[..7].iter().map(|f| format!("{:?}", f.kind)).collect();
-        assert_eq!(kinds.len(), 7, "every kind in the first seven: {a:?}");
-        assert_eq!(a[6].kind, FaultKind::PowerLossAll);
+        let kinds: BTreeSet<String> = a[..10].iter().map(|f| format!("{:?}", f.kind)).collect();
+        assert_eq!(kinds.len(), 10, "every kind in the first ten: {a:?}");
+        assert_eq!(a[8].kind, FaultKind::Wipe);
+        assert_eq!(a[9].kind, FaultKind::PowerLossAll);
         assert!(a.iter().all(|f| f.hold_ms >= 1500));
         assert!(a[..4].iter().any(|f| f.target == Target::GroupCoordinator));
         let no_net = schedule(1, 20, 3, 3, false);
-        assert!(no_net.iter().all(|f| f.kind != FaultKind::Isolate));
-        let no_net_kinds: BTreeSet<String> = no_net[..6]
+        assert!(no_net.iter().all(|f| !matches!(
+            f.kind,
+            FaultKind::Isolate | FaultKind::OneWay | FaultKind::CutPair
+        )));
+        let no_net_kinds: BTreeSet<String> = no_net[..7]
             .iter()
             .map(|f| format!("{:?}", f.kind))
             .collect();
-        assert_eq!(no_net_kinds.len(), 6);
+        assert_eq!(no_net_kinds.len(), 7);
         // The whole-cluster outage stays rare after the first pass.
         let long = schedule(7, 400, 3, 3, true);
-        let outages = long[7..]
+        let outages = long[10..]
             .iter()
             .filter(|f| f.kind == FaultKind::PowerLossAll)
             .count();
@@ -194,12 +224,17 @@ mod tests {
             (5..=45).contains(&outages),
             "{outages} whole-cluster power losses"
         );
+        let wipes = long[10..]
+            .iter()
+            .filter(|f| f.kind == FaultKind::Wipe)
+            .count();
+        assert!((5..=45).contains(&wipes), "{wipes} wiped brokers");
         let overlapping = long.iter().filter(|f| f.lose_responses.is_some()).count();
         assert!(
             (100..=250).contains(&overlapping),
             "{overlapping} overlapping faults"
         );
-        assert!(long[..7].iter().all(|f| f.lose_responses.is_none()));
+        assert!(long[..10].iter().all(|f| f.lose_responses.is_none()));
         assert!(
             long.iter()
                 .all(|f| f.lose_responses.is_none_or(|n| (1..=3).contains(&n)))
