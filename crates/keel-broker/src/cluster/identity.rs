@@ -42,6 +42,25 @@ impl ClusterNode {
         }
     }
 
+    /// Runs this broker's part from the start, before the periodic duties (which begin once
+    /// the broker is ready): a broker whose directory is refused stops at once rather than
+    /// after the readiness wait. Ends once the directory is registered or the broker stops.
+    pub(super) async fn register_at_start(self: Arc<Self>) {
+        loop {
+            self.identity_pass().await;
+            let mine = self.storage_id();
+            let registered = self
+                .state()
+                .brokers
+                .get(&self.id)
+                .is_some_and(|b| b.storage_id == mine && !b.replacing);
+            if registered || self.fatal.borrow().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn storage_id(&self) -> String {
         self.storage
             .lock()

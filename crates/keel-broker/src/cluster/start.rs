@@ -146,6 +146,7 @@ impl ClusterNode {
             });
         }
         tokio::spawn(Arc::clone(&node).probe_seeds());
+        tokio::spawn(Arc::clone(&node).register_at_start());
         node.initialise_metadata(initial_cluster, join.is_some())
             .await?;
         Ok(node)
