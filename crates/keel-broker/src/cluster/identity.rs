@@ -72,6 +72,9 @@ impl ClusterNode {
     /// Writes the cluster id into the data directory the first time it is learned; a
     /// directory of another cluster stops the broker.
     async fn record_cluster(&self, cluster_id: &str) {
+        // One writer at a time: the start-up registration and the periodic duties both get
+        // here, and two concurrent rewrites of the file race on its temporary file.
+        let _one_writer = self.identity_io.lock().await;
         let mut storage = self
             .storage
             .lock()
@@ -95,7 +98,11 @@ impl ClusterNode {
                 self.transport.identity().set_cluster_id(cluster_id);
                 *self.storage.lock().unwrap_or_else(PoisonError::into_inner) = storage;
             }
-            Err(e) => self.stop_for(e.to_string()),
+            // A directory of another cluster: stop. A failed write is retried next time.
+            Err(e @ BrokerError::InvalidArgument { .. }) => self.stop_for(e.to_string()),
+            Err(e) => {
+                tracing::error!(error = %e, "could not record the cluster id in the data directory; retrying");
+            }
         }
     }
 

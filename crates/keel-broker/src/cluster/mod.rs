@@ -70,6 +70,8 @@ pub struct ClusterNode {
     storage: Mutex<StorageIdentity>,
     /// The registration of this directory's storage id in flight, if any.
     registering: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Serialises rewrites of the storage identity file.
+    identity_io: tokio::sync::Mutex<()>,
     transport: RaftTransport,
     rafts: keel_raft::Registry,
     meta_raft: Replica,

@@ -107,6 +107,7 @@ impl ClusterNode {
             seeds,
             storage: Mutex::new(storage),
             registering: Mutex::new(None),
+            identity_io: tokio::sync::Mutex::new(()),
             transport,
             rafts,
             meta_raft,
