@@ -129,18 +129,18 @@ impl Identity {
 
     /// Learns the cluster id (once the metadata records one).
     pub fn set_cluster_id(&self, cluster_id: &str) {
-        let mut k = self.write();
-        if k.cluster_id != cluster_id {
-            cluster_id.clone_into(&mut k.cluster_id);
+        if self.read().cluster_id != cluster_id {
+            cluster_id.clone_into(&mut self.write().cluster_id);
         }
     }
 
     /// The storage ids the metadata records for the peers (node id to storage id; brokers
     /// without one are not checked).
     pub fn set_peers(&self, peers: HashMap<u64, String>) {
-        let mut k = self.write();
-        if k.peers != peers {
-            k.peers = peers;
+        // Called every tick with what is usually unchanged: the write lock (which every Raft
+        // message's check would wait on) only when something changed.
+        if self.read().peers != peers {
+            self.write().peers = peers;
         }
     }
 

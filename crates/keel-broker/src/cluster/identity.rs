@@ -16,8 +16,8 @@ use crate::error::BrokerError;
 use crate::storage_identity;
 
 impl ClusterNode {
-    /// This broker's part, every tick.
-    pub(super) async fn identity_pass(self: &Arc<Self>) {
+    /// This broker's part, every tick. Returns whether this directory is registered.
+    pub(super) async fn identity_pass(self: &Arc<Self>) -> bool {
         let state = self.state();
         metrics::gauge!("keel_metadata_voters").set(self.meta_raft.status().voters.len() as f64);
         let identity = self.transport.identity();
@@ -40,6 +40,7 @@ impl ClusterNode {
         if !registered {
             self.register_storage(mine);
         }
+        registered
     }
 
     /// Runs this broker's part from the start, before the periodic duties (which begin once
@@ -47,14 +48,7 @@ impl ClusterNode {
     /// after the readiness wait. Ends once the directory is registered or the broker stops.
     pub(super) async fn register_at_start(self: Arc<Self>) {
         loop {
-            self.identity_pass().await;
-            let mine = self.storage_id();
-            let registered = self
-                .state()
-                .brokers
-                .get(&self.id)
-                .is_some_and(|b| b.storage_id == mine && !b.replacing);
-            if registered || self.fatal.borrow().is_some() {
+            if self.identity_pass().await || self.fatal.borrow().is_some() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -210,12 +210,7 @@ impl ClusterNode {
                     .await;
                 match reply.map(|b| serde_json::from_slice::<ForwardReply>(&b)) {
                     Ok(Ok(ForwardReply::ClusterId(id))) if !id.is_empty() => return Some(id),
-                    Err(status) if status.code() == tonic::Code::FailedPrecondition => match status
-                        .message()
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|s| s.parse().ok())
-                    {
+                    Err(status) => match answering_node(&status) {
                         Some(id) => target = id,
                         None => break,
                     },
@@ -273,12 +268,7 @@ impl ClusterNode {
                 }
                 other => {
                     if let Err(status) = &other
-                        && status.code() == tonic::Code::FailedPrecondition
-                        && let Some(id) = status
-                            .message()
-                            .rsplit(' ')
-                            .next()
-                            .and_then(|s| s.parse::<u64>().ok())
+                        && let Some(id) = answering_node(status)
                     {
                         target = id;
                         continue;
@@ -312,4 +302,14 @@ impl ClusterNode {
         let dir = data_dir.to_path_buf();
         blocking(move || crate::legacy::finish(&dir)).await
     }
+}
+
+/// The node id a broker answered with when a forwarded request named the wrong one (target 0
+/// means "whoever answers at this address"): the Raft service's FAILED_PRECONDITION
+/// "forwarded request for node X reached node Y" ends with Y.
+fn answering_node(status: &tonic::Status) -> Option<u64> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    status.message().rsplit(' ').next()?.parse().ok()
 }
