@@ -898,3 +898,127 @@ async fn wait_in_sync_count(cluster: &ClusterProc, topic: &str, n: usize) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A follower whose acknowledged, fsynced tail is damaged on disk (recovery cuts it as if it
+/// were a torn write) must not help elect a leader without those entries: with the only
+/// healthy copy's broker down, it neither stands for election nor votes for the replica that
+/// never had them, so the partition waits instead of losing acknowledged records. Once the
+/// healthy broker is back, it leads, the damaged replica catches up and votes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_acknowledged_entries_does_not_vote_until_repaired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = ClusterProc::start(dir.path(), 3);
+    let client = client(&cluster).await;
+    client
+        .admin()
+        .create_topic("promised", 1, 3, BTreeMap::new())
+        .await
+        .expect("create topic");
+    let healthy = cluster.wait_leader("promised", 0, WAIT).await;
+    wait_in_sync_count(&cluster, "promised", 3).await;
+    let others: Vec<u32> = (1..=3u32).filter(|i| *i != healthy).collect();
+    let (damaged, behind) = (others[0], others[1]);
+    let mut acked = produce_all(&client, "promised", values(0, 100)).await;
+
+    // One follower falls behind; the other acknowledges everything that follows.
+    cluster.node(behind).kill9();
+    acked.extend(produce_all(&client, "promised", values(100, 300)).await);
+    cluster.node(damaged).kill9();
+    cluster.node(healthy).kill9();
+    let lost = damage_last_data_batch(&cluster.replica_dir(damaged, "promised", 0));
+    assert!(lost > 0, "the damaged batch held records");
+
+    // Without the healthy broker: the damaged replica (the longer log of the two) would win
+    // an election with the other's vote and lose the records it cut. It must not.
+    cluster.node(damaged).relaunch();
+    cluster.node(behind).relaunch();
+    cluster.node(damaged).wait_ready();
+    cluster.node(behind).wait_ready();
+    let refusals = |c: &ClusterProc| {
+        metric(
+            &c.nodes[damaged as usize - 1].http,
+            "keel_raft_votes_refused_while_repairing_total",
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < deadline {
+        for id in [damaged, behind] {
+            if let Some(t) = cluster.describe_on(id, "promised").await {
+                let leader = t.partitions[0].leader;
+                assert!(
+                    leader != damaged && leader != behind,
+                    "broker {leader} leads while the damaged replica is repairing"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refusals(&cluster) > 0.0,
+        "the behind replica asked for votes and was refused"
+    );
+    assert_eq!(
+        metric(
+            &cluster.nodes[damaged as usize - 1].http,
+            "keel_raft_repairing_groups"
+        ),
+        1.0
+    );
+
+    // The healthy broker returns, leads, and every acknowledged record is there.
+    cluster.node(healthy).restart();
+    cluster.wait_leader("promised", 0, WAIT).await;
+    check_acknowledged(&acked, &read_all(&client, "promised").await);
+    let http = cluster.nodes[damaged as usize - 1].http.clone();
+    keel_tests::broker::wait_until("the damaged replica to repair", WAIT, || {
+        metric(&http, "keel_raft_repaired_groups_total") >= 1.0
+            && metric(&http, "keel_raft_repairing_groups") == 0.0
+    });
+
+    // Repaired, it votes again: without the healthy broker, the other two elect a leader.
+    cluster.node(healthy).kill9();
+    let leader = cluster.wait_leader("promised", 0, WAIT).await;
+    assert_ne!(leader, healthy);
+    acked.extend(produce_all(&client, "promised", values(300, 320)).await);
+    check_acknowledged(&acked, &read_all(&client, "promised").await);
+}
+
+/// Flips a byte inside the last batch that holds records in a stopped replica's active
+/// segment; returns how many records it held.
+fn damage_last_data_batch(log_dir: &std::path::Path) -> u64 {
+    let mut segments: Vec<_> = std::fs::read_dir(log_dir)
+        .expect("list replica")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    segments.sort();
+    let active = segments.pop().expect("an active segment");
+    let mut bytes = std::fs::read(&active).expect("read segment");
+    let mut pos = 64usize;
+    let mut last = None;
+    for item in keel_batch::BatchIter::new(&bytes[64..]) {
+        let Ok((h, raw)) = item else { break };
+        if h.next_offset() > h.base_offset {
+            last = Some((pos, raw.len(), h.next_offset() - h.base_offset));
+        }
+        pos += raw.len();
+    }
+    let (at, len, records) = last.expect("a batch with records");
+    bytes[at + len - 5] ^= 0x41;
+    std::fs::write(&active, &bytes).expect("write segment");
+    records
+}
+
+/// The sum of a metric's samples on a broker's metrics endpoint (0 when absent).
+fn metric(http: &str, name: &str) -> f64 {
+    let Some((_, body)) = keel_tests::broker::http_get(http, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -167,6 +167,89 @@ fn corruption_inside_a_sealed_segment_is_reported_not_served() {
     assert!(log.read(end - 1, 1 << 20).is_ok());
 }
 
+/// Flips a byte inside the batch with Raft index `index` of the active segment.
+fn flip_in_batch(dir: &Path, index: u64) {
+    let active = segment_files(dir).pop().expect("active segment");
+    let (pos, h) = batches_in(&active)
+        .into_iter()
+        .find(|(_, h)| h.raft_index == index)
+        .expect("batch to damage");
+    let mut bytes = std::fs::read(&active).expect("read");
+    bytes[(pos + h.total_len() as u64 - 3) as usize] ^= 0x20;
+    std::fs::write(&active, &bytes).expect("write");
+}
+
+#[test]
+fn a_damaged_flushed_tail_is_reported_as_missing_promised_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Log::open(dir.path(), config()).expect("open");
+    for b in 0..5 {
+        log.append(&batch_of(&format!("b{b}"), 3, 0), 2)
+            .expect("append");
+    }
+    log.flush().expect("flush");
+    assert_eq!(
+        log.promised().map(|p| (p.next_raft_index, p.last_term)),
+        Some((5, 2))
+    );
+    // Not flushed: losing it is a torn tail, not a broken promise.
+    log.append(&batch_of("unflushed", 3, 0), 2).expect("append");
+    drop(log);
+
+    flip_in_batch(dir.path(), 4);
+    let log = Log::open(dir.path(), config()).expect("recovery cuts the damaged tail");
+    assert_eq!(
+        log.next_raft_index(),
+        4,
+        "the damaged batch and the one after it are cut"
+    );
+    let missing = log
+        .missing_promised()
+        .expect("the cut took a promised entry");
+    assert_eq!((missing.next_raft_index, missing.last_term), (5, 2));
+    // A reopen before the repair still knows (the promise is not lowered by recovery).
+    drop(log);
+    let log = Log::open(dir.path(), config()).expect("reopen");
+    assert!(log.missing_promised().is_some());
+    // Appending up to the promised end again (what replication from the leader does) ends it.
+    log.append(&batch_of("again", 3, 0), 2).expect("append");
+    assert_eq!(log.missing_promised(), None);
+}
+
+#[test]
+fn only_a_damaged_promised_batch_counts_as_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Log::open(dir.path(), config()).expect("open");
+    for b in 0..5 {
+        log.append(&batch_of(&format!("b{b}"), 3, 0), 1)
+            .expect("append");
+    }
+    log.flush().expect("flush");
+    log.append(&batch_of("unflushed", 3, 0), 1).expect("append");
+    drop(log);
+    flip_in_batch(dir.path(), 5);
+    let log = Log::open(dir.path(), config()).expect("recovery");
+    assert_eq!(log.next_raft_index(), 5);
+    assert_eq!(log.missing_promised(), None);
+}
+
+#[test]
+fn a_truncation_unpromises_what_it_removes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Log::open(dir.path(), config()).expect("open");
+    for b in 0..6 {
+        log.append(&batch_of(&format!("b{b}"), 2, 0), 1)
+            .expect("append");
+    }
+    log.flush().expect("flush");
+    log.truncate_after_raft_index(Some(2)).expect("truncate");
+    drop(log);
+    let log = Log::open(dir.path(), config()).expect("reopen");
+    assert_eq!(log.next_raft_index(), 3);
+    assert_eq!(log.missing_promised(), None);
+    assert_eq!(log.promised().map(|p| p.next_raft_index), Some(3));
+}
+
 #[test]
 fn a_segment_whose_creation_was_interrupted_is_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -239,6 +322,8 @@ proptest! {
                     log = open(&cfg);
                     let got = values(&read_all(&log, 0).expect("read"));
                     prop_assert!(got.len() >= durable, "lost flushed records: {} < {}", got.len(), durable);
+                    // A power loss takes only what no flush covered: never a promised entry.
+                    prop_assert_eq!(log.missing_promised(), None);
                     prop_assert_eq!(&got[..], &appended[..got.len()]);
                     appended.truncate(got.len());
                     durable = appended.len();

@@ -50,6 +50,7 @@ pub(crate) fn recover(
         if let Some(base) = parse_log_name(name) {
             bases.push(base);
         } else if !(name == checkpoint::FILE
+            || name == crate::promise::FILE
             || name.ends_with(INDEX_SUFFIX)
             || name.ends_with(TIME_SUFFIX))
         {

@@ -24,6 +24,7 @@ mod log_store;
 pub mod meta_sm;
 pub mod network;
 pub mod producers;
+mod repair;
 pub mod replica;
 pub mod server;
 pub mod state_file;

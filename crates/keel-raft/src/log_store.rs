@@ -278,6 +278,15 @@ impl KeelLogStore {
         lock(&self.inner.meta).snapshot_offset = Some((last, next_offset));
     }
 
+    /// The last entry this replica ever acknowledged as durable, if its log now ends before it
+    /// (entries were lost on disk since: see `crate::repair`).
+    pub fn missing_promised(&self) -> Option<LogId> {
+        self.inner
+            .log
+            .missing_promised()
+            .map(|p| log_id(p.last_term, p.next_raft_index.saturating_sub(1)))
+    }
+
     /// The committed log id this replica last knew of, if it ever knew one.
     pub fn committed_hint(&self) -> Option<LogId> {
         lock(&self.inner.meta).committed

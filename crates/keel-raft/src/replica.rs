@@ -304,6 +304,8 @@ impl StatusWatch {
 #[derive(Clone)]
 pub struct Replica {
     raft: Raft,
+    /// Its log: the vote gate asks it whether entries are missing (see `crate::repair`).
+    store: KeelLogStore,
 }
 
 impl std::fmt::Debug for Replica {
@@ -323,15 +325,16 @@ impl Replica {
         store: KeelLogStore,
         sm: GroupSm,
     ) -> Result<Self> {
-        let raft = Raft::new(node, Arc::clone(&config.0), network, store, sm)
+        let raft = Raft::new(node, Arc::clone(&config.0), network, store.clone(), sm)
             .await
             .map_err(stopped)?;
-        Ok(Self { raft })
+        crate::repair::guard(&raft, &store, node);
+        Ok(Self { raft, store })
     }
 
     /// Routes the group's Raft traffic (`group`) to this replica.
     pub fn serve_in(&self, registry: &Registry, group: u64) {
-        registry.register(group, self.raft.clone());
+        registry.register_with_log(group, self.raft.clone(), self.store.clone());
     }
 
     pub fn status(&self) -> Status {

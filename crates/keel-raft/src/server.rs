@@ -15,13 +15,17 @@ use std::sync::{Arc, PoisonError, RwLock};
 use bytes::Bytes;
 
 use openraft::Raft;
+use openraft::error::RaftError;
+use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::storage::RaftStateMachine;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use crate::KeelLogStore;
 use crate::identity::{Identity, Refused, Stamp};
-use crate::types::{KeelRaft, Snapshot};
+use crate::repair::refuses_candidate;
+use crate::types::{KeelRaft, LogId, Snapshot};
 use crate::wire::pb::raft_service_server::{RaftService, RaftServiceServer};
 use crate::wire::{self, InstallSnapshot, pb};
 
@@ -40,6 +44,9 @@ pub struct RaftRegistry<SM: RaftStateMachine<KeelRaft>> {
     forward: Arc<RwLock<Option<ForwardHandler>>>,
     /// Checked on every request (see [`crate::identity`]).
     identity: Arc<RwLock<Identity>>,
+    /// Each group's log, where registered with one: votes and leadership transfers are
+    /// refused while it misses entries it promised (see [`crate::repair`]).
+    logs: Arc<RwLock<HashMap<u64, KeelLogStore>>>,
 }
 
 impl<SM: RaftStateMachine<KeelRaft>> Clone for RaftRegistry<SM> {
@@ -50,6 +57,7 @@ impl<SM: RaftStateMachine<KeelRaft>> Clone for RaftRegistry<SM> {
             groups: Arc::clone(&self.groups),
             forward: Arc::clone(&self.forward),
             identity: Arc::clone(&self.identity),
+            logs: Arc::clone(&self.logs),
         }
     }
 }
@@ -77,6 +85,7 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
             groups: Arc::default(),
             forward: Arc::default(),
             identity: Arc::default(),
+            logs: Arc::default(),
         }
     }
 
@@ -112,10 +121,38 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftRegistry<SM> {
         self.write().insert(group_id, raft)
     }
 
+    /// Like [`RaftRegistry::register`], with the group's log, so that this replica's votes
+    /// follow what it promised (see [`crate::repair`]).
+    pub fn register_with_log(
+        &self,
+        group_id: u64,
+        raft: Raft<KeelRaft, SM>,
+        log: KeelLogStore,
+    ) -> Option<Raft<KeelRaft, SM>> {
+        self.logs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(group_id, log);
+        self.register(group_id, raft)
+    }
+
     /// Stops routing group `group_id` (peers then get NOT_FOUND and back off). Call it before
     /// shutting the returned instance down.
     pub fn unregister(&self, group_id: u64) -> Option<Raft<KeelRaft, SM>> {
+        self.logs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&group_id);
         self.write().remove(&group_id)
+    }
+
+    /// The last entry group `group_id`'s replica promised, while its log misses it.
+    fn missing_promised(&self, group_id: u64) -> Option<LogId> {
+        self.logs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group_id)
+            .and_then(KeelLogStore::missing_promised)
     }
 
     pub fn get(&self, group_id: u64) -> Option<Raft<KeelRaft, SM>> {
@@ -206,6 +243,32 @@ impl<SM: RaftStateMachine<KeelRaft>> RaftServer<SM> {
         let resp = call(raft, msg).await.map_err(|e| stopped(g, e))?;
         reply(g, &resp)
     }
+
+    /// Serves a vote or pre-vote request, refusing it without asking openraft while this
+    /// replica misses promised entries the candidate lacks too (see [`crate::repair`]). The
+    /// refusal carries the promised log id, which tells the candidate a longer log exists.
+    async fn serve_vote<Fut>(
+        &self,
+        req: RaftRequest,
+        call: impl FnOnce(Raft<KeelRaft, SM>, VoteRequest<KeelRaft>) -> Fut + Send,
+    ) -> RaftReply
+    where
+        Fut: Future<Output = Result<VoteResponse<KeelRaft>, RaftError<KeelRaft>>> + Send,
+    {
+        let (g, raft, msg): (u64, _, VoteRequest<KeelRaft>) = self.registry.route(req)?;
+        if let Some(promised) = self.registry.missing_promised(g)
+            && refuses_candidate(&promised, msg.last_log_id.as_ref())
+        {
+            metrics::counter!("keel_raft_votes_refused_while_repairing_total").increment(1);
+            tracing::info!(group = g, candidate_last = ?msg.last_log_id, %promised, "refused a vote: this replica is repairing entries the candidate does not have");
+            return reply(
+                g,
+                &VoteResponse::<KeelRaft>::new(msg.vote, Some(promised), false),
+            );
+        }
+        let resp = call(raft, msg).await.map_err(|e| stopped(g, e))?;
+        reply(g, &resp)
+    }
 }
 
 fn stamp_of(req: &pb::RaftRequest) -> Stamp {
@@ -258,12 +321,12 @@ where
     }
 
     async fn vote(&self, req: RaftRequest) -> RaftReply {
-        self.serve(req, |raft, rpc| async move { raft.vote(rpc).await })
+        self.serve_vote(req, |raft, rpc| async move { raft.vote(rpc).await })
             .await
     }
 
     async fn pre_vote(&self, req: RaftRequest) -> RaftReply {
-        self.serve(req, |raft, rpc| async move { raft.pre_vote(rpc).await })
+        self.serve_vote(req, |raft, rpc| async move { raft.pre_vote(rpc).await })
             .await
     }
 
@@ -310,6 +373,12 @@ where
     }
 
     async fn transfer_leader(&self, req: RaftRequest) -> RaftReply {
+        let group = req.get_ref().group_id;
+        if let Some(promised) = self.registry.missing_promised(group) {
+            return Err(Status::failed_precondition(format!(
+                "raft group {group}: this replica is repairing entries up to {promised} it lost on disk; it takes no leadership until it has them"
+            )));
+        }
         self.serve(req, |raft, rpc| async move {
             raft.handle_transfer_leader(rpc).await
         })

@@ -9,6 +9,7 @@ use super::{Log, Writer, lock};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::FlushPolicy;
 use crate::error::Result;
+use crate::promise::Promised;
 use crate::segment::Key;
 
 impl Log {
@@ -74,15 +75,38 @@ impl Log {
             let current = self.append_seq.load(Ordering::Acquire);
             // The writer's own segment, not the published list (which a failed `reset` can
             // leave empty): never report durability without an fsync.
-            let seg = Arc::clone(&lock(&self.writer).active.seg);
+            // Read under the writer lock, with the promise's epoch: a truncation (which holds
+            // that lock) between here and the promise below makes this end stale.
+            let (seg, tail, epoch) = {
+                let w = lock(&self.writer);
+                let epoch = lock(&self.promise).epoch();
+                (Arc::clone(&w.active.seg), w.active.seg.tail(), epoch)
+            };
             // Every batch in the published tail was written before this sync starts.
-            let covered = seg.tail().next_raft_index;
+            let covered = tail.next_raft_index;
             if let Err(e) = seg.sync_log() {
                 let err = self.poison(&e);
                 self.discard_unsynced(&mut lock(&self.writer));
                 return Err(err);
             }
             self.durable_next.fetch_max(covered, Ordering::AcqRel);
+            // Promise what the sync covered before anyone hears it is durable. Failing to
+            // record it is treated as a failed sync: an acknowledgement this replica could
+            // later forget without noticing is what the promise exists to prevent.
+            let promised = {
+                let mut promise = lock(&self.promise);
+                if promise.epoch() == epoch {
+                    promise.advance(Promised {
+                        next_raft_index: covered,
+                        last_term: tail.last_term,
+                    })
+                } else {
+                    Ok(())
+                }
+            };
+            if let Err(e) = promised {
+                return Err(self.poison(&e));
+            }
             self.flushed_seq.fetch_max(current, Ordering::AcqRel);
             self.last_flush_ms
                 .store(self.clock.now_ms().max(0) as u64, Ordering::Release);

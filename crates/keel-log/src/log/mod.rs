@@ -20,6 +20,7 @@ use keel_batch::BatchHeader;
 use crate::config::LogConfig;
 use crate::error::{LogError, Result};
 use crate::fs::{Fs, RealFs};
+use crate::promise::{PromiseFile, Promised};
 use crate::segment::{ActiveSegment, Segment, Tail};
 
 /// Source of wall-clock time in milliseconds since the epoch (injected so tests control it).
@@ -114,6 +115,8 @@ pub struct Log {
     durable_next: AtomicU64,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
+    /// The end of what this log ever reported durable (see `crate::promise`).
+    pub(crate) promise: Mutex<PromiseFile>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -142,6 +145,13 @@ impl Log {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let recovered = crate::recovery::recover(&*fs, &dir, &config, clock.now_ms())?;
+        let promise = PromiseFile::open(&*fs, &dir)?;
+        let recovered_next = recovered.active.seg.tail().next_raft_index;
+        if let Some(p) = promise.value()
+            && p.next_raft_index > recovered_next
+        {
+            tracing::error!(dir = %dir.display(), promised_next_raft_index = p.next_raft_index, promised_last_term = p.last_term, recovered_next_raft_index = recovered_next, "recovery found less than this log had reported durable: acknowledged entries were lost or corrupted on disk and are missing until a replica supplies them again");
+        }
         let log = Self {
             dir,
             fs,
@@ -162,6 +172,7 @@ impl Log {
             durable_next: AtomicU64::new(u64::MAX),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
+            promise: Mutex::new(promise),
         };
         if recovered.needs_checkpoint {
             let mut w = lock(&log.writer);
@@ -211,6 +222,19 @@ impl Log {
     /// The Raft index the next entry will get.
     pub fn next_raft_index(&self) -> u64 {
         self.tail().next_raft_index
+    }
+
+    /// The end of everything this log ever reported durable (`None` before its first flush).
+    pub fn promised(&self) -> Option<Promised> {
+        lock(&self.promise).value()
+    }
+
+    /// The promise, if the log now ends before it: entries it reported durable are missing
+    /// (recovery found them corrupt or torn). They are missing until appends (a replica
+    /// repairing from its leader) reach the promised end again.
+    pub fn missing_promised(&self) -> Option<Promised> {
+        self.promised()
+            .filter(|p| p.next_raft_index > self.next_raft_index())
     }
 
     /// Term of the last entry (0 for an empty log).

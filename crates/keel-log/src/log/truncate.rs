@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Log, lock};
 use crate::error::{LogError, Result};
+use crate::promise::Promised;
 use crate::segment::{ActiveSegment, Key, Segment, Tail};
 use crate::segment_file::SEGMENT_HEADER_LEN;
 
@@ -46,6 +47,15 @@ impl Log {
         };
         let seg = Arc::clone(&segs[k]);
         let tail = tail_at(&segs, k, pos)?;
+        // Unpromise what goes before it goes: a crash after the cut must not find a promise
+        // past the end of the log (recovery would take the truncation for lost entries).
+        let lowered = lock(&self.promise).lower_for_truncation(Promised {
+            next_raft_index: tail.next_raft_index,
+            last_term: tail.last_term,
+        });
+        if let Err(e) = lowered {
+            return Err(self.poison(&e));
+        }
         let removed: Vec<Arc<Segment>> = segs[k + 1..].to_vec();
         if !Arc::ptr_eq(&w.active.seg, &seg) {
             w.active = ActiveSegment::attach(
@@ -76,6 +86,7 @@ impl Log {
     pub fn reset(&self, next_offset: u64, next_raft_index: u64, last_term: u64) -> Result<()> {
         self.check_poisoned()?;
         let mut w = lock(&self.writer);
+        lock(&self.promise).on_reset();
         let old = self.segments();
         self.set_segments(Vec::new());
         if let Err(e) = self.delete_files(&old) {
