@@ -3,7 +3,7 @@
 //! polls and subscriptions wait on.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use keel_batch::VerifiedBatch;
@@ -33,6 +33,10 @@ pub struct Partition {
     /// How many voters are in sync, as the leader pass last found on this replica as leader
     /// (`u32::MAX`: not known, e.g. not leading).
     in_sync: AtomicU32,
+    /// The term in which this replica, as leader, last applied its whole log (0: never):
+    /// until then its high watermark can lag what earlier leaders (or it, before a restart)
+    /// acknowledged, and reads would see the end of the log move backwards.
+    read_ready_term: AtomicU64,
 }
 
 /// A batch's idempotent-producer fields.
@@ -192,6 +196,7 @@ impl Partition {
             replica,
             admission: AsyncMutex::new(Admission::default()),
             in_sync: AtomicU32::new(u32::MAX),
+            read_ready_term: AtomicU64::new(0),
         }
     }
 
@@ -287,6 +292,22 @@ impl Partition {
     /// The Raft term this replica is in.
     pub fn current_term(&self) -> u64 {
         self.replica.raft.term()
+    }
+
+    /// Waits (bounded) until this leader's high watermark covers everything acknowledged
+    /// before it took over, then lets reads through; once per term, after that a load and a
+    /// compare. Without it a broker restarted with its term (a sole voter) or a new leader
+    /// answered fetches and offset lookups with the commit hint it recovered, up to a second
+    /// behind: a consumer saw acknowledged records missing and the end of the log move back,
+    /// and an offset it had already read could be refused as out of range.
+    pub async fn ready_to_read(&self) -> Result<()> {
+        let term = self.current_term();
+        if term != 0 && self.read_ready_term.load(Ordering::Acquire) == term {
+            return Ok(());
+        }
+        let term = self.wait_leader_caught_up().await?;
+        self.read_ready_term.store(term, Ordering::Release);
+        Ok(())
     }
 
     /// On a leader, waits until it has applied an entry of its own term, so that everything

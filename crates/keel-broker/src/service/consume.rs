@@ -164,6 +164,7 @@ impl Consume {
                     .lookup("partitions.topic", &fp.topic)?
                     .partition(fp.partition)?,
             );
+            p.ready_to_read().await?;
             p.check_offset(fp.offset)?;
             let limit = st.limits.max_fetch_bytes;
             BrokerError::at_most("partitions.max_bytes", fp.max_bytes, limit, "bytes")?;
@@ -261,6 +262,7 @@ impl ConsumeService for Consume {
         let st = Arc::clone(&self.0);
         let topic = st.registry.lookup("topic", &r.topic)?;
         let p = Arc::clone(topic.partition(r.partition)?);
+        p.ready_to_read().await?;
         let max_bytes = u64::from(self.clamp_bytes(r.max_bytes, "max_bytes")?);
         let want_decoded = decoded(r.format)?;
         let mut pos = match r.start {
@@ -374,6 +376,7 @@ impl ConsumeService for Consume {
                 .lookup("topic", &r.topic)?
                 .partition(r.partition)?,
         );
+        p.ready_to_read().await?;
         let (offset, timestamp_ms) = match r.spec {
             Some(list_offsets_request::Spec::Position(pos)) => match StartPosition::try_from(pos) {
                 Ok(StartPosition::Earliest) => (p.log_start_offset(), 0),
