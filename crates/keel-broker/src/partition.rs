@@ -643,11 +643,27 @@ impl Partition {
             })
             .map_err(|e| match e {
                 LogError::OffsetOutOfRange { offset, .. } => self.out_of_range(offset),
-                other => BrokerError::Storage {
-                    message: format!("reading {}/{}: {other}", self.topic, self.id),
-                    definite: true,
-                },
+                other => self.read_failed(other),
             })
+    }
+
+    /// A read that failed: damaged bytes are refused for a retry (see `BrokerError::from`),
+    /// anything else is a storage error.
+    fn read_failed(&self, e: LogError) -> BrokerError {
+        let what = format!("reading {}/{}", self.topic, self.id);
+        match e {
+            LogError::Corrupt { .. } => match BrokerError::from(e) {
+                BrokerError::Unavailable { message, definite } => BrokerError::Unavailable {
+                    message: format!("{what}: {message}"),
+                    definite,
+                },
+                other => other,
+            },
+            other => BrokerError::Storage {
+                message: format!("{what}: {other}"),
+                definite: true,
+            },
+        }
     }
 
     /// Finds the first offset with a timestamp at or after `ts` (`None`: none is).
@@ -656,10 +672,7 @@ impl Partition {
         self.log
             .offset_for_timestamp(ts)
             .map(|found| found.filter(|(o, _)| *o < hwm))
-            .map_err(|e| BrokerError::Storage {
-                message: e.to_string(),
-                definite: true,
-            })
+            .map_err(|e| self.read_failed(e))
     }
 }
 

@@ -39,6 +39,9 @@ pub struct BrokerConfig {
     pub initial_cluster: Vec<(u32, String)>,
     pub join: Option<String>,
     pub retention_check_interval: Duration,
+    /// Bytes per second the background scrub of sealed segments reads (0: off; damage a read
+    /// finds is still repaired).
+    pub scrub_bytes_per_sec: u64,
     pub limits: Limits,
     /// How long the committed offsets of a group without members are kept after its last
     /// commit.
@@ -61,6 +64,7 @@ impl BrokerConfig {
             initial_cluster: Vec::new(),
             join: None,
             retention_check_interval: Duration::from_secs(300),
+            scrub_bytes_per_sec: crate::cluster::DEFAULT_SCRUB_BYTES_PER_SEC,
             limits: Limits::default(),
             offsets_retention_ms: crate::coordinator::DEFAULT_OFFSETS_RETENTION_MS,
             offsets_compact_records: crate::coordinator::DEFAULT_COMPACT_RECORDS,
@@ -269,6 +273,7 @@ pub async fn start(config: BrokerConfig) -> Result<BrokerHandle> {
         config.retention_check_interval,
     ));
     tasks.push(spawn_group_sweep(Arc::clone(&state)));
+    tasks.push(cluster.spawn_scrub(config.scrub_bytes_per_sec, shutdown_rx.clone()));
     tasks.push(cluster.spawn_loops(
         Arc::clone(&state) as Arc<dyn crate::cluster::RegistryHolder>,
         shutdown_rx.clone(),

@@ -42,6 +42,11 @@ pub struct BrokerArgs {
     /// How often retention runs, in ms [default: 300000]. [env: KEEL_RETENTION_CHECK_INTERVAL_MS]
     #[arg(long, env = "KEEL_RETENTION_CHECK_INTERVAL_MS")]
     pub retention_check_interval_ms: Option<u64>,
+    /// Bytes per second the background scrub reads to check every sealed segment against its
+    /// CRCs and repair damage from a replica; 0 turns the background pass off (damage a read
+    /// finds is still repaired) [default: 4194304]. [env: KEEL_SCRUB_BYTES_PER_SEC]
+    #[arg(long, env = "KEEL_SCRUB_BYTES_PER_SEC")]
+    pub scrub_bytes_per_sec: Option<u64>,
     /// How long the committed offsets of a consumer group without members are kept after its
     /// last commit, in ms [default: 604800000, 7 days]. [env: KEEL_OFFSETS_RETENTION_MS]
     #[arg(long, env = "KEEL_OFFSETS_RETENTION_MS")]
@@ -79,6 +84,7 @@ struct FileConfig {
     initial_cluster: Option<String>,
     join: Option<String>,
     retention_check_interval_ms: Option<u64>,
+    scrub_bytes_per_sec: Option<u64>,
     offsets_retention_ms: Option<u64>,
     offsets_compact_records: Option<u64>,
 }
@@ -142,6 +148,9 @@ impl BrokerArgs {
                 bail!("--retention-check-interval-ms must be at least 1");
             }
             cfg.retention_check_interval = Duration::from_millis(ms);
+        }
+        if let Some(rate) = self.scrub_bytes_per_sec.or(file.scrub_bytes_per_sec) {
+            cfg.scrub_bytes_per_sec = rate;
         }
         if let Some(ms) = self.offsets_retention_ms.or(file.offsets_retention_ms) {
             if ms == 0 || ms > i64::MAX as u64 {

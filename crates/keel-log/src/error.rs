@@ -37,6 +37,12 @@ pub enum LogError {
         position: u64,
         reason: String,
     },
+    #[error("cannot repair {path} at byte {position}: {reason}")]
+    RepairRefused {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+    },
     #[error("log is poisoned after a failed flush and no longer acknowledges writes: {reason}")]
     Poisoned { reason: String },
     #[error("invalid log configuration: {0}")]

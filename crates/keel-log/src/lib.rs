@@ -29,5 +29,8 @@ pub mod sim;
 
 pub use config::{FlushPolicy, LogConfig, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
 pub use error::{LogError, Result};
-pub use log::{AppendInfo, Clock, Log, ReadLimit, ReadSlice, RetentionOutcome, SystemClock};
+pub use log::{
+    AppendInfo, Clock, Cursor, Damage, Log, ReadLimit, ReadSlice, Repaired, RetentionOutcome,
+    SystemClock,
+};
 pub use promise::Promised;

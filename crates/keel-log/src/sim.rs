@@ -111,6 +111,8 @@ struct Faults {
     /// Total bytes that may be allocated across all files; `u64::MAX` for no limit.
     space_limit: AtomicU64,
     syncs: AtomicU64,
+    /// Of `syncs`, those of segment data files (`.log`).
+    segment_syncs: AtomicU64,
 }
 
 impl fmt::Debug for CrashFs {
@@ -174,6 +176,12 @@ impl CrashFs {
     /// Number of successful `sync_data` calls so far.
     pub fn sync_count(&self) -> u64 {
         self.faults.syncs.load(Ordering::SeqCst)
+    }
+
+    /// Number of successful `sync_data` calls of segment data files (`.log`) so far: one per
+    /// group commit, where [`CrashFs::sync_count`] also counts the promise file's.
+    pub fn segment_sync_count(&self) -> u64 {
+        self.faults.segment_syncs.load(Ordering::SeqCst)
     }
 
     /// A power loss in a running process: every later filesystem call through this `CrashFs`
@@ -445,6 +453,9 @@ impl FileHandle for CrashFile {
         image.len = len;
         drop(st);
         self.fs.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.inner.path().extension().is_some_and(|e| e == "log") {
+            self.fs.faults.segment_syncs.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 }

@@ -26,6 +26,7 @@ pub mod network;
 pub mod producers;
 mod repair;
 pub mod replica;
+pub mod segment_repair;
 pub mod server;
 pub mod state_file;
 pub mod state_machine;

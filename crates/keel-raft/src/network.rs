@@ -196,6 +196,34 @@ impl RaftTransport {
         }
     }
 
+    /// Asks broker `target` at `addr` for committed entries of group `group_id` from Raft
+    /// index `from` (see `ReadEntries`): raw batches, at most about `max_bytes`.
+    pub async fn read_entries(
+        &self,
+        addr: &str,
+        target: u64,
+        group_id: u64,
+        from: u64,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, tonic::Status> {
+        let peer = self.peer(addr).map_err(tonic::Status::unavailable)?;
+        let limit = self.inner.config.max_message_bytes;
+        let payload = wire::encode(&wire::ReadEntries { from, max_bytes })
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let mut client = RaftServiceClient::new(peer.data)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let mut req = tonic::Request::new(self.request(group_id, target, payload));
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.read_entries(req)).await {
+            Ok(r) => r.map(|r| r.into_inner().payload),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "reading entries from broker {target} at {addr} timed out after {timeout:?}"
+            ))),
+        }
+    }
+
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
         self.inner
             .peers

@@ -303,9 +303,9 @@ impl StatusWatch {
 /// A broker's member of one Raft group (cheap to clone).
 #[derive(Clone)]
 pub struct Replica {
-    raft: Raft,
+    pub(crate) raft: Raft,
     /// Its log: the vote gate asks it whether entries are missing (see `crate::repair`).
-    store: KeelLogStore,
+    pub(crate) store: KeelLogStore,
 }
 
 impl std::fmt::Debug for Replica {

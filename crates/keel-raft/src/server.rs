@@ -15,6 +15,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use bytes::Bytes;
 
 use openraft::Raft;
+use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::RaftError;
 use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::storage::RaftStateMachine;
@@ -27,7 +28,7 @@ use crate::identity::{Identity, Refused, Stamp};
 use crate::repair::refuses_candidate;
 use crate::types::{KeelRaft, LogId, Snapshot};
 use crate::wire::pb::raft_service_server::{RaftService, RaftServiceServer};
-use crate::wire::{self, InstallSnapshot, pb};
+use crate::wire::{self, InstallSnapshot, ReadEntries, pb};
 
 /// The future a [`ForwardHandler`] returns.
 pub type ForwardFuture = Pin<Box<dyn Future<Output = Result<Bytes, Status>> + Send>>;
@@ -370,6 +371,44 @@ where
         }
         let payload = handler(req.group_id, req.payload).await?;
         Ok(Response::new(pb::RaftReply { payload }))
+    }
+
+    async fn read_entries(&self, req: RaftRequest) -> RaftReply {
+        let (g, raft, msg): (_, _, ReadEntries) = self.registry.route(req)?;
+        let log = self
+            .registry
+            .logs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&g)
+            .map(KeelLogStore::log_arc)
+            .ok_or_else(|| Status::not_found(format!("raft group {g} has no log here")))?;
+        // Only applied (so committed) entries: they are the same on every replica.
+        let applied = raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map_or(0, |l| l.index);
+        if msg.from == 0 || msg.from > applied {
+            return Err(Status::failed_precondition(format!(
+                "raft group {g}: entry {} is not applied on node {} (applied up to {applied})",
+                msg.from, self.registry.node_id
+            )));
+        }
+        let max = msg
+            .max_bytes
+            .min(self.registry.max_message_bytes as u64 / 2);
+        let bytes =
+            tokio::task::spawn_blocking(move || log.read_verified(msg.from, applied + 1, max))
+                .await
+                .map_err(|e| Status::internal(format!("raft group {g}: {e}")))?
+                .map_err(|e| match e {
+                    keel_log::LogError::Corrupt { .. } => {
+                        Status::data_loss(format!("raft group {g}: this copy is damaged too: {e}"))
+                    }
+                    other => Status::failed_precondition(format!("raft group {g}: {other}")),
+                })?;
+        Ok(Response::new(pb::RaftReply { payload: bytes }))
     }
 
     async fn transfer_leader(&self, req: RaftRequest) -> RaftReply {

@@ -38,6 +38,14 @@ pub struct InstallSnapshot<SD> {
     pub data: SD,
 }
 
+/// The payload of `ReadEntries`: committed entries from Raft index `from`, at most
+/// `max_bytes` of them (at least one).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ReadEntries {
+    pub from: u64,
+    pub max_bytes: u64,
+}
+
 /// Encodes an openraft message as CBOR.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Bytes> {
     let mut out = Vec::new();

@@ -26,8 +26,11 @@ pub mod quiet;
 mod readiness;
 mod replicas;
 mod retention;
+mod scrub;
 mod shutdown;
 mod start;
+
+pub use scrub::DEFAULT_SCRUB_BYTES_PER_SEC;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -25,6 +25,14 @@ impl From<LogError> for BrokerError {
                 setting: "max.message.bytes",
             },
             LogError::DiskFull { .. } => Self::DiskFull(e.to_string()),
+            // Damage on this replica's disk: refused, never served, and repaired from another
+            // replica (see `cluster::scrub`), so a retry soon succeeds.
+            LogError::Corrupt { .. } => Self::Unavailable {
+                message: format!(
+                    "{e}; this replica refuses the damaged entries until it has repaired them from another replica"
+                ),
+                definite: false,
+            },
             other => Self::Storage {
                 message: other.to_string(),
                 definite: false,
@@ -127,6 +135,18 @@ mod tests {
     use keel_types::ErrorReason;
 
     use super::*;
+
+    #[test]
+    fn damaged_bytes_are_refused_as_unavailable_for_a_retry() {
+        let log = LogError::Corrupt {
+            path: "/d/00000000000000000000.log".into(),
+            position: 4096,
+            reason: "crc mismatch".into(),
+        };
+        let e = BrokerError::from(log);
+        assert_eq!(e.kind(), ErrorReason::Unavailable);
+        assert!(e.to_string().contains("repaired"), "{e}");
+    }
 
     #[test]
     fn a_full_disk_is_disk_full_from_every_layer() {

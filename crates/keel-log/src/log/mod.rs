@@ -7,6 +7,7 @@ mod append;
 mod flush;
 mod read;
 mod retention;
+mod scrub;
 mod truncate;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ use crate::error::{LogError, Result};
 use crate::fs::{Fs, RealFs};
 use crate::promise::{PromiseFile, Promised};
 use crate::segment::{ActiveSegment, Segment, Tail};
+
+pub use scrub::{Cursor, Damage, Repaired};
 
 /// Source of wall-clock time in milliseconds since the epoch (injected so tests control it).
 pub trait Clock: Send + Sync + std::fmt::Debug {

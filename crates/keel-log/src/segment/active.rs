@@ -134,6 +134,7 @@ impl ActiveSegment {
     /// Makes an existing segment writable again (the last segment after a restart or a
     /// truncation into a sealed segment), reserving space first.
     pub fn attach(seg: Arc<Segment>, segment_bytes: u64, index_interval: u64) -> Result<Self> {
+        seg.set_writable(true);
         let data_len = seg.data_len();
         // Never map less than the file holds: a grown segment may hold batches past
         // `segment_bytes` that a recovery scan has yet to see.

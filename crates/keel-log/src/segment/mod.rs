@@ -20,7 +20,7 @@ mod scan;
 pub(crate) use active::ActiveSegment;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use memmap2::Mmap;
@@ -62,6 +62,13 @@ pub(crate) struct Segment {
     pub next_raft_index: AtomicU64,
     pub last_term: AtomicU64,
     pub max_timestamp: AtomicI64,
+    /// Set when a read found a batch of this segment damaged, for the scrub to look at.
+    pub damaged: AtomicBool,
+    /// Not writable (sealed, or loaded and not attached as the active segment): every read
+    /// checks the CRC of each batch it touches, trusting nothing verified before, since a bit
+    /// may flip on disk long after. Reads of the active segment, where the tail readers are,
+    /// trust what this process wrote or verified.
+    sealed: AtomicBool,
 }
 
 /// Summary of a segment's content, as computed by a scan.
@@ -105,6 +112,7 @@ impl Segment {
     }
 
     fn corrupt(&self, position: u64, reason: impl Into<String>) -> LogError {
+        self.damaged.store(true, Ordering::Release);
         LogError::Corrupt {
             path: self.log_path.clone(),
             position,
@@ -217,7 +225,18 @@ impl Segment {
             next_raft_index: AtomicU64::new(header.base_raft_index),
             last_term: AtomicU64::new(0),
             max_timestamp: AtomicI64::new(i64::MIN),
+            damaged: AtomicBool::new(false),
+            sealed: AtomicBool::new(true),
         }
+    }
+
+    /// Whether reads may trust what this process wrote or verified (see `sealed`).
+    pub(crate) fn set_writable(&self, writable: bool) {
+        self.sealed.store(!writable, Ordering::Release);
+    }
+
+    fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
     }
 
     /// Sets the bounds of a segment whose content was established by the caller.
@@ -276,6 +295,7 @@ impl Segment {
             f.sync_data()
                 .map_err(|e| LogError::io("flushing", f.path(), e))?;
         }
+        self.set_writable(false);
         Ok(())
     }
 }

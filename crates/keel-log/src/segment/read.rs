@@ -31,8 +31,9 @@ impl Segment {
         let batch = slice
             .get(..header.total_len())
             .ok_or_else(|| self.corrupt(pos, "batch extends past the end of the segment"))?;
-        let trusted = pos >= self.trusted_from.load(Ordering::Acquire)
-            || pos < self.verified_upto.load(Ordering::Acquire);
+        let trusted = !self.is_sealed()
+            && (pos >= self.trusted_from.load(Ordering::Acquire)
+                || pos < self.verified_upto.load(Ordering::Acquire));
         if !trusted {
             verify_crc(&header, batch).map_err(|e| self.corrupt(pos, e.to_string()))?;
         }
