@@ -112,6 +112,8 @@ pub struct BrokerProc {
     pub http: String,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Environment variables of every start of the process (e.g. libfaketime's).
+    env: Vec<(String, String)>,
 }
 
 impl BrokerProc {
@@ -135,6 +137,18 @@ impl BrokerProc {
     /// Like [`BrokerProc::start_on`] without waiting for readiness: a clustered broker is
     /// ready once it has current metadata, which needs a majority of its peers running.
     pub fn launch_on(data_dir: &Path, id: u32, grpc: String, extra: &[&str]) -> Self {
+        Self::launch_on_env(data_dir, id, grpc, extra, Vec::new())
+    }
+
+    /// Like [`BrokerProc::launch_on`], with environment variables for the process (kept for
+    /// its restarts).
+    pub fn launch_on_env(
+        data_dir: &Path,
+        id: u32,
+        grpc: String,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> Self {
         if extra.contains(&"--fault-fs") {
             require_fault_fs();
         }
@@ -145,6 +159,7 @@ impl BrokerProc {
             http: format!("127.0.0.1:{}", free_port()),
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            env,
         };
         b.launch();
         b
@@ -212,6 +227,7 @@ impl BrokerProc {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             // KEEL_TEST_BROKER_LOG raises the brokers' log level when a failure needs replaying
             // with more detail (e.g. `info,openraft=debug`).
             .env(

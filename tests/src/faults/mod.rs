@@ -79,6 +79,59 @@ pub enum FaultKind {
     /// it must be refused and stop; after `keel cluster replace-broker` it rejoins and every
     /// replica it had is rebuilt from the others. Down for at least `hold_ms`.
     Wipe,
+    /// The links between the broker and the others get latency, jitter, loss and duplicated
+    /// packets (both directions, [`Fault::params`]) for `hold_ms`; the clients' links are
+    /// untouched.
+    LinkDegrade,
+    /// The broker's wall clock steps forward or backward by seconds or hours
+    /// ([`Fault::params`]) for `hold_ms`, then steps back; its monotonic clock runs on, as
+    /// with an NTP step.
+    ClockJump,
+}
+
+/// How a link is degraded: per packet, in both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Netem {
+    pub delay_ms: u32,
+    /// Each packet's delay is `delay_ms` ± up to this (uniform), so packets are reordered.
+    pub jitter_ms: u32,
+    pub loss_pct: u32,
+    pub duplicate_pct: u32,
+}
+
+impl fmt::Display for Netem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "delay {}±{} ms, loss {}%, duplicate {}%",
+            self.delay_ms, self.jitter_ms, self.loss_pct, self.duplicate_pct
+        )
+    }
+}
+
+/// The parameters of the kinds that have some, drawn from the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Params {
+    #[default]
+    None,
+    Link(Netem),
+    /// The wall-clock step in seconds (negative: backward).
+    Clock {
+        offset_s: i64,
+    },
+}
+
+impl fmt::Display for Params {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => Ok(()),
+            Self::Link(n) => write!(f, " ({n})"),
+            Self::Clock { offset_s } if offset_s.unsigned_abs() >= 3600 => {
+                write!(f, " ({:+} h)", offset_s / 3600)
+            }
+            Self::Clock { offset_s } => write!(f, " ({offset_s:+} s)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,14 +144,16 @@ pub struct Fault {
     /// While this fault holds, the clients' link to this broker also loses responses: a
     /// second, overlapping fault that takes no replica down.
     pub lose_responses: Option<u32>,
+    /// The degradation of a `LinkDegrade`, the step of a `ClockJump`.
+    pub params: Params,
 }
 
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "+{}ms {:?} {:?} for {}ms",
-            self.after_ms, self.kind, self.target, self.hold_ms
+            "+{}ms {:?}{} {:?} for {}ms",
+            self.after_ms, self.kind, self.params, self.target, self.hold_ms
         )?;
         if let Some(n) = self.lose_responses {
             write!(f, " + lost responses on broker {n}")?;
@@ -108,11 +163,14 @@ impl fmt::Display for Fault {
 }
 
 /// Which fault kinds a run may use: those that need iptables (root) only with `isolate`;
-/// wiped brokers only with `wipe` (opt-in, `KEEL_FAULT_WIPE=1`, until the stall it found is
-/// fixed: see docs/testing.md).
+/// degraded links only with `link` (iptables and a netfilter queue, root); clock jumps only
+/// with `clock` (libfaketime installed); wiped brokers only with `wipe` (opt-in,
+/// `KEEL_FAULT_WIPE=1`, until the stall it found is fixed: see docs/testing.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kinds {
     pub isolate: bool,
+    pub link: bool,
+    pub clock: bool,
     pub wipe: bool,
 }
 
@@ -120,7 +178,12 @@ pub struct Kinds {
 /// ones (a wiped broker, a whole-cluster power loss) last. A run of at least this many faults
 /// covers every kind.
 pub fn first_pass(kinds: Kinds) -> Vec<FaultKind> {
-    let Kinds { isolate, wipe } = kinds;
+    let Kinds {
+        isolate,
+        link,
+        clock,
+        wipe,
+    } = kinds;
     let mut kinds = vec![
         FaultKind::Kill,
         FaultKind::Pause,
@@ -130,6 +193,12 @@ pub fn first_pass(kinds: Kinds) -> Vec<FaultKind> {
     ];
     if isolate {
         kinds.extend([FaultKind::Isolate, FaultKind::OneWay, FaultKind::CutPair]);
+    }
+    if link {
+        kinds.push(FaultKind::LinkDegrade);
+    }
+    if clock {
+        kinds.push(FaultKind::ClockJump);
     }
     if wipe {
         kinds.push(FaultKind::Wipe);
@@ -144,7 +213,8 @@ pub fn first_pass(kinds: Kinds) -> Vec<FaultKind> {
 /// whole-cluster power loss and a wiped broker rarer than the others. After the first pass, the first fault and
 /// then about half of the others that take a broker down or cut it off also lose responses on
 /// the clients' link to a broker while they hold (drawn from a second stream, so a seed's main
-/// schedule is the same with or without overlaps).
+/// schedule is the same with or without overlaps). The parameters of degraded links and clock
+/// jumps come from a third stream, so they do not move the others' draws.
 pub fn schedule(
     seed: u64,
     count: usize,
@@ -154,6 +224,7 @@ pub fn schedule(
 ) -> Vec<Fault> {
     let mut rng = Rng::new(seed);
     let mut over = Rng::new(seed ^ 0x6f76_6572_6c61_7073);
+    let mut param = Rng::new(seed ^ 0x7061_7261_6d73);
     let kinds = first_pass(use_kinds);
     // The kinds drawn at random after the first pass (the rare ones are drawn apart).
     let first = kinds
@@ -204,9 +275,40 @@ pub fn schedule(
                 // metadata group), so leaders really move.
                 hold_ms: rng.range(1500, 4000),
                 lose_responses: overlaps.then(|| over.range(1, u64::from(nodes)) as u32),
+                params: params(kind, &mut param),
             }
         })
         .collect()
+}
+
+/// A degraded link's or a clock jump's parameters. Links: 50-400 ms of delay each way (so a
+/// round trip of 0.1-0.8 s, around the election timeouts), jitter up to half of it, 5-30% loss
+/// and 1-5% duplicates. Clocks: forward or backward, by 2-59 s or by 1-12 h (below the default
+/// producer-id expiry of 24 h).
+fn params(kind: FaultKind, rng: &mut Rng) -> Params {
+    match kind {
+        FaultKind::LinkDegrade => {
+            let delay_ms = rng.range(50, 400) as u32;
+            Params::Link(Netem {
+                delay_ms,
+                jitter_ms: rng.range(0, u64::from(delay_ms / 2)) as u32,
+                loss_pct: rng.range(5, 30) as u32,
+                duplicate_pct: rng.range(1, 5) as u32,
+            })
+        }
+        FaultKind::ClockJump => {
+            let backward = rng.range(0, 1) == 0;
+            let secs = if rng.range(0, 1) == 0 {
+                rng.range(2, 59)
+            } else {
+                rng.range(1, 12) * 3600
+            } as i64;
+            Params::Clock {
+                offset_s: if backward { -secs } else { secs },
+            }
+        }
+        _ => Params::None,
+    }
 }
 
 #[cfg(test)]
@@ -217,35 +319,28 @@ mod tests {
 
     const ALL: Kinds = Kinds {
         isolate: true,
+        link: true,
+        clock: true,
         wipe: true,
     };
 
     #[test]
     fn wipes_are_opt_in_and_change_nothing_else_in_the_first_pass() {
-        let without = schedule(
-            7,
-            400,
-            3,
-            3,
-            Kinds {
-                isolate: true,
-                wipe: false,
-            },
-        );
+        let without = schedule(7, 400, 3, 3, Kinds { wipe: false, ..ALL });
         assert!(without.iter().all(|f| f.kind != FaultKind::Wipe));
         // The first pass differs only by the wipe itself.
-        assert_eq!(without[..8], schedule(7, 400, 3, 3, ALL)[..8]);
+        assert_eq!(without[..10], schedule(7, 400, 3, 3, ALL)[..10]);
     }
 
     #[test]
     fn schedules_are_reproducible_and_cover_every_kind_first() {
-        let a = schedule(42, 12, 3, 3, ALL);
-        assert_eq!(a, schedule(42, 12, 3, 3, ALL));
-        assert_ne!(a, schedule(43, 12, 3, 3, ALL));
-        let kinds: BTreeSet<String> = a[..10].iter().map(|f| format!("{:?}", f.kind)).collect();
-        assert_eq!(kinds.len(), 10, "every kind in the first ten: {a:?}");
-        assert_eq!(a[8].kind, FaultKind::Wipe);
-        assert_eq!(a[9].kind, FaultKind::PowerLossAll);
+        let a = schedule(42, 14, 3, 3, ALL);
+        assert_eq!(a, schedule(42, 14, 3, 3, ALL));
+        assert_ne!(a, schedule(43, 14, 3, 3, ALL));
+        let kinds: BTreeSet<String> = a[..12].iter().map(|f| format!("{:?}", f.kind)).collect();
+        assert_eq!(kinds.len(), 12, "every kind in the first twelve: {a:?}");
+        assert_eq!(a[10].kind, FaultKind::Wipe);
+        assert_eq!(a[11].kind, FaultKind::PowerLossAll);
         assert!(a.iter().all(|f| f.hold_ms >= 1500));
         assert!(a[..4].iter().any(|f| f.target == Target::GroupCoordinator));
         let no_net = schedule(
@@ -255,12 +350,18 @@ mod tests {
             3,
             Kinds {
                 isolate: false,
+                link: false,
+                clock: false,
                 wipe: true,
             },
         );
         assert!(no_net.iter().all(|f| !matches!(
             f.kind,
-            FaultKind::Isolate | FaultKind::OneWay | FaultKind::CutPair
+            FaultKind::Isolate
+                | FaultKind::OneWay
+                | FaultKind::CutPair
+                | FaultKind::LinkDegrade
+                | FaultKind::ClockJump
         )));
         let no_net_kinds: BTreeSet<String> = no_net[..7]
             .iter()
@@ -269,7 +370,7 @@ mod tests {
         assert_eq!(no_net_kinds.len(), 7);
         // The whole-cluster outage stays rare after the first pass.
         let long = schedule(7, 400, 3, 3, ALL);
-        let outages = long[10..]
+        let outages = long[12..]
             .iter()
             .filter(|f| f.kind == FaultKind::PowerLossAll)
             .count();
@@ -277,7 +378,7 @@ mod tests {
             (5..=45).contains(&outages),
             "{outages} whole-cluster power losses"
         );
-        let wipes = long[10..]
+        let wipes = long[12..]
             .iter()
             .filter(|f| f.kind == FaultKind::Wipe)
             .count();
@@ -287,7 +388,7 @@ mod tests {
             (100..=250).contains(&overlapping),
             "{overlapping} overlapping faults"
         );
-        assert!(long[..10].iter().all(|f| f.lose_responses.is_none()));
+        assert!(long[..12].iter().all(|f| f.lose_responses.is_none()));
         assert!(
             long.iter()
                 .all(|f| f.lose_responses.is_none_or(|n| (1..=3).contains(&n)))
@@ -297,5 +398,58 @@ mod tests {
             Target::LeaderOf(p) => p < 3,
             _ => true,
         }));
+    }
+
+    #[test]
+    fn degraded_links_and_clock_jumps_draw_their_parameters_from_the_seed() {
+        let long = schedule(11, 400, 3, 3, ALL);
+        assert_eq!(long, schedule(11, 400, 3, 3, ALL));
+        let (mut links, mut forward, mut backward, mut hours) = (0, 0, 0, 0);
+        for f in &long {
+            match (f.kind, f.params) {
+                (FaultKind::LinkDegrade, Params::Link(n)) => {
+                    links += 1;
+                    assert!((50..=400).contains(&n.delay_ms), "{f}");
+                    assert!(n.jitter_ms <= n.delay_ms / 2, "{f}");
+                    assert!((5..=30).contains(&n.loss_pct), "{f}");
+                    assert!((1..=5).contains(&n.duplicate_pct), "{f}");
+                }
+                (FaultKind::ClockJump, Params::Clock { offset_s }) => {
+                    let abs = offset_s.unsigned_abs();
+                    assert!(
+                        (2..=59).contains(&abs)
+                            || (abs % 3600 == 0 && (1..=12).contains(&(abs / 3600))),
+                        "{f}"
+                    );
+                    if offset_s > 0 {
+                        forward += 1;
+                    } else {
+                        backward += 1;
+                    }
+                    hours += usize::from(abs >= 3600);
+                }
+                (FaultKind::LinkDegrade | FaultKind::ClockJump, p) => panic!("{f}: {p:?}"),
+                (_, p) => assert_eq!(p, Params::None, "{f}"),
+            }
+        }
+        assert!(links >= 10, "{links} degraded links");
+        assert!(
+            forward >= 5 && backward >= 5 && hours >= 5,
+            "{forward} {backward} {hours}"
+        );
+        // Without them, the parameters of the others stay empty and their first pass is the
+        // kinds before them.
+        let without = schedule(
+            11,
+            12,
+            3,
+            3,
+            Kinds {
+                link: false,
+                clock: false,
+                ..ALL
+            },
+        );
+        assert_eq!(without[..8], long[..8]);
     }
 }
