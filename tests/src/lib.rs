@@ -3,7 +3,9 @@
 pub mod broker;
 pub mod cluster;
 pub mod consumer;
+pub mod fake_clock;
 pub mod faults;
+pub mod link_degrade;
 pub mod log_util;
 pub mod proxy;
 pub mod raw;

@@ -24,9 +24,8 @@ use keel_proto::v1::admin_service_client::AdminServiceClient;
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::{DescribeTopicRequest, FindCoordinatorRequest};
 use keel_tests::broker::http_get;
-use keel_tests::cluster::{
-    ClockStep, ClusterProc, DegradedLinks, FakeClock, NetPartition, replica_batches,
-};
+use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches};
+use keel_tests::fake_clock::{ClockStep, FakeClock};
 use keel_tests::faults::retention::{
     CounterTotal, RETENTION_DELETED_METRIC, metric_value, retention_can_delete,
 };
@@ -34,6 +33,7 @@ use keel_tests::faults::{
     Batch, CommitOutcome, Fault, FaultKind, History, Kinds, Member, MemberEvent, Outcome, Params,
     Replicas, Target, check, first_pass, schedule,
 };
+use keel_tests::link_degrade::DegradedLinks;
 use keel_tests::proxy::FaultProxy;
 use keel_tests::records::read_partition;
 
