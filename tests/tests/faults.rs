@@ -8,8 +8,12 @@
 //! history, with every replica's log as read from the stopped brokers' files, is checked against
 //! the brief's invariants (`keel_tests::faults::check`).
 //!
-//! `cargo test` runs a short schedule. Longer runs and replays:
-//!   KEEL_FAULT_SEED=S KEEL_FAULT_COUNT=N cargo test -p keel-tests --test faults -- --nocapture
+//! It runs twice: with the topic fsyncing every batch (the default durability), and with
+//! flushing left to the OS (`flush.messages` > 1), which is promised nothing across power
+//! losses and so runs without them.
+//!
+//! `cargo test` runs a short schedule of each. Longer runs and replays:
+//!   KEEL_FAULT_FLUSH=fsync|os KEEL_FAULT_SEED=S KEEL_FAULT_COUNT=N cargo test -p keel-tests --test faults -- --nocapture
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -475,8 +479,48 @@ async fn leader_reports(
     }
 }
 
+/// How the run's topic makes batches durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flushing {
+    /// `flush.messages=1` (the default): every replica fsyncs a batch before it counts.
+    EveryBatch,
+    /// `flush.messages` > 1: flushing left to the OS. It promises to survive crashes of any
+    /// minority, not power losses (docs/operations.md, "Durability settings"), so the run
+    /// leaves power losses out and checks everything else as strictly.
+    Os,
+}
+
+impl Flushing {
+    fn name(self) -> &'static str {
+        match self {
+            Self::EveryBatch => "fsync",
+            Self::Os => "os",
+        }
+    }
+}
+
+/// One run at a time: each loads three brokers, and two at once on two cores would measure
+/// the machine rather than the brokers.
+static RUNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_under_load_keep_every_invariant() {
+    fault_run(Flushing::EveryBatch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_with_os_flushing_keep_what_it_promises() {
+    fault_run(Flushing::Os).await;
+}
+
+async fn fault_run(flushing: Flushing) {
+    let _one_at_a_time = RUNS.lock().await;
+    if let Ok(only) = std::env::var("KEEL_FAULT_FLUSH")
+        && only != flushing.name()
+    {
+        println!("left out: this run's flushing is not KEEL_FAULT_FLUSH={only}");
+        return;
+    }
     let seed = env_u64("KEEL_FAULT_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -506,19 +550,28 @@ async fn faults_under_load_keep_every_invariant() {
     if let Err(why) = &clock {
         skipped.push(format!("ClockJump: {why}"));
     }
+    let power = flushing == Flushing::EveryBatch;
+    if !power {
+        skipped.push(
+            "PowerLoss, PowerLossAll: flush.messages > 1 promises nothing across a power loss"
+                .to_owned(),
+        );
+    }
     // Wiped brokers are opt-in until the stall they found is fixed (docs/testing.md).
     let kinds = Kinds {
         isolate,
         link: link.is_ok(),
         clock: clock.is_ok(),
         wipe: env_u64("KEEL_FAULT_WIPE").is_some_and(|w| w != 0),
+        power,
     };
     // By default, every kind of fault once (eleven as root with libfaketime, seven without
     // root), in order.
     let count = env_u64("KEEL_FAULT_COUNT").map_or_else(|| first_pass(kinds).len(), |c| c as usize);
     let faults = schedule(seed, count, 3, PARTITIONS, kinds);
     println!(
-        "fault schedule: seed {seed}, {count} faults (replay: KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)"
+        "fault schedule: seed {seed}, {count} faults, flushing {flushing} (replay: KEEL_FAULT_FLUSH={flushing} KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)",
+        flushing = flushing.name()
     );
     for s in &skipped {
         println!("  left out: {s}");
@@ -577,6 +630,14 @@ async fn faults_under_load_keep_every_invariant() {
             [
                 ("retention.ms".to_owned(), "-1".to_owned()),
                 ("retention.bytes".to_owned(), "-1".to_owned()),
+                (
+                    "flush.messages".to_owned(),
+                    match flushing {
+                        Flushing::EveryBatch => "1",
+                        Flushing::Os => "10000",
+                    }
+                    .to_owned(),
+                ),
             ]
             .into(),
         )

@@ -165,13 +165,16 @@ impl fmt::Display for Fault {
 /// Which fault kinds a run may use: those that need iptables (root) only with `isolate`;
 /// degraded links only with `link` (iptables and a netfilter queue, root); clock jumps only
 /// with `clock` (libfaketime installed); wiped brokers only with `wipe` (opt-in,
-/// `KEEL_FAULT_WIPE=1`, until the stall it found is fixed: see docs/testing.md).
+/// `KEEL_FAULT_WIPE=1`, until the stall it found is fixed: see docs/testing.md); power losses
+/// (`PowerLoss`, `PowerLossAll`) only with `power`: a run whose topics leave flushing to the OS
+/// (`flush.messages` > 1) is promised nothing across them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kinds {
     pub isolate: bool,
     pub link: bool,
     pub clock: bool,
     pub wipe: bool,
+    pub power: bool,
 }
 
 /// Every fault kind in use, in the order a schedule's first faults go through them; the rare
@@ -183,14 +186,13 @@ pub fn first_pass(kinds: Kinds) -> Vec<FaultKind> {
         link,
         clock,
         wipe,
+        power,
     } = kinds;
-    let mut kinds = vec![
-        FaultKind::Kill,
-        FaultKind::Pause,
-        FaultKind::PowerLoss,
-        FaultKind::DropResponses,
-        FaultKind::FailFsync,
-    ];
+    let mut kinds = vec![FaultKind::Kill, FaultKind::Pause];
+    if power {
+        kinds.push(FaultKind::PowerLoss);
+    }
+    kinds.extend([FaultKind::DropResponses, FaultKind::FailFsync]);
     if isolate {
         kinds.extend([FaultKind::Isolate, FaultKind::OneWay, FaultKind::CutPair]);
     }
@@ -203,7 +205,9 @@ pub fn first_pass(kinds: Kinds) -> Vec<FaultKind> {
     if wipe {
         kinds.push(FaultKind::Wipe);
     }
-    kinds.push(FaultKind::PowerLossAll);
+    if power {
+        kinds.push(FaultKind::PowerLossAll);
+    }
     kinds
 }
 
@@ -252,7 +256,7 @@ pub fn schedule(
                 kinds[i]
             } else {
                 match rng.range(0, 19) {
-                    0 => FaultKind::PowerLossAll,
+                    0 if use_kinds.power => FaultKind::PowerLossAll,
                     1 if use_kinds.wipe => FaultKind::Wipe,
                     _ => kinds[rng.range(0, first as u64 - 1) as usize],
                 }
@@ -322,7 +326,28 @@ mod tests {
         link: true,
         clock: true,
         wipe: true,
+        power: true,
     };
+
+    #[test]
+    fn a_run_without_power_losses_never_schedules_one() {
+        let kinds = Kinds {
+            power: false,
+            ..ALL
+        };
+        let faults = schedule(11, 500, 3, 3, kinds);
+        assert!(
+            faults
+                .iter()
+                .all(|f| !matches!(f.kind, FaultKind::PowerLoss | FaultKind::PowerLossAll))
+        );
+        let without = first_pass(kinds);
+        let missing: Vec<FaultKind> = first_pass(ALL)
+            .into_iter()
+            .filter(|k| !without.contains(k))
+            .collect();
+        assert_eq!(missing, [FaultKind::PowerLoss, FaultKind::PowerLossAll]);
+    }
 
     #[test]
     fn wipes_are_opt_in_and_change_nothing_else_in_the_first_pass() {
@@ -353,6 +378,7 @@ mod tests {
                 link: false,
                 clock: false,
                 wipe: true,
+                power: true,
             },
         );
         assert!(no_net.iter().all(|f| !matches!(
