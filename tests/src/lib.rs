@@ -1,5 +1,6 @@
 //! Shared helpers for Keel's integration tests (the tests themselves live in `tests/tests/`).
 
+pub mod bit_rot;
 pub mod broker;
 pub mod cluster;
 pub mod consumer;

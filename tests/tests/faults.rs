@@ -27,6 +27,7 @@ use keel_client::{
 use keel_proto::v1::admin_service_client::AdminServiceClient;
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::{DescribeTopicRequest, FindCoordinatorRequest};
+use keel_tests::bit_rot::{flip_batch, sealed_segments};
 use keel_tests::broker::http_get;
 use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches};
 use keel_tests::fake_clock::{ClockStep, FakeClock};
@@ -503,6 +504,64 @@ impl Flushing {
 /// the machine rather than the brokers.
 static RUNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A `BitFlip`: flips a byte in a sealed segment of one of `node`'s replicas of the test topic
+/// and waits (at least `hold`, at most [`WAIT`]) until the broker reports it repaired. Damage
+/// the broker never repairs fails the run; damage it served would show in the final comparison
+/// of the replicas and in the consumers' checks.
+async fn flip_and_await_repair(
+    cluster: &ClusterProc,
+    node: u32,
+    pick: u64,
+    hold: Duration,
+    events: &Events,
+) -> String {
+    let dirs: Vec<_> = (0..PARTITIONS)
+        .map(|p| cluster.replica_dir(node, TOPIC, p))
+        .collect();
+    let sealed = sealed_segments(&dirs);
+    let Some(file) = sealed.get((pick % sealed.len().max(1) as u64) as usize) else {
+        return "no sealed segment yet, nothing flipped".to_owned();
+    };
+    let http = cluster.nodes[node as usize - 1].http.clone();
+    let repaired = || {
+        http_get(&http, "/metrics")
+            .and_then(|(_, body)| metric_value(&body, "keel_log_damage_repaired_total"))
+            .unwrap_or(0.0)
+    };
+    let before = repaired();
+    let Some(flipped) = flip_batch(file, pick) else {
+        return format!("{} holds no batch, nothing flipped", file.display());
+    };
+    events.log(format_args!(
+        "flipped byte {} of {} (batch at offset {})",
+        flipped.position,
+        flipped.file.display(),
+        flipped.base_offset
+    ));
+    let started = Instant::now();
+    loop {
+        if repaired() > before {
+            let took = started.elapsed().as_millis();
+            tokio::time::sleep(hold.saturating_sub(started.elapsed())).await;
+            return format!(
+                "flipped byte {} of {}, repaired after {took} ms",
+                flipped.position,
+                flipped
+                    .file
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            );
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "broker {node} never repaired the byte flipped at {} of {}",
+            flipped.position,
+            flipped.file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_under_load_keep_every_invariant() {
     fault_run(Flushing::EveryBatch).await;
@@ -630,6 +689,8 @@ async fn fault_run(flushing: Flushing) {
             [
                 ("retention.ms".to_owned(), "-1".to_owned()),
                 ("retention.bytes".to_owned(), "-1".to_owned()),
+                // Small segments: rolls throughout the run, and sealed segments to flip bits in.
+                ("segment.bytes".to_owned(), "262144".to_owned()),
                 (
                     "flush.messages".to_owned(),
                     match flushing {
@@ -790,7 +851,8 @@ async fn fault_run(flushing: Flushing) {
                 }
             }
         };
-        let mut link_stats = None;
+        // What the fault did, for the timeline (a degraded link's packets, a flip's repair).
+        let mut outcome: Option<String> = None;
         let action = async {
             match kind {
                 FaultKind::Kill => {
@@ -843,7 +905,7 @@ async fn fault_run(flushing: Flushing) {
                     )
                     .unwrap_or_else(|e| panic!("seed {seed}: degrading links: {e}"));
                     tokio::time::sleep(hold).await;
-                    link_stats = Some(links.heal());
+                    outcome = Some(links.heal().to_string());
                 }
                 FaultKind::ClockJump => {
                     let Params::Clock { offset_s } = params else {
@@ -852,6 +914,13 @@ async fn fault_run(flushing: Flushing) {
                     let step = ClockStep::step(&clock_file(node), offset_s);
                     tokio::time::sleep(hold).await;
                     step.heal();
+                }
+                FaultKind::BitFlip => {
+                    let Params::Flip { pick } = params else {
+                        unreachable!("a bit flip has its pick")
+                    };
+                    outcome =
+                        Some(flip_and_await_repair(&cluster, node, pick, hold, &events).await);
                 }
                 FaultKind::PowerLoss => {
                     cluster.node(node).power_loss();
@@ -920,9 +989,9 @@ async fn fault_run(flushing: Flushing) {
             }
         };
         tokio::join!(action, overlap);
-        let link_stats = link_stats.map_or_else(String::new, |s| format!(": {s}"));
+        let outcome = outcome.map_or_else(String::new, |s| format!(": {s}"));
         timeline.push(format!(
-            "{at:>6} ms  {kind:?} {what} for {hold_ms} ms{link_stats}"
+            "{at:>6} ms  {kind:?} {what} for {hold_ms} ms{outcome}"
         ));
         events.log(format_args!("healed {kind:?} {what}"));
         restart_exited(&mut cluster, &mut timeline, &events, started);

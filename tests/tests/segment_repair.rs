@@ -2,10 +2,10 @@
 //! never served, and repaired in place with another replica's copy of the damaged entries.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel_proto::v1::{FetchPartition, FetchRequest, RecordFormat};
+use keel_tests::bit_rot::{flip_batch, sealed_segments};
 use keel_tests::broker::{http_get, wait_until};
 use keel_tests::cluster::{ClusterProc, client};
 use keel_tests::records::{produce_all, read_partition};
@@ -24,39 +24,6 @@ fn metric(http: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// The replica's segment files, oldest first; all but the last are sealed.
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("list replica")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    out.sort();
-    out
-}
-
-/// Flips one byte in the payload of the middle batch of a sealed segment file of a running
-/// broker; returns the file's bytes from before and the first offset of the damaged batch.
-fn flip_in_sealed(file: &Path) -> (Vec<u8>, u64) {
-    let original = std::fs::read(file).expect("read segment");
-    let mut batches = Vec::new();
-    let mut pos = 64usize;
-    for item in keel_batch::BatchIter::new(&original[64..]) {
-        let Ok((h, raw)) = item else { break };
-        batches.push((pos, raw.len(), h));
-        pos += raw.len();
-    }
-    let (at, len, h) = batches[batches.len() / 2];
-    // Written through the file, as a disk's bit rot would show: the mapping sees it at once.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(file)
-        .expect("open segment");
-    let byte = original[at + len - 2] ^ 0x10;
-    std::os::unix::fs::FileExt::write_all_at(&f, &[byte], (at + len - 2) as u64).expect("flip");
-    (original, h.base_offset)
 }
 
 fn fetch_req(topic: &str, offset: u64) -> FetchRequest {
@@ -94,21 +61,22 @@ async fn bit_flips_in_sealed_segments_are_repaired_from_a_replica_and_never_serv
     let http = |id: u32| cluster.nodes[id as usize - 1].http.clone();
 
     // A follower's sealed segment: nobody reads it, the background scrub finds it.
-    let file = segments(&cluster.replica_dir(follower, "rot", 0))[1].clone();
-    let (original, _) = flip_in_sealed(&file);
+    let file = sealed_segments(&[cluster.replica_dir(follower, "rot", 0)])[1].clone();
+    let flipped = flip_batch(&file, 1 << 33).expect("a batch to damage");
     let f_http = http(follower);
     wait_until("the follower's scrub to repair the flip", WAIT, || {
         metric(&f_http, "keel_log_damage_repaired_total") >= 1.0
     });
     assert!(metric(&f_http, "keel_log_damage_found_total") >= 1.0);
     assert!(
-        std::fs::read(&file).expect("read") == original,
+        std::fs::read(&file).expect("read") == flipped.original,
         "the follower's segment holds the replicas' bytes again"
     );
 
     // The leader's sealed segment, read at once: refused until repaired, never served.
-    let file = segments(&cluster.replica_dir(leader, "rot", 0))[2].clone();
-    let (original, damaged_offset) = flip_in_sealed(&file);
+    let file = sealed_segments(&[cluster.replica_dir(leader, "rot", 0)])[2].clone();
+    let flipped = flip_batch(&file, 5 << 32).expect("a batch to damage");
+    let damaged_offset = flipped.base_offset;
     let mut consumer = cluster.nodes[leader as usize - 1].consumer().await;
     let mut refused = 0;
     let deadline = std::time::Instant::now() + WAIT;
@@ -138,7 +106,7 @@ async fn bit_flips_in_sealed_segments_are_repaired_from_a_replica_and_never_serv
         metric(&l_http, "keel_log_damage_repaired_total") >= 1.0
     });
     assert!(
-        std::fs::read(&file).expect("read") == original,
+        std::fs::read(&file).expect("read") == flipped.original,
         "the leader's segment holds the replicas' bytes again"
     );
     eprintln!("the damaged batch was refused {refused} times before it was repaired");

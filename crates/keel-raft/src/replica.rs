@@ -223,10 +223,21 @@ impl GroupConfig {
     /// 1796100000000000017: acknowledged records lost, replicas diverging at one index of one
     /// term). A restarted node therefore always starts as a follower; a new election takes a
     /// new term (a sole voter elects itself on its first tick).
+    ///
+    /// Log reversion allowed: a follower's log can end before what its leader saw it hold,
+    /// when recovery found an acknowledged tail damaged on disk (the replica then stays out of
+    /// elections until repaired, `crate::repair`), or when a replica of a topic that leaves
+    /// flushing to the OS discards what a failed fsync did not make durable (a loss that
+    /// setting accepts, docs/operations.md). The leader must then send those entries again.
+    /// Without it openraft asserts (panics, in a debug build: the leader's group died in the
+    /// fault run, seed 1796654899890456768 with KEEL_FAULT_FLUSH=os) and a release build would
+    /// leave the follower's progress above what it holds. The quorum's acknowledged index
+    /// never goes back either way.
     fn validated(c: Config) -> Result<Self> {
         Config {
             enable_pre_vote: Some(true),
             enable_leader_restore: Some(false),
+            allow_log_reversion: Some(true),
             ..c
         }
         .validate()

@@ -87,6 +87,11 @@ pub enum FaultKind {
     /// ([`Fault::params`]) for `hold_ms`, then steps back; its monotonic clock runs on, as
     /// with an NTP step.
     ClockJump,
+    /// A byte flips inside a sealed segment of one of the broker's replicas of the test topic
+    /// (bit rot, [`Fault::params`] picks which): the broker must refuse it to readers, find it
+    /// (a read or its scrub) and repair it from another replica; the final comparison of the
+    /// replicas then finds the bytes as they were. Waits up to `hold_ms` for the repair.
+    BitFlip,
 }
 
 /// How a link is degraded: per packet, in both directions.
@@ -119,6 +124,10 @@ pub enum Params {
     Clock {
         offset_s: i64,
     },
+    /// Which sealed segment and byte a `BitFlip` damages (reduced modulo what there is).
+    Flip {
+        pick: u64,
+    },
 }
 
 impl fmt::Display for Params {
@@ -130,6 +139,7 @@ impl fmt::Display for Params {
                 write!(f, " ({:+} h)", offset_s / 3600)
             }
             Self::Clock { offset_s } => write!(f, " ({offset_s:+} s)"),
+            Self::Flip { pick } => write!(f, " (pick {pick:#x})"),
         }
     }
 }
@@ -202,6 +212,7 @@ pub fn first_pass(kinds: Kinds) -> Vec<FaultKind> {
     if clock {
         kinds.push(FaultKind::ClockJump);
     }
+    kinds.push(FaultKind::BitFlip);
     if wipe {
         kinds.push(FaultKind::Wipe);
     }
@@ -311,6 +322,9 @@ fn params(kind: FaultKind, rng: &mut Rng) -> Params {
                 offset_s: if backward { -secs } else { secs },
             }
         }
+        FaultKind::BitFlip => Params::Flip {
+            pick: rng.next_u64(),
+        },
         _ => Params::None,
     }
 }
@@ -354,18 +368,18 @@ mod tests {
         let without = schedule(7, 400, 3, 3, Kinds { wipe: false, ..ALL });
         assert!(without.iter().all(|f| f.kind != FaultKind::Wipe));
         // The first pass differs only by the wipe itself.
-        assert_eq!(without[..10], schedule(7, 400, 3, 3, ALL)[..10]);
+        assert_eq!(without[..11], schedule(7, 400, 3, 3, ALL)[..11]);
     }
 
     #[test]
     fn schedules_are_reproducible_and_cover_every_kind_first() {
-        let a = schedule(42, 14, 3, 3, ALL);
-        assert_eq!(a, schedule(42, 14, 3, 3, ALL));
-        assert_ne!(a, schedule(43, 14, 3, 3, ALL));
-        let kinds: BTreeSet<String> = a[..12].iter().map(|f| format!("{:?}", f.kind)).collect();
-        assert_eq!(kinds.len(), 12, "every kind in the first twelve: {a:?}");
-        assert_eq!(a[10].kind, FaultKind::Wipe);
-        assert_eq!(a[11].kind, FaultKind::PowerLossAll);
+        let a = schedule(42, 15, 3, 3, ALL);
+        assert_eq!(a, schedule(42, 15, 3, 3, ALL));
+        assert_ne!(a, schedule(43, 15, 3, 3, ALL));
+        let kinds: BTreeSet<String> = a[..13].iter().map(|f| format!("{:?}", f.kind)).collect();
+        assert_eq!(kinds.len(), 13, "every kind in the first thirteen: {a:?}");
+        assert_eq!(a[11].kind, FaultKind::Wipe);
+        assert_eq!(a[12].kind, FaultKind::PowerLossAll);
         assert!(a.iter().all(|f| f.hold_ms >= 1500));
         assert!(a[..4].iter().any(|f| f.target == Target::GroupCoordinator));
         let no_net = schedule(
@@ -389,11 +403,11 @@ mod tests {
                 | FaultKind::LinkDegrade
                 | FaultKind::ClockJump
         )));
-        let no_net_kinds: BTreeSet<String> = no_net[..7]
+        let no_net_kinds: BTreeSet<String> = no_net[..8]
             .iter()
             .map(|f| format!("{:?}", f.kind))
             .collect();
-        assert_eq!(no_net_kinds.len(), 7);
+        assert_eq!(no_net_kinds.len(), 8);
         // The whole-cluster outage stays rare after the first pass.
         let long = schedule(7, 400, 3, 3, ALL);
         let outages = long[12..]
@@ -454,7 +468,10 @@ mod tests {
                     }
                     hours += usize::from(abs >= 3600);
                 }
-                (FaultKind::LinkDegrade | FaultKind::ClockJump, p) => panic!("{f}: {p:?}"),
+                (FaultKind::BitFlip, Params::Flip { .. }) => {}
+                (FaultKind::LinkDegrade | FaultKind::ClockJump | FaultKind::BitFlip, p) => {
+                    panic!("{f}: {p:?}")
+                }
                 (_, p) => assert_eq!(p, Params::None, "{f}"),
             }
         }
