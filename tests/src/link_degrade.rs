@@ -2,7 +2,6 @@
 //! duplicates through a netfilter queue the test reads (see [`DegradedLinks`]).
 
 use std::collections::BTreeMap;
-
 use std::time::{Duration, Instant};
 
 /// The netfilter queues of degraded links: `QUEUE_BASE + net`, so that runs on different

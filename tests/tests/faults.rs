@@ -915,6 +915,23 @@ async fn fault_run(flushing: Flushing) {
                     tokio::time::sleep(hold).await;
                     step.heal();
                 }
+                FaultKind::KillWhileCatchingUp => {
+                    cluster.node(node).kill9();
+                    tokio::time::sleep(hold).await;
+                    // Started again without waiting: the second fault lands while it catches up.
+                    cluster.node(node).relaunch();
+                    let other = leader_of(&client, 0)
+                        .await
+                        .filter(|l| *l != node)
+                        .unwrap_or(node % 3 + 1);
+                    events.log(format_args!(
+                        "broker {node} restarted and catching up; killing broker {other}"
+                    ));
+                    cluster.node(other).kill9();
+                    tokio::time::sleep(hold).await;
+                    cluster.node(other).restart();
+                    outcome = Some(format!("then broker {other} while it caught up"));
+                }
                 FaultKind::BitFlip => {
                     let Params::Flip { pick } = params else {
                         unreachable!("a bit flip has its pick")

@@ -388,13 +388,13 @@ where
             .metrics()
             .borrow_watched()
             .last_applied
-            .map_or(0, |l| l.index);
-        if msg.from == 0 || msg.from > applied {
+            .map(|l| l.index);
+        let Some(applied) = applied.filter(|a| msg.from <= *a) else {
             return Err(Status::failed_precondition(format!(
-                "raft group {g}: entry {} is not applied on node {} (applied up to {applied})",
+                "raft group {g}: entry {} is not applied on node {} (applied: {applied:?})",
                 msg.from, self.registry.node_id
             )));
-        }
+        };
         let max = msg
             .max_bytes
             .min(self.registry.max_message_bytes as u64 / 2);

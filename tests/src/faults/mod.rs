@@ -92,6 +92,12 @@ pub enum FaultKind {
     /// (a read or its scrub) and repair it from another replica; the final comparison of the
     /// replicas then finds the bytes as they were. Waits up to `hold_ms` for the repair.
     BitFlip,
+    /// The broker is killed (`kill -9`) for `hold_ms` while the load goes on, started again,
+    /// and, while it is still catching up, the leader of the first test partition (another
+    /// broker: the next one by id if the broker itself leads it) is killed for `hold_ms` too: the
+    /// replica that is behind must not lead, and the third broker must take over with
+    /// everything acknowledged.
+    KillWhileCatchingUp,
 }
 
 /// How a link is degraded: per packet, in both directions.
@@ -212,7 +218,7 @@ pub fn first_pass(kinds: Kinds) -> Vec<FaultKind> {
     if clock {
         kinds.push(FaultKind::ClockJump);
     }
-    kinds.push(FaultKind::BitFlip);
+    kinds.extend([FaultKind::BitFlip, FaultKind::KillWhileCatchingUp]);
     if wipe {
         kinds.push(FaultKind::Wipe);
     }
@@ -368,18 +374,18 @@ mod tests {
         let without = schedule(7, 400, 3, 3, Kinds { wipe: false, ..ALL });
         assert!(without.iter().all(|f| f.kind != FaultKind::Wipe));
         // The first pass differs only by the wipe itself.
-        assert_eq!(without[..11], schedule(7, 400, 3, 3, ALL)[..11]);
+        assert_eq!(without[..12], schedule(7, 400, 3, 3, ALL)[..12]);
     }
 
     #[test]
     fn schedules_are_reproducible_and_cover_every_kind_first() {
-        let a = schedule(42, 15, 3, 3, ALL);
-        assert_eq!(a, schedule(42, 15, 3, 3, ALL));
-        assert_ne!(a, schedule(43, 15, 3, 3, ALL));
-        let kinds: BTreeSet<String> = a[..13].iter().map(|f| format!("{:?}", f.kind)).collect();
-        assert_eq!(kinds.len(), 13, "every kind in the first thirteen: {a:?}");
-        assert_eq!(a[11].kind, FaultKind::Wipe);
-        assert_eq!(a[12].kind, FaultKind::PowerLossAll);
+        let a = schedule(42, 16, 3, 3, ALL);
+        assert_eq!(a, schedule(42, 16, 3, 3, ALL));
+        assert_ne!(a, schedule(43, 16, 3, 3, ALL));
+        let kinds: BTreeSet<String> = a[..14].iter().map(|f| format!("{:?}", f.kind)).collect();
+        assert_eq!(kinds.len(), 14, "every kind in the first fourteen: {a:?}");
+        assert_eq!(a[12].kind, FaultKind::Wipe);
+        assert_eq!(a[13].kind, FaultKind::PowerLossAll);
         assert!(a.iter().all(|f| f.hold_ms >= 1500));
         assert!(a[..4].iter().any(|f| f.target == Target::GroupCoordinator));
         let no_net = schedule(
@@ -403,11 +409,11 @@ mod tests {
                 | FaultKind::LinkDegrade
                 | FaultKind::ClockJump
         )));
-        let no_net_kinds: BTreeSet<String> = no_net[..8]
+        let no_net_kinds: BTreeSet<String> = no_net[..9]
             .iter()
             .map(|f| format!("{:?}", f.kind))
             .collect();
-        assert_eq!(no_net_kinds.len(), 8);
+        assert_eq!(no_net_kinds.len(), 9);
         // The whole-cluster outage stays rare after the first pass.
         let long = schedule(7, 400, 3, 3, ALL);
         let outages = long[12..]
