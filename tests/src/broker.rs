@@ -90,6 +90,13 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// The sum of a metric's samples on a broker's metrics endpoint (0 when absent or unreachable).
+pub fn metric(http: &str, name: &str) -> f64 {
+    http_get(http, "/metrics")
+        .and_then(|(_, body)| crate::faults::retention::metric_value(&body, name))
+        .unwrap_or(0.0)
+}
+
 /// A minimal HTTP/1.0 GET; returns (status code, body).
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;

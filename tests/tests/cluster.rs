@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use keel_client::{Client, ConsumerConfig, ProducerRecord, SeekTo};
+use keel_tests::broker::metric;
 use keel_tests::cluster::{
     ClusterProc, NetPartition, client, cluster_with_topic, committed_prefix, replica_batches,
 };
@@ -1007,18 +1008,4 @@ fn damage_last_data_batch(log_dir: &std::path::Path) -> u64 {
     bytes[at + len - 5] ^= 0x41;
     std::fs::write(&active, &bytes).expect("write segment");
     records
-}
-
-/// The sum of a metric's samples on a broker's metrics endpoint (0 when absent).
-fn metric(http: &str, name: &str) -> f64 {
-    let Some((_, body)) = keel_tests::broker::http_get(http, "/metrics") else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }

@@ -28,7 +28,7 @@ use keel_proto::v1::admin_service_client::AdminServiceClient;
 use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::{DescribeTopicRequest, FindCoordinatorRequest};
 use keel_tests::bit_rot::{flip_batch, sealed_segments};
-use keel_tests::broker::http_get;
+use keel_tests::broker::{http_get, metric};
 use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches};
 use keel_tests::fake_clock::{ClockStep, FakeClock};
 use keel_tests::faults::retention::{
@@ -523,11 +523,7 @@ async fn flip_and_await_repair(
         return "no sealed segment yet, nothing flipped".to_owned();
     };
     let http = cluster.nodes[node as usize - 1].http.clone();
-    let repaired = || {
-        http_get(&http, "/metrics")
-            .and_then(|(_, body)| metric_value(&body, "keel_log_damage_repaired_total"))
-            .unwrap_or(0.0)
-    };
+    let repaired = || metric(&http, "keel_log_damage_repaired_total");
     let before = repaired();
     let Some(flipped) = flip_batch(file, pick) else {
         return format!("{} holds no batch, nothing flipped", file.display());

@@ -6,25 +6,11 @@ use std::time::Duration;
 
 use keel_proto::v1::{FetchPartition, FetchRequest, RecordFormat};
 use keel_tests::bit_rot::{flip_batch, sealed_segments};
-use keel_tests::broker::{http_get, wait_until};
+use keel_tests::broker::{metric, wait_until};
 use keel_tests::cluster::{ClusterProc, client};
 use keel_tests::records::{produce_all, read_partition};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The sum of a metric's samples on a broker's metrics endpoint (0 when absent).
-fn metric(http: &str, name: &str) -> f64 {
-    let Some((_, body)) = http_get(http, "/metrics") else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 fn fetch_req(topic: &str, offset: u64) -> FetchRequest {
     FetchRequest {

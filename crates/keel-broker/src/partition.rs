@@ -647,22 +647,20 @@ impl Partition {
             })
     }
 
-    /// A read that failed: damaged bytes are refused for a retry (see `BrokerError::from`),
-    /// anything else is a storage error.
+    /// A read that failed, named: the log's own mapping (`BrokerError::from`: damaged bytes
+    /// are refused for a retry), other storage errors definite (a read changes nothing).
     fn read_failed(&self, e: LogError) -> BrokerError {
         let what = format!("reading {}/{}", self.topic, self.id);
-        match e {
-            LogError::Corrupt { .. } => match BrokerError::from(e) {
-                BrokerError::Unavailable { message, definite } => BrokerError::Unavailable {
-                    message: format!("{what}: {message}"),
-                    definite,
-                },
-                other => other,
+        match BrokerError::from(e) {
+            BrokerError::Unavailable { message, definite } => BrokerError::Unavailable {
+                message: format!("{what}: {message}"),
+                definite,
             },
-            other => BrokerError::Storage {
-                message: format!("{what}: {other}"),
+            BrokerError::Storage { message, .. } => BrokerError::Storage {
+                message: format!("{what}: {message}"),
                 definite: true,
             },
+            other => other,
         }
     }
 

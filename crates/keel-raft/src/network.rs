@@ -181,19 +181,11 @@ impl RaftTransport {
         payload: bytes::Bytes,
         timeout: Duration,
     ) -> Result<bytes::Bytes, tonic::Status> {
-        let peer = self.peer(addr).map_err(tonic::Status::unavailable)?;
-        let limit = self.inner.config.max_message_bytes;
-        let mut client = RaftServiceClient::new(peer.control)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-        let mut req = tonic::Request::new(self.request(group_id, target, payload));
-        req.set_timeout(timeout);
-        match tokio::time::timeout(timeout, client.forward(req)).await {
-            Ok(r) => r.map(|r| r.into_inner().payload),
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "forwarding to broker {target} at {addr} timed out after {timeout:?}"
-            ))),
-        }
+        let (mut client, req) = self.unary(addr, target, group_id, payload, timeout, false)?;
+        within(timeout, client.forward(req), || {
+            format!("forwarding to broker {target} at {addr}")
+        })
+        .await
     }
 
     /// Asks broker `target` at `addr` for committed entries of group `group_id` from Raft
@@ -207,21 +199,35 @@ impl RaftTransport {
         max_bytes: u64,
         timeout: Duration,
     ) -> Result<bytes::Bytes, tonic::Status> {
-        let peer = self.peer(addr).map_err(tonic::Status::unavailable)?;
-        let limit = self.inner.config.max_message_bytes;
         let payload = wire::encode(&wire::ReadEntries { from, max_bytes })
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let mut client = RaftServiceClient::new(peer.data)
+        let (mut client, req) = self.unary(addr, target, group_id, payload, timeout, true)?;
+        within(timeout, client.read_entries(req), || {
+            format!("reading entries from broker {target} at {addr}")
+        })
+        .await
+    }
+
+    /// A client of `addr` on its data connection (`data`) or its control one, and the
+    /// stamped request for one unary call that must answer within `timeout`.
+    fn unary(
+        &self,
+        addr: &str,
+        target: u64,
+        group_id: u64,
+        payload: bytes::Bytes,
+        timeout: Duration,
+        data: bool,
+    ) -> Result<(RaftServiceClient<Channel>, tonic::Request<pb::RaftRequest>), tonic::Status> {
+        let peer = self.peer(addr).map_err(tonic::Status::unavailable)?;
+        let limit = self.inner.config.max_message_bytes;
+        let channel = if data { peer.data } else { peer.control };
+        let client = RaftServiceClient::new(channel)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let mut req = tonic::Request::new(self.request(group_id, target, payload));
         req.set_timeout(timeout);
-        match tokio::time::timeout(timeout, client.read_entries(req)).await {
-            Ok(r) => r.map(|r| r.into_inner().payload),
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "reading entries from broker {target} at {addr} timed out after {timeout:?}"
-            ))),
-        }
+        Ok((client, req))
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
@@ -259,6 +265,21 @@ impl RaftTransport {
         let peer = Peer { data, control };
         // Another task may have raced us; keep the first so that all groups share one.
         Ok(self.peers().entry(addr.to_string()).or_insert(peer).clone())
+    }
+}
+
+/// The reply payload of a unary call, or DEADLINE_EXCEEDED naming `what` after `timeout`.
+async fn within(
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<pb::RaftReply>, tonic::Status>>,
+    what: impl FnOnce() -> String,
+) -> Result<bytes::Bytes, tonic::Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r.map(|r| r.into_inner().payload),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "{} timed out after {timeout:?}",
+            what()
+        ))),
     }
 }
 

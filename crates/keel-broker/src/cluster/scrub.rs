@@ -150,7 +150,8 @@ impl ClusterNode {
                         pending.remove(&(group, segment));
                         continue;
                     };
-                    if node.check_segment(t, segment).await {
+                    let retry = pending.contains_key(&(group, segment));
+                    if node.check_segment(t, segment, retry).await {
                         pending.remove(&(group, segment));
                     } else {
                         pending.insert((group, segment), Instant::now() + RETRY_AFTER);
@@ -162,12 +163,16 @@ impl ClusterNode {
     }
 
     /// Checks one sealed segment and repairs what it finds; false while damage remains.
-    async fn check_segment(&self, t: &Target, segment: u64) -> bool {
+    /// Damage already known (`retry`) is counted and reported once, not on every try.
+    async fn check_segment(&self, t: &Target, segment: u64, retry: bool) -> bool {
         let log = Arc::clone(&t.log);
         let found = tokio::task::spawn_blocking(move || log.scrub_segment(segment)).await;
         let Ok(Some(damage)) = found else {
             return true;
         };
+        if retry {
+            return self.repair(t, damage).await;
+        }
         metrics::counter!("keel_log_damage_found_total").increment(1);
         tracing::error!(log = %t.name, path = %damage.path.display(), position = damage.at.position, raft_index = damage.at.raft_index, reason = %damage.reason, "found damaged bytes in a sealed segment; they are not served until a replica supplies them again");
         self.repair(t, damage).await
