@@ -331,6 +331,32 @@ pub fn replica_batches(log_dir: &Path) -> Vec<BatchRow> {
     out
 }
 
+/// The values of every record of a replica's log, in log order (batches CRC-checked).
+pub fn replica_values(log_dir: &Path) -> Vec<Vec<u8>> {
+    let log = Log::open(log_dir, LogConfig::default()).expect("open replica log");
+    let mut out = Vec::new();
+    let mut next = log.first_raft_index();
+    while next < log.next_raft_index() {
+        let slice = log
+            .read_raft(next, 1 << 20, ReadLimit::default())
+            .expect("read replica log");
+        let mut last = None;
+        for item in BatchIter::new(&slice.bytes) {
+            let (h, bytes) = item.expect("valid batch");
+            last = Some(h.raft_index);
+            let batch = bytes::Bytes::copy_from_slice(bytes);
+            for r in keel_batch::decode_records(&batch, 64 << 20).expect("decodable records") {
+                out.extend(r.value.map(|v| v.to_vec()));
+            }
+        }
+        match last {
+            Some(i) => next = i + 1,
+            None => break,
+        }
+    }
+    out
+}
+
 /// The batches of each replica up to (and including) the last batch holding `upto_offset - 1`.
 pub fn committed_prefix(rows: &[BatchRow], upto_offset: u64) -> Vec<BatchRow> {
     let end = rows

@@ -29,18 +29,22 @@ use keel_proto::v1::groups_service_client::GroupsServiceClient;
 use keel_proto::v1::{DescribeTopicRequest, FindCoordinatorRequest};
 use keel_tests::bit_rot::{flip_batch, sealed_segments};
 use keel_tests::broker::{http_get, metric};
-use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches};
-use keel_tests::fake_clock::{ClockStep, FakeClock};
+use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches, replica_values};
+use keel_tests::fake_clock::FakeClock;
 use keel_tests::faults::retention::{
     CounterTotal, RETENTION_DELETED_METRIC, metric_value, retention_can_delete,
 };
 use keel_tests::faults::{
-    Batch, CommitOutcome, Fault, FaultKind, History, Kinds, Member, MemberEvent, Outcome, Params,
-    Replicas, Target, check, first_pass, schedule,
+    Batch, CommitOutcome, Fault, FaultKind, History, Kinds, Member, MemberEvent, OffsetsEntry,
+    Outcome, Params, Replicas, Target, check, first_pass, first_pass_pairs, new_replicas, schedule,
+    schedule_pairs,
 };
 use keel_tests::link_degrade::DegradedLinks;
 use keel_tests::proxy::FaultProxy;
 use keel_tests::records::read_partition;
+
+#[path = "faults/inject.rs"]
+mod inject;
 
 const TOPIC: &str = "jepsen";
 const PARTITIONS: u32 = 3;
@@ -500,7 +504,69 @@ impl Flushing {
     }
 }
 
-/// One run at a time: each loads three brokers, and two at once on two cores would measure
+/// A `Reassign`: moves partition `p` to the replica set `pick` chooses among the brokers not
+/// decommissioned (as many replicas as it has), without waiting for the move.
+async fn reassign(
+    client: &Client,
+    p: u32,
+    pick: u64,
+    decommissioned: Option<u32>,
+    nodes: u32,
+) -> String {
+    let Ok(t) = client.admin().describe_topic(TOPIC).await else {
+        return format!("partition {p}: not described, not moved");
+    };
+    let Some(current) = t.partitions.get(p as usize).map(|x| x.replicas.clone()) else {
+        return format!("partition {p}: unknown, not moved");
+    };
+    let brokers: Vec<u32> = (1..=nodes).filter(|b| Some(*b) != decommissioned).collect();
+    let to = new_replicas(&current, &brokers, pick);
+    match client
+        .admin()
+        .reassign_partition(TOPIC, p, to.clone())
+        .await
+    {
+        Ok(_) => format!("partition {p} moving from {current:?} to {to:?}"),
+        Err(e) => format!("partition {p}: move from {current:?} to {to:?} refused: {e}"),
+    }
+}
+
+/// A `Decommission` of broker `node`. A partition on every broker has nowhere to go, so it is
+/// first shrunk to the others (as an operator would), then the broker's replicas move.
+async fn decommission(client: &Client, node: u32) -> String {
+    let mut said = Vec::new();
+    if let Ok(t) = client.admin().describe_topic(TOPIC).await {
+        for (p, x) in t.partitions.iter().enumerate() {
+            if x.replicas.len() >= 5 && x.replicas.contains(&node) {
+                let to: Vec<u32> = x.replicas.iter().copied().filter(|b| *b != node).collect();
+                match client
+                    .admin()
+                    .reassign_partition(TOPIC, p as u32, to.clone())
+                    .await
+                {
+                    Ok(_) => said.push(format!("partition {p} shrunk to {to:?}")),
+                    Err(e) => said.push(format!("partition {p}: shrinking refused: {e}")),
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client.admin().decommission_broker(node).await {
+            Ok(moved) => {
+                said.push(format!("broker {node} decommissioned, moving {moved:?}"));
+                break;
+            }
+            Err(e) if Instant::now() < deadline && !e.is_definite() => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("decommissioning broker {node} failed: {e}"),
+        }
+    }
+    said.join("; ")
+}
+
+/// One run at a time: each loads three or five brokers, and two at once on two cores would measure
 /// the machine rather than the brokers.
 static RUNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -560,20 +626,33 @@ async fn flip_and_await_repair(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_under_load_keep_every_invariant() {
-    fault_run(Flushing::EveryBatch).await;
+    fault_run(Flushing::EveryBatch, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_with_os_flushing_keep_what_it_promises() {
-    fault_run(Flushing::Os).await;
+    fault_run(Flushing::Os, 3).await;
 }
 
-async fn fault_run(flushing: Flushing) {
+/// Five brokers, two faults at a time; one partition on all five, the others on three of them,
+/// moved and decommissioned under faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_faults_at_once_on_five_brokers_keep_every_invariant() {
+    fault_run(Flushing::EveryBatch, 5).await;
+}
+
+async fn fault_run(flushing: Flushing, nodes: u32) {
     let _one_at_a_time = RUNS.lock().await;
     if let Ok(only) = std::env::var("KEEL_FAULT_FLUSH")
         && only != flushing.name()
     {
         println!("left out: this run's flushing is not KEEL_FAULT_FLUSH={only}");
+        return;
+    }
+    if let Some(only) = env_u64("KEEL_FAULT_BROKERS")
+        && only != u64::from(nodes)
+    {
+        println!("left out: this run's {nodes} brokers are not KEEL_FAULT_BROKERS={only}");
         return;
     }
     let seed = env_u64("KEEL_FAULT_SEED").unwrap_or_else(|| {
@@ -622,10 +701,19 @@ async fn fault_run(flushing: Flushing) {
     };
     // By default, every kind of fault once (eleven as root with libfaketime, seven without
     // root), in order.
-    let count = env_u64("KEEL_FAULT_COUNT").map_or_else(|| first_pass(kinds).len(), |c| c as usize);
-    let faults = schedule(seed, count, 3, PARTITIONS, kinds);
+    let first = if nodes >= 5 {
+        first_pass_pairs(kinds).len()
+    } else {
+        first_pass(kinds).len()
+    };
+    let count = env_u64("KEEL_FAULT_COUNT").map_or(first, |c| c as usize);
+    let faults = if nodes >= 5 {
+        schedule_pairs(seed, count, nodes, PARTITIONS, kinds)
+    } else {
+        schedule(seed, count, nodes, PARTITIONS, kinds)
+    };
     println!(
-        "fault schedule: seed {seed}, {count} faults, flushing {flushing} (replay: KEEL_FAULT_FLUSH={flushing} KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)",
+        "fault schedule: {nodes} brokers, seed {seed}, {count} faults, flushing {flushing} (replay: KEEL_FAULT_BROKERS={nodes} KEEL_FAULT_FLUSH={flushing} KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)",
         flushing = flushing.name()
     );
     for s in &skipped {
@@ -637,9 +725,9 @@ async fn fault_run(flushing: Flushing) {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let addrs = if isolate {
-        ClusterProc::own_addresses(3, net)
+        ClusterProc::own_addresses(nodes, net)
     } else {
-        ClusterProc::loopback_addresses(3)
+        ClusterProc::loopback_addresses(nodes)
     };
     // Clients reach every broker through a proxy that can lose responses: the brokers
     // advertise the proxies, and talk to each other directly.
@@ -654,9 +742,11 @@ async fn fault_run(flushing: Flushing) {
     // target is resolved only when the fault fires), its offset 0 until then, read from its
     // own file. Measured: no difference in throughput at offset 0 (docs/testing.md).
     let clock_file = |id: u32| dir.path().join(format!("node-{id}.faketime"));
-    let fake_clock = clock
-        .ok()
-        .filter(|_| faults.iter().any(|f| f.kind == FaultKind::ClockJump));
+    let fake_clock = clock.ok().filter(|_| {
+        faults.iter().any(|f| {
+            f.kind == FaultKind::ClockJump || f.also.is_some_and(|a| a.kind == FaultKind::ClockJump)
+        })
+    });
     let mut cluster = ClusterProc::start_at_with_env(
         dir.path(),
         addrs,
@@ -700,6 +790,35 @@ async fn fault_run(flushing: Flushing) {
         )
         .await
         .expect("create topic");
+    if nodes >= 5 {
+        // One partition on every broker (RF 5); the others stay on three of the five.
+        let all: Vec<u32> = (1..=nodes).collect();
+        client
+            .admin()
+            .reassign_partition(TOPIC, 0, all)
+            .await
+            .expect("partition 0 on every broker");
+        let deadline = Instant::now() + WAIT;
+        while !all_in_sync(&client).await {
+            assert!(
+                Instant::now() < deadline,
+                "partition 0 never reached five replicas"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let means = inject::Means {
+        nodes,
+        ip: Box::new(move |id| format!("127.0.{net}.{id}")),
+        queue,
+        clock_file: {
+            let dir = dir.path().to_path_buf();
+            Box::new(move |id| dir.join(format!("node-{id}.faketime")))
+        },
+        seed,
+    };
+    // A decommissioned broker takes no replica in later moves.
+    let mut decommissioned: Option<u32> = None;
 
     let history = std::env::var_os("KEEL_FAULT_HISTORY")
         .map_or_else(|| dir.path().join("history.log"), std::path::PathBuf::from);
@@ -807,6 +926,7 @@ async fn fault_run(flushing: Flushing) {
             hold_ms,
             lose_responses,
             params,
+            also,
         } = *f;
         tokio::time::sleep(Duration::from_millis(after_ms)).await;
         let resolved = if kind == FaultKind::PowerLossAll {
@@ -837,171 +957,174 @@ async fn fault_run(flushing: Flushing) {
         events.log(format_args!("fault {kind:?} {what} for {hold_ms} ms"));
         // A second fault during the hold that takes no replica down: the clients' link to a
         // broker loses responses, so they retry into the failover the first fault causes.
-        let overlap = async {
-            if let Some(n) = lose_responses {
-                let proxy = &proxies[n as usize - 1];
-                let until = Instant::now() + hold;
-                while Instant::now() < until {
-                    proxy.drop_next_response();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
+        let overlap = lose_responses.into_iter().collect::<Vec<u32>>();
         // What the fault did, for the timeline (a degraded link's packets, a flip's repair).
         let mut outcome: Option<String> = None;
-        let action = async {
-            match kind {
-                FaultKind::Kill => {
-                    cluster.node(node).kill9();
-                    tokio::time::sleep(hold).await;
-                    cluster.node(node).restart();
-                }
-                FaultKind::Pause => {
-                    let pid = cluster.node(node).pid().expect("running").to_string();
-                    let _ = std::process::Command::new("kill")
-                        .args(["-STOP", &pid])
-                        .status();
-                    tokio::time::sleep(hold).await;
-                    let _ = std::process::Command::new("kill")
-                        .args(["-CONT", &pid])
-                        .status();
-                }
-                FaultKind::DropResponses => {
-                    let proxy = &proxies[node as usize - 1];
-                    let until = Instant::now() + hold;
-                    while Instant::now() < until {
-                        proxy.drop_next_response();
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-                FaultKind::Isolate | FaultKind::OneWay | FaultKind::CutPair => {
-                    let others: Vec<String> = (1..=3).filter(|i| *i != node).map(ip).collect();
-                    let cut = match kind {
-                        FaultKind::Isolate => NetPartition::isolate(&ip(node), &others),
-                        FaultKind::OneWay => NetPartition::one_way(&ip(node), &others),
-                        // The next broker by id: the third one still sees both.
-                        _ => NetPartition::isolate(&ip(node), &[ip(node % 3 + 1)]),
-                    }
-                    .expect("iptables");
-                    tokio::time::sleep(hold).await;
-                    cut.heal();
-                }
-                FaultKind::LinkDegrade => {
-                    let Params::Link(netem) = params else {
-                        unreachable!("a degraded link has its parameters")
-                    };
-                    let others: Vec<String> = (1..=3).filter(|i| *i != node).map(ip).collect();
-                    // The packets' fates come from the seed and the fault's place in the run.
-                    let links = DegradedLinks::degrade(
-                        &ip(node),
-                        &others,
-                        netem,
-                        seed ^ (i as u64 + 1),
-                        queue,
-                    )
-                    .unwrap_or_else(|e| panic!("seed {seed}: degrading links: {e}"));
-                    tokio::time::sleep(hold).await;
-                    outcome = Some(links.heal().to_string());
-                }
-                FaultKind::ClockJump => {
-                    let Params::Clock { offset_s } = params else {
-                        unreachable!("a clock jump has its step")
-                    };
-                    let step = ClockStep::step(&clock_file(node), offset_s);
-                    tokio::time::sleep(hold).await;
-                    step.heal();
-                }
-                FaultKind::KillWhileCatchingUp => {
-                    cluster.node(node).kill9();
-                    tokio::time::sleep(hold).await;
-                    // Started again without waiting: the second fault lands while it catches up.
-                    cluster.node(node).relaunch();
-                    let other = leader_of(&client, 0)
-                        .await
-                        .filter(|l| *l != node)
-                        .unwrap_or(node % 3 + 1);
-                    events.log(format_args!(
-                        "broker {node} restarted and catching up; killing broker {other}"
-                    ));
-                    cluster.node(other).kill9();
-                    tokio::time::sleep(hold).await;
-                    cluster.node(other).restart();
-                    outcome = Some(format!("then broker {other} while it caught up"));
-                }
-                FaultKind::BitFlip => {
-                    let Params::Flip { pick } = params else {
-                        unreachable!("a bit flip has its pick")
-                    };
-                    outcome =
-                        Some(flip_and_await_repair(&cluster, node, pick, hold, &events).await);
-                }
-                FaultKind::PowerLoss => {
-                    cluster.node(node).power_loss();
-                    tokio::time::sleep(hold).await;
-                    cluster.node(node).restart();
-                }
-                FaultKind::FailFsync => {
-                    cluster.node(node).toggle_failing_fsyncs();
-                    tokio::time::sleep(hold).await;
-                    cluster.node(node).toggle_failing_fsyncs();
-                }
-                FaultKind::Wipe => {
-                    let b = cluster.node(node);
-                    b.kill9();
-                    std::fs::remove_dir_all(&b.data_dir).expect("wipe the data directory");
-                    b.relaunch();
-                    // Refused by the others, it stops by itself.
-                    let deadline = Instant::now() + WAIT;
-                    let status = loop {
-                        if let Some(s) = cluster.node(node).reap_exited() {
-                            break s;
-                        }
-                        if Instant::now() >= deadline {
-                            let logs = cluster.preserve_logs();
-                            panic!(
-                                "seed {seed}: broker {node} ran on a wiped data directory without being refused; logs in {}",
-                                logs.display()
-                            );
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    };
-                    events.log(format_args!(
-                        "wiped broker {node} was refused and stopped ({status})"
-                    ));
-                    tokio::time::sleep(hold).await;
-                    let deadline = Instant::now() + WAIT;
-                    loop {
-                        match client.admin().replace_broker(node).await {
-                            Ok(rebuilt) => {
-                                events.log(format_args!(
-                                    "replaced broker {node}: rebuilding {rebuilt:?}"
-                                ));
-                                break;
-                            }
-                            Err(e) if Instant::now() < deadline => {
-                                events.log(format_args!("replace-broker {node}: {e}; retrying"));
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                            Err(e) => panic!("seed {seed}: replace-broker {node} failed: {e}"),
-                        }
-                    }
-                    cluster.node(node).relaunch();
-                }
-                FaultKind::PowerLossAll => {
-                    for n in &mut cluster.nodes {
-                        n.power_loss();
-                    }
-                    tokio::time::sleep(hold).await;
-                    for n in &mut cluster.nodes {
-                        n.relaunch();
-                    }
-                    for n in &cluster.nodes {
-                        n.wait_ready();
-                    }
-                }
+        // The second of two faults at once: another broker, resolved now.
+        let second = match also {
+            Some(a) => {
+                let n = resolve(&client, &cluster, a.target)
+                    .await
+                    .unwrap_or(node % nodes + 1);
+                let n = if n == node { node % nodes + 1 } else { n };
+                what.push_str(&format!(
+                    " and {:?} broker {n} ({:?}){}",
+                    a.kind, a.target, a.params
+                ));
+                Some((a, n))
             }
+            None => None,
         };
-        tokio::join!(action, overlap);
+        if kind.is_simple() {
+            let mut held = vec![inject::start(
+                &mut cluster,
+                &means,
+                kind,
+                node,
+                params,
+                i as u64 + 1,
+            )];
+            if let Some((a, n)) = second {
+                held.push(inject::start(
+                    &mut cluster,
+                    &means,
+                    a.kind,
+                    n,
+                    a.params,
+                    (i as u64 + 1) << 32,
+                ));
+            }
+            let losing = [inject::losing(&held), overlap].concat();
+            inject::hold(&proxies, &losing, hold).await;
+            let said: Vec<String> = held
+                .into_iter()
+                .rev()
+                .filter_map(|h| inject::heal(&mut cluster, h))
+                .collect();
+            outcome = (!said.is_empty()).then(|| said.join("; "));
+        } else if matches!(kind, FaultKind::Reassign | FaultKind::Decommission) {
+            let change = match kind {
+                FaultKind::Reassign => {
+                    let Params::Move { pick } = params else {
+                        unreachable!("a move has its pick")
+                    };
+                    let Target::LeaderOf(p) = target else {
+                        unreachable!("a move targets its partition's leader")
+                    };
+                    reassign(&client, p, pick, decommissioned, nodes).await
+                }
+                _ => {
+                    let r = decommission(&client, node).await;
+                    decommissioned = Some(node);
+                    r
+                }
+            };
+            events.log(format_args!("{kind:?}: {change}"));
+            let mut held = Vec::new();
+            if let Some((a, n)) = second {
+                held.push(inject::start(
+                    &mut cluster,
+                    &means,
+                    a.kind,
+                    n,
+                    a.params,
+                    (i as u64 + 1) << 32,
+                ));
+            }
+            let losing = [inject::losing(&held), overlap].concat();
+            inject::hold(&proxies, &losing, hold).await;
+            for h in held {
+                inject::heal(&mut cluster, h);
+            }
+            outcome = Some(change);
+        } else {
+            let overlap = inject::hold(&proxies, &overlap, hold);
+            let action = async {
+                match kind {
+                    FaultKind::KillWhileCatchingUp => {
+                        cluster.node(node).kill9();
+                        tokio::time::sleep(hold).await;
+                        // Started again without waiting: the second fault lands while it catches up.
+                        cluster.node(node).relaunch();
+                        let other = leader_of(&client, 0)
+                            .await
+                            .filter(|l| *l != node)
+                            .unwrap_or(node % nodes + 1);
+                        events.log(format_args!(
+                            "broker {node} restarted and catching up; killing broker {other}"
+                        ));
+                        cluster.node(other).kill9();
+                        tokio::time::sleep(hold).await;
+                        cluster.node(other).restart();
+                        outcome = Some(format!("then broker {other} while it caught up"));
+                    }
+                    FaultKind::BitFlip => {
+                        let Params::Flip { pick } = params else {
+                            unreachable!("a bit flip has its pick")
+                        };
+                        outcome =
+                            Some(flip_and_await_repair(&cluster, node, pick, hold, &events).await);
+                    }
+                    FaultKind::Wipe => {
+                        let b = cluster.node(node);
+                        b.kill9();
+                        std::fs::remove_dir_all(&b.data_dir).expect("wipe the data directory");
+                        b.relaunch();
+                        // Refused by the others, it stops by itself.
+                        let deadline = Instant::now() + WAIT;
+                        let status = loop {
+                            if let Some(s) = cluster.node(node).reap_exited() {
+                                break s;
+                            }
+                            if Instant::now() >= deadline {
+                                let logs = cluster.preserve_logs();
+                                panic!(
+                                    "seed {seed}: broker {node} ran on a wiped data directory without being refused; logs in {}",
+                                    logs.display()
+                                );
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        };
+                        events.log(format_args!(
+                            "wiped broker {node} was refused and stopped ({status})"
+                        ));
+                        tokio::time::sleep(hold).await;
+                        let deadline = Instant::now() + WAIT;
+                        loop {
+                            match client.admin().replace_broker(node).await {
+                                Ok(rebuilt) => {
+                                    events.log(format_args!(
+                                        "replaced broker {node}: rebuilding {rebuilt:?}"
+                                    ));
+                                    break;
+                                }
+                                Err(e) if Instant::now() < deadline => {
+                                    events
+                                        .log(format_args!("replace-broker {node}: {e}; retrying"));
+                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                }
+                                Err(e) => panic!("seed {seed}: replace-broker {node} failed: {e}"),
+                            }
+                        }
+                        cluster.node(node).relaunch();
+                    }
+                    FaultKind::PowerLossAll => {
+                        for n in &mut cluster.nodes {
+                            n.power_loss();
+                        }
+                        tokio::time::sleep(hold).await;
+                        for n in &mut cluster.nodes {
+                            n.relaunch();
+                        }
+                        for n in &cluster.nodes {
+                            n.wait_ready();
+                        }
+                    }
+                    other => unreachable!("{other:?} is simple or a change"),
+                }
+            };
+            tokio::join!(action, overlap);
+        }
         let outcome = outcome.map_or_else(String::new, |s| format!(": {s}"));
         timeline.push(format!(
             "{at:>6} ms  {kind:?} {what} for {hold_ms} ms{outcome}"
@@ -1159,6 +1282,21 @@ async fn fault_run(flushing: Flushing) {
         "replicas compared with their leader's copy: {} partitions of {TOPIC} and {OFFSETS_TOPIC}",
         replicas.len()
     );
+    // The group's commits as its coordinators wrote them: every offsets partition's final
+    // leader copy (the group's is one of them; the others hold nothing of it).
+    let mut offsets_log: BTreeMap<String, Vec<OffsetsEntry>> = BTreeMap::new();
+    offsets_log.insert(GROUP.to_owned(), Vec::new());
+    for (p, info) in &leaders[OFFSETS_TOPIC] {
+        for value in replica_values(&cluster.replica_dir(info.leader, OFFSETS_TOPIC, *p)) {
+            if let Some((group, entry)) = OffsetsEntry::parse(&value, TOPIC) {
+                offsets_log.entry(group).or_default().push(entry);
+            }
+        }
+    }
+    println!(
+        "offsets log: {} records of group {GROUP}",
+        offsets_log[GROUP].len()
+    );
     let members: BTreeMap<String, Member> = members
         .iter()
         .map(|(name, history)| {
@@ -1193,6 +1331,7 @@ async fn fault_run(flushing: Flushing) {
         members,
         commits: commits.lock().expect("lock").clone(),
         replicas,
+        offsets_log,
     };
     let report = check(&history);
     // Availability: the share of one-second slots of the fault period with an acknowledgement.

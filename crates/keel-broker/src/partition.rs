@@ -129,6 +129,22 @@ impl RaftReplica {
         }
     }
 
+    /// Before anything this leader writes to its group (records, a membership change, a
+    /// leadership transfer): wakes the group if it was quiet and renews the lease.
+    pub async fn wake_for_write(&self) {
+        self.wake();
+        self.fresh_lease().await;
+    }
+
+    /// Counts as activity: a quiet group wakes up (its ticker runs again, and its followers
+    /// wake once this broker's beats stop declaring it quiet).
+    pub fn wake(&self) {
+        self.activity.wrote();
+        if self.activity.set_ticking(true) {
+            self.raft.set_ticking(true);
+        }
+    }
+
     /// Makes sure the leader holds a fresh quorum acknowledgement before a write: the Raft core
     /// refuses writes on a leader whose lease expired, which is every leader of a quiet group
     /// (no heartbeats while idle). One heartbeat round renews it; bounded, and a failure is
@@ -354,13 +370,9 @@ impl Partition {
     async fn admit(self: &Arc<Self>, batch: VerifiedBatch, p: Idempotent) -> Result<Admitted> {
         let r = &self.replica;
         let mut adm = self.admission.lock().await;
-        r.activity.wrote();
-        if r.activity.set_ticking(true) {
-            r.raft.set_ticking(true);
-        }
         // Before reading the term: renewing the lease may take a heartbeat round, during
         // which leadership can move.
-        r.fresh_lease().await;
+        r.wake_for_write().await;
         let term = r.raft.term();
         if adm.term != term {
             adm.term = term;
@@ -507,11 +519,7 @@ impl Partition {
 
     async fn append_plain(self: &Arc<Self>, batch: VerifiedBatch) -> Result<Pending> {
         let r = &self.replica;
-        r.activity.wrote();
-        if r.activity.set_ticking(true) {
-            r.raft.set_ticking(true);
-        }
-        r.fresh_lease().await;
+        r.wake_for_write().await;
         let submitted = self.submit(r, batch).await?;
         Ok(Pending::Raft(submitted, None, std::time::Instant::now()))
     }

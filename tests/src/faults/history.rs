@@ -42,6 +42,58 @@ pub struct History {
     /// The replicas of each partition, by (topic, partition): the test topic's and the consumer
     /// offsets topic's.
     pub replicas: BTreeMap<(String, u32), Replicas>,
+    /// Each group's records of the offsets topic, as the final leader of its partition holds
+    /// them, in log order. Groups not listed are not checked against it.
+    pub offsets_log: BTreeMap<String, Vec<OffsetsEntry>>,
+}
+
+/// A record of the offsets topic that concerns the test topic, as written by the coordinator
+/// (JSON, `type` `commit`, `reset` or `delete_group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OffsetsEntry {
+    /// A member's commit of `offset` for `partition`.
+    Commit { partition: u32, offset: u64 },
+    /// The group's offsets from here on: a compacted image (the coordinator's, before it lets
+    /// the log before it go) or an operator's reset.
+    Image { offsets: Vec<(u32, u64)> },
+    /// The group and its offsets were deleted.
+    Deleted,
+}
+
+impl OffsetsEntry {
+    /// The group and entry of one offsets-topic record value, if it concerns `topic` (a
+    /// deletion always does); `None` for records of other topics or that do not parse.
+    pub fn parse(value: &[u8], topic: &str) -> Option<(String, Self)> {
+        let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+        let group = v.get("group")?.as_str()?.to_owned();
+        let partition_of = |tp: &serde_json::Value| -> Option<u32> {
+            (tp.get("topic")?.as_str()? == topic)
+                .then(|| tp.get("partition")?.as_u64())
+                .flatten()
+                .map(|p| p as u32)
+        };
+        let entry = match v.get("type")?.as_str()? {
+            "commit" => Self::Commit {
+                partition: partition_of(v.get("partition")?)?,
+                offset: v.get("offset")?.as_u64()?,
+            },
+            "reset" => {
+                let offsets: Vec<(u32, u64)> = v
+                    .get("offsets")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|pair| Some((partition_of(pair.get(0)?)?, pair.get(1)?.as_u64()?)))
+                    .collect();
+                if offsets.is_empty() {
+                    return None;
+                }
+                Self::Image { offsets }
+            }
+            "delete_group" => Self::Deleted,
+            _ => return None,
+        };
+        Some((group, entry))
+    }
 }
 
 /// One member of a consumer group (one task: it may leave and join again).

@@ -10,7 +10,9 @@ mod history;
 pub mod retention;
 
 pub use check::{Report, check};
-pub use history::{Batch, CommitOutcome, History, Member, MemberEvent, Outcome, Replicas};
+pub use history::{
+    Batch, CommitOutcome, History, Member, MemberEvent, OffsetsEntry, Outcome, Replicas,
+};
 
 /// SplitMix64: tiny, seedable and the same everywhere, so a schedule is reproducible from its
 /// seed without a random-number crate.
@@ -98,6 +100,36 @@ pub enum FaultKind {
     /// replica that is behind must not lead, and the third broker must take over with
     /// everything acknowledged.
     KillWhileCatchingUp,
+    /// The partition whose leader is the target moves to another replica set
+    /// ([`Params::Move`] picks which; five-broker runs): the new replicas join as learners and
+    /// the voters switch while [`Fault::also`] hits a broker (its leader) in the middle of the
+    /// move, for `hold_ms`.
+    Reassign,
+    /// The broker is decommissioned (every replica it has moves to the others) while
+    /// [`Fault::also`] hits another broker; at most once per run, since a decommissioned broker
+    /// takes no replicas again. It keeps running (it may still be a metadata voter), and later
+    /// faults may still hit it; later moves leave it out.
+    Decommission,
+}
+
+impl FaultKind {
+    /// Kinds that take hold of one broker and are healed after `hold_ms` (and can therefore be
+    /// combined: a five-broker run's [`Fault::also`] is one of them).
+    pub fn is_simple(self) -> bool {
+        matches!(
+            self,
+            Self::Kill
+                | Self::Pause
+                | Self::Isolate
+                | Self::OneWay
+                | Self::CutPair
+                | Self::DropResponses
+                | Self::PowerLoss
+                | Self::FailFsync
+                | Self::LinkDegrade
+                | Self::ClockJump
+        )
+    }
 }
 
 /// How a link is degraded: per packet, in both directions.
@@ -134,6 +166,10 @@ pub enum Params {
     Flip {
         pick: u64,
     },
+    /// Which brokers a `Reassign` moves its partition to (see [`new_replicas`]).
+    Move {
+        pick: u64,
+    },
 }
 
 impl fmt::Display for Params {
@@ -145,7 +181,7 @@ impl fmt::Display for Params {
                 write!(f, " ({:+} h)", offset_s / 3600)
             }
             Self::Clock { offset_s } => write!(f, " ({offset_s:+} s)"),
-            Self::Flip { pick } => write!(f, " (pick {pick:#x})"),
+            Self::Flip { pick } | Self::Move { pick } => write!(f, " (pick {pick:#x})"),
         }
     }
 }
@@ -162,6 +198,19 @@ pub struct Fault {
     pub lose_responses: Option<u32>,
     /// The degradation of a `LinkDegrade`, the step of a `ClockJump`.
     pub params: Params,
+    /// A second fault on another broker at the same time (five-broker runs): started with
+    /// this one and healed with it.
+    pub also: Option<Also>,
+}
+
+/// The second of two simultaneous faults: a simple kind ([`FaultKind::is_simple`]), on a
+/// broker other than the first fault's (resolved when it fires; the next broker by id when
+/// both resolve to the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Also {
+    pub kind: FaultKind,
+    pub target: Target,
+    pub params: Params,
 }
 
 impl fmt::Display for Fault {
@@ -171,6 +220,9 @@ impl fmt::Display for Fault {
             "+{}ms {:?}{} {:?} for {}ms",
             self.after_ms, self.kind, self.params, self.target, self.hold_ms
         )?;
+        if let Some(a) = self.also {
+            write!(f, " + {:?}{} {:?}", a.kind, a.params, a.target)?;
+        }
         if let Some(n) = self.lose_responses {
             write!(f, " + lost responses on broker {n}")?;
         }
@@ -297,6 +349,7 @@ pub fn schedule(
                 hold_ms: rng.range(1500, 4000),
                 lose_responses: overlaps.then(|| over.range(1, u64::from(nodes)) as u32),
                 params: params(kind, &mut param),
+                also: None,
             }
         })
         .collect()
@@ -331,8 +384,133 @@ fn params(kind: FaultKind, rng: &mut Rng) -> Params {
         FaultKind::BitFlip => Params::Flip {
             pick: rng.next_u64(),
         },
+        FaultKind::Reassign => Params::Move {
+            pick: rng.next_u64(),
+        },
         _ => Params::None,
     }
+}
+
+/// The replica set a `Reassign` moves a partition to: as many replicas as it has (at most as
+/// many as there are `brokers`), drawn from `brokers` by `pick`; never `current` in the same
+/// order (so that at least the preferred leader changes).
+pub fn new_replicas(current: &[u32], brokers: &[u32], pick: u64) -> Vec<u32> {
+    let mut rng = Rng::new(pick);
+    let mut pool = brokers.to_vec();
+    for i in (1..pool.len()).rev() {
+        pool.swap(i, rng.range(0, i as u64) as usize);
+    }
+    pool.truncate(current.len().min(brokers.len()).max(1));
+    if pool == current {
+        pool.rotate_left(1);
+    }
+    pool
+}
+
+/// The first pass of a five-broker run: every pair it uses, first and second kind. Each simple
+/// kind in use appears, paired so that the two together take two brokers down or cut them off
+/// (a majority of an RF 5 partition remains, not of an RF 3 one that had both); then a move of a
+/// partition and a decommission, each with a broker killed in the middle.
+pub fn first_pass_pairs(kinds: Kinds) -> Vec<(FaultKind, FaultKind)> {
+    use FaultKind::*;
+    let mut pairs = vec![(Kill, Kill), (Pause, FailFsync)];
+    if kinds.power {
+        pairs.push((PowerLoss, PowerLoss));
+    }
+    pairs.push((DropResponses, Kill));
+    if kinds.isolate {
+        pairs.extend([(Isolate, OneWay), (CutPair, Kill)]);
+    }
+    if kinds.link {
+        pairs.push((LinkDegrade, Pause));
+    }
+    if kinds.clock {
+        pairs.push((ClockJump, Kill));
+    }
+    pairs.extend([(Reassign, Kill), (Decommission, Kill)]);
+    pairs
+}
+
+/// `count` faults for five brokers, each two at once: a fault and [`Fault::also`] on another
+/// broker. The first faults go through [`first_pass_pairs`]; after it, one in six moves a
+/// partition with a broker fault in the middle, the others pair two simple kinds drawn at
+/// random (degraded links only first: the run has one netfilter queue). Only the first pass
+/// decommissions a broker. Targets, overlapping lost responses and parameters are drawn as in
+/// [`schedule`].
+pub fn schedule_pairs(
+    seed: u64,
+    count: usize,
+    nodes: u32,
+    partitions: u32,
+    use_kinds: Kinds,
+) -> Vec<Fault> {
+    let mut rng = Rng::new(seed);
+    let mut over = Rng::new(seed ^ 0x6f76_6572_6c61_7073);
+    let mut param = Rng::new(seed ^ 0x7061_7261_6d73);
+    let pairs = first_pass_pairs(use_kinds);
+    let simple: Vec<FaultKind> = first_pass(Kinds {
+        wipe: false,
+        ..use_kinds
+    })
+    .into_iter()
+    .filter(|k| k.is_simple())
+    .collect();
+    let seconds: Vec<FaultKind> = simple
+        .iter()
+        .copied()
+        .filter(|k| *k != FaultKind::LinkDegrade)
+        .collect();
+    let partition = |rng: &mut Rng| rng.range(0, u64::from(partitions.max(1)) - 1) as u32;
+    let target = |rng: &mut Rng| match rng.range(0, 3) {
+        0 => Target::Node(rng.range(1, u64::from(nodes)) as u32),
+        1 => Target::LeaderOf(partition(rng)),
+        2 => Target::MetadataLeader,
+        _ => Target::GroupCoordinator,
+    };
+    (0..count)
+        .map(|i| {
+            let (kind, second) = if i < pairs.len() {
+                pairs[i]
+            } else if rng.range(0, 5) == 0 {
+                (FaultKind::Reassign, FaultKind::Kill)
+            } else {
+                (
+                    simple[rng.range(0, simple.len() as u64 - 1) as usize],
+                    seconds[rng.range(0, seconds.len() as u64 - 1) as usize],
+                )
+            };
+            // A move's target is the partition moved (its leader is hit in the middle of it);
+            // a decommission's the broker removed.
+            let (first_target, second_target) = match kind {
+                FaultKind::Reassign => {
+                    let p = partition(&mut rng);
+                    (Target::LeaderOf(p), Target::LeaderOf(p))
+                }
+                FaultKind::Decommission => (
+                    Target::Node(rng.range(1, u64::from(nodes)) as u32),
+                    Target::LeaderOf(partition(&mut rng)),
+                ),
+                _ => (target(&mut rng), target(&mut rng)),
+            };
+            let overlaps = kind.is_simple()
+                && kind != FaultKind::DropResponses
+                && i >= pairs.len()
+                && over.range(0, 1) == 0;
+            Fault {
+                after_ms: rng.range(500, 2500),
+                kind,
+                target: first_target,
+                hold_ms: rng.range(1500, 4000),
+                lose_responses: overlaps.then(|| over.range(1, u64::from(nodes)) as u32),
+                params: params(kind, &mut param),
+                also: Some(Also {
+                    kind: second,
+                    target: second_target,
+                    params: params(second, &mut param),
+                }),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -443,6 +621,90 @@ mod tests {
             Target::Node(n) => (1..=3).contains(&n),
             Target::LeaderOf(p) => p < 3,
             _ => true,
+        }));
+    }
+
+    #[test]
+    fn moves_keep_the_replication_factor_and_change_the_set_or_its_leader() {
+        let brokers = [1, 2, 4, 5];
+        let mut sets = BTreeSet::new();
+        for pick in 0..200 {
+            let to = new_replicas(&[1, 2, 3], &brokers, pick);
+            assert_eq!(to.len(), 3);
+            assert!(to.iter().all(|b| brokers.contains(b)), "{to:?}");
+            assert_eq!(to.iter().collect::<BTreeSet<_>>().len(), 3, "{to:?}");
+            sets.insert(to);
+            let all = new_replicas(&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5], pick);
+            assert_ne!(all, [1, 2, 3, 4, 5]);
+            assert_eq!(all.len(), 5);
+        }
+        assert!(sets.len() > 10, "{} sets", sets.len());
+        // More replicas than brokers left: as many as there are.
+        assert_eq!(new_replicas(&[1, 2, 3, 4, 5], &[1, 2, 3, 4], 7).len(), 4);
+    }
+
+    #[test]
+    fn five_broker_schedules_pair_every_simple_kind_then_move_and_decommission() {
+        let pairs = first_pass_pairs(ALL);
+        let a = schedule_pairs(5, 300, 5, 3, ALL);
+        assert_eq!(a, schedule_pairs(5, 300, 5, 3, ALL));
+        for (f, (first, second)) in a.iter().zip(&pairs) {
+            assert_eq!((f.kind, f.also.map(|x| x.kind)), (*first, Some(*second)));
+        }
+        let used: BTreeSet<String> = a[..pairs.len()]
+            .iter()
+            .flat_map(|f| [f.kind, f.also.expect("paired").kind])
+            .map(|k| format!("{k:?}"))
+            .collect();
+        for k in first_pass(ALL)
+            .into_iter()
+            .filter(|k| k.is_simple())
+            .chain([FaultKind::Reassign, FaultKind::Decommission])
+        {
+            assert!(used.contains(&format!("{k:?}")), "{k:?} missing: {used:?}");
+        }
+        // Every fault is two at once, a decommission happens once, moves stay a minority.
+        assert!(a.iter().all(|f| f.also.is_some_and(|x| x.kind.is_simple())));
+        assert_eq!(
+            a.iter()
+                .filter(|f| f.kind == FaultKind::Decommission)
+                .count(),
+            1
+        );
+        let moves = a.iter().filter(|f| f.kind == FaultKind::Reassign).count();
+        assert!((25..=80).contains(&moves), "{moves} moves");
+        assert!(a.iter().all(|f| match f.kind {
+            FaultKind::Reassign => matches!(f.params, Params::Move { .. }),
+            _ => f.kind.is_simple() || f.kind == FaultKind::Decommission,
+        }));
+        // Only one degraded link at a time (one netfilter queue).
+        assert!(
+            a.iter()
+                .all(|f| f.also.is_none_or(|x| x.kind != FaultKind::LinkDegrade))
+        );
+        assert!(a.iter().all(|f| match f.target {
+            Target::Node(n) => (1..=5).contains(&n),
+            Target::LeaderOf(p) => p < 3,
+            _ => true,
+        }));
+        // Without root, no cut and no degraded link is drawn.
+        let plain = Kinds {
+            isolate: false,
+            link: false,
+            ..ALL
+        };
+        assert!(schedule_pairs(9, 200, 5, 3, plain).iter().all(|f| {
+            [Some(f.kind), f.also.map(|x| x.kind)].iter().all(|k| {
+                !matches!(
+                    k,
+                    Some(
+                        FaultKind::Isolate
+                            | FaultKind::OneWay
+                            | FaultKind::CutPair
+                            | FaultKind::LinkDegrade
+                    )
+                )
+            })
         }));
     }
 

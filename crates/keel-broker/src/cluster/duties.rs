@@ -181,13 +181,23 @@ impl ClusterNode {
                                     .map(|x| (u64::from(*b), x.peer().to_owned()))
                             })
                             .collect();
-                        let (node, raft, g) = (Arc::clone(self), r.raft.clone(), *group);
+                        let (node, partition, g) =
+                            (Arc::clone(self), Arc::clone(&h.partition), *group);
                         tokio::spawn(async move {
-                            node.change_replicas(g, raft, nodes).await;
+                            // A membership change is a write: the leader of a quiet group
+                            // holds no lease and the Raft core refuses it ("not the leader",
+                            // no leader named) until the group is awake. Seen in the
+                            // five-broker fault run: a decommission's moves of idle
+                            // `__consumer_offsets` partitions failed on every pass, for good.
+                            partition.raft().wake_for_write().await;
+                            node.change_replicas(g, partition.raft().raft.clone(), nodes)
+                                .await;
                         });
                     }
                     Action::TransferLeader(to) => {
                         tracing::info!(topic = %h.partition.topic, partition = h.partition.id, to, "handing leadership to the preferred replica");
+                        // Awake, so that the group elects again if the transfer goes nowhere.
+                        r.wake();
                         if let Err(e) = r.raft.transfer_leader(u64::from(to)).await {
                             tracing::warn!(error = %e, "leader transfer failed");
                         }

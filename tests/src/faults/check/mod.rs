@@ -5,11 +5,14 @@
 //!   nothing refused written, contiguous offsets, no log start without retention) and the
 //!   producers' and keys' order;
 //! - `consumers.rs`: each group member's deliveries (starting at the committed offset, without
-//!   going back or skipping), exclusive ownership of partitions, the committed offsets seen;
+//!   going back or skipping), exclusive ownership of partitions, the committed offsets the
+//!   coordinator answered;
+//! - `offsets_log.rs`: every member's commit against the coordinator's log of them;
 //! - `replicas.rs`: every replica's committed prefix against the final leader's copy.
 
 mod consumers;
 mod log;
+mod offsets_log;
 mod replicas;
 
 use std::fmt;
@@ -70,6 +73,7 @@ pub fn check(h: &History) -> Report {
     consumers::deliveries(h, &mut r);
     consumers::exclusive_ownership(h, &mut r);
     consumers::observed_commits(h, &mut r);
+    offsets_log::logged_commits(h, &mut r);
     replicas::against_the_leader(h, &mut r);
     r
 }
