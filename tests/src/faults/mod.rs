@@ -232,8 +232,8 @@ impl fmt::Display for Fault {
 
 /// Which fault kinds a run may use: those that need iptables (root) only with `isolate`;
 /// degraded links only with `link` (iptables and a netfilter queue, root); clock jumps only
-/// with `clock` (libfaketime installed); wiped brokers only with `wipe` (opt-in,
-/// `KEEL_FAULT_WIPE=1`, until the stall it found is fixed: see docs/testing.md); power losses
+/// with `clock` (libfaketime installed); wiped brokers only with `wipe` (on unless
+/// `KEEL_FAULT_WIPE=0`); power losses
 /// (`PowerLoss`, `PowerLossAll`) only with `power`: a run whose topics leave flushing to the OS
 /// (`flush.messages` > 1) is promised nothing across them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -548,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn wipes_are_opt_in_and_change_nothing_else_in_the_first_pass() {
+    fn wipes_can_be_left_out_and_change_nothing_else_in_the_first_pass() {
         let without = schedule(7, 400, 3, 3, Kinds { wipe: false, ..ALL });
         assert!(without.iter().all(|f| f.kind != FaultKind::Wipe));
         // The first pass differs only by the wipe itself.
