@@ -299,6 +299,16 @@ impl ClusterProc {
     }
 }
 
+impl ClusterProc {
+    /// Where broker `id` keeps its copy of the metadata log.
+    pub fn metadata_log_dir(&self, id: u32) -> PathBuf {
+        self.dir
+            .join(format!("node-{id}"))
+            .join("metadata")
+            .join("log")
+    }
+}
+
 /// One batch of a replica's log: (raft index, raft term, base offset, next offset, crc).
 pub type BatchRow = (u64, u64, u64, u64, u32);
 

@@ -51,6 +51,8 @@ const PARTITIONS: u32 = 3;
 const GROUP: &str = "checker";
 /// The brokers' internal topic of committed offsets: its replicas are compared too.
 const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// The name the checker's report gives the metadata log's copies.
+const METADATA_LOG: &str = "metadata log";
 const WAIT: Duration = Duration::from_secs(90);
 
 /// (group, partition) to the committed offsets observed, in order: (when seen in µs, offset).
@@ -564,6 +566,50 @@ async fn decommission(client: &Client, node: u32) -> String {
         }
     }
     said.join("; ")
+}
+
+/// Waits (up to `wait`) until every broker's copy of the metadata log ends at the same index
+/// and it applied all of it (their `keel_metadata_*_index` metrics); returns the metadata
+/// leader and that index (`None` if it did not happen).
+async fn metadata_converged(
+    client: &Client,
+    cluster: &ClusterProc,
+    wait: Duration,
+) -> (u32, Option<u64>) {
+    let deadline = Instant::now() + wait;
+    loop {
+        let leader = client
+            .admin()
+            .describe_cluster()
+            .await
+            .map_or(0, |c| c.metadata_leader);
+        let http: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+        let indexes = tokio::task::spawn_blocking(move || {
+            http.iter()
+                .map(|h| {
+                    (
+                        metric(h, "keel_metadata_last_log_index"),
+                        metric(h, "keel_metadata_applied_index"),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let converged = leader != 0
+            && indexes.first().is_some_and(|(last, _)| *last > 0.0)
+            && indexes
+                .iter()
+                .all(|(last, applied)| last == applied && *last == indexes[0].0);
+        if converged {
+            return (leader, Some(indexes[0].0 as u64));
+        }
+        if Instant::now() >= deadline {
+            println!("metadata leader {leader}; (last, applied) index per broker: {indexes:?}");
+            return (leader, None);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// One run at a time: each loads three or five brokers, and two at once on two cores would measure
@@ -1255,6 +1301,14 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
         .map(|(p, info)| (*p, info.log_start_offset))
         .collect();
 
+    // The metadata log, once every broker's copy ends at the same index and applied all of it.
+    let (meta_leader, meta_index) = metadata_converged(&client, &cluster, WAIT).await;
+    if meta_index.is_none() {
+        println!(
+            "note: the brokers' metadata logs did not converge; the checker judges the files as they are"
+        );
+    }
+
     // Every replica's copy, from the files of the stopped brokers.
     for n in &mut cluster.nodes {
         let status = n.terminate();
@@ -1285,9 +1339,39 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
         }
     }
 
+    // The metadata log is snapshotted and purged on its own schedule on each broker, so the
+    // copies are compared from the first Raft index both hold; every broker must hold the
+    // leader's copy up to the index they all had (the brokers stopping one after another
+    // write more: leadership moves, and the metadata hears of it).
+    let meta_logs: BTreeMap<u32, Vec<Batch>> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let rows = replica_batches(&cluster.metadata_log_dir(n.id));
+            (n.id, rows.into_iter().map(Batch::from).collect())
+        })
+        .collect();
+    let meta_end = meta_logs
+        .get(&meta_leader)
+        .and_then(|log| {
+            log.iter()
+                .rev()
+                .filter(|b| meta_index.is_none_or(|i| b.raft_index <= i))
+                .find(|b| b.has_data())
+        })
+        .map_or(0, |b| b.next_offset);
+    replicas.insert(
+        (METADATA_LOG.to_owned(), 0),
+        Replicas {
+            leader: meta_leader,
+            high_watermark: meta_end,
+            retention_deleted: true,
+            logs: meta_logs,
+        },
+    );
     println!(
-        "replicas compared with their leader's copy: {} partitions of {TOPIC} and {OFFSETS_TOPIC}",
-        replicas.len()
+        "replicas compared with their leader's copy: {} partitions of {TOPIC} and {OFFSETS_TOPIC}, and the metadata log",
+        replicas.len() - 1
     );
     // The group's commits as its coordinators wrote them: every offsets partition's final
     // leader copy (the group's is one of them; the others hold nothing of it).

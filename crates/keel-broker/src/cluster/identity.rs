@@ -19,7 +19,14 @@ impl ClusterNode {
     /// This broker's part, every tick. Returns whether this directory is registered.
     pub(super) async fn identity_pass(self: &Arc<Self>) -> bool {
         let state = self.state();
-        metrics::gauge!("keel_metadata_voters").set(self.meta_raft.status().voters.len() as f64);
+        let meta = self.meta_raft.status();
+        metrics::gauge!("keel_metadata_voters").set(meta.voters.len() as f64);
+        // How far this broker's copy of the metadata log goes and what it applied: equal on
+        // every broker once the metadata is replicated (the fault run compares the copies then).
+        metrics::gauge!("keel_metadata_last_log_index")
+            .set(meta.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("keel_metadata_applied_index")
+            .set(meta.last_applied.map_or(0, |p| p.index) as f64);
         let identity = self.transport.identity();
         identity.set_peers(
             state
