@@ -129,6 +129,19 @@ impl RaftReplica {
         }
     }
 
+    /// Readies this leader's group for a write, a batch or a membership change: records the
+    /// write (a quiet group wakes, and stays awake for `QUIET_AFTER`), runs its ticker and
+    /// renews its lease. A membership change is a log entry like any other, refused by the
+    /// Raft core on a leader whose lease expired: without this, a replaced broker was never
+    /// taken out of the groups that were asleep when it was wiped (docs/testing.md, seed 6).
+    pub async fn ready_to_write(&self) {
+        self.activity.wrote();
+        if self.activity.set_ticking(true) {
+            self.raft.set_ticking(true);
+        }
+        self.fresh_lease().await;
+    }
+
     /// Makes sure the leader holds a fresh quorum acknowledgement before a write: the Raft core
     /// refuses writes on a leader whose lease expired, which is every leader of a quiet group
     /// (no heartbeats while idle). One heartbeat round renews it; bounded, and a failure is
@@ -354,13 +367,9 @@ impl Partition {
     async fn admit(self: &Arc<Self>, batch: VerifiedBatch, p: Idempotent) -> Result<Admitted> {
         let r = &self.replica;
         let mut adm = self.admission.lock().await;
-        r.activity.wrote();
-        if r.activity.set_ticking(true) {
-            r.raft.set_ticking(true);
-        }
         // Before reading the term: renewing the lease may take a heartbeat round, during
         // which leadership can move.
-        r.fresh_lease().await;
+        r.ready_to_write().await;
         let term = r.raft.term();
         if adm.term != term {
             adm.term = term;
@@ -507,11 +516,7 @@ impl Partition {
 
     async fn append_plain(self: &Arc<Self>, batch: VerifiedBatch) -> Result<Pending> {
         let r = &self.replica;
-        r.activity.wrote();
-        if r.activity.set_ticking(true) {
-            r.raft.set_ticking(true);
-        }
-        r.fresh_lease().await;
+        r.ready_to_write().await;
         let submitted = self.submit(r, batch).await?;
         Ok(Pending::Raft(submitted, None, std::time::Instant::now()))
     }
@@ -551,7 +556,9 @@ impl Partition {
                         next_offset: ack.next_offset,
                     })
                 }
-                Err(ReplicaError::NotLeader { leader, address }) => {
+                Err(ReplicaError::NotLeader {
+                    leader, address, ..
+                }) => {
                     if let Some(r) = &refused {
                         r.store(true, Ordering::Release);
                     }
