@@ -36,7 +36,7 @@ use keel_tests::faults::retention::{
 };
 use keel_tests::faults::{
     Batch, CommitOutcome, Fault, FaultKind, History, Kinds, Member, MemberEvent, Outcome, Params,
-    Replicas, Target, check, first_pass, schedule,
+    Replicas, Target, check, first_pass, schedule, wipes_wanted,
 };
 use keel_tests::link_degrade::DegradedLinks;
 use keel_tests::proxy::FaultProxy;
@@ -612,21 +612,24 @@ async fn fault_run(flushing: Flushing) {
                 .to_owned(),
         );
     }
-    // Wiped brokers are opt-in until the stall they found is fixed (docs/testing.md).
+    let wipe = wipes_wanted(env_u64("KEEL_FAULT_WIPE"));
+    if !wipe {
+        skipped.push("Wipe: KEEL_FAULT_WIPE=0".to_owned());
+    }
     let kinds = Kinds {
         isolate,
         link: link.is_ok(),
         clock: clock.is_ok(),
-        wipe: env_u64("KEEL_FAULT_WIPE").is_some_and(|w| w != 0),
+        wipe,
         power,
     };
-    // By default, every kind of fault once (eleven as root with libfaketime, seven without
-    // root), in order.
+    // By default, every kind of fault in use once, in order (`first_pass`).
     let count = env_u64("KEEL_FAULT_COUNT").map_or_else(|| first_pass(kinds).len(), |c| c as usize);
     let faults = schedule(seed, count, 3, PARTITIONS, kinds);
     println!(
-        "fault schedule: seed {seed}, {count} faults, flushing {flushing} (replay: KEEL_FAULT_FLUSH={flushing} KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)",
-        flushing = flushing.name()
+        "fault schedule: seed {seed}, {count} faults, flushing {flushing} (replay: KEEL_FAULT_FLUSH={flushing} KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count}{no_wipe} cargo test -p keel-tests --test faults -- --nocapture)",
+        flushing = flushing.name(),
+        no_wipe = if wipe { "" } else { " KEEL_FAULT_WIPE=0" },
     );
     for s in &skipped {
         println!("  left out: {s}");
