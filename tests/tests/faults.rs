@@ -37,7 +37,7 @@ use keel_tests::faults::retention::{
 use keel_tests::faults::{
     Batch, CommitOutcome, Fault, FaultKind, History, Kinds, Member, MemberEvent, OffsetsEntry,
     Outcome, Params, Replicas, Target, check, first_pass, first_pass_pairs, new_replicas, schedule,
-    schedule_pairs,
+    schedule_pairs, wipes_wanted,
 };
 use keel_tests::link_degrade::DegradedLinks;
 use keel_tests::proxy::FaultProxy;
@@ -737,12 +737,15 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
                 .to_owned(),
         );
     }
-    // Wiped brokers unless KEEL_FAULT_WIPE=0 (replaying a seed recorded before they were on).
+    let wipe = wipes_wanted(env_u64("KEEL_FAULT_WIPE"));
+    if !wipe {
+        skipped.push("Wipe: KEEL_FAULT_WIPE=0".to_owned());
+    }
     let kinds = Kinds {
         isolate,
         link: link.is_ok(),
         clock: clock.is_ok(),
-        wipe: env_u64("KEEL_FAULT_WIPE").is_none_or(|w| w != 0),
+        wipe,
         power,
     };
     // By default, every kind of fault once, in order (fourteen as root with libfaketime; ten
@@ -766,8 +769,9 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
         schedule(seed, count, nodes, PARTITIONS, kinds)
     };
     println!(
-        "fault schedule: {nodes} brokers, seed {seed}, {count} faults, flushing {flushing} (replay: KEEL_FAULT_BROKERS={nodes} KEEL_FAULT_FLUSH={flushing} KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count} cargo test -p keel-tests --test faults -- --nocapture)",
-        flushing = flushing.name()
+        "fault schedule: {nodes} brokers, seed {seed}, {count} faults, flushing {flushing} (replay: KEEL_FAULT_BROKERS={nodes} KEEL_FAULT_FLUSH={flushing} KEEL_FAULT_SEED={seed} KEEL_FAULT_COUNT={count}{no_wipe} cargo test -p keel-tests --test faults -- --nocapture)",
+        flushing = flushing.name(),
+        no_wipe = if wipe { "" } else { " KEEL_FAULT_WIPE=0" },
     );
     for s in &skipped {
         println!("  left out: {s}");

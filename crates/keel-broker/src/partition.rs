@@ -129,9 +129,13 @@ impl RaftReplica {
         }
     }
 
-    /// Before anything this leader writes to its group (records, a membership change, a
-    /// leadership transfer): wakes the group if it was quiet and renews the lease.
-    pub async fn wake_for_write(&self) {
+    /// Readies this leader's group for a write, a batch or a membership change: records the
+    /// write (a quiet group wakes, and stays awake for `QUIET_AFTER`), runs its ticker and
+    /// renews its lease. A membership change is a log entry like any other, refused by the
+    /// Raft core on a leader whose lease expired: without this, a replaced broker was never
+    /// taken out of the groups that were asleep when it was wiped (docs/testing.md, seed 6),
+    /// and a decommission's moves of idle `__consumer_offsets` partitions failed for good.
+    pub async fn ready_to_write(&self) {
         self.wake();
         self.fresh_lease().await;
     }
@@ -372,7 +376,7 @@ impl Partition {
         let mut adm = self.admission.lock().await;
         // Before reading the term: renewing the lease may take a heartbeat round, during
         // which leadership can move.
-        r.wake_for_write().await;
+        r.ready_to_write().await;
         let term = r.raft.term();
         if adm.term != term {
             adm.term = term;
@@ -519,7 +523,7 @@ impl Partition {
 
     async fn append_plain(self: &Arc<Self>, batch: VerifiedBatch) -> Result<Pending> {
         let r = &self.replica;
-        r.wake_for_write().await;
+        r.ready_to_write().await;
         let submitted = self.submit(r, batch).await?;
         Ok(Pending::Raft(submitted, None, std::time::Instant::now()))
     }
@@ -559,7 +563,9 @@ impl Partition {
                         next_offset: ack.next_offset,
                     })
                 }
-                Err(ReplicaError::NotLeader { leader, address }) => {
+                Err(ReplicaError::NotLeader {
+                    leader, address, ..
+                }) => {
                     if let Some(r) = &refused {
                         r.store(true, Ordering::Release);
                     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver as _;
-use openraft::error::{ClientWriteError, Fatal, RaftError};
+use openraft::error::{ClientWriteError, Fatal, ForwardReason, RaftError};
 use openraft::impls::ProgressResponder;
 use openraft::raft::{ClientWriteResult, ReadPolicy};
 use openraft::type_config::alias::{OneshotReceiverOf, WatchReceiverOf};
@@ -36,10 +36,14 @@ pub type RaftService =
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReplicaError {
     /// This replica does not lead; `leader` is the one it knows of.
-    #[error("not the leader (leader: {leader:?})")]
+    #[error("not the leader (leader: {leader:?}){}", if *.lease_expired { LEASE_EXPIRED } else { "" })]
     NotLeader {
         leader: Option<u64>,
         address: Option<String>,
+        /// It does lead, but no quorum acknowledged it within its lease (an election timeout),
+        /// so the Raft core refuses new entries until one does: a leader whose group was
+        /// asleep (no heartbeats while idle) must renew it first (a heartbeat round).
+        lease_expired: bool,
     },
     /// The group's Raft core stopped (shut down, or failed: see [`Replica::failure`]).
     #[error("raft group stopped: {0}")]
@@ -58,6 +62,11 @@ pub enum ReplicaError {
 }
 
 pub type Result<T> = std::result::Result<T, ReplicaError>;
+
+/// How a refusal for an expired lease reads: openraft says only "forward to: None", which reads
+/// as if no replica led (it misled the diagnosis of a stall: docs/testing.md, seed 6).
+const LEASE_EXPIRED: &str =
+    "; it leads, but its lease expired: no quorum acknowledged it within an election timeout";
 
 /// What a replica is in its group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +269,7 @@ fn stopped(e: impl std::fmt::Display) -> ReplicaError {
 fn write_error(e: ClientWriteError<KeelRaft>) -> ReplicaError {
     match e {
         ClientWriteError::ForwardToLeader(f) => ReplicaError::NotLeader {
+            lease_expired: f.reason == ForwardReason::LeaseExpired,
             leader: f.leader_id,
             address: f.leader_node.map(|n| n.addr),
         },

@@ -7,13 +7,13 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_raft::{Replica, Status};
+use keel_raft::Status;
 use tokio::sync::watch;
 
 use super::forward::ForwardRequest;
 use super::leader_pass::{self, Action};
 use super::meta::{Command, META_GROUP, partition_group};
-use super::quiet::{self, BEAT, QUIET_AFTER};
+use super::quiet::{self, BEAT};
 use super::{ClusterNode, RegistryHolder};
 use crate::error::Result;
 use crate::partition::RaftReplica;
@@ -181,17 +181,9 @@ impl ClusterNode {
                                     .map(|x| (u64::from(*b), x.peer().to_owned()))
                             })
                             .collect();
-                        let (node, partition, g) =
-                            (Arc::clone(self), Arc::clone(&h.partition), *group);
+                        let (node, replica, g) = (Arc::clone(self), r.clone(), *group);
                         tokio::spawn(async move {
-                            // A membership change is a write: the leader of a quiet group
-                            // holds no lease and the Raft core refuses it ("not the leader",
-                            // no leader named) until the group is awake. Seen in the
-                            // five-broker fault run: a decommission's moves of idle
-                            // `__consumer_offsets` partitions failed on every pass, for good.
-                            partition.raft().wake_for_write().await;
-                            node.change_replicas(g, partition.raft().raft.clone(), nodes)
-                                .await;
+                            node.change_replicas(g, replica, nodes).await;
                         });
                     }
                     Action::TransferLeader(to) => {
@@ -255,32 +247,33 @@ impl ClusterNode {
         };
         if leading {
             a.resolve_pending();
-            if a.is_quiet() && a.quiet_leader().is_some() {
-                // Quiet as a follower, leader now (a transfer): wake up.
-                a.wake();
-                tick(true);
-                return;
-            }
-            if a.is_quiet() {
-                // Listed in the beats since `quiet_for`; stop heartbeating once the followers
-                // have had time to hear it and stop their own election timers.
-                if a.quiet_for() >= quiet::LEADER_SLEEP_DELAY {
-                    tick(false);
-                }
-                return;
-            }
-            if changing || a.idle_for() < QUIET_AFTER {
-                tick(true);
-                return;
-            }
             let last = m.last_log_index;
+            // Learners (a reassignment) keep the group awake until they are voters.
             let all_caught_up = m.committed == last
+                && m.learners.is_empty()
                 && m.voters
                     .iter()
                     .all(|v| *v == r.node_id || m.matched.get(v).copied().flatten() == last);
-            // Learners (a reassignment) keep the group awake until they are voters.
-            if all_caught_up && m.learners.is_empty() {
-                a.set_quiet(None);
+            match quiet::leader_step(quiet::Leading {
+                quiet: a.is_quiet(),
+                quiet_under_other: a.quiet_leader().is_some(),
+                quiet_for: a.quiet_for(),
+                idle_for: a.idle_for(),
+                changing,
+                all_caught_up,
+            }) {
+                quiet::LeaderStep::Wake => {
+                    a.wake();
+                    tick(true);
+                }
+                quiet::LeaderStep::Tick => tick(true),
+                // Listed in the beats since `quiet_for`: the followers have had time to hear
+                // it and stop their own election timers.
+                quiet::LeaderStep::Sleep => tick(false),
+                quiet::LeaderStep::GoQuiet => {
+                    a.set_quiet(None);
+                }
+                quiet::LeaderStep::Hold => {}
             }
             return;
         }
@@ -356,7 +349,14 @@ impl ClusterNode {
 
     /// Moves a partition group to `nodes` (id to peer address) as voters: adds the new ones as
     /// learners (waiting until they caught up), then switches the voter set (joint consensus).
-    async fn change_replicas(&self, group: u64, raft: Replica, nodes: BTreeMap<u64, String>) {
+    /// A failed step is retried by the next leader pass of whichever replica leads then.
+    async fn change_replicas(
+        &self,
+        group: u64,
+        replica: RaftReplica,
+        nodes: BTreeMap<u64, String>,
+    ) {
+        let raft = &replica.raft;
         let voters = raft.status().voters;
         let mut ok = true;
         for (id, addr) in &nodes {
@@ -364,6 +364,9 @@ impl ClusterNode {
                 continue;
             }
             tracing::info!(group, learner = id, "adding a replica");
+            // Every membership change is a log entry: the group may be asleep (idle partitions
+            // stop heartbeating) with the lease the Raft core asks of a writing leader expired.
+            replica.ready_to_write().await;
             // Bounded: a target broker that is down must not wedge the partition's
             // reassignments; the next leader pass retries.
             match tokio::time::timeout(LEARNER_CATCH_UP, raft.add_learner(*id, addr.clone(), true))
@@ -384,6 +387,8 @@ impl ClusterNode {
         }
         if ok {
             let ids: BTreeSet<u64> = nodes.keys().copied().collect();
+            // Again: catching a learner up can take longer than a lease.
+            replica.ready_to_write().await;
             match raft.change_voters(ids).await {
                 Ok(()) => {
                     tracing::info!(group, voters = ?nodes.keys().collect::<Vec<_>>(), "replicas changed")

@@ -96,6 +96,64 @@ impl Liveness {
     }
 }
 
+/// What a leading replica's group looks like to its quiescence pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leading {
+    /// The group is quiet.
+    pub quiet: bool,
+    /// It went quiet as a follower, under another leader (it leads now: a transfer).
+    pub quiet_under_other: bool,
+    /// How long it has been quiet.
+    pub quiet_for: Duration,
+    /// How long since its last write.
+    pub idle_for: Duration,
+    /// A membership change (a reassignment, a replaced broker's removal) is in progress.
+    pub changing: bool,
+    /// Every voter holds the whole committed log, and there are no learners.
+    pub all_caught_up: bool,
+}
+
+/// What the leader's quiescence pass does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderStep {
+    /// Wake the group and run its ticker.
+    Wake,
+    /// Keep (or start) the ticker.
+    Tick,
+    /// Stop the ticker: quiet long enough for the followers to have heard it in the beats.
+    Sleep,
+    /// Declare the group quiet (the beats list it from now on); the ticker runs on until
+    /// [`LEADER_SLEEP_DELAY`].
+    GoQuiet,
+    /// Nothing to change.
+    Hold,
+}
+
+/// The leader's side of quiescence, decided.
+pub fn leader_step(l: Leading) -> LeaderStep {
+    if l.quiet && (l.quiet_under_other || l.changing) {
+        // A membership change writes log entries, which the Raft core accepts only from a
+        // leader whose lease a quorum renewed within an election timeout; a group without
+        // heartbeats has none. Asleep through a change, the leader was refused for good.
+        return LeaderStep::Wake;
+    }
+    if l.quiet {
+        return if l.quiet_for >= LEADER_SLEEP_DELAY {
+            LeaderStep::Sleep
+        } else {
+            LeaderStep::Hold
+        };
+    }
+    if l.changing || l.idle_for < QUIET_AFTER {
+        return LeaderStep::Tick;
+    }
+    if l.all_caught_up {
+        LeaderStep::GoQuiet
+    } else {
+        LeaderStep::Hold
+    }
+}
+
 /// A replica's quiescence state, shared by the produce path and the cluster loops.
 #[derive(Debug)]
 pub struct Activity {
@@ -230,6 +288,80 @@ mod tests {
         );
         l.beat_from(2, HashSet::new());
         assert!(!l.still_quiet(2, 7, 3));
+    }
+
+    const SETTLED: Leading = Leading {
+        quiet: false,
+        quiet_under_other: false,
+        quiet_for: Duration::ZERO,
+        idle_for: QUIET_AFTER,
+        changing: false,
+        all_caught_up: true,
+    };
+
+    #[test]
+    fn an_idle_caught_up_leader_goes_quiet_then_stops_its_ticker() {
+        assert_eq!(leader_step(SETTLED), LeaderStep::GoQuiet);
+        let quiet = Leading {
+            quiet: true,
+            ..SETTLED
+        };
+        assert_eq!(leader_step(quiet), LeaderStep::Hold);
+        assert_eq!(
+            leader_step(Leading {
+                quiet_for: LEADER_SLEEP_DELAY,
+                ..quiet
+            }),
+            LeaderStep::Sleep
+        );
+    }
+
+    #[test]
+    fn a_leader_stays_awake_while_written_lagged_or_changing() {
+        let written = Leading {
+            idle_for: QUIET_AFTER / 2,
+            ..SETTLED
+        };
+        assert_eq!(leader_step(written), LeaderStep::Tick);
+        let lagging = Leading {
+            all_caught_up: false,
+            ..SETTLED
+        };
+        assert_eq!(leader_step(lagging), LeaderStep::Hold);
+        let changing = Leading {
+            changing: true,
+            all_caught_up: false,
+            ..SETTLED
+        };
+        assert_eq!(leader_step(changing), LeaderStep::Tick);
+    }
+
+    /// Seed 6 of the fault run with wipes: groups asleep when a broker was wiped could not take
+    /// it out of their voters (the Raft core refused the change for the sleeping leader's
+    /// expired lease), so its replacement never registered.
+    #[test]
+    fn a_quiet_leader_wakes_for_a_membership_change_and_a_transfer() {
+        let asleep = Leading {
+            quiet: true,
+            quiet_for: LEADER_SLEEP_DELAY * 10,
+            idle_for: QUIET_AFTER * 10,
+            ..SETTLED
+        };
+        assert_eq!(leader_step(asleep), LeaderStep::Sleep);
+        assert_eq!(
+            leader_step(Leading {
+                changing: true,
+                ..asleep
+            }),
+            LeaderStep::Wake
+        );
+        assert_eq!(
+            leader_step(Leading {
+                quiet_under_other: true,
+                ..asleep
+            }),
+            LeaderStep::Wake
+        );
     }
 
     #[test]
