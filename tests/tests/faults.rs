@@ -1032,34 +1032,9 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
             }
             None => None,
         };
-        if kind.is_simple() {
-            let mut held = vec![inject::start(
-                &mut cluster,
-                &means,
-                kind,
-                node,
-                params,
-                i as u64 + 1,
-            )];
-            if let Some((a, n)) = second {
-                held.push(inject::start(
-                    &mut cluster,
-                    &means,
-                    a.kind,
-                    n,
-                    a.params,
-                    (i as u64 + 1) << 32,
-                ));
-            }
-            let losing = [inject::losing(&held), overlap].concat();
-            inject::hold(&proxies, &losing, hold).await;
-            let said: Vec<String> = held
-                .into_iter()
-                .rev()
-                .filter_map(|h| inject::heal(&mut cluster, h))
-                .collect();
-            outcome = (!said.is_empty()).then(|| said.join("; "));
-        } else if matches!(kind, FaultKind::Reassign | FaultKind::Decommission) {
+        if kind.is_simple() || matches!(kind, FaultKind::Reassign | FaultKind::Decommission) {
+            // A move or a decommission starts first; the broker faults of the step (the first
+            // if it is one, the second of a pair) then hold together and heal together.
             let change = match kind {
                 FaultKind::Reassign => {
                     let Params::Move { pick } = params else {
@@ -1068,32 +1043,39 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
                     let Target::LeaderOf(p) = target else {
                         unreachable!("a move targets its partition's leader")
                     };
-                    reassign(&client, p, pick, decommissioned, nodes).await
+                    Some(reassign(&client, p, pick, decommissioned, nodes).await)
                 }
-                _ => {
-                    let r = decommission(&client, node).await;
+                FaultKind::Decommission => {
                     decommissioned = Some(node);
-                    r
+                    Some(decommission(&client, node).await)
                 }
+                _ => None,
             };
-            events.log(format_args!("{kind:?}: {change}"));
+            if let Some(c) = &change {
+                events.log(format_args!("{kind:?}: {c}"));
+            }
+            let broker_faults = kind
+                .is_simple()
+                .then_some((kind, node, params))
+                .into_iter()
+                .chain(second.map(|(a, n)| (a.kind, n, a.params)));
             let mut held = Vec::new();
-            if let Some((a, n)) = second {
-                held.push(inject::start(
-                    &mut cluster,
-                    &means,
-                    a.kind,
-                    n,
-                    a.params,
-                    (i as u64 + 1) << 32,
-                ));
+            for (j, (k, n, p)) in broker_faults.enumerate() {
+                // Tells the packets' fates of the step's degraded links apart.
+                let salt = (i as u64 + 1) << (32 * j);
+                held.push(inject::start(&mut cluster, &means, k, n, p, salt));
             }
             let losing = [inject::losing(&held), overlap].concat();
             inject::hold(&proxies, &losing, hold).await;
-            for h in held {
-                inject::heal(&mut cluster, h);
-            }
-            outcome = Some(change);
+            let said: Vec<String> = change
+                .into_iter()
+                .chain(
+                    held.into_iter()
+                        .rev()
+                        .filter_map(|h| inject::heal(&mut cluster, h)),
+                )
+                .collect();
+            outcome = (!said.is_empty()).then(|| said.join("; "));
         } else {
             let overlap = inject::hold(&proxies, &overlap, hold);
             let action = async {
