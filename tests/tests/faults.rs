@@ -1,178 +1,70 @@
-//! The fault-injection run: three real brokers under load from idempotent `acks=all` producers
-//! and two committing members of one consumer group, while a seeded schedule kills (`kill -9`),
-//! pauses (SIGSTOP longer than an election timeout), isolates (iptables between the brokers' own
-//! loopback addresses, when run as root), degrades their links (delay, jitter, loss and
-//! duplicates, as root), steps their wall clocks (libfaketime), cuts the power of (losing every
-//! byte not fsynced) and fails the fsyncs of brokers: partition leaders, the metadata leader,
-//! the group coordinator; and once cuts the power of the whole cluster. After healing, the recorded
-//! history, with every replica's log as read from the stopped brokers' files, is checked against
-//! the brief's invariants (`keel_tests::faults::check`).
+//! The fault-injection run: real brokers under load from idempotent `acks=all` producers and
+//! two committing members of one consumer group (`faults/load.rs`), while a seeded schedule
+//! kills (`kill -9`), pauses (SIGSTOP longer than an election timeout), isolates (iptables
+//! between the brokers' own loopback addresses, when run as root), degrades their links (delay,
+//! jitter, loss and duplicates, as root), steps their wall clocks (libfaketime), cuts the power
+//! of (losing every byte not fsynced), fails the fsyncs of, wipes and flips bits on brokers
+//! (`faults/inject.rs`, `faults/changes.rs`): partition leaders, the metadata leader, the group
+//! coordinator; and once cuts the power of the whole cluster. After healing, the recorded
+//! history, with every replica's log as read from the stopped brokers' files and the group's
+//! commits from the offsets topic, is checked against the brief's invariants
+//! (`keel_tests::faults::check`).
 //!
-//! It runs twice: with the topic fsyncing every batch (the default durability), and with
-//! flushing left to the OS (`flush.messages` > 1), which is promised nothing across power
-//! losses and so runs without them.
+//! Three runs: three brokers with the topic fsyncing every batch (the default durability);
+//! three with flushing left to the OS (`flush.messages` > 1), which is promised nothing across
+//! power losses and so runs without them; and five brokers, two faults at a time, with
+//! partitions moved and a broker decommissioned under faults.
 //!
 //! `cargo test` runs a short schedule of each. Longer runs and replays:
-//!   KEEL_FAULT_FLUSH=fsync|os KEEL_FAULT_SEED=S KEEL_FAULT_COUNT=N cargo test -p keel-tests --test faults -- --nocapture
+//!   KEEL_FAULT_BROKERS=3|5 KEEL_FAULT_FLUSH=fsync|os KEEL_FAULT_SEED=S KEEL_FAULT_COUNT=N cargo test -p keel-tests --test faults -- --nocapture
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_client::{
-    Client, ClientError, GroupConfig, OffsetReset, PartitionInfo, ProducerConfig, ProducerRecord,
-    RebalanceListener,
-};
-use keel_proto::v1::admin_service_client::AdminServiceClient;
-use keel_proto::v1::groups_service_client::GroupsServiceClient;
-use keel_proto::v1::{DescribeTopicRequest, FindCoordinatorRequest};
-use keel_tests::bit_rot::{flip_batch, sealed_segments};
-use keel_tests::broker::{http_get, metric};
+use keel_client::Client;
 use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches, replica_values};
 use keel_tests::fake_clock::FakeClock;
-use keel_tests::faults::retention::{
-    CounterTotal, RETENTION_DELETED_METRIC, metric_value, retention_can_delete,
-};
+use keel_tests::faults::retention::{CounterTotal, retention_can_delete};
 use keel_tests::faults::{
-    Batch, CommitOutcome, Fault, FaultKind, History, Kinds, Member, MemberEvent, OffsetsEntry,
-    Outcome, Params, Replicas, Target, check, first_pass, first_pass_pairs, new_replicas, schedule,
-    schedule_pairs, wipes_wanted,
+    Batch, Fault, FaultKind, History, Kinds, Member, MemberEvent, OffsetsEntry, Params, Replicas,
+    Target, check, first_pass, first_pass_pairs, schedule, schedule_pairs, wipes_wanted,
 };
 use keel_tests::link_degrade::DegradedLinks;
 use keel_tests::proxy::FaultProxy;
 use keel_tests::records::read_partition;
 
+#[path = "faults/changes.rs"]
+mod changes;
 #[path = "faults/inject.rs"]
 mod inject;
+#[path = "faults/load.rs"]
+mod load;
+#[path = "faults/observe.rs"]
+mod observe;
 
-const TOPIC: &str = "jepsen";
-const PARTITIONS: u32 = 3;
-const GROUP: &str = "checker";
+use changes::{decommission, flip_and_await_repair, reassign};
+use load::{Events, Writes, member, produce};
+use observe::{
+    all_in_sync, leader_of, leader_reports, metadata_converged, resolve, sample_retention,
+    topic_in_sync,
+};
+
+pub(crate) const TOPIC: &str = "jepsen";
+pub(crate) const PARTITIONS: u32 = 3;
+pub(crate) const GROUP: &str = "checker";
 /// The brokers' internal topic of committed offsets: its replicas are compared too.
 const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// The name the checker's report gives the metadata log's copies.
 const METADATA_LOG: &str = "metadata log";
-const WAIT: Duration = Duration::from_secs(90);
+pub(crate) const WAIT: Duration = Duration::from_secs(90);
 
 /// (group, partition) to the committed offsets observed, in order: (when seen in µs, offset).
 type Commits = BTreeMap<(String, u32), Vec<(u64, u64)>>;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-/// Every send, acknowledgement, error, poll, commit and fault of the run, one line each with
-/// the milliseconds since the start, written as it happens (to `KEEL_FAULT_HISTORY`, else into
-/// the run's directory, and kept next to the broker logs when the run fails).
-#[derive(Clone)]
-struct Events {
-    started: Instant,
-    out: Arc<Mutex<std::io::BufWriter<std::fs::File>>>,
-}
-
-impl Events {
-    fn create(path: &std::path::Path, started: Instant) -> Self {
-        let file = std::fs::File::create(path).expect("history file");
-        Self {
-            started,
-            out: Arc::new(Mutex::new(std::io::BufWriter::new(file))),
-        }
-    }
-
-    fn log(&self, what: std::fmt::Arguments<'_>) {
-        use std::io::Write as _;
-        let ms = self.started.elapsed().as_millis();
-        let mut out = self.out.lock().expect("lock");
-        let _ = writeln!(out, "{ms} {what}");
-    }
-
-    fn flush(&self) {
-        use std::io::Write as _;
-        let _ = self.out.lock().expect("lock").flush();
-    }
-
-    /// Microseconds since the start: the clock of the history's member events.
-    fn us(&self) -> u64 {
-        self.started.elapsed().as_micros() as u64
-    }
-}
-
-/// What the producers wrote: each value's outcome, and the key of each keyed one.
-#[derive(Default)]
-struct Writes {
-    outcomes: Mutex<BTreeMap<String, Outcome>>,
-    keys: Mutex<BTreeMap<String, String>>,
-}
-
-/// One producer's loop: unique values, some keyed, some to fixed partitions.
-async fn produce(
-    client: Client,
-    name: &'static str,
-    keyed: bool,
-    stop: Arc<AtomicBool>,
-    writes: Arc<Writes>,
-    acked_at: Arc<Mutex<Vec<Instant>>>,
-    events: Events,
-) {
-    let producer = client
-        .producer(ProducerConfig::default().delivery_timeout(Duration::from_secs(60)))
-        .expect("producer");
-    let mut seq = 0u64;
-    let mut pending = Vec::new();
-    let settle = |value: String, r: Result<keel_client::RecordMetadata, ClientError>| {
-        let outcome = match r {
-            Ok(m) => {
-                acked_at.lock().expect("lock").push(Instant::now());
-                let offset = m.offset.expect("acks=all gives offsets");
-                events.log(format_args!("ack {value} {}@{offset}", m.partition));
-                Outcome::Acked {
-                    partition: m.partition,
-                    offset,
-                }
-            }
-            Err(e) if e.is_definite() => {
-                events.log(format_args!("refused {value}: {e}"));
-                Outcome::Refused
-            }
-            Err(e) => {
-                events.log(format_args!("unknown {value}: {e}"));
-                Outcome::Unknown
-            }
-        };
-        writes.outcomes.lock().expect("lock").insert(value, outcome);
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let value = format!("{name}-{seq:08}");
-        let mut record = ProducerRecord::new(TOPIC, value.clone());
-        record = if keyed {
-            let key = format!("k{}", seq % 16);
-            writes
-                .keys
-                .lock()
-                .expect("lock")
-                .insert(value.clone(), key.clone());
-            record.key(key)
-        } else {
-            record.partition((seq % u64::from(PARTITIONS)) as u32)
-        };
-        events.log(format_args!("send {value}"));
-        match producer.send(record).await {
-            Ok(ack) => pending.push((value, ack)),
-            Err(e) => settle(value, Err(e)),
-        }
-        seq += 1;
-        if pending.len() >= 64 {
-            for (value, ack) in pending.drain(..) {
-                settle(value, ack.await);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    for (value, ack) in pending {
-        settle(value, ack.await);
-    }
-    let _ = producer.close().await;
 }
 
 /// A broker whose metadata storage failed exits for its supervisor to restart it: this is the
@@ -196,296 +88,6 @@ fn restart_exited(
     }
 }
 
-/// Records a member's assignment changes as they happen.
-struct Recorder {
-    name: &'static str,
-    history: Arc<Mutex<Vec<MemberEvent>>>,
-    events: Events,
-}
-
-impl Recorder {
-    fn note(&self, parts: &[(String, u32)], what: &str) {
-        let mut h = self.history.lock().expect("lock");
-        for (_, p) in parts.iter().filter(|(t, _)| t == TOPIC) {
-            let at = self.events.us();
-            self.events
-                .log(format_args!("{} {what} partition {p}", self.name));
-            h.push(if what == "assigned" {
-                MemberEvent::Assigned { at, partition: *p }
-            } else {
-                MemberEvent::Released { at, partition: *p }
-            });
-        }
-    }
-}
-
-impl RebalanceListener for Recorder {
-    fn on_assigned(&mut self, partitions: &[(String, u32)]) {
-        self.note(partitions, "assigned");
-    }
-
-    fn on_revoked(&mut self, partitions: &[(String, u32)]) {
-        self.note(partitions, "revoked");
-    }
-
-    fn on_lost(&mut self, partitions: &[(String, u32)]) {
-        self.note(partitions, "lost");
-    }
-}
-
-/// One member of the test's group: joins after `join_after`, polls, and commits its positions
-/// after every poll (no auto-commit). With `leave_every`, it leaves the group that often and
-/// joins again two seconds later, so partitions are handed over between the members
-/// throughout the run. Everything it does goes to `history`.
-async fn member(
-    client: Client,
-    name: &'static str,
-    join_after: Duration,
-    leave_every: Option<Duration>,
-    stop: Arc<AtomicBool>,
-    history: Arc<Mutex<Vec<MemberEvent>>>,
-    events: Events,
-) {
-    tokio::time::sleep(join_after).await;
-    while !stop.load(Ordering::Relaxed) {
-        let mut consumer = client
-            .group_consumer(
-                GroupConfig::new(GROUP)
-                    .subscribe([TOPIC])
-                    .auto_commit(false)
-                    .auto_offset_reset(OffsetReset::Earliest)
-                    .session_timeout(Duration::from_secs(6)),
-            )
-            .expect("group consumer");
-        consumer.set_rebalance_listener(Box::new(Recorder {
-            name,
-            history: Arc::clone(&history),
-            events: events.clone(),
-        }));
-        events.log(format_args!("{name} joins"));
-        let joined = Instant::now();
-        while !stop.load(Ordering::Relaxed) && leave_every.is_none_or(|d| joined.elapsed() < d) {
-            let started = events.us();
-            match consumer.poll(Duration::from_millis(200)).await {
-                Ok(records) if !records.is_empty() => {
-                    let returned = events.us();
-                    let records: Vec<(u32, u64, String)> = records
-                        .into_iter()
-                        .map(|r| {
-                            let v = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
-                                .into_owned();
-                            events
-                                .log(format_args!("poll {name} {}@{} {v}", r.partition, r.offset));
-                            (r.partition, r.offset, v)
-                        })
-                        .collect();
-                    history.lock().expect("lock").push(MemberEvent::Polled {
-                        started,
-                        returned,
-                        records,
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => events.log(format_args!("{name} poll failed: {e}")),
-            }
-            // The positions `commit_sync` commits: those of every partition held.
-            let offsets: Vec<(u32, u64)> = consumer
-                .assignment()
-                .iter()
-                .filter(|(t, _)| t == TOPIC)
-                .filter_map(|(t, p)| Some((*p, consumer.position(t, *p)?)))
-                .collect();
-            let sent = events.us();
-            let result = consumer.commit_sync().await;
-            let done = events.us();
-            let outcome = match &result {
-                Ok(()) => CommitOutcome::Ok,
-                Err(e) if e.is_definite() => CommitOutcome::Refused,
-                Err(_) => CommitOutcome::Unknown,
-            };
-            match &result {
-                Ok(()) => events.log(format_args!("{name} commit ok {offsets:?}")),
-                Err(e) => events.log(format_args!("{name} commit {offsets:?} failed: {e}")),
-            }
-            if !offsets.is_empty() {
-                history.lock().expect("lock").push(MemberEvent::Committed {
-                    sent,
-                    done,
-                    offsets,
-                    outcome,
-                });
-            }
-        }
-        if let Err(e) = consumer.close().await {
-            events.log(format_args!("{name} close failed: {e}"));
-        }
-        events.log(format_args!("{name} left"));
-        if !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    }
-}
-
-/// Samples every broker's retention counter once a second, adding across restarts.
-async fn sample_retention(
-    http: Vec<(u32, String)>,
-    stop: Arc<AtomicBool>,
-    total: Arc<Mutex<CounterTotal>>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        sample_retention_once(&http, &total).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    sample_retention_once(&http, &total).await;
-}
-
-async fn sample_retention_once(http: &[(u32, String)], total: &Mutex<CounterTotal>) {
-    for (id, addr) in http {
-        let addr = addr.clone();
-        // A paused broker accepts the connection and answers nothing: a blocking read with a
-        // timeout, off the runtime's workers.
-        let text = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics"))
-            .await
-            .ok()
-            .flatten();
-        if let Some((200, body)) = text {
-            let v = metric_value(&body, RETENTION_DELETED_METRIC).unwrap_or(0.0);
-            total.lock().expect("lock").observe(*id, v);
-        }
-    }
-}
-
-async fn leader_of(client: &Client, p: u32) -> Option<u32> {
-    let t = client.admin().describe_topic(TOPIC).await.ok()?;
-    t.partitions
-        .get(p as usize)
-        .map(|x| x.leader)
-        .filter(|l| *l != 0)
-}
-
-async fn resolve(client: &Client, cluster: &ClusterProc, target: Target) -> Option<u32> {
-    match target {
-        Target::Node(n) => Some(n),
-        Target::LeaderOf(p) => leader_of(client, p).await,
-        Target::MetadataLeader => client
-            .admin()
-            .describe_cluster()
-            .await
-            .ok()
-            .map(|c| c.metadata_leader)
-            .filter(|l| *l != 0),
-        Target::GroupCoordinator => {
-            for n in cluster.nodes.iter().filter(|n| n.is_started()) {
-                let Ok(ch) = tonic::transport::Channel::from_shared(n.endpoint())
-                    .expect("endpoint")
-                    .connect()
-                    .await
-                else {
-                    continue;
-                };
-                if let Ok(r) = GroupsServiceClient::new(ch)
-                    .find_coordinator(FindCoordinatorRequest {
-                        group_id: GROUP.into(),
-                    })
-                    .await
-                {
-                    let id = r.into_inner().coordinator_id;
-                    if id != 0 {
-                        return Some(id);
-                    }
-                }
-            }
-            None
-        }
-    }
-}
-
-async fn all_in_sync(client: &Client) -> bool {
-    topic_in_sync(client, TOPIC).await
-}
-
-async fn topic_in_sync(client: &Client, topic: &str) -> bool {
-    client.admin().describe_topic(topic).await.is_ok_and(|t| {
-        t.partitions
-            .iter()
-            .all(|p| p.leader != 0 && p.in_sync.len() == p.replicas.len())
-    })
-}
-
-/// A topic as one broker sees it (its own replicas' log starts and high watermarks), asked
-/// directly rather than through the clients' proxies.
-async fn describe_at(endpoint: String, topic: &str) -> Option<keel_client::TopicInfo> {
-    let ch = tonic::transport::Channel::from_shared(endpoint)
-        .ok()?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .ok()?;
-    AdminServiceClient::new(ch)
-        .describe_topic(DescribeTopicRequest {
-            name: topic.to_owned(),
-        })
-        .await
-        .ok()?
-        .into_inner()
-        .topic
-}
-
-/// Every partition of `topic` as its leader reports it, once every broker that holds a replica
-/// has reported a high watermark at least the leader's (so each has the leader's committed
-/// entries), with `true`. If that does not happen within `wait`, the leaders' reports of the
-/// last attempt with `false`, so that the checker judges the replicas as they are.
-async fn leader_reports(
-    cluster: &ClusterProc,
-    topic: &str,
-    wait: Duration,
-) -> (BTreeMap<u32, PartitionInfo>, bool) {
-    let deadline = Instant::now() + wait;
-    let mut best = BTreeMap::new();
-    loop {
-        let mut views: BTreeMap<u32, keel_client::TopicInfo> = BTreeMap::new();
-        for n in &cluster.nodes {
-            if let Some(t) = describe_at(n.endpoint(), topic).await {
-                views.insert(n.id, t);
-            }
-        }
-        let count = views
-            .values()
-            .map(|t| t.partitions.len())
-            .max()
-            .unwrap_or(0);
-        let mut leaders = BTreeMap::new();
-        let mut caught_up = count > 0;
-        for p in 0..count {
-            let Some(lead) = views
-                .iter()
-                .find_map(|(id, t)| t.partitions.get(p).filter(|x| x.leader == *id))
-            else {
-                caught_up = false;
-                continue;
-            };
-            caught_up &= lead.replicas.iter().all(|r| {
-                views
-                    .get(r)
-                    .and_then(|t| t.partitions.get(p))
-                    .is_some_and(|x| x.high_watermark >= lead.high_watermark)
-            });
-            leaders.insert(p as u32, lead.clone());
-        }
-        if leaders.len() >= best.len() {
-            best = leaders;
-        }
-        if caught_up && best.len() == count {
-            return (best, true);
-        }
-        if Instant::now() >= deadline {
-            return (best, false);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// How the run's topic makes batches durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flushing {
@@ -506,169 +108,9 @@ impl Flushing {
     }
 }
 
-/// A `Reassign`: moves partition `p` to the replica set `pick` chooses among the brokers not
-/// decommissioned (as many replicas as it has), without waiting for the move.
-async fn reassign(
-    client: &Client,
-    p: u32,
-    pick: u64,
-    decommissioned: Option<u32>,
-    nodes: u32,
-) -> String {
-    let Ok(t) = client.admin().describe_topic(TOPIC).await else {
-        return format!("partition {p}: not described, not moved");
-    };
-    let Some(current) = t.partitions.get(p as usize).map(|x| x.replicas.clone()) else {
-        return format!("partition {p}: unknown, not moved");
-    };
-    let brokers: Vec<u32> = (1..=nodes).filter(|b| Some(*b) != decommissioned).collect();
-    let to = new_replicas(&current, &brokers, pick);
-    match client
-        .admin()
-        .reassign_partition(TOPIC, p, to.clone())
-        .await
-    {
-        Ok(_) => format!("partition {p} moving from {current:?} to {to:?}"),
-        Err(e) => format!("partition {p}: move from {current:?} to {to:?} refused: {e}"),
-    }
-}
-
-/// A `Decommission` of broker `node`. A partition on every broker has nowhere to go, so it is
-/// first shrunk to the others (as an operator would), then the broker's replicas move.
-async fn decommission(client: &Client, node: u32) -> String {
-    let mut said = Vec::new();
-    if let Ok(t) = client.admin().describe_topic(TOPIC).await {
-        for (p, x) in t.partitions.iter().enumerate() {
-            if x.replicas.len() >= 5 && x.replicas.contains(&node) {
-                let to: Vec<u32> = x.replicas.iter().copied().filter(|b| *b != node).collect();
-                match client
-                    .admin()
-                    .reassign_partition(TOPIC, p as u32, to.clone())
-                    .await
-                {
-                    Ok(_) => said.push(format!("partition {p} shrunk to {to:?}")),
-                    Err(e) => said.push(format!("partition {p}: shrinking refused: {e}")),
-                }
-            }
-        }
-    }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match client.admin().decommission_broker(node).await {
-            Ok(moved) => {
-                said.push(format!("broker {node} decommissioned, moving {moved:?}"));
-                break;
-            }
-            Err(e) if Instant::now() < deadline && !e.is_definite() => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!("decommissioning broker {node} failed: {e}"),
-        }
-    }
-    said.join("; ")
-}
-
-/// Waits (up to `wait`) until every broker's copy of the metadata log ends at the same index
-/// and it applied all of it (their `keel_metadata_*_index` metrics); returns the metadata
-/// leader and that index (`None` if it did not happen).
-async fn metadata_converged(
-    client: &Client,
-    cluster: &ClusterProc,
-    wait: Duration,
-) -> (u32, Option<u64>) {
-    let deadline = Instant::now() + wait;
-    loop {
-        let leader = client
-            .admin()
-            .describe_cluster()
-            .await
-            .map_or(0, |c| c.metadata_leader);
-        let http: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
-        let indexes = tokio::task::spawn_blocking(move || {
-            http.iter()
-                .map(|h| {
-                    (
-                        metric(h, "keel_metadata_last_log_index"),
-                        metric(h, "keel_metadata_applied_index"),
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        let converged = leader != 0
-            && indexes.first().is_some_and(|(last, _)| *last > 0.0)
-            && indexes
-                .iter()
-                .all(|(last, applied)| last == applied && *last == indexes[0].0);
-        if converged {
-            return (leader, Some(indexes[0].0 as u64));
-        }
-        if Instant::now() >= deadline {
-            println!("metadata leader {leader}; (last, applied) index per broker: {indexes:?}");
-            return (leader, None);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// One run at a time: each loads three or five brokers, and two at once on two cores would measure
 /// the machine rather than the brokers.
 static RUNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A `BitFlip`: flips a byte in a sealed segment of one of `node`'s replicas of the test topic
-/// and waits (at least `hold`, at most [`WAIT`]) until the broker reports it repaired. Damage
-/// the broker never repairs fails the run; damage it served would show in the final comparison
-/// of the replicas and in the consumers' checks.
-async fn flip_and_await_repair(
-    cluster: &ClusterProc,
-    node: u32,
-    pick: u64,
-    hold: Duration,
-    events: &Events,
-) -> String {
-    let dirs: Vec<_> = (0..PARTITIONS)
-        .map(|p| cluster.replica_dir(node, TOPIC, p))
-        .collect();
-    let sealed = sealed_segments(&dirs);
-    let Some(file) = sealed.get((pick % sealed.len().max(1) as u64) as usize) else {
-        return "no sealed segment yet, nothing flipped".to_owned();
-    };
-    let http = cluster.nodes[node as usize - 1].http.clone();
-    let repaired = || metric(&http, "keel_log_damage_repaired_total");
-    let before = repaired();
-    let Some(flipped) = flip_batch(file, pick) else {
-        return format!("{} holds no batch, nothing flipped", file.display());
-    };
-    events.log(format_args!(
-        "flipped byte {} of {} (batch at offset {})",
-        flipped.position,
-        flipped.file.display(),
-        flipped.base_offset
-    ));
-    let started = Instant::now();
-    loop {
-        if repaired() > before {
-            let took = started.elapsed().as_millis();
-            tokio::time::sleep(hold.saturating_sub(started.elapsed())).await;
-            return format!(
-                "flipped byte {} of {}, repaired after {took} ms",
-                flipped.position,
-                flipped
-                    .file
-                    .file_name()
-                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-            );
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "broker {node} never repaired the byte flipped at {} of {}",
-            flipped.position,
-            flipped.file.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_under_load_keep_every_invariant() {
