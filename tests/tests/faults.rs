@@ -28,8 +28,9 @@ use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches, replica_va
 use keel_tests::fake_clock::FakeClock;
 use keel_tests::faults::retention::{CounterTotal, retention_can_delete};
 use keel_tests::faults::{
-    Batch, Fault, FaultKind, History, Kinds, Member, MemberEvent, OffsetsEntry, Params, Replicas,
-    Target, check, first_pass, first_pass_pairs, schedule, schedule_pairs, wipes_wanted,
+    Batch, Fault, FaultKind, History, Kinds, Member, MemberEvent, MetadataCopies, OffsetsEntry,
+    Params, Replicas, Target, check, first_pass, first_pass_pairs, schedule, schedule_pairs,
+    wipes_wanted,
 };
 use keel_tests::link_degrade::DegradedLinks;
 use keel_tests::proxy::FaultProxy;
@@ -56,8 +57,6 @@ pub(crate) const PARTITIONS: u32 = 3;
 pub(crate) const GROUP: &str = "checker";
 /// The brokers' internal topic of committed offsets: its replicas are compared too.
 const OFFSETS_TOPIC: &str = "__consumer_offsets";
-/// The name the checker's report gives the metadata log's copies.
-const METADATA_LOG: &str = "metadata log";
 pub(crate) const WAIT: Duration = Duration::from_secs(90);
 
 /// (group, partition) to the committed offsets observed, in order: (when seen in µs, offset).
@@ -767,39 +766,22 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
         }
     }
 
-    // The metadata log is snapshotted and purged on its own schedule on each broker, so the
-    // copies are compared from the first Raft index both hold; every broker must hold the
-    // leader's copy up to the index they all had (the brokers stopping one after another
-    // write more: leadership moves, and the metadata hears of it).
-    let meta_logs: BTreeMap<u32, Vec<Batch>> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            let rows = replica_batches(&cluster.metadata_log_dir(n.id));
-            (n.id, rows.into_iter().map(Batch::from).collect())
-        })
-        .collect();
-    let meta_end = meta_logs
-        .get(&meta_leader)
-        .and_then(|log| {
-            log.iter()
-                .rev()
-                .filter(|b| meta_index.is_none_or(|i| b.raft_index <= i))
-                .find(|b| b.has_data())
-        })
-        .map_or(0, |b| b.next_offset);
-    replicas.insert(
-        (METADATA_LOG.to_owned(), 0),
-        Replicas {
-            leader: meta_leader,
-            high_watermark: meta_end,
-            retention_deleted: true,
-            logs: meta_logs,
-        },
-    );
+    // The metadata log's copies, compared by Raft index (checker: `metadata.rs`).
+    let metadata = MetadataCopies {
+        leader: meta_leader,
+        applied_by_all: meta_index,
+        logs: cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let rows = replica_batches(&cluster.metadata_log_dir(n.id));
+                (n.id, rows.into_iter().map(Batch::from).collect())
+            })
+            .collect(),
+    };
     println!(
-        "replicas compared with their leader's copy: {} partitions of {TOPIC} and {OFFSETS_TOPIC}, and the metadata log",
-        replicas.len() - 1
+        "replicas compared with their leader's copy: {} partitions of {TOPIC} and {OFFSETS_TOPIC}, and the metadata log up to Raft index {meta_index:?}",
+        replicas.len()
     );
     // The group's commits as its coordinators wrote them: every offsets partition's final
     // leader copy (the group's is one of them; the others hold nothing of it).
@@ -851,6 +833,7 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
         commits: commits.lock().expect("lock").clone(),
         replicas,
         offsets_log,
+        metadata: Some(metadata),
     };
     let report = check(&history);
     // Availability: the share of one-second slots of the fault period with an acknowledgement.

@@ -45,6 +45,21 @@ pub struct History {
     /// Each group's records of the offsets topic, as the final leader of its partition holds
     /// them, in log order. Groups not listed are not checked against it.
     pub offsets_log: BTreeMap<String, Vec<OffsetsEntry>>,
+    /// Every broker's copy of the metadata log, when the run read them.
+    pub metadata: Option<MetadataCopies>,
+}
+
+/// The copies of the metadata log after the run. Its entries carry no partition offsets, so
+/// they are compared by Raft index.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MetadataCopies {
+    /// The metadata leader at the end: its copy is the reference.
+    pub leader: u32,
+    /// The index every broker had reached and applied (their metrics agreed); `None` when they
+    /// never agreed, and then only the entries the copies share are compared.
+    pub applied_by_all: Option<u64>,
+    /// Every entry of each broker's copy, as read from its files, by broker id.
+    pub logs: BTreeMap<u32, Vec<Batch>>,
 }
 
 /// A record of the offsets topic that concerns the test topic, as written by the coordinator

@@ -11,7 +11,8 @@ mod schedule;
 
 pub use check::{Report, check};
 pub use history::{
-    Batch, CommitOutcome, History, Member, MemberEvent, OffsetsEntry, Outcome, Replicas,
+    Batch, CommitOutcome, History, Member, MemberEvent, MetadataCopies, OffsetsEntry, Outcome,
+    Replicas,
 };
 pub use kind::{Also, Fault, FaultKind, Kinds, Netem, Params, Target, wipes_wanted};
 pub use schedule::{Rng, first_pass, first_pass_pairs, new_replicas, schedule, schedule_pairs};

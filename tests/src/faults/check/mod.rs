@@ -8,10 +8,12 @@
 //!   going back or skipping), exclusive ownership of partitions, the committed offsets the
 //!   coordinator answered;
 //! - `offsets_log.rs`: every member's commit against the coordinator's log of them;
-//! - `replicas.rs`: every replica's committed prefix against the final leader's copy.
+//! - `replicas.rs`: every replica's committed prefix against the final leader's copy;
+//! - `metadata.rs`: every broker's copy of the metadata log against the metadata leader's.
 
 mod consumers;
 mod log;
+mod metadata;
 mod offsets_log;
 mod replicas;
 
@@ -75,6 +77,7 @@ pub fn check(h: &History) -> Report {
     consumers::observed_commits(h, &mut r);
     offsets_log::logged_commits(h, &mut r);
     replicas::against_the_leader(h, &mut r);
+    metadata::against_the_leader(h, &mut r);
     r
 }
 
