@@ -48,8 +48,8 @@ mod observe;
 use changes::{decommission, flip_and_await_repair, reassign};
 use load::{Events, Writes, member, produce};
 use observe::{
-    all_in_sync, leader_of, leader_reports, metadata_converged, resolve, sample_retention,
-    topic_in_sync,
+    all_in_sync, leader_of, leader_reports, metadata_converged, metadata_voters, resolve,
+    sample_retention, topic_in_sync,
 };
 
 pub(crate) const TOPIC: &str = "jepsen";
@@ -304,6 +304,15 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+    // Healed also means the metadata group has all its voters back (a replaced broker is
+    // promoted again once caught up): a second wipe before that would leave it without a
+    // majority of what remains, which no single fault may do.
+    let deadline = Instant::now() + WAIT;
+    let mut voters_at_start = 0;
+    while voters_at_start < nodes.min(3) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        voters_at_start = metadata_voters(&cluster).await;
     }
     let means = inject::Means {
         nodes,
@@ -583,7 +592,14 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
                                         .log(format_args!("replace-broker {node}: {e}; retrying"));
                                     tokio::time::sleep(Duration::from_millis(500)).await;
                                 }
-                                Err(e) => panic!("seed {seed}: replace-broker {node} failed: {e}"),
+                                Err(e) => {
+                                    let logs = cluster.preserve_logs();
+                                    keep_history(&logs);
+                                    panic!(
+                                        "seed {seed}: replace-broker {node} failed: {e}; broker logs and the event history in {}",
+                                        logs.display()
+                                    )
+                                }
                             }
                         }
                         cluster.node(node).relaunch();
@@ -613,7 +629,7 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
         restart_exited(&mut cluster, &mut timeline, &events, started);
         // One fault at a time: wait until the broker is back and caught up.
         let deadline = Instant::now() + WAIT;
-        while !all_in_sync(&client).await {
+        while !(all_in_sync(&client).await && metadata_voters(&cluster).await >= voters_at_start) {
             restart_exited(&mut cluster, &mut timeline, &events, started);
             if Instant::now() >= deadline {
                 let logs = cluster.preserve_logs();

@@ -221,3 +221,17 @@ pub(crate) async fn metadata_converged(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The most metadata voters any broker reports (`keel_metadata_voters`): a replaced broker is
+/// out of the metadata group's voters until it has caught up and been promoted again.
+pub(crate) async fn metadata_voters(cluster: &ClusterProc) -> u32 {
+    let http: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        http.iter()
+            .map(|h| metric(h, "keel_metadata_voters") as u32)
+            .max()
+            .unwrap_or(0)
+    })
+    .await
+    .unwrap_or(0)
+}
