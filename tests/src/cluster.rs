@@ -341,6 +341,32 @@ pub fn replica_batches(log_dir: &Path) -> Vec<BatchRow> {
     out
 }
 
+/// Every entry of a Raft log kept by a replica (the metadata log): (raft index, raft term,
+/// CRC of the batch's records), in log order. The records' CRC, not the whole batch's: a log
+/// restamps offsets locally (a replica that installed a snapshot numbers them from 0), and the
+/// entry is the same.
+pub fn replica_entries(log_dir: &Path) -> Vec<(u64, u64, u32)> {
+    let log = Log::open(log_dir, LogConfig::default()).expect("open replica log");
+    let mut out = Vec::new();
+    let mut next = log.first_raft_index();
+    while next < log.next_raft_index() {
+        let slice = log
+            .read_raft(next, 1 << 20, ReadLimit::default())
+            .expect("read replica log");
+        let before = out.len();
+        for item in BatchIter::new(&slice.bytes) {
+            let (h, bytes) = item.expect("valid batch");
+            let (_, _, records_crc) = keel_batch::parse_verified(bytes).expect("CRC-checked batch");
+            out.push((h.raft_index, h.raft_term, records_crc));
+        }
+        if out.len() == before {
+            break;
+        }
+        next = out.last().map_or(next, |r| r.0 + 1);
+    }
+    out
+}
+
 /// The values of every record of a replica's log, in log order (batches CRC-checked).
 pub fn replica_values(log_dir: &Path) -> Vec<Vec<u8>> {
     let log = Log::open(log_dir, LogConfig::default()).expect("open replica log");

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_client::Client;
-use keel_tests::cluster::{ClusterProc, NetPartition, replica_batches, replica_values};
+use keel_tests::cluster::{
+    ClusterProc, NetPartition, replica_batches, replica_entries, replica_values,
+};
 use keel_tests::fake_clock::FakeClock;
 use keel_tests::faults::retention::{CounterTotal, retention_can_delete};
 use keel_tests::faults::{
@@ -790,8 +792,13 @@ async fn fault_run(flushing: Flushing, nodes: u32) {
             .nodes
             .iter()
             .map(|n| {
-                let rows = replica_batches(&cluster.metadata_log_dir(n.id));
-                (n.id, rows.into_iter().map(Batch::from).collect())
+                let rows = replica_entries(&cluster.metadata_log_dir(n.id));
+                (
+                    n.id,
+                    rows.into_iter()
+                        .map(|(i, term, crc)| Batch::from((i, term, 0, 0, crc)))
+                        .collect(),
+                )
             })
             .collect(),
     };

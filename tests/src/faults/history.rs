@@ -58,7 +58,8 @@ pub struct MetadataCopies {
     /// The index every broker had reached and applied (their metrics agreed); `None` when they
     /// never agreed, and then only the entries the copies share are compared.
     pub applied_by_all: Option<u64>,
-    /// Every entry of each broker's copy, as read from its files, by broker id.
+    /// Every entry of each broker's copy, as read from its files, by broker id: Raft index,
+    /// term and the CRC of its records (offsets are each copy's own, and left at 0).
     pub logs: BTreeMap<u32, Vec<Batch>>,
 }
 
