@@ -312,65 +312,11 @@ impl ClusterProc {
 /// One batch of a replica's log: (raft index, raft term, base offset, next offset, crc).
 pub type BatchRow = (u64, u64, u64, u64, u32);
 
-/// Every batch of a stopped replica's log, data and control alike, read with keel-log's own
-/// recovery (so a torn tail is cut, exactly as the broker would).
-pub fn replica_batches(log_dir: &Path) -> Vec<BatchRow> {
+/// Calls `f` with every batch of a stopped replica's log (header and bytes), data and control
+/// alike, in log order, read with keel-log's own recovery (so a torn tail is cut, exactly as
+/// the broker would).
+fn each_batch(log_dir: &Path, mut f: impl FnMut(&keel_batch::BatchHeader, &[u8])) {
     let log = Log::open(log_dir, LogConfig::default()).expect("open replica log");
-    let mut out = Vec::new();
-    let mut next = log.first_raft_index();
-    while next < log.next_raft_index() {
-        let slice = log
-            .read_raft(next, 1 << 20, ReadLimit::default())
-            .expect("read replica log");
-        let before = out.len();
-        for item in BatchIter::new(&slice.bytes) {
-            let (h, _) = item.expect("valid batch");
-            out.push((
-                h.raft_index,
-                h.raft_term,
-                h.base_offset,
-                h.next_offset(),
-                h.crc,
-            ));
-        }
-        if out.len() == before {
-            break;
-        }
-        next = out.last().map_or(next, |r| r.0 + 1);
-    }
-    out
-}
-
-/// Every entry of a Raft log kept by a replica (the metadata log): (raft index, raft term,
-/// CRC of the batch's records), in log order. The records' CRC, not the whole batch's: a log
-/// restamps offsets locally (a replica that installed a snapshot numbers them from 0), and the
-/// entry is the same.
-pub fn replica_entries(log_dir: &Path) -> Vec<(u64, u64, u32)> {
-    let log = Log::open(log_dir, LogConfig::default()).expect("open replica log");
-    let mut out = Vec::new();
-    let mut next = log.first_raft_index();
-    while next < log.next_raft_index() {
-        let slice = log
-            .read_raft(next, 1 << 20, ReadLimit::default())
-            .expect("read replica log");
-        let before = out.len();
-        for item in BatchIter::new(&slice.bytes) {
-            let (h, bytes) = item.expect("valid batch");
-            let (_, _, records_crc) = keel_batch::parse_verified(bytes).expect("CRC-checked batch");
-            out.push((h.raft_index, h.raft_term, records_crc));
-        }
-        if out.len() == before {
-            break;
-        }
-        next = out.last().map_or(next, |r| r.0 + 1);
-    }
-    out
-}
-
-/// The values of every record of a replica's log, in log order (batches CRC-checked).
-pub fn replica_values(log_dir: &Path) -> Vec<Vec<u8>> {
-    let log = Log::open(log_dir, LogConfig::default()).expect("open replica log");
-    let mut out = Vec::new();
     let mut next = log.first_raft_index();
     while next < log.next_raft_index() {
         let slice = log
@@ -379,17 +325,53 @@ pub fn replica_values(log_dir: &Path) -> Vec<Vec<u8>> {
         let mut last = None;
         for item in BatchIter::new(&slice.bytes) {
             let (h, bytes) = item.expect("valid batch");
+            f(&h, bytes);
             last = Some(h.raft_index);
-            let batch = bytes::Bytes::copy_from_slice(bytes);
-            for r in keel_batch::decode_records(&batch, 64 << 20).expect("decodable records") {
-                out.extend(r.value.map(|v| v.to_vec()));
-            }
         }
         match last {
             Some(i) => next = i + 1,
             None => break,
         }
     }
+}
+
+/// Every batch of a stopped replica's log, data and control alike (see [`each_batch`]).
+pub fn replica_batches(log_dir: &Path) -> Vec<BatchRow> {
+    let mut out = Vec::new();
+    each_batch(log_dir, |h, _| {
+        out.push((
+            h.raft_index,
+            h.raft_term,
+            h.base_offset,
+            h.next_offset(),
+            h.crc,
+        ));
+    });
+    out
+}
+
+/// Every entry of a Raft log kept by a replica (the metadata log): (raft index, raft term,
+/// CRC of the batch's records), in log order. The records' CRC, not the whole batch's: a log
+/// restamps offsets locally (a replica that installed a snapshot numbers them from 0), and the
+/// entry is the same.
+pub fn replica_entries(log_dir: &Path) -> Vec<(u64, u64, u32)> {
+    let mut out = Vec::new();
+    each_batch(log_dir, |h, bytes| {
+        let (_, _, records_crc) = keel_batch::parse_verified(bytes).expect("CRC-checked batch");
+        out.push((h.raft_index, h.raft_term, records_crc));
+    });
+    out
+}
+
+/// The values of every record of a replica's log, in log order (batches CRC-checked).
+pub fn replica_values(log_dir: &Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    each_batch(log_dir, |_, bytes| {
+        let batch = bytes::Bytes::copy_from_slice(bytes);
+        for r in keel_batch::decode_records(&batch, 64 << 20).expect("decodable records") {
+            out.extend(r.value.map(|v| v.to_vec()));
+        }
+    });
     out
 }
 
